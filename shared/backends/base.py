@@ -1,0 +1,101 @@
+"""The interface every model backend implements, whatever it runs on.
+
+A worker process (router, specialist host, voice) holds `LoadedModel` objects made by `load_model`. The
+worker's handlers compose prompts and talk to the coordinator; a backend only loads, runs and unloads
+one model. Real backends (transformers, diffusers) and the `fake` test double sit behind the same API.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from shared.config import LyraConfig, ModelEntry
+from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel
+
+
+class BackendError(Exception):
+    """A model could not be loaded or run; the message is shown to the user."""
+
+
+class Cancelled(Exception):
+    """The call was cancelled while the model was running."""
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a backend needs to know about the process it runs in."""
+
+    service: str  # "router", "specialist_host" or "voice"
+    physical_gpus: list[int]  # the GPUs this process is pinned to (CUDA_VISIBLE_DEVICES order)
+    config: LyraConfig
+
+
+@dataclass(frozen=True)
+class SpecialistOutput:
+    """What a specialist produced: text, and an image for image generators."""
+
+    text: str
+    image: ImagePayload | None = None
+
+
+class LoadedModel(ABC):
+    """One model resident in this process."""
+
+    entry: ModelEntry
+
+    @abstractmethod
+    def memory(self) -> list[MemoryReading]:
+        """Measured memory of this process per device right now."""
+
+    def placement(self) -> dict[str, str]:
+        """Resolved placement, e.g. {"model": "gpu:1"} or a layer-range summary."""
+        return {}
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Free every byte this model holds (GPU memory really returned)."""
+
+    # Role methods: a backend implements the ones its model kind supports.
+
+    def classify(self, messages: list[ChatTurn], labels: list[RouteLabel], template: str,
+                 cancel: threading.Event) -> dict[str, float]:
+        """Probability per label name (summing to 1) that the conversation belongs to it."""
+        raise BackendError(f"model {self.entry.name!r} ({self.entry.kind}) cannot classify")
+
+    def generate(self, messages: list[ChatTurn], options: GenerationOptions,
+                 cancel: threading.Event) -> Iterator[str]:
+        """Stream the reply to a fully composed conversation, piece by piece."""
+        raise BackendError(f"model {self.entry.name!r} ({self.entry.kind}) cannot generate text")
+
+    def run_specialist(self, messages: list[ChatTurn], image: bytes | None, options: GenerationOptions,
+                       cancel: threading.Event) -> Iterator[str | SpecialistOutput]:
+        """Run as a specialist: stream text pieces, then end with one SpecialistOutput."""
+        pieces: list[str] = []
+        for piece in self.generate(messages, options, cancel):
+            pieces.append(piece)
+            yield piece
+        yield SpecialistOutput(text="".join(pieces))
+
+
+BACKENDS: dict[str, str] = {
+    "fake": "shared.backends.fake:load",
+    "transformers": "shared.backends.hf_causal:load",
+    "diffusers": "shared.backends.diffusers_image:load",
+}
+
+
+def load_model(entry: ModelEntry, context: LoadContext) -> LoadedModel:
+    """Load `entry` with its configured backend (imported lazily: the coordinator never imports torch)."""
+    target = BACKENDS.get(entry.backend)
+    if target is None:
+        raise BackendError(f"model {entry.name!r}: unknown backend {entry.backend!r}")
+    module_name, func = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(f"model {entry.name!r}: backend {entry.backend!r} is not installed ({exc})") from exc
+    return getattr(module, func)(entry, context)

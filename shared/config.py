@@ -1,0 +1,253 @@
+"""One TOML file -> a validated Lyra Runtime configuration.
+
+Every process reads the same file (supervisord passes its path in ``LYRA_CONFIG``). A bad file fails with
+one `ConfigError` that names the file and the offending field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SERVICES = ("coordinator", "router", "specialist_host", "voice")
+WORKER_SERVICES = ("router", "specialist_host", "voice")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message says where and why."""
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors (they are usually typos)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuntimeSettings(Section):
+    """Where the stack lives and how its processes talk."""
+
+    run_dir: str = ""  # default: $XDG_RUNTIME_DIR/lyra or /tmp/lyra-<uid>
+    client_endpoint: str = ""  # default: ipc://<run_dir>/client.sock
+    worker_endpoint: str = ""  # default: ipc://<run_dir>/workers.sock
+    allow_remote: bool = False  # tcp endpoints must be loopback unless this is true
+    queue_size: int = Field(default=16, ge=1, le=100_000)
+    max_message_mb: float = Field(default=32.0, gt=0, le=1024)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    cancel_grace_s: float = Field(default=10.0, gt=0, le=3600)  # a worker that ignores a cancel this long exits
+    drain_s: float = Field(default=8.0, gt=0, le=600)  # SIGTERM drain; below supervisord's stopwaitsecs
+
+    @model_validator(mode="after")
+    def _heartbeat_order(self) -> RuntimeSettings:
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed twice heartbeat_interval_s")
+        return self
+
+
+class Deadlines(Section):
+    """Longest each stage may take, in seconds."""
+
+    route: float = Field(default=60.0, gt=0)
+    load: float = Field(default=900.0, gt=0)
+    specialist: float = Field(default=600.0, gt=0)
+    voice: float = Field(default=600.0, gt=0)
+
+
+class GpuEntry(Section):
+    """One physical GPU and the memory the runtime may use on it."""
+
+    index: int = Field(ge=0)
+    name: str = ""
+    budget_gb: float = Field(gt=0)
+    context_reserve_gb: float = Field(default=0.5, ge=0)  # CUDA context per process on this GPU
+
+
+class ServicePlacement(Section):
+    """Which physical GPUs a worker process is pinned to (empty = CPU only)."""
+
+    gpus: list[int] = []
+
+
+class GenerationDefaults(Section):
+    """Sampling defaults of a model; a request may override them."""
+
+    max_new_tokens: int = Field(default=128, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)  # 0 = greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class FakeBehaviour(Section):
+    """Test-double switches for the `fake` backend (never used by a real model)."""
+
+    load_s: float = Field(default=0.0, ge=0)  # time a load takes
+    delay_s: float = Field(default=0.0, ge=0)  # time before the first output
+    token_delay_s: float = Field(default=0.0, ge=0)  # time between streamed tokens
+    misbehave: Literal["none", "hang", "crash", "garbage", "error"] = "none"
+    misbehave_on: Literal["classify", "load", "run", "synthesize", "any"] = "any"
+    triggers: bool = False  # honour "[[fake:<action>:<service>]]" markers in the user's text (tests)
+
+
+class ModelEntry(Section):
+    """One model: where its weights are, how to load it, how to prompt it."""
+
+    name: str = ""  # filled from the table key
+    kind: Literal["causal_lm", "image_generation", "vision_language"] = "causal_lm"
+    backend: Literal["fake", "transformers", "diffusers"] = "fake"
+    path: str = ""  # Hugging Face id or local directory (or a GGUF file's directory)
+    gguf_file: str = ""  # file name inside `path` for GGUF checkpoints
+    embedded: Literal["", "smollm2"] = ""  # use a checkpoint shipped inside a Python package
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["none", "int8", "4bit"] = "none"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "auto"] = "auto"
+    max_context: int = Field(default=4096, ge=16)
+    device_map: str | dict[str, int | str] = ""  # "" = whole model on the service's first device
+    max_memory: dict[str, str] = {}  # per relative GPU index, e.g. {"0" = "47GB"}
+    compile: bool = False  # opt-in torch.compile
+    description: str = ""  # what this specialist is for; the router scores it
+    system_prompt: str = ""
+    generation: GenerationDefaults = GenerationDefaults()
+    memory_gb: float = Field(default=0.0, ge=0)  # declared footprint; overrides the estimator when set
+    architecture: str = ""  # known architecture name for planning without files (see shared.vram)
+    parameters_b: float = Field(default=0.0, ge=0)  # parameter count in billions, for planning without files
+    fake: FakeBehaviour = FakeBehaviour()
+
+    @model_validator(mode="after")
+    def _needs_weights(self) -> ModelEntry:
+        if self.backend != "fake" and not (self.path or self.embedded):
+            raise ValueError(f"model {self.name!r} uses backend {self.backend!r} but sets neither path nor embedded")
+        return self
+
+
+class RouterSettings(Section):
+    """How the router is prompted."""
+
+    prompt_template: str = (
+        "Which specialist should handle the user's message? Specialists:\n{labels}\n\n"
+        "User's message: {text}\n\nAnswer with the specialist's name only."
+    )
+    image_specialist: str = ""  # a turn that carries an image goes here unless the user forces another
+
+
+class LyraConfig(Section):
+    """The whole configuration."""
+
+    runtime: RuntimeSettings = RuntimeSettings()
+    deadlines: Deadlines = Deadlines()
+    gpus: list[GpuEntry] = []
+    services: dict[str, ServicePlacement] = {}
+    router: ModelEntry
+    routing: RouterSettings = RouterSettings()
+    specialists: dict[str, ModelEntry]
+    voice: ModelEntry
+    source: str = ""  # the file this came from (filled by load_config)
+
+    @field_validator("specialists")
+    @classmethod
+    def _at_least_one(cls, value: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+        if not value:
+            raise ValueError("declare at least one [specialists.<name>] table")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> LyraConfig:
+        known = {g.index for g in self.gpus}
+        for service, placement in self.services.items():
+            if service not in WORKER_SERVICES:
+                raise ValueError(f"services.{service}: unknown service (expected one of {', '.join(WORKER_SERVICES)})")
+            for gpu in placement.gpus:
+                if gpu not in known:
+                    raise ValueError(f"services.{service}.gpus: GPU {gpu} is not declared in [[gpus]]")
+        if self.routing.image_specialist and self.routing.image_specialist not in self.specialists:
+            raise ValueError(f"routing.image_specialist: {self.routing.image_specialist!r} is not a specialist")
+        return self
+
+    # ------------------------------------------------------------ derived values
+
+    def gpus_of(self, service: str) -> list[int]:
+        """Physical GPU indices a worker service is pinned to."""
+        placement = self.services.get(service)
+        return list(placement.gpus) if placement else []
+
+    def run_dir(self) -> Path:
+        """The private run directory (sockets, logs)."""
+        if self.runtime.run_dir:
+            return Path(os.path.expanduser(self.runtime.run_dir))
+        base = os.environ.get("XDG_RUNTIME_DIR")
+        return Path(base) / "lyra" if base else Path(f"/tmp/lyra-{os.getuid()}")
+
+    def client_endpoint(self) -> str:
+        """Where clients connect."""
+        return self.runtime.client_endpoint or f"ipc://{self.run_dir() / 'client.sock'}"
+
+    def worker_endpoint(self) -> str:
+        """Where workers connect."""
+        return self.runtime.worker_endpoint or f"ipc://{self.run_dir() / 'workers.sock'}"
+
+    def max_message_bytes(self) -> int:
+        """Largest frame any socket accepts."""
+        return int(self.runtime.max_message_mb * 1024 * 1024)
+
+    def models_of(self, service: str) -> dict[str, ModelEntry]:
+        """The models a worker service runs, by name."""
+        if service == "router":
+            return {self.router.name: self.router}
+        if service == "voice":
+            return {self.voice.name: self.voice}
+        if service == "specialist_host":
+            return dict(self.specialists)
+        raise KeyError(service)
+
+
+def _named(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill each model table's `name` from where it sits in the file."""
+    raw = dict(raw)
+    for key in ("router", "voice"):
+        if isinstance(raw.get(key), dict):
+            raw[key] = {"name": key, **raw[key]}
+    if isinstance(raw.get("specialists"), dict):
+        raw["specialists"] = {
+            name: ({**entry, "name": name} if isinstance(entry, dict) else entry)
+            for name, entry in raw["specialists"].items()
+        }
+    return raw
+
+
+def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
+    """Validate an already-parsed TOML document."""
+    try:
+        config = LyraConfig.model_validate({**_named(raw), "source": source})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
+    _check_endpoints(config)
+    return config
+
+
+def _check_endpoints(config: LyraConfig) -> None:
+    for field, endpoint in (("client_endpoint", config.client_endpoint()), ("worker_endpoint", config.worker_endpoint())):
+        if endpoint.startswith("tcp://") and not config.runtime.allow_remote:
+            host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ConfigError(
+                    f"{config.source}: runtime.{field}: {endpoint} is not loopback; "
+                    "set runtime.allow_remote = true to expose it deliberately"
+                )
+
+
+def load_config(path: str | os.PathLike[str]) -> LyraConfig:
+    """Read and validate a TOML config file."""
+    file = Path(path).expanduser()
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_config(raw, source=str(file.resolve()))

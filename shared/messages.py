@@ -1,0 +1,402 @@
+"""The whole Lyra Runtime wire schema: every message any two processes exchange.
+
+Every message is a msgpack map validated by one of the frozen pydantic models below. The ``type`` field
+picks the model; ``id``/``parent_id``/``sent_at``/``v`` form the envelope. New fields must be optional;
+removing or retyping a field bumps ``SCHEMA_MAJOR``. Only ``shared.transport`` turns these into bytes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+
+STAGES = ("route", "load", "specialist", "voice")
+
+
+def new_id() -> str:
+    """A fresh message id (random, 32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+class ErrorCode(str, Enum):
+    """Every error a process can put on the wire; each comes with a sentence a person can act on."""
+
+    bad_message = "bad_message"  # not msgpack, not a map, or fields fail validation
+    unknown_type = "unknown_type"  # a `type` this schema does not define
+    schema_version = "schema_version"  # the peer speaks another major schema version
+    too_large = "too_large"  # a frame over the socket's size limit
+    invalid_request = "invalid_request"  # well formed but not acceptable (unknown specialist, bad options)
+    busy = "busy"  # the request queue is full
+    deadline = "deadline"  # a stage took longer than its deadline
+    worker_dead = "worker_dead"  # a worker stopped heartbeating or restarted mid-request
+    worker_missing = "worker_missing"  # a service the request needs has never registered
+    worker_error = "worker_error"  # the worker raised while running the stage
+    over_budget = "over_budget"  # the VRAM ledger refused a load
+    cancelled = "cancelled"  # the client cancelled or went away
+    shutting_down = "shutting_down"  # the coordinator is draining
+    internal = "internal"  # a bug: the log has the traceback
+
+
+class Message(BaseModel):
+    """Envelope shared by every message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_id)  # unique per message
+    parent_id: str | None = None  # the request (or call) this message belongs to
+    sent_at: float = Field(default_factory=time.time)  # sender's wall clock, seconds since the epoch
+    v: str = SCHEMA_VERSION  # schema version "major.minor"; a different major is refused
+
+
+# ---------------------------------------------------------------- shared value types
+
+
+class Frozen(BaseModel):
+    """Base for nested values: frozen, no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ChatTurn(Frozen):
+    """One turn of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationOptions(Frozen):
+    """Per-request sampling overrides; unset fields take the model's configured defaults."""
+
+    max_new_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)  # 0 = greedy
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class MemoryReading(Frozen):
+    """Measured memory of one process on one device."""
+
+    device: str  # "gpu:<physical index>" or "cpu"
+    allocated_bytes: int = 0  # torch allocated (GPU) or RSS (CPU)
+    reserved_bytes: int = 0  # torch reserved (GPU); equals allocated on CPU
+    nvml_used_bytes: int | None = None  # this process's usage as NVML sees it, where available
+
+
+class GpuSnapshot(Frozen):
+    """One physical GPU's ledger line as the coordinator sees it."""
+
+    gpu: int
+    budget_bytes: int
+    estimated_bytes: int  # sum of the ledger's estimates for what is resident
+    measured_bytes: int | None  # sum of workers' measured usage, once reported
+    resident: list[str]  # "service:model" entries occupying this GPU
+
+
+class RouteLabel(Frozen):
+    """A candidate specialist as the router sees it."""
+
+    name: str
+    description: str
+
+
+class ImagePayload(Frozen):
+    """An image travelling as msgpack binary."""
+
+    data: bytes
+    mime: str = "image/png"
+    width: int | None = None
+    height: int | None = None
+
+
+# ---------------------------------------------------------------- client <-> coordinator
+
+
+class ChatRequest(Message):
+    """A user turn: a conversation (or plain text), an optional image, an optional forced specialist."""
+
+    type: Literal["chat_request"] = "chat_request"
+    messages: list[ChatTurn] | None = None  # the conversation; the last user turn is the one answered
+    text: str | None = None  # shorthand for messages=[{"role": "user", "content": text}]
+    image: bytes | None = None  # raw image file bytes (PNG/JPEG), never base64
+    specialist: str | None = None  # force a specialist; skips the router
+    options: GenerationOptions = GenerationOptions()
+
+
+class CancelRequest(Message):
+    """Cancel a queued or running request (parent_id = the chat request's id)."""
+
+    type: Literal["cancel_request"] = "cancel_request"
+
+
+class StatusRequest(Message):
+    """Ask the coordinator for its view of the stack."""
+
+    type: Literal["status_request"] = "status_request"
+
+
+class AcceptedEvent(Message):
+    """The request is valid and queued."""
+
+    type: Literal["accepted_event"] = "accepted_event"
+    position: int  # 0 = runs next (or now)
+    queue_depth: int
+
+
+class StageStartedEvent(Message):
+    """A stage of the pipeline began."""
+
+    type: Literal["stage_started_event"] = "stage_started_event"
+    stage: str  # one of STAGES
+    service: str
+    model: str | None = None
+
+
+class StageFinishedEvent(Message):
+    """A stage of the pipeline ended successfully."""
+
+    type: Literal["stage_finished_event"] = "stage_finished_event"
+    stage: str
+    service: str
+    seconds: float
+    model: str | None = None
+
+
+class RouteEvent(Message):
+    """Which specialist handles the turn, and the router's probability for each."""
+
+    type: Literal["route_event"] = "route_event"
+    specialist: str
+    scores: dict[str, float]
+    forced: bool = False
+
+
+class TokenEvent(Message):
+    """A piece of streamed text (voice -> coordinator -> client, or a specialist's progress)."""
+
+    type: Literal["token_event"] = "token_event"
+    text: str
+    stage: str = "voice"
+
+
+class ImageEvent(Message):
+    """An image produced by the turn."""
+
+    type: Literal["image_event"] = "image_event"
+    image: ImagePayload
+
+
+class DoneEvent(Message):
+    """The terminal success event of a chat request."""
+
+    type: Literal["done_event"] = "done_event"
+    answer: str
+    specialist: str
+    scores: dict[str, float]
+    forced: bool = False
+    specialist_output: str = ""
+    timings: dict[str, float]  # seconds per stage, plus "queue" and "total"
+    vram: list[GpuSnapshot] = []
+    image: ImagePayload | None = None
+
+
+class ErrorEvent(Message):
+    """The terminal failure of a request, or the refusal of a malformed message."""
+
+    type: Literal["error_event"] = "error_event"
+    code: ErrorCode
+    message: str  # a sentence a person can act on
+    service: str | None = None  # the service at fault, when there is one
+    stage: str | None = None
+    queue_depth: int | None = None  # set on `busy`
+
+
+class ServiceStatus(Frozen):
+    """One worker as the coordinator sees it."""
+
+    service: str
+    state: Literal["up", "missing", "dead", "busy"]
+    pid: int | None = None
+    backend: str | None = None
+    resident: list[str] = []
+    last_seen_s: float | None = None  # seconds since its last message
+    registrations: int = 0  # how often it registered (restarts + 1)
+    memory: list[MemoryReading] = []
+    placement: dict[str, str] = {}  # model -> resolved device map summary
+
+
+class StatusReply(Message):
+    """The coordinator's view of the stack."""
+
+    type: Literal["status_reply"] = "status_reply"
+    services: list[ServiceStatus]
+    gpus: list[GpuSnapshot]
+    queue_depth: int
+    running: str | None  # id of the request in flight
+    client_endpoint: str
+    counters: dict[str, int] = {}
+    config_path: str = ""
+
+
+# ---------------------------------------------------------------- coordinator <-> worker
+
+
+class RegisterRequest(Message):
+    """A worker's first message: who it is, what it can run, what it holds."""
+
+    type: Literal["register_request"] = "register_request"
+    service: str
+    schema_version: str = SCHEMA_VERSION
+    pid: int
+    instance: str  # unique per process start; a new value means the worker restarted
+    backend: str
+    capabilities: list[str]  # model names this worker can run
+    resident: list[str]  # model names currently loaded
+    memory: list[MemoryReading] = []
+    placement: dict[str, str] = {}
+
+
+class RegisterReply(Message):
+    """The coordinator accepted a registration."""
+
+    type: Literal["register_reply"] = "register_reply"
+    heartbeat_interval_s: float
+
+
+class HeartbeatEvent(Message):
+    """A worker is alive; carries what it holds and whether it is working."""
+
+    type: Literal["heartbeat_event"] = "heartbeat_event"
+    instance: str
+    resident: list[str]
+    busy_with: str | None = None  # id of the call in progress
+    memory: list[MemoryReading] = []
+
+
+class ClassifyRequest(Message):
+    """Router: pick one of `labels` for the conversation."""
+
+    type: Literal["classify_request"] = "classify_request"
+    messages: list[ChatTurn]
+    labels: list[RouteLabel]
+
+
+class ClassifyReply(Message):
+    """Router's choice and a probability per label (summing to 1)."""
+
+    type: Literal["classify_reply"] = "classify_reply"
+    specialist: str
+    scores: dict[str, float]
+
+
+class LoadRequest(Message):
+    """Specialist host: make `model` resident."""
+
+    type: Literal["load_request"] = "load_request"
+    model: str
+
+
+class UnloadRequest(Message):
+    """Specialist host: free `model`."""
+
+    type: Literal["unload_request"] = "unload_request"
+    model: str
+
+
+class LoadReply(Message):
+    """What is resident after a load or unload, with measured memory."""
+
+    type: Literal["load_reply"] = "load_reply"
+    model: str
+    resident: list[str]
+    seconds: float
+    memory: list[MemoryReading] = []
+    placement: dict[str, str] = {}
+
+
+class RunSpecialistRequest(Message):
+    """Specialist host: run the resident `model` on the turn."""
+
+    type: Literal["run_specialist_request"] = "run_specialist_request"
+    model: str
+    messages: list[ChatTurn]
+    image: bytes | None = None
+    options: GenerationOptions = GenerationOptions()
+
+
+class SpecialistReply(Message):
+    """A specialist's output: text, and an image for the artist."""
+
+    type: Literal["specialist_reply"] = "specialist_reply"
+    model: str
+    text: str
+    image: ImagePayload | None = None
+
+
+class SynthesizeRequest(Message):
+    """Voice: answer as Lyra, given the conversation and the specialist's output."""
+
+    type: Literal["synthesize_request"] = "synthesize_request"
+    messages: list[ChatTurn]
+    specialist: str
+    specialist_output: str
+    options: GenerationOptions = GenerationOptions()
+
+
+class SynthesizeReply(Message):
+    """Voice's whole answer (its tokens were streamed before it)."""
+
+    type: Literal["synthesize_reply"] = "synthesize_reply"
+    text: str
+
+
+class CancelCallRequest(Message):
+    """Coordinator -> worker: stop the call `parent_id` as soon as possible."""
+
+    type: Literal["cancel_call_request"] = "cancel_call_request"
+
+
+class WorkerError(Message):
+    """A worker could not do what was asked (parent_id = the call)."""
+
+    type: Literal["worker_error"] = "worker_error"
+    code: ErrorCode
+    message: str
+    service: str
+
+
+AnyMessage = Annotated[
+    Union[
+        ChatRequest, CancelRequest, StatusRequest, AcceptedEvent, StageStartedEvent, StageFinishedEvent,
+        RouteEvent, TokenEvent, ImageEvent, DoneEvent, ErrorEvent, StatusReply, RegisterRequest,
+        RegisterReply, HeartbeatEvent, ClassifyRequest, ClassifyReply, LoadRequest, UnloadRequest,
+        LoadReply, RunSpecialistRequest, SpecialistReply, SynthesizeRequest, SynthesizeReply,
+        CancelCallRequest, WorkerError,
+    ],
+    Field(discriminator="type"),
+]
+
+MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(AnyMessage)
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.model_fields["type"].default: cls for cls in AnyMessage.__origin__.__args__  # type: ignore[attr-defined]
+}
+
+TERMINAL_TYPES = (DoneEvent, ErrorEvent)
+
+
+def _check_schema() -> None:
+    """Every wire class derives from Message and names itself by a suffix the style guide allows."""
+    for name, cls in MESSAGE_TYPES.items():
+        assert issubclass(cls, Message), name
+        assert cls.__name__.endswith(("Request", "Reply", "Event", "Error")), cls.__name__
+
+
+_check_schema()
