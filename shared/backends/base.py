@@ -25,6 +25,10 @@ class Cancelled(Exception):
     """The call was cancelled while the model was running."""
 
 
+class WireGarbage(Exception):
+    """A test double asks its worker to put malformed bytes on the wire instead of a reply."""
+
+
 @dataclass(frozen=True)
 class LoadContext:
     """What a backend needs to know about the process it runs in."""

@@ -1,0 +1,112 @@
+"""The per-GPU VRAM ledger: what each worker process holds on each physical GPU, estimated and measured.
+
+Every line is one worker process on one GPU. A line's bytes are the measured usage once the worker has
+reported it, else the estimate; each process also pays a CUDA-context reserve on every GPU it touches.
+A load is admitted only when the GPU's total after the load stays inside its budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.config import GpuEntry, LyraConfig, ModelEntry
+from shared.messages import GpuSnapshot, MemoryReading
+
+GB = 1024**3
+
+
+@dataclass
+class LedgerLine:
+    """One worker process's footprint on one GPU."""
+
+    models: list[str] = field(default_factory=list)
+    estimated: int = 0
+    measured: int | None = None
+
+    def bytes(self) -> int:
+        return self.measured if self.measured is not None else self.estimated
+
+
+class OverBudget(Exception):
+    """A load would exceed a GPU's budget; the message carries the arithmetic."""
+
+
+def split_estimate(entry: ModelEntry, gpus: list[int], estimate_bytes: int | None = None) -> dict[int, int]:
+    """Spread a model's estimated bytes over the GPUs of its process (evenly; the planner refines it)."""
+    total = estimate_bytes if estimate_bytes is not None else int(entry.memory_gb * GB)
+    if not gpus:
+        return {}
+    return {gpu: total // len(gpus) for gpu in gpus}
+
+
+class VramLedger:
+    """Budget per physical GPU and who holds what on it."""
+
+    def __init__(self, config: LyraConfig) -> None:
+        self.gpus: dict[int, GpuEntry] = {g.index: g for g in config.gpus}
+        self.lines: dict[tuple[int, str], LedgerLine] = {}
+
+    def budget(self, gpu: int) -> int:
+        return int(self.gpus[gpu].budget_gb * GB)
+
+    def reserve(self, gpu: int) -> int:
+        return int(self.gpus[gpu].context_reserve_gb * GB)
+
+    def used(self, gpu: int, without: str | None = None) -> int:
+        """Bytes in use on `gpu`, optionally leaving one service's line out."""
+        return sum(line.bytes() + self.reserve(gpu) for (g, svc), line in self.lines.items()
+                   if g == gpu and svc != without and (line.models or line.measured))
+
+    def set_resident(self, service: str, models: list[str], estimates: dict[int, int]) -> None:
+        """Record what `service` holds now, with fresh estimates (measurements come separately)."""
+        for key in [k for k in self.lines if k[1] == service]:
+            del self.lines[key]
+        for gpu, size in estimates.items():
+            if gpu in self.gpus:
+                self.lines[(gpu, service)] = LedgerLine(models=list(models), estimated=size)
+
+    def measure(self, service: str, readings: list[MemoryReading]) -> list[str]:
+        """Reconcile a service's lines with its measured memory; returns warnings (>10% off)."""
+        warnings = []
+        for reading in readings:
+            if not reading.device.startswith("gpu:"):
+                continue
+            gpu = int(reading.device.split(":")[1])
+            line = self.lines.get((gpu, service))
+            if line is None:
+                continue
+            measured = max(reading.reserved_bytes, reading.nvml_used_bytes or 0)
+            if line.models and line.estimated and abs(measured - line.estimated) > 0.1 * line.estimated:
+                warnings.append(f"{service} on GPU {gpu}: estimated {line.estimated / GB:.2f} GB, "
+                                f"measured {measured / GB:.2f} GB")
+            line.measured = measured
+        return warnings
+
+    def check(self, service: str, model: str, estimates: dict[int, int]) -> None:
+        """Raise OverBudget unless `service` can hold `model` (replacing what it holds) on every GPU."""
+        for gpu, size in estimates.items():
+            if gpu not in self.gpus:
+                continue
+            others = self.used(gpu, without=service)
+            after = others + size + self.reserve(gpu)
+            if after > self.budget(gpu):
+                raise OverBudget(
+                    f"loading {model} needs {size / GB:.2f} GB + {self.reserve(gpu) / GB:.2f} GB context on GPU {gpu}, "
+                    f"which already holds {others / GB:.2f} GB: {after / GB:.2f} GB > budget "
+                    f"{self.budget(gpu) / GB:.2f} GB (over by {(after - self.budget(gpu)) / GB:.2f} GB). "
+                    "Quantize the model, lower its context, or move it to another GPU (see `lyra plan`)."
+                )
+
+    def snapshot(self) -> list[GpuSnapshot]:
+        """One line per GPU for status and done events."""
+        out = []
+        for gpu in sorted(self.gpus):
+            lines = {svc: line for (g, svc), line in self.lines.items() if g == gpu}
+            measured = [line.measured for line in lines.values() if line.measured is not None]
+            out.append(GpuSnapshot(
+                gpu=gpu, budget_bytes=self.budget(gpu),
+                estimated_bytes=sum(line.estimated + self.reserve(gpu) for line in lines.values() if line.models),
+                measured_bytes=sum(measured) if measured else None,
+                resident=[f"{svc}:{m}" for svc, line in lines.items() for m in line.models],
+            ))
+        return out

@@ -1,0 +1,197 @@
+"""One request, end to end: route -> ensure the specialist is resident -> run it -> voice.
+
+Runs on the coordinator's pipeline thread, strictly one request at a time. It talks to workers only
+through `WorkerRegistry.call` and to the client only through `emit`, so it needs no sockets itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
+from services.coordinator.requests import Job
+from services.coordinator.workers import StageError, WorkerRegistry
+from shared.config import LyraConfig
+from shared.messages import (
+    ChatTurn,
+    ClassifyReply,
+    ClassifyRequest,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    ImageEvent,
+    LoadReply,
+    LoadRequest,
+    Message,
+    RouteEvent,
+    RouteLabel,
+    RunSpecialistRequest,
+    SpecialistReply,
+    StageFinishedEvent,
+    StageStartedEvent,
+    SynthesizeReply,
+    SynthesizeRequest,
+    TokenEvent,
+    UnloadRequest,
+)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Job, Message], None]
+
+
+def conversation(job: Job) -> list[ChatTurn]:
+    """The request's turns (plain `text` becomes one user turn)."""
+    if job.request.messages:
+        return list(job.request.messages)
+    return [ChatTurn(role="user", content=job.request.text or "")]
+
+
+@dataclass
+class Counters:
+    """What `lyra status` reports about the pipeline's history."""
+
+    values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("requests", "completed", "failed", "cancelled", "swaps", "cache_hits"), 0))
+
+    def bump(self, name: str) -> None:
+        self.values[name] = self.values.get(name, 0) + 1
+
+
+class Pipeline:
+    """Executes jobs through the workers; every job ends with exactly one terminal event."""
+
+    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger, emit: Emit) -> None:
+        self.config = config
+        self.registry = registry
+        self.ledger = ledger
+        self.emit = emit
+        self.counters = Counters()
+        self.labels = [RouteLabel(name=n, description=e.description) for n, e in config.specialists.items()]
+
+    def run(self, job: Job) -> None:
+        """Run one job to its terminal event."""
+        self.counters.bump("requests")
+        timings: dict[str, float] = {"queue": round(time.monotonic() - job.accepted_at, 6)}
+        started = time.monotonic()
+        try:
+            done = self._stages(job, timings)
+        except StageError as exc:
+            self.counters.bump("cancelled" if exc.code == ErrorCode.cancelled else "failed")
+            log.warning("request %s failed: %s: %s", job.id, exc.code.value, exc.message)
+            message = job.cancel_reason or exc.message if exc.code == ErrorCode.cancelled else exc.message
+            self.emit(job, ErrorEvent(parent_id=job.id, code=exc.code, message=message, service=exc.service))
+            return
+        except Exception as exc:  # a coordinator bug must still end the request
+            log.exception("request %s hit an internal error", job.id)
+            self.counters.bump("failed")
+            self.emit(job, ErrorEvent(parent_id=job.id, code=ErrorCode.internal,
+                                      message=f"internal error: {type(exc).__name__}: {exc} (see the coordinator log)"))
+            return
+        timings["total"] = round(time.monotonic() - started + timings["queue"], 6)
+        self.counters.bump("completed")
+        self.emit(job, done.model_copy(update={"timings": timings, "vram": self.ledger.snapshot()}))
+
+    # ------------------------------------------------------------ stages
+
+    def _stage(self, job: Job, timings: dict[str, float], stage: str, service: str, model: str | None,
+               request: Message, deadline: float) -> Message:
+        self.emit(job, StageStartedEvent(parent_id=job.id, stage=stage, service=service, model=model))
+        begun = time.monotonic()
+        reply: Message | None = None
+        wait = self.config.runtime.heartbeat_timeout_s
+        for item in self.registry.call(service, request, deadline, job.cancel, stage, wait):
+            if isinstance(item, TokenEvent):
+                self.emit(job, TokenEvent(parent_id=job.id, text=item.text, stage=item.stage))
+            else:
+                reply = item
+        seconds = time.monotonic() - begun
+        timings[stage] = round(seconds, 6)
+        self.emit(job, StageFinishedEvent(parent_id=job.id, stage=stage, service=service, seconds=seconds, model=model))
+        assert reply is not None
+        return reply
+
+    def _expect(self, reply: Message, kind: type, service: str) -> None:
+        if not isinstance(reply, kind):
+            raise StageError(ErrorCode.worker_error, f"{service} answered {reply.type} "  # type: ignore[attr-defined]
+                             f"where {kind.__name__} was expected", service)
+
+    def _stages(self, job: Job, timings: dict[str, float]) -> DoneEvent:
+        turns = conversation(job)
+        specialist, scores, forced = self._route(job, turns, timings)
+        self._ensure_resident(job, specialist, timings)
+        deadlines = self.config.deadlines
+        result = self._stage(job, timings, "specialist", "specialist_host", specialist,
+                             RunSpecialistRequest(parent_id=job.id, model=specialist, messages=turns,
+                                                  image=job.request.image, options=job.request.options),
+                             deadlines.specialist)
+        self._expect(result, SpecialistReply, "specialist_host")
+        assert isinstance(result, SpecialistReply)
+        if result.image is not None:
+            self.emit(job, ImageEvent(parent_id=job.id, image=result.image))
+        spoken = self._stage(job, timings, "voice", "voice", self.config.voice.name,
+                             SynthesizeRequest(parent_id=job.id, messages=turns, specialist=specialist,
+                                               specialist_output=result.text, options=job.request.options),
+                             deadlines.voice)
+        self._expect(spoken, SynthesizeReply, "voice")
+        assert isinstance(spoken, SynthesizeReply)
+        return DoneEvent(parent_id=job.id, answer=spoken.text, specialist=specialist, scores=scores, forced=forced,
+                         specialist_output=result.text, timings={}, image=result.image)
+
+    def _route(self, job: Job, turns: list[ChatTurn], timings: dict[str, float]) -> tuple[str, dict[str, float], bool]:
+        forced = job.request.specialist or (
+            self.config.routing.image_specialist if job.request.image is not None else "")
+        if forced:
+            scores = {name: float(name == forced) for name in self.config.specialists}
+            self.emit(job, RouteEvent(parent_id=job.id, specialist=forced, scores=scores, forced=True))
+            timings["route"] = 0.0
+            return forced, scores, True
+        reply = self._stage(job, timings, "route", "router", self.config.router.name,
+                            ClassifyRequest(parent_id=job.id, messages=turns, labels=self.labels),
+                            self.config.deadlines.route)
+        self._expect(reply, ClassifyReply, "router")
+        assert isinstance(reply, ClassifyReply)
+        if reply.specialist not in self.config.specialists:
+            raise StageError(ErrorCode.worker_error, f"router chose unknown specialist {reply.specialist!r}", "router")
+        self.emit(job, RouteEvent(parent_id=job.id, specialist=reply.specialist, scores=reply.scores))
+        return reply.specialist, reply.scores, False
+
+    def _ensure_resident(self, job: Job, specialist: str, timings: dict[str, float]) -> None:
+        service = "specialist_host"
+        self.registry.wait_up(service, self.config.runtime.heartbeat_timeout_s, job.cancel)
+        resident = self.registry.resident(service)
+        if resident == [specialist]:
+            self.counters.bump("cache_hits")
+            timings["load"] = 0.0
+            return
+        entry = self.config.specialists[specialist]
+        estimates = split_estimate(entry, self.config.gpus_of(service))
+        try:
+            self.ledger.check(service, specialist, estimates)
+        except OverBudget as exc:
+            raise StageError(ErrorCode.over_budget, str(exc), service) from None
+        self.emit(job, StageStartedEvent(parent_id=job.id, stage="load", service=service, model=specialist))
+        begun = time.monotonic()
+        wait, deadline = self.config.runtime.heartbeat_timeout_s, self.config.deadlines.load
+        for name in resident:
+            for _ in self.registry.call(service, UnloadRequest(parent_id=job.id, model=name), deadline, job.cancel,
+                                        "load", wait):
+                pass
+            self.ledger.set_resident(service, [], {})
+        reply: Message | None = None
+        for reply in self.registry.call(service, LoadRequest(parent_id=job.id, model=specialist), deadline,
+                                        job.cancel, "load", wait):
+            pass
+        assert isinstance(reply, LoadReply)
+        self.ledger.set_resident(service, reply.resident, estimates)
+        for warning in self.ledger.measure(service, reply.memory):
+            log.warning("estimate off by more than 10%%: %s", warning)
+        with self.registry.lock:
+            self.registry.workers[service].resident = list(reply.resident)
+        self.counters.bump("swaps")
+        timings["load"] = round(time.monotonic() - begun, 6)
+        self.emit(job, StageFinishedEvent(parent_id=job.id, stage="load", service=service,
+                                          seconds=timings["load"], model=specialist))

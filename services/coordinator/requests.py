@@ -1,0 +1,101 @@
+"""The bounded FIFO of chat requests and the job each accepted request becomes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from shared.messages import ChatRequest
+
+
+@dataclass
+class Job:
+    """An accepted chat request: who asked, when, and whether it should stop."""
+
+    request: ChatRequest
+    peer: bytes  # the client's routing identity
+    accepted_at: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    def stop(self, reason: str) -> None:
+        """Ask the pipeline to abandon this job."""
+        if not self.cancel.is_set():
+            self.cancel_reason = reason
+            self.cancel.set()
+
+
+class QueueFull(Exception):
+    """The queue holds `size` waiting requests already."""
+
+
+class RequestQueue:
+    """Bounded FIFO; thread-safe; the pipeline thread takes, the I/O thread offers and cancels."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.waiting: deque[Job] = deque()
+        self.running: Job | None = None
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def offer(self, job: Job) -> int:
+        """Queue a job; returns how many requests are ahead of it (the running one included)."""
+        with self.cond:
+            if len(self.waiting) >= self.size:
+                raise QueueFull()
+            self.waiting.append(job)
+            self.cond.notify_all()
+            return len(self.waiting) - 1 + (1 if self.running else 0)
+
+    def take(self, timeout_s: float) -> Job | None:
+        """Block up to `timeout_s` for the next job and mark it running."""
+        with self.cond:
+            if not self.waiting:
+                self.cond.wait(timeout_s)
+            if not self.waiting or self.closed:
+                return None
+            self.running = self.waiting.popleft()
+            return self.running
+
+    def finish(self, job: Job) -> None:
+        """The running job ended (either way)."""
+        with self.cond:
+            if self.running is job:
+                self.running = None
+            self.cond.notify_all()
+
+    def remove(self, request_id: str) -> Job | None:
+        """Take a waiting job out of the queue (cancel before it ran)."""
+        with self.cond:
+            for job in self.waiting:
+                if job.id == request_id:
+                    self.waiting.remove(job)
+                    return job
+            return None
+
+    def find(self, request_id: str) -> Job | None:
+        """The running or waiting job with this id."""
+        with self.cond:
+            if self.running and self.running.id == request_id:
+                return self.running
+            return next((j for j in self.waiting if j.id == request_id), None)
+
+    def drain(self) -> list[Job]:
+        """Close the queue and return every waiting job (shutdown)."""
+        with self.cond:
+            self.closed = True
+            jobs = list(self.waiting)
+            self.waiting.clear()
+            self.cond.notify_all()
+            return jobs
+
+    def depth(self) -> int:
+        with self.cond:
+            return len(self.waiting)

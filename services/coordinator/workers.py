@@ -1,0 +1,223 @@
+"""Worker registry and calls: who is up, what they hold, and request/stream/reply exchanges with them.
+
+The I/O thread feeds `WorkerRegistry` (registrations, heartbeats, replies); the pipeline thread makes
+calls through it. A call ends with the worker's reply or one `StageError`: worker error, deadline,
+cancellation, or the worker dying or restarting mid-call. It never waits without a bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from shared.messages import (
+    CancelCallRequest,
+    ErrorCode,
+    MemoryReading,
+    Message,
+    RegisterRequest,
+    ServiceStatus,
+    TokenEvent,
+    WorkerError,
+)
+
+log = logging.getLogger(__name__)
+
+WAIT_STEP_S = 0.05
+
+
+class StageError(Exception):
+    """A stage could not complete; becomes the request's terminal ErrorEvent."""
+
+    def __init__(self, code: ErrorCode, message: str, service: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.service = service
+
+
+@dataclass(frozen=True)
+class WorkerGone:
+    """Put into a pending call's inbox when its worker died or restarted."""
+
+    reason: str
+
+
+@dataclass
+class WorkerState:
+    """The coordinator's view of one worker process."""
+
+    service: str
+    instance: str = ""
+    pid: int | None = None
+    backend: str = ""
+    capabilities: list[str] = field(default_factory=list)
+    resident: list[str] = field(default_factory=list)
+    memory: list[MemoryReading] = field(default_factory=list)
+    placement: dict[str, str] = field(default_factory=dict)
+    last_seen: float = 0.0
+    alive: bool = False
+    busy_with: str | None = None
+    registrations: int = 0
+
+
+@dataclass
+class PendingCall:
+    service: str
+    inbox: queue.Queue = field(default_factory=queue.Queue)
+
+
+class WorkerRegistry:
+    """Thread-safe registry of workers and of calls waiting on them."""
+
+    def __init__(self, services: tuple[str, ...], heartbeat_timeout_s: float,
+                 send: Callable[[str, Message], None]) -> None:
+        self.lock = threading.RLock()
+        self.workers = {name: WorkerState(service=name) for name in services}
+        self.pending: dict[str, PendingCall] = {}
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.send = send  # thread-safe "send this message to that worker"
+        self.changed = threading.Condition(self.lock)
+
+    # ------------------------------------------------------------ fed by the I/O thread
+
+    def register(self, msg: RegisterRequest) -> bool:
+        """Record a registration; True when it is a new process (first start or restart)."""
+        with self.lock:
+            state = self.workers[msg.service]
+            restarted = state.instance != msg.instance
+            if restarted and state.instance:
+                self._fail_calls(msg.service, f"{msg.service} restarted (pid {state.pid} -> {msg.pid})")
+            state.instance, state.pid, state.backend = msg.instance, msg.pid, msg.backend
+            state.capabilities, state.resident = list(msg.capabilities), list(msg.resident)
+            state.memory, state.placement = list(msg.memory), dict(msg.placement)
+            state.last_seen, state.alive = time.monotonic(), True
+            state.registrations += restarted
+            self.changed.notify_all()
+            return restarted
+
+    def heartbeat(self, service: str, instance: str, resident: list[str], busy_with: str | None,
+                  memory: list[MemoryReading]) -> bool:
+        """Record a heartbeat; False when it comes from a process we do not know (it must register)."""
+        with self.lock:
+            state = self.workers[service]
+            if state.instance != instance or not state.alive:
+                return False
+            state.last_seen, state.resident, state.busy_with, state.memory = time.monotonic(), resident, busy_with, memory
+            return True
+
+    def seen(self, service: str) -> None:
+        with self.lock:
+            self.workers[service].last_seen = time.monotonic()
+
+    def deliver(self, service: str, msg: Message) -> bool:
+        """Hand a worker's reply or stream event to the call waiting for it."""
+        with self.lock:
+            call = self.pending.get(msg.parent_id or "")
+            if call is None or call.service != service:
+                return False
+            call.inbox.put(msg)
+            return True
+
+    def fail_service(self, service: str, reason: str) -> None:
+        """A worker sent garbage or misbehaved: end its pending calls."""
+        with self.lock:
+            self._fail_calls(service, reason)
+
+    def check_liveness(self) -> list[str]:
+        """Mark silent workers dead and fail their calls; returns the newly dead services."""
+        now, dead = time.monotonic(), []
+        with self.lock:
+            for state in self.workers.values():
+                if state.alive and now - state.last_seen > self.heartbeat_timeout_s:
+                    state.alive = False
+                    dead.append(state.service)
+                    self._fail_calls(state.service, f"{state.service} stopped responding "
+                                                    f"(no heartbeat for {self.heartbeat_timeout_s:.0f} s)")
+        return dead
+
+    def _fail_calls(self, service: str, reason: str) -> None:
+        for call in self.pending.values():
+            if call.service == service:
+                call.inbox.put(WorkerGone(reason))
+
+    # ------------------------------------------------------------ used by the pipeline thread
+
+    def wait_up(self, service: str, timeout_s: float, cancel: threading.Event) -> WorkerState:
+        """Wait (bounded) for `service` to be registered and alive, e.g. while supervisord restarts it."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while not self.workers[service].alive:
+                left = deadline - time.monotonic()
+                if left <= 0 or cancel.is_set():
+                    state = self.workers[service]
+                    what = "has not registered" if not state.registrations else "is down"
+                    raise StageError(ErrorCode.worker_missing,
+                                     f"{service} {what}; is it running? (`lyra status`, `lyra logs {service}`)",
+                                     service)
+                self.changed.wait(min(left, WAIT_STEP_S * 4))
+            return self.workers[service]
+
+    def call(self, service: str, request: Message, deadline_s: float, cancel: threading.Event,
+             stage: str, missing_wait_s: float) -> Iterator[Message]:
+        """Send `request` to `service`; yield its stream events, then its reply; raise StageError."""
+        self.wait_up(service, missing_wait_s, cancel)
+        call = PendingCall(service)
+        with self.lock:
+            self.pending[request.id] = call
+        try:
+            self.send(service, request)
+            yield from self._await(call, request, deadline_s, cancel, stage)
+        finally:
+            with self.lock:
+                self.pending.pop(request.id, None)
+
+    def _await(self, call: PendingCall, request: Message, deadline_s: float, cancel: threading.Event,
+               stage: str) -> Iterator[Message]:
+        service, deadline = call.service, time.monotonic() + deadline_s
+        while True:
+            if cancel.is_set():
+                self.send(service, CancelCallRequest(parent_id=request.id))
+                raise StageError(ErrorCode.cancelled, f"cancelled during {stage}", service)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.send(service, CancelCallRequest(parent_id=request.id))
+                raise StageError(ErrorCode.deadline,
+                                 f"{service} did not finish {stage} within its {deadline_s:g} s deadline", service)
+            try:
+                item = call.inbox.get(timeout=min(left, WAIT_STEP_S))
+            except queue.Empty:
+                continue
+            if isinstance(item, WorkerGone):
+                raise StageError(ErrorCode.worker_dead, f"{item.reason} during {stage}", service)
+            if isinstance(item, WorkerError):
+                code = item.code if item.code != ErrorCode.internal else ErrorCode.worker_error
+                raise StageError(code, f"{service} failed during {stage}: {item.message}", service)
+            yield item
+            if not isinstance(item, TokenEvent):
+                return
+
+    # ------------------------------------------------------------ status
+
+    def statuses(self) -> list[ServiceStatus]:
+        now = time.monotonic()
+        with self.lock:
+            return [
+                ServiceStatus(
+                    service=s.service,
+                    state="missing" if not s.registrations and not s.alive else
+                          ("dead" if not s.alive else ("busy" if s.busy_with else "up")),
+                    pid=s.pid, backend=s.backend or None, resident=list(s.resident),
+                    last_seen_s=round(now - s.last_seen, 3) if s.last_seen else None,
+                    registrations=s.registrations, memory=list(s.memory), placement=dict(s.placement),
+                )
+                for s in self.workers.values()
+            ]
+
+    def resident(self, service: str) -> list[str]:
+        with self.lock:
+            return list(self.workers[service].resident)

@@ -1,0 +1,105 @@
+"""Specialist host: exactly one resident specialist at a time; load, unload, run.
+
+The coordinator decides every swap (it owns the VRAM ledger): it unloads the resident specialist before
+asking for another, and this host refuses a load that would make two resident.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput, load_model
+from shared.messages import (
+    ChatTurn,
+    LoadReply,
+    LoadRequest,
+    MemoryReading,
+    Message,
+    RunSpecialistRequest,
+    SpecialistReply,
+    TokenEvent,
+    UnloadRequest,
+)
+from shared.service import Handler, Worker
+
+log = logging.getLogger(__name__)
+
+
+class SpecialistHost(Worker):
+    """Loads, unloads and runs the configured specialists, one resident at a time."""
+
+    service = "specialist_host"
+
+    def __init__(self, context: LoadContext) -> None:
+        self.context = context
+        self.entries = context.config.specialists
+        self.backend = ",".join(sorted({e.backend for e in self.entries.values()}))
+        self.loaded: dict[str, LoadedModel] = {}
+
+    def handlers(self) -> dict[type[Message], Handler]:
+        return {LoadRequest: self.load, UnloadRequest: self.unload, RunSpecialistRequest: self.run}
+
+    def capabilities(self) -> list[str]:
+        return list(self.entries)
+
+    def resident(self) -> list[str]:
+        return list(self.loaded)
+
+    def memory(self) -> list[MemoryReading]:
+        for model in self.loaded.values():
+            return model.memory()
+        return []
+
+    def placement(self) -> dict[str, str]:
+        return {k: v for model in self.loaded.values() for k, v in model.placement().items()}
+
+    def _entry(self, name: str):  # noqa: ANN202 - ModelEntry
+        if name not in self.entries:
+            raise BackendError(f"unknown specialist {name!r}; this host serves {', '.join(self.entries)}")
+        return self.entries[name]
+
+    def load(self, msg: LoadRequest, cancel: threading.Event) -> Iterator[Message]:
+        """Make `msg.model` resident (a no-op when it already is)."""
+        entry = self._entry(msg.model)
+        started = time.perf_counter()
+        if msg.model not in self.loaded:
+            if self.loaded:
+                raise BackendError(f"{', '.join(self.loaded)} is resident; unload it before loading {msg.model}")
+            self.loaded[msg.model] = load_model(entry, self.context)
+            log.info("loaded specialist %s in %.2fs", msg.model, time.perf_counter() - started)
+        yield self._reply(msg, started)
+
+    def unload(self, msg: UnloadRequest, cancel: threading.Event) -> Iterator[Message]:
+        """Free `msg.model` (a no-op when it is not resident)."""
+        self._entry(msg.model)
+        started = time.perf_counter()
+        model = self.loaded.pop(msg.model, None)
+        if model is not None:
+            model.unload()
+            del model
+            gc.collect()
+            log.info("unloaded specialist %s in %.2fs", msg.model, time.perf_counter() - started)
+        yield self._reply(msg, started)
+
+    def _reply(self, msg: LoadRequest | UnloadRequest, started: float) -> LoadReply:
+        return LoadReply(parent_id=msg.id, model=msg.model, resident=self.resident(),
+                         seconds=time.perf_counter() - started, memory=self.memory(), placement=self.placement())
+
+    def run(self, msg: RunSpecialistRequest, cancel: threading.Event) -> Iterator[Message]:
+        """Run the resident specialist on the turn, streaming its text as progress."""
+        model = self.loaded.get(msg.model)
+        if model is None:
+            raise BackendError(f"specialist {msg.model!r} is not resident (resident: {self.resident() or 'none'})")
+        turns = [t for t in msg.messages if t.role != "system"]
+        if model.entry.system_prompt:
+            turns.insert(0, ChatTurn(role="system", content=model.entry.system_prompt))
+        for item in model.run_specialist(turns, msg.image, msg.options, cancel):
+            if isinstance(item, SpecialistOutput):
+                yield SpecialistReply(parent_id=msg.id, model=msg.model, text=item.text, image=item.image)
+                return
+            yield TokenEvent(parent_id=msg.id, text=item, stage="specialist")
+        raise BackendError(f"specialist {msg.model!r} ended without a result")

@@ -1,0 +1,265 @@
+"""The Python client of a running Lyra Runtime stack: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    from shared.client import Client
+    with Client() as lyra:                      # finds the stack `lyra up` started
+        result = lyra.chat("What is 17 * 23?")
+        print(result.answer, result.specialist, result.timings)
+        for event in lyra.stream("Tell me a story"):
+            ...
+
+Errors from the coordinator are raised as `LyraError` subclasses carrying its code and sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from shared import transport
+from shared.messages import (
+    TERMINAL_TYPES,
+    CancelRequest,
+    ChatRequest,
+    ChatTurn,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    GenerationOptions,
+    Message,
+    StatusReply,
+    StatusRequest,
+)
+
+DEFAULT_TIMEOUT_S = 900.0
+
+
+class LyraError(Exception):
+    """An error reported by the stack (or the client's own timeout); `code` is an ErrorCode value."""
+
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None, service: str | None = None,
+                 event: ErrorEvent | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.service = service
+        self.event = event
+
+
+class BusyError(LyraError):
+    """The queue is full; retry later."""
+
+
+class DeadlineError(LyraError):
+    """A stage ran past its deadline."""
+
+
+class WorkerDeadError(LyraError):
+    """A worker died, restarted, or never came up while the request needed it."""
+
+
+class OverBudgetError(LyraError):
+    """The VRAM ledger refused a load; the message carries the arithmetic."""
+
+
+class InvalidRequestError(LyraError):
+    """The request (or a message) was refused as malformed or unacceptable."""
+
+
+class CancelledError(LyraError):
+    """The request was cancelled."""
+
+
+class StackNotFoundError(LyraError):
+    """No running stack could be found."""
+
+
+class ClientTimeoutError(LyraError):
+    """No terminal event arrived within the client's timeout."""
+
+
+ERRORS: dict[str, type[LyraError]] = {
+    ErrorCode.busy.value: BusyError,
+    ErrorCode.deadline.value: DeadlineError,
+    ErrorCode.worker_dead.value: WorkerDeadError,
+    ErrorCode.worker_missing.value: WorkerDeadError,
+    ErrorCode.over_budget.value: OverBudgetError,
+    ErrorCode.invalid_request.value: InvalidRequestError,
+    ErrorCode.bad_message.value: InvalidRequestError,
+    ErrorCode.unknown_type.value: InvalidRequestError,
+    ErrorCode.schema_version.value: InvalidRequestError,
+    ErrorCode.too_large.value: InvalidRequestError,
+    ErrorCode.cancelled.value: CancelledError,
+}
+
+
+def error_from_event(event: ErrorEvent) -> LyraError:
+    """The typed exception for a coordinator error event."""
+    cls = ERRORS.get(event.code.value, LyraError)
+    return cls(event.message, code=event.code.value, service=event.service, event=event)
+
+
+def state_file() -> Path:
+    """Where `lyra up` records the running stack, so clients find it from any directory."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "lyra" / "stack.json"
+
+
+def find_stack() -> dict[str, Any]:
+    """The running stack's record (endpoint, config, run dir), from $LYRA_ENDPOINT or the state file."""
+    if os.environ.get("LYRA_ENDPOINT"):
+        return {"client_endpoint": os.environ["LYRA_ENDPOINT"]}
+    try:
+        return json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        raise StackNotFoundError("no running Lyra stack found: start one with `lyra up -c CONFIG` "
+                                 "(or pass an endpoint / set LYRA_ENDPOINT)", code="not_running") from None
+
+
+def _image_bytes(image: Any) -> bytes | None:
+    """Accept a path, raw bytes, or a PIL image."""
+    if image is None or isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    if hasattr(image, "save"):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"image must be a path, bytes or a PIL image, not {type(image).__name__}")
+
+
+def build_request(text: str | None = None, messages: list[dict[str, str]] | None = None, image: Any = None,
+                  specialist: str | None = None, **options: Any) -> ChatRequest:
+    """A validated ChatRequest from friendly arguments."""
+    turns = [ChatTurn(**m) for m in messages] if messages else None
+    return ChatRequest(text=text, messages=turns, image=_image_bytes(image), specialist=specialist,
+                       options=GenerationOptions(**options))
+
+
+class Client:
+    """Blocking client; one request at a time per instance (use one instance per thread)."""
+
+    def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_message_mb: float = 64.0) -> None:
+        self.endpoint = endpoint or find_stack()["client_endpoint"]
+        self.timeout_s = timeout_s
+        self.ctx = transport.new_context()
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024))
+
+    def close(self) -> None:
+        """Close the socket and context (never blocks)."""
+        self.sock.close()
+        self.ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _events(self, request: Message, timeout_s: float | None) -> Iterator[Message]:
+        """Send `request` and yield every message answering it, until a terminal one or the timeout."""
+        limit = timeout_s if timeout_s is not None else self.timeout_s
+        deadline = time.monotonic() + limit
+        transport.send(self.sock, request)
+        while True:
+            left = deadline - time.monotonic()
+            got = transport.recv_timeout(self.sock, left) if left > 0 else None
+            if got is None:
+                if isinstance(request, ChatRequest):
+                    transport.send(self.sock, CancelRequest(parent_id=request.id))
+                raise ClientTimeoutError(f"no answer from the coordinator at {self.endpoint} within {limit:g} s; "
+                                         "is the stack up? (`lyra status`)", code="client_timeout")
+            if got.error is not None:
+                raise InvalidRequestError(f"unreadable message from the coordinator: {got.error.message}",
+                                          code=got.error.code.value)
+            msg = got.message
+            if msg is None or msg.parent_id != request.id:
+                continue  # a late event of an earlier request
+            yield msg
+            if isinstance(msg, TERMINAL_TYPES) or isinstance(msg, StatusReply):
+                return
+
+    def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
+               specialist: str | None = None, timeout_s: float | None = None, **options: Any) -> Iterator[Message]:
+        """Yield every event of one chat request; the last is a DoneEvent; errors are raised."""
+        request = build_request(text, messages, image, specialist, **options)
+        completed = False
+        try:
+            for event in self._events(request, timeout_s):
+                if isinstance(event, ErrorEvent):
+                    completed = True
+                    raise error_from_event(event)
+                completed = isinstance(event, DoneEvent)
+                yield event
+        finally:
+            if not completed:  # the caller stopped early: free the pipeline for others
+                transport.send(self.sock, CancelRequest(parent_id=request.id))
+
+    def chat(self, text: str | None = None, **kwargs: Any) -> DoneEvent:
+        """Run one chat request and return its DoneEvent (answer, route, timings, VRAM, image)."""
+        done = None
+        for event in self.stream(text, **kwargs):
+            if isinstance(event, DoneEvent):
+                done = event
+        assert done is not None
+        return done
+
+    def status(self, timeout_s: float = 5.0) -> StatusReply:
+        """The coordinator's view of the stack."""
+        for reply in self._events(StatusRequest(), timeout_s):
+            if isinstance(reply, ErrorEvent):
+                raise error_from_event(reply)
+            assert isinstance(reply, StatusReply)
+            return reply
+        raise ClientTimeoutError("no status reply", code="client_timeout")
+
+
+class AsyncClient:
+    """asyncio twin of Client: `await chat(...)`, `async for event in stream(...)`."""
+
+    def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        # zmq sockets must stay on one thread: the blocking client lives on a private one-thread executor.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyra-client")
+        self._client = self._executor.submit(Client, endpoint, timeout_s).result()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def stream(self, text: str | None = None, **kwargs: Any) -> AsyncIterator[Message]:
+        """Yield every event of one chat request; errors are raised as LyraError subclasses."""
+        events = await self._run(lambda: self._client.stream(text, **kwargs))
+        done = object()
+        try:
+            while (event := await self._run(next, events, done)) is not done:
+                yield event
+        finally:
+            await self._run(events.close)
+
+    async def chat(self, text: str | None = None, **kwargs: Any) -> DoneEvent:
+        """Run one chat request and return its DoneEvent."""
+        return await self._run(lambda: self._client.chat(text, **kwargs))
+
+    async def status(self) -> StatusReply:
+        """The coordinator's view of the stack."""
+        return await self._run(self._client.status)
+
+    async def close(self) -> None:
+        """Close the underlying client and its thread."""
+        await self._run(self._client.close)
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,59 @@
+"""Process entry points shared by every service: arguments, logging, config, and the worker run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from shared.backends.base import LoadContext
+from shared.config import ConfigError, LyraConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(service: str) -> None:
+    """One line per record, greppable by service and request id."""
+    level = os.environ.get("LYRA_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def config_from_args(service: str, argv: list[str] | None = None) -> LyraConfig:
+    """Parse `--config` (default: $LYRA_CONFIG) and load it, exiting with one clear line on error."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
+    parser.add_argument("--config", "-c", default=os.environ.get("LYRA_CONFIG", ""), help="TOML config file")
+    args = parser.parse_args(argv)
+    setup_logging(service)
+    if not args.config:
+        parser.error("no config: pass --config or set LYRA_CONFIG")
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(2) from None
+
+
+def physical_gpus(config: LyraConfig, service: str) -> list[int]:
+    """The GPUs this process is pinned to; CUDA_VISIBLE_DEVICES (set by supervisord) wins over the config."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return config.gpus_of(service)
+    return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+
+
+def run_worker(service: str, make_worker: Callable[[LoadContext], object], argv: list[str] | None = None) -> int:
+    """Load the config, build the service's Worker and serve until SIGTERM."""
+    from shared.service import ServiceLoop, Worker
+
+    config = config_from_args(service, argv)
+    context = LoadContext(service=service, physical_gpus=physical_gpus(config, service), config=config)
+    log.info("starting %s (pid %d, GPUs %s, config %s)", service, os.getpid(),
+             context.physical_gpus or "none", config.source)
+    worker = make_worker(context)
+    assert isinstance(worker, Worker)
+    return ServiceLoop(worker, config).run()

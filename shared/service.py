@@ -1,0 +1,262 @@
+"""The worker loop every model service runs: register, poll, dispatch, heartbeat, drain on SIGTERM.
+
+The main thread owns the socket (zmq sockets are not thread-safe). Calls run one at a time on a job
+thread, so heartbeats keep flowing during a long load or generation and a cancel can reach a running
+call. A call that ignores its cancel for `cancel_grace_s` makes the process exit, so supervisord
+restarts it instead of leaving a wedged model behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from shared import transport
+from shared.backends.base import BackendError, Cancelled, WireGarbage
+from shared.config import LyraConfig
+from shared.messages import (
+    CancelCallRequest,
+    ErrorCode,
+    ErrorEvent,
+    HeartbeatEvent,
+    MemoryReading,
+    Message,
+    RegisterReply,
+    RegisterRequest,
+    WorkerError,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05
+GARBAGE = b"\xc1\xff not msgpack \x00"
+REGISTER_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    """Bytes a handler wants sent as they are (the fake backend's `garbage` switch)."""
+
+    data: bytes
+
+
+@dataclass
+class Call:
+    """One request being served: the message and its cancel flag."""
+
+    message: Message
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_at: float | None = None
+
+
+Handler = Callable[[Message, threading.Event], Iterator[Message | RawFrame]]
+
+
+class Worker:
+    """What a worker service plugs into the loop: its handlers and what it reports about itself."""
+
+    service: str = ""
+    backend: str = ""
+
+    def handlers(self) -> dict[type[Message], Handler]:
+        """Request type -> handler; a handler yields stream events and ends with its reply."""
+        raise NotImplementedError
+
+    def capabilities(self) -> list[str]:
+        """Model names this worker can serve."""
+        raise NotImplementedError
+
+    def resident(self) -> list[str]:
+        """Model names currently loaded."""
+        raise NotImplementedError
+
+    def memory(self) -> list[MemoryReading]:
+        """Measured memory right now."""
+        return []
+
+    def placement(self) -> dict[str, str]:
+        """Resolved placement of each resident model."""
+        return {}
+
+    def startup(self) -> None:
+        """Load always-resident models before registering (router, voice)."""
+
+
+class ServiceLoop:
+    """Runs one Worker against the coordinator until SIGTERM."""
+
+    def __init__(self, worker: Worker, config: LyraConfig) -> None:
+        self.worker = worker
+        self.config = config
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.table = worker.handlers()
+        self.jobs: queue.Queue[Call | None] = queue.Queue()
+        self.outbox: queue.Queue[Message | RawFrame] = queue.Queue()
+        self.current: Call | None = None
+        self.stopping = threading.Event()
+        self.registered = False
+
+    # ------------------------------------------------------------ job thread
+
+    def _job_thread(self) -> None:
+        while True:
+            call = self.jobs.get()
+            if call is None:
+                return
+            self.current = call
+            try:
+                self._serve(call)
+            finally:
+                self.current = None
+
+    def _serve(self, call: Call) -> None:
+        msg = call.message
+        handler = self.table[type(msg)]
+        started = time.perf_counter()
+        try:
+            for item in handler(msg, call.cancel):
+                self.outbox.put(item)
+        except WireGarbage:
+            log.warning("call %s: sending garbage on purpose (fake misbehaviour)", msg.id)
+            self.outbox.put(RawFrame(GARBAGE))
+        except Cancelled:
+            self._error(msg, ErrorCode.cancelled, "the call was cancelled")
+        except BackendError as exc:
+            log.error("call %s (%s) failed: %s", msg.id, msg.type, exc)  # type: ignore[attr-defined]
+            self._error(msg, ErrorCode.worker_error, str(exc))
+        except Exception as exc:  # a bug in a handler must not take the worker down
+            log.error("call %s crashed:\n%s", msg.id, traceback.format_exc())
+            self._error(msg, ErrorCode.internal, f"{type(exc).__name__}: {exc} (see the {self.worker.service} log)")
+        log.info("call %s %s done in %.3fs", msg.id, msg.type, time.perf_counter() - started)  # type: ignore[attr-defined]
+
+    def _error(self, msg: Message, code: ErrorCode, text: str) -> None:
+        self.outbox.put(WorkerError(parent_id=msg.id, code=code, message=text, service=self.worker.service))
+
+    # ------------------------------------------------------------ main thread
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit status."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        self.worker.startup()
+        ctx = transport.new_context()
+        sock = transport.connect_dealer(
+            ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.worker.service
+        )
+        threading.Thread(target=self._job_thread, name="job", daemon=True).start()
+        try:
+            return self._loop(sock)
+        finally:
+            sock.close()
+            ctx.term()
+
+    def _loop(self, sock: transport.Endpoint) -> int:
+        interval = self.config.runtime.heartbeat_interval_s
+        next_beat = next_register = 0.0
+        drain_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.stopping.is_set() and drain_until is None:
+                log.info("SIGTERM: draining (up to %.1fs)", self.config.runtime.drain_s)
+                drain_until = now + self.config.runtime.drain_s
+            if drain_until is not None and (self._idle() or now > drain_until):
+                self._flush(sock)
+                self.jobs.put(None)
+                return 0
+            if not self.registered and now >= next_register:
+                transport.send(sock, self._registration())
+                next_register = now + REGISTER_RETRY_S
+            if self.registered and now >= next_beat:
+                transport.send(sock, self._heartbeat())
+                next_beat = now + interval
+            self._watchdog(now)
+            self._flush(sock)
+            if transport.poll([sock], POLL_S):
+                while transport.poll([sock], 0):
+                    self._incoming(sock, transport.recv(sock))
+
+    def _idle(self) -> bool:
+        return self.current is None and self.jobs.empty() and self.outbox.empty()
+
+    def _flush(self, sock: transport.Endpoint) -> None:
+        while True:
+            try:
+                item = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, RawFrame):
+                transport.send_raw(sock, item.data)
+            elif not transport.send(sock, item):
+                log.warning("could not send %s to the coordinator (queue full)", item.type)  # type: ignore[attr-defined]
+
+    def _watchdog(self, now: float) -> None:
+        call = self.current
+        if call is not None and call.cancel_at is not None and now - call.cancel_at > self.config.runtime.cancel_grace_s:
+            log.critical("call %s ignored its cancel for %.1fs; exiting so the supervisor restarts this worker",
+                         call.message.id, self.config.runtime.cancel_grace_s)
+            os._exit(3)
+
+    def _incoming(self, sock: transport.Endpoint, got: transport.Received) -> None:
+        if got.error is not None:
+            log.warning("malformed message from the coordinator: %s", got.error.message)
+            transport.send(sock, WorkerError(parent_id=got.error.msg_id, code=got.error.code,
+                                             message=got.error.message, service=self.worker.service))
+            return
+        msg = got.message
+        assert msg is not None
+        if isinstance(msg, RegisterReply):
+            self.registered = True
+            log.info("registered with the coordinator (instance %s)", self.instance)
+        elif isinstance(msg, ErrorEvent):
+            self._coordinator_error(msg)
+        elif isinstance(msg, CancelCallRequest):
+            self._cancel(msg.parent_id)
+        elif type(msg) in self.table:
+            if self.stopping.is_set():
+                transport.send(sock, WorkerError(parent_id=msg.id, code=ErrorCode.shutting_down,
+                                                 message=f"{self.worker.service} is shutting down",
+                                                 service=self.worker.service))
+            else:
+                self.jobs.put(Call(msg))
+        else:
+            log.warning("unexpected %s from the coordinator", msg.type)  # type: ignore[attr-defined]
+            transport.send(sock, WorkerError(parent_id=msg.id, code=ErrorCode.unknown_type,
+                                             message=f"{self.worker.service} does not handle {msg.type}",  # type: ignore[attr-defined]
+                                             service=self.worker.service))
+
+    def _coordinator_error(self, msg: ErrorEvent) -> None:
+        if msg.code == ErrorCode.worker_missing:
+            log.info("the coordinator does not know this worker (it restarted?): registering again")
+            self.registered = False
+        elif msg.code == ErrorCode.schema_version:
+            log.critical("the coordinator refused this worker: %s", msg.message)
+            os._exit(2)
+        else:
+            log.warning("coordinator error %s: %s", msg.code.value, msg.message)
+
+    def _cancel(self, call_id: str | None) -> None:
+        call = self.current
+        if call is not None and call.message.id == call_id:
+            call.cancel.set()
+            call.cancel_at = time.monotonic()
+            log.info("cancelling call %s", call_id)
+
+    def _registration(self) -> RegisterRequest:
+        return RegisterRequest(
+            service=self.worker.service, pid=os.getpid(), instance=self.instance, backend=self.worker.backend,
+            capabilities=self.worker.capabilities(), resident=self.worker.resident(),
+            memory=self.worker.memory(), placement=self.worker.placement(),
+        )
+
+    def _heartbeat(self) -> HeartbeatEvent:
+        call = self.current
+        return HeartbeatEvent(instance=self.instance, resident=self.worker.resident(),
+                              busy_with=call.message.id if call else None, memory=self.worker.memory())

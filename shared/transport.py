@@ -1,0 +1,268 @@
+"""The only module that imports zmq and msgpack: sockets, framing, encode and decode.
+
+Frames are msgpack maps validated against `shared.messages`. Anything that is not a valid message becomes
+a `WireError` carrying an `ErrorCode`; receiving never raises anything else, so a loop that calls
+`recv_*` cannot be taken down by a peer's bytes. Pickle is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+from pydantic import ValidationError
+
+from shared.messages import MESSAGE_ADAPTER, MESSAGE_TYPES, SCHEMA_MAJOR, ErrorCode, Message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+# zmq drops the connection of a peer whose frame exceeds MAXMSGSIZE. We set it well above the
+# application limit so a merely-too-large frame still arrives and gets a typed `too_large` reply,
+# while an absurd one cannot exhaust memory.
+HARD_LIMIT_FACTOR = 4
+
+
+class WireError(Exception):
+    """A frame that is not a valid message; `code` says which way it is wrong."""
+
+    def __init__(self, code: ErrorCode, message: str, msg_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.msg_id = msg_id  # the offending message's id, when it could be read
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"cannot put {type(value).__name__} on the wire")
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to a msgpack map (bytes stay binary)."""
+    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True, default=_default)
+
+
+def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Parse and validate one frame; raise WireError for anything else."""
+    if len(frame) > max_bytes:
+        raise WireError(ErrorCode.too_large, f"message of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(ErrorCode.bad_message, f"not a msgpack message ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise WireError(ErrorCode.bad_message, f"a message must be a msgpack map, got {type(raw).__name__}")
+    msg_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    kind = raw.get("type")
+    if kind not in MESSAGE_TYPES:
+        raise WireError(ErrorCode.unknown_type, f"unknown message type {kind!r}", msg_id)
+    version = raw.get("v", "")
+    if not isinstance(version, str) or version.split(".")[0] != str(SCHEMA_MAJOR):
+        raise WireError(
+            ErrorCode.schema_version,
+            f"schema version {version!r} is not supported; this process speaks {SCHEMA_MAJOR}.x",
+            msg_id,
+        )
+    try:
+        return MESSAGE_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "(message)"
+        raise WireError(ErrorCode.bad_message, f"invalid {kind}: {where}: {first['msg']}", msg_id) from None
+
+
+# ---------------------------------------------------------------- sockets
+
+
+def prepare_endpoint(endpoint: str) -> None:
+    """Create the private directory of an ipc:// endpoint (mode 0700) and remove a stale socket file."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = Path(endpoint[len("ipc://"):])
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, stat.S_IRWXU)
+    if path.exists():
+        path.unlink()
+
+
+@dataclass
+class Endpoint:
+    """A socket plus the limits it enforces."""
+
+    socket: zmq.Socket
+    max_bytes: int
+
+    def close(self) -> None:
+        """Close without lingering: unsent messages to a dead peer must never block exit."""
+        self.socket.close(linger=0)
+
+
+def _configure(sock: zmq.Socket, max_bytes: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes * HARD_LIMIT_FACTOR)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+
+
+def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int) -> Endpoint:
+    """A ROUTER socket bound at `endpoint` (coordinator side)."""
+    sock = ctx.socket(zmq.ROUTER)
+    _configure(sock, max_bytes)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its name back
+    prepare_endpoint(endpoint)
+    sock.bind(endpoint)
+    return Endpoint(sock, max_bytes)
+
+
+def connect_dealer(ctx: zmq.Context, endpoint: str, max_bytes: int, identity: str | None = None) -> Endpoint:
+    """A DEALER socket connected to `endpoint` (worker or client side)."""
+    sock = ctx.socket(zmq.DEALER)
+    _configure(sock, max_bytes)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(endpoint)
+    return Endpoint(sock, max_bytes)
+
+
+def send(endpoint: Endpoint, message: Message, peer: bytes | None = None) -> bool:
+    """Send a message (to `peer` on a ROUTER). False when the peer is gone or the socket is full."""
+    frames = [encode(message)] if peer is None else [peer, encode(message)]
+    try:
+        endpoint.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        return True
+    except zmq.ZMQError as exc:
+        if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            return False
+        raise
+
+
+def send_raw(endpoint: Endpoint, frame: bytes, peer: bytes | None = None) -> None:
+    """Send arbitrary bytes (tests and the fake backend's `garbage` switch use this)."""
+    endpoint.socket.send_multipart([frame] if peer is None else [peer, frame], flags=zmq.NOBLOCK)
+
+
+@dataclass
+class Received:
+    """One incoming frame: who sent it, and the message or the reason it is not one."""
+
+    peer: bytes | None
+    message: Message | None
+    error: WireError | None
+
+
+def recv(endpoint: Endpoint, router: bool = False) -> Received:
+    """Receive one already-available frame without blocking; never raises for bad content."""
+    frames = endpoint.socket.recv_multipart(flags=zmq.NOBLOCK)
+    peer = frames[0] if router else None
+    body = frames[1:] if router else frames
+    if len(body) != 1:
+        return Received(peer, None, WireError(ErrorCode.bad_message, f"expected one frame, got {len(body)}"))
+    try:
+        return Received(peer, decode(body[0], endpoint.max_bytes), None)
+    except WireError as exc:
+        return Received(peer, None, exc)
+
+
+def poll(endpoints: list[Endpoint], timeout_s: float) -> list[Endpoint]:
+    """Wait up to `timeout_s` for any endpoint to become readable; return the readable ones."""
+    poller = zmq.Poller()
+    for ep in endpoints:
+        poller.register(ep.socket, zmq.POLLIN)
+    ready = dict(poller.poll(max(0, int(timeout_s * 1000))))
+    return [ep for ep in endpoints if ep.socket in ready]
+
+
+def recv_timeout(endpoint: Endpoint, timeout_s: float) -> Received | None:
+    """Receive one frame, waiting at most `timeout_s`; None on timeout."""
+    if not poll([endpoint], timeout_s):
+        return None
+    return recv(endpoint)
+
+
+def new_context() -> zmq.Context:
+    """A fresh zmq context (one per process or per client)."""
+    return zmq.Context()
+
+
+def raw_roundtrip_benchmark(n: int, payload: bytes) -> list[float]:
+    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo over ipc, for bench comparisons."""
+    import tempfile
+    import threading
+    import time
+
+    ctx = zmq.Context()
+    path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
+    server = ctx.socket(zmq.ROUTER)
+    server.bind(path)
+    client = ctx.socket(zmq.DEALER)
+    client.connect(path)
+
+    def echo() -> None:
+        for _ in range(n):
+            server.send_multipart(server.recv_multipart())
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        client.send(msgpack.packb({"type": "x", "p": payload}))
+        msgpack.unpackb(client.recv())
+        times.append(time.perf_counter() - start)
+    thread.join(5)
+    client.close(0)
+    server.close(0)
+    ctx.term()
+    return times
+
+
+# ---------------------------------------------------------------- in-process hand-off between threads
+
+
+def bind_handoff(ctx: zmq.Context, address: str) -> Endpoint:
+    """The receiving end of an inproc queue another thread pushes frames into."""
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    return Endpoint(sock, DEFAULT_MAX_BYTES)
+
+
+def connect_handoff(ctx: zmq.Context, address: str) -> Endpoint:
+    """The sending end of an inproc hand-off (one per thread: zmq sockets are not thread-safe)."""
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return Endpoint(sock, DEFAULT_MAX_BYTES)
+
+
+def send_frames(endpoint: Endpoint, frames: list[bytes]) -> None:
+    """Push raw frames into a hand-off (blocks only if the other thread is thousands behind)."""
+    endpoint.socket.send_multipart(frames)
+
+
+def recv_frames(endpoint: Endpoint) -> list[bytes]:
+    """Take one already-available multipart message off a hand-off."""
+    return endpoint.socket.recv_multipart(flags=zmq.NOBLOCK)
+
+
+def send_encoded(endpoint: Endpoint, payload: bytes, peer: bytes) -> bool:
+    """Send an already-encoded message to a ROUTER peer; False when the peer is gone."""
+    try:
+        endpoint.socket.send_multipart([peer, payload], flags=zmq.NOBLOCK)
+        return True
+    except zmq.ZMQError as exc:
+        if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            return False
+        raise
