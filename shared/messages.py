@@ -148,6 +148,7 @@ class AcceptedEvent(Message):
     type: Literal["accepted_event"] = "accepted_event"
     position: int  # 0 = runs next (or now)
     queue_depth: int
+    ticket: int | None = None  # acceptance order, increasing; requests run in ticket order (FIFO)
 
 
 class StageStartedEvent(Message):
@@ -205,6 +206,7 @@ class DoneEvent(Message):
     timings: dict[str, float]  # seconds per stage, plus "queue" and "total"
     vram: list[GpuSnapshot] = []
     image: ImagePayload | None = None
+    ticket: int | None = None  # the AcceptedEvent's ticket
 
 
 class ErrorEvent(Message):

@@ -74,14 +74,15 @@ class ClientHandlers:
         if self.queue.find(msg.id):
             return [ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
                                message=f"request id {msg.id} is already queued")]
+        job = Job(request=msg, peer=peer)
         try:
-            position = self.queue.offer(Job(request=msg, peer=peer))
+            position = self.queue.offer(job)
         except QueueFull:
             depth = self.queue.depth()
             return [ErrorEvent(parent_id=msg.id, code=ErrorCode.busy, queue_depth=depth,
                                message=f"busy: {depth} requests are already waiting; retry later")]
-        log.info("request %s accepted at position %d", msg.id, position)
-        return [AcceptedEvent(parent_id=msg.id, position=position, queue_depth=self.queue.depth())]
+        log.info("request %s accepted at position %d (ticket %d)", msg.id, position, job.ticket)
+        return [AcceptedEvent(parent_id=msg.id, position=position, queue_depth=self.queue.depth(), ticket=job.ticket)]
 
     def cancel(self, msg: Message, peer: bytes, stopping: bool) -> list[Message]:
         target = msg.parent_id or ""

@@ -93,7 +93,8 @@ class Pipeline:
             return
         timings["total"] = round(time.monotonic() - started + timings["queue"], 6)
         self.counters.bump("completed")
-        self.emit(job, done.model_copy(update={"timings": timings, "vram": self.ledger.snapshot()}))
+        self.emit(job, done.model_copy(update={"timings": timings, "vram": self.ledger.snapshot(),
+                                                 "ticket": job.ticket}))
 
     # ------------------------------------------------------------ stages
 
@@ -191,6 +192,7 @@ class Pipeline:
             log.warning("estimate off by more than 10%%: %s", warning)
         with self.registry.lock:
             self.registry.workers[service].resident = list(reply.resident)
+            self.registry.workers[service].placement = dict(reply.placement)
         self.counters.bump("swaps")
         timings["load"] = round(time.monotonic() - begun, 6)
         self.emit(job, StageFinishedEvent(parent_id=job.id, stage="load", service=service,

@@ -19,6 +19,7 @@ class Job:
     accepted_at: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
+    ticket: int = 0
 
     @property
     def id(self) -> str:
@@ -43,6 +44,7 @@ class RequestQueue:
         self.waiting: deque[Job] = deque()
         self.running: Job | None = None
         self.closed = False
+        self.tickets = 0
         self.cond = threading.Condition()
 
     def offer(self, job: Job) -> int:
@@ -50,6 +52,8 @@ class RequestQueue:
         with self.cond:
             if len(self.waiting) >= self.size:
                 raise QueueFull()
+            self.tickets += 1
+            job.ticket = self.tickets
             self.waiting.append(job)
             self.cond.notify_all()
             return len(self.waiting) - 1 + (1 if self.running else 0)

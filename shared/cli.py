@@ -1,0 +1,185 @@
+"""`lyra`: start, inspect, talk to and stop a Lyra Runtime stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from shared import stack
+from shared.client import Client, LyraError, find_stack
+from shared.config import ConfigError, load_config
+from shared.messages import DoneEvent, ImageEvent, RouteEvent, StageFinishedEvent, StageStartedEvent, StatusReply, TokenEvent
+
+GB = 1024**3
+
+
+def _gb(value: int | None) -> str:
+    return "-" if value is None else f"{value / GB:.2f}"
+
+
+def render_status(status: StatusReply) -> str:
+    """A human table of services, GPUs and the queue."""
+    lines = [f"coordinator: {status.client_endpoint}   queue: {status.queue_depth} waiting"
+             f"{', running ' + status.running if status.running else ''}",
+             f"{'service':<16}{'state':<9}{'pid':>8}  {'backend':<13}{'resident':<28}placement"]
+    for s in status.services:
+        placement = ", ".join(f"{k}={v}" for k, v in s.placement.items()) or "-"
+        lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<13}"
+                     f"{', '.join(s.resident) or '-':<28}{placement}")
+    if status.gpus:
+        lines.append(f"{'gpu':<6}{'budget GB':>10}{'estimated':>11}{'measured':>10}  resident")
+        for g in status.gpus:
+            lines.append(f"{g.gpu:<6}{_gb(g.budget_bytes):>10}{_gb(g.estimated_bytes):>11}{_gb(g.measured_bytes):>10}"
+                         f"  {', '.join(g.resident) or '-'}")
+    if status.counters:
+        lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in status.counters.items()))
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"starting Lyra Runtime with {config.source} (logs in {config.run_dir() / 'logs'})", flush=True)
+    status = stack.up(config, args.timeout, lambda line: print(f"  {line}", flush=True))
+    print(render_status(status))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    print("stopped" if stack.down(args.timeout) else "no stack was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.endpoint) as client:
+        status = client.status(timeout_s=args.timeout)
+    print(status.model_dump_json(indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run_dir = Path(find_stack().get("run_dir", "")) if not args.run_dir else Path(args.run_dir)
+    log = run_dir / "logs" / f"{args.service}.log"
+    if not log.exists():
+        print(f"no log at {log}", file=sys.stderr)
+        return 1
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(lines[-args.lines:]))
+    if args.follow:
+        with log.open(errors="replace") as fh:
+            fh.seek(0, 2)
+            while True:
+                line = fh.readline()
+                if line:
+                    print(line, end="", flush=True)
+                else:
+                    time.sleep(0.2)
+    return 0
+
+
+def print_summary(done: DoneEvent) -> None:
+    """Route, scores and timings after an answer."""
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
+    print(f"route: {done.specialist}{' (forced)' if done.forced else ''}   scores: {scores}")
+    order = ("queue", "route", "load", "specialist", "voice", "total")
+    print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    options = {k: v for k, v in options.items() if v is not None}
+    done = None
+    with Client(args.endpoint, timeout_s=args.timeout) as client:
+        for event in client.stream(args.text, image=args.image, specialist=args.specialist, **options):
+            if args.json:
+                done = event if isinstance(event, DoneEvent) else done
+                continue
+            if isinstance(event, TokenEvent) and event.stage == "voice":
+                print(event.text, end="", flush=True)
+            elif isinstance(event, RouteEvent) and args.verbose:
+                print(f"[route -> {event.specialist}]", file=sys.stderr)
+            elif isinstance(event, (StageStartedEvent, StageFinishedEvent)) and args.verbose:
+                print(f"[{event.type.removesuffix('_event')} {event.stage}]", file=sys.stderr)
+            elif isinstance(event, ImageEvent) and args.out:
+                print(f"[image: {save_image(event, args.out)}]", file=sys.stderr)
+            elif isinstance(event, DoneEvent):
+                done = event
+    assert done is not None
+    if args.json:
+        payload = done.model_dump(mode="json", exclude={"image"})
+        if done.image is not None and args.out:
+            payload["image_path"] = str(save_image(ImageEvent(image=done.image), args.out))
+        print(json.dumps(payload, indent=2))
+    else:
+        print()
+        print_summary(done)
+    return 0
+
+
+def save_image(event: ImageEvent, out_dir: str) -> Path:
+    """Write an image event to `out_dir` and return the path."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = {"image/png": ".png", "image/jpeg": ".jpg"}.get(event.image.mime, ".bin")
+    path = folder / f"lyra-{event.parent_id or event.id}{suffix}"
+    path.write_bytes(event.image.data)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lyra` argument parser."""
+    parser = argparse.ArgumentParser(prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start the stack under supervisord and wait until every service registered")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness (model loads)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop every service")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="services, resident models, per-GPU ledger, queue")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--endpoint")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("chat", help="send one turn; streams the answer")
+    p.add_argument("text")
+    p.add_argument("--specialist", help="force a specialist (skips the router)")
+    p.add_argument("--image", help="attach an image file")
+    p.add_argument("--out", help="directory to save a generated image in")
+    p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--endpoint")
+    p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("logs", help="print a service's log")
+    p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice"])
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--run-dir")
+    p.set_defaults(func=cmd_logs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, stack.StackError) as exc:
+        print(f"lyra: {exc}", file=sys.stderr)
+        return 2
+    except LyraError as exc:
+        print(f"lyra: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""The VRAM plan: does a configuration fit its GPUs, and if not, what would.
+
+Per physical GPU the persistent baseline is the router's share, the voice's share and one CUDA context
+per worker process pinned to that GPU. Each specialist is checked alone on top of that baseline (the
+specialist host keeps one resident at a time). For every specialist that does not fit, candidate changes
+(quantize a model to int8 or 4-bit, halve a context, move a service to another GPU, rebalance the voice's
+split) are combined cheapest first, and each one offered is verified by rebuilding the changed
+configuration through `parse_config` and re-running the same arithmetic. No GPU and no weights needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from shared.config import LyraConfig, ModelEntry, parse_config
+from shared.vram.estimate import GB, GpuSplit, MemoryEstimate, cuda_context_bytes, estimate_model, split_across_gpus
+from shared.vram.search import Alternative, search_alternatives
+
+SERVICE_OF_ROLE = {"router": "router", "voice": "voice", "specialist": "specialist_host"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One model's estimate and where its bytes land."""
+
+    role: str  # "router" | "voice" | "specialist"
+    name: str
+    estimate: MemoryEstimate
+    split: GpuSplit
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """One physical GPU: its budget and what stays resident on it."""
+
+    index: int
+    name: str
+    budget: int
+    contexts: int  # CUDA context reserve of every process pinned here
+    processes: tuple[str, ...]
+    router: int
+    voice: int
+
+    @property
+    def baseline(self) -> int:
+        """Bytes resident whatever specialist is loaded."""
+        return self.contexts + self.router + self.voice
+
+    @property
+    def free(self) -> int:
+        """Bytes left for a specialist (negative when the baseline alone does not fit)."""
+        return self.budget - self.baseline
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one specialist fits next to the baseline, and what would make it fit."""
+
+    specialist: str
+    fits: bool
+    peak: dict[int, int]  # baseline + this specialist, per GPU
+    shortfall: int  # bytes over budget on the worst GPU, or weights spilled off the GPUs (0 when it fits)
+    reasons: tuple[str, ...]
+    alternatives: tuple[Alternative, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole verdict for one configuration."""
+
+    source: str
+    gpus: tuple[GpuBudget, ...]
+    placements: tuple[Placement, ...]
+    verdicts: tuple[Verdict, ...]
+    problems: tuple[str, ...]  # what breaks the baseline itself (router, voice)
+
+    @property
+    def ok(self) -> bool:
+        """True when the baseline and every specialist fit."""
+        return not self.problems and all(v.fits for v in self.verdicts)
+
+    def to_json(self) -> str:
+        """The plan as JSON (bytes as integers)."""
+        body = asdict(self)
+        body["ok"] = self.ok
+        for gpu, raw in zip(self.gpus, body["gpus"], strict=True):
+            raw.update(baseline=gpu.baseline, free=gpu.free)
+        for placement, raw in zip(self.placements, body["placements"], strict=True):
+            raw["estimate"]["total"] = placement.estimate.total
+        return json.dumps(body, indent=2, default=str)
+
+
+# ----------------------------------------------------------------------------- assessment
+
+
+@lru_cache(maxsize=512)
+def _estimate(entry_json: str) -> MemoryEstimate:
+    return estimate_model(ModelEntry.model_validate_json(entry_json))
+
+
+def estimate_cached(entry: ModelEntry) -> MemoryEstimate:
+    """`estimate_model`, memoised on the entry's full content."""
+    return _estimate(entry.model_dump_json())
+
+
+def _place(role: str, entry: ModelEntry, config: LyraConfig, taken: dict[int, int]) -> Placement:
+    """Estimate and split one model; accelerate's default max_memory is what is free when it loads."""
+    gpus = config.gpus_of(SERVICE_OF_ROLE[role])
+    budgets = {g.index: int(g.budget_gb * GB) for g in config.gpus}
+    free = {gpu: budgets.get(gpu, 0) - taken.get(gpu, 0) for gpu in gpus}
+    estimate = estimate_cached(entry)
+    return Placement(role, entry.name, estimate,
+                     split_across_gpus(estimate, gpus, entry.device_map, entry.max_memory, free))
+
+
+def _add(total: dict[int, int], split: GpuSplit) -> dict[int, int]:
+    return {gpu: total.get(gpu, 0) + split.per_gpu.get(gpu, 0) for gpu in total.keys() | split.per_gpu.keys()}
+
+
+def _baseline(config: LyraConfig) -> tuple[tuple[GpuBudget, ...], Placement, Placement]:
+    contexts = cuda_context_bytes(config)
+    router = _place("router", config.router, config, contexts)
+    voice = _place("voice", config.voice, config, _add(contexts, router.split))
+    gpus = tuple(
+        GpuBudget(g.index, g.name, int(g.budget_gb * GB), contexts.get(g.index, 0),
+                  tuple(s for s in ("router", "specialist_host", "voice") if g.index in config.gpus_of(s)),
+                  router.split.per_gpu.get(g.index, 0), voice.split.per_gpu.get(g.index, 0))
+        for g in config.gpus
+    )
+    return gpus, router, voice
+
+
+def _baseline_problems(gpus: tuple[GpuBudget, ...], router: Placement, voice: Placement) -> list[str]:
+    problems = [f"{p.name}: {note}" for p in (router, voice) for note in p.split.notes if p.split.spilled]
+    for gpu in gpus:
+        if gpu.free < 0:
+            problems.append(
+                f"GPU {gpu.index}: baseline {_gb(gpu.baseline)} (router {_gb(gpu.router)} + voice {_gb(gpu.voice)}"
+                f" + {len(gpu.processes)} CUDA contexts {_gb(gpu.contexts)}) exceeds its budget {_gb(gpu.budget)}"
+                f" by {_gb(-gpu.free)}"
+            )
+    return problems
+
+
+def _verdict(gpus: tuple[GpuBudget, ...], spec: Placement, baseline_spill: int) -> Verdict:
+    peak = {gpu.index: gpu.baseline + spec.split.per_gpu.get(gpu.index, 0) for gpu in gpus}
+    over = {gpu.index: peak[gpu.index] - gpu.budget for gpu in gpus if peak[gpu.index] > gpu.budget}
+    reasons = [
+        f"GPU {gpu.index}: needs {_gb(peak[gpu.index])} (baseline {_gb(gpu.baseline)} + {spec.name} "
+        f"{_gb(spec.split.per_gpu.get(gpu.index, 0))}) > budget {_gb(gpu.budget)}, short by {_gb(over[gpu.index])}"
+        for gpu in gpus if gpu.index in over
+    ]
+    reasons += [f"{spec.name}: {note}" for note in spec.split.notes if spec.split.spilled]
+    if not spec.split.per_gpu and not spec.split.spilled and spec.estimate.total:
+        reasons.append(f"{spec.name}: the specialist host has no GPU")
+    if reasons:
+        reasons += [f"{spec.name}: {note}" for note in spec.estimate.notes if "stay 16-bit" in note]
+    spill = spec.split.spilled + baseline_spill
+    shortfall = max([*over.values(), spill, 0])
+    return Verdict(spec.name, not reasons and not baseline_spill, peak, shortfall, tuple(reasons))
+
+
+def assess(config: LyraConfig) -> Plan:
+    """The plan without alternatives: estimates, per-GPU baseline and one verdict per specialist."""
+    gpus, router, voice = _baseline(config)
+    problems = _baseline_problems(gpus, router, voice)
+    taken = {gpu.index: gpu.baseline for gpu in gpus}
+    specialists = [_place("specialist", entry, config, taken) for entry in config.specialists.values()]
+    spill = router.split.spilled + voice.split.spilled
+    verdicts = tuple(_verdict(gpus, spec, spill) for spec in specialists)
+    return Plan(config.source, gpus, (router, voice, *specialists), verdicts, tuple(problems))
+
+
+def specialist_fits(config: LyraConfig, specialist: str) -> tuple[bool, int]:
+    """(fits, least spare bytes on any GPU) for one specialist: the check alternatives are held to."""
+    gpus, router, voice = _baseline(config)
+    taken = {gpu.index: gpu.baseline for gpu in gpus}
+    spec = _place("specialist", config.specialists[specialist], config, taken)
+    verdict = _verdict(gpus, spec, router.split.spilled + voice.split.spilled)
+    spare = min((gpu.budget - verdict.peak[gpu.index] for gpu in gpus), default=0)
+    return verdict.fits and not _baseline_problems(gpus, router, voice), spare
+
+
+def voice_rebalance(config: LyraConfig) -> dict[str, str] | None:
+    """A max_memory that fills the voice's GPUs not shared with the specialist host first, or None.
+
+    Each such GPU gets, for the voice's weights, what its budget leaves after CUDA contexts, the router's
+    share and the voice's activation working set, less the voice's KV/overhead in proportion; the host's
+    GPUs (which must come last in the voice's list, since "sequential" fills in order) take the rest.
+    """
+    gpus, host = config.gpus_of("voice"), set(config.gpus_of("specialist_host"))
+    lead = [gpu for gpu in gpus if gpu not in host]
+    if len(gpus) < 2 or not lead or lead != gpus[: len(lead)]:
+        return None
+    contexts = cuda_context_bytes(config)
+    router = _place("router", config.router, config, contexts)
+    voice = estimate_cached(config.voice)
+    weight_share = voice.weights / max(voice.weights + voice.kv_cache + voice.recurrent_state + voice.overhead, 1)
+    budgets = {g.index: int(g.budget_gb * GB) for g in config.gpus}
+    caps = {}
+    for relative, gpu in enumerate(lead):
+        free = budgets[gpu] - contexts.get(gpu, 0) - router.split.per_gpu.get(gpu, 0) - voice.activations
+        caps[str(relative)] = f"{max(int(free * weight_share) // 10**8, 0) / 10:.1f}GB"
+    return caps
+
+
+def reparse(config: LyraConfig) -> LyraConfig:
+    """Round-trip a (changed) configuration through the validating parser."""
+    raw = config.model_dump(exclude={"source"})
+    return parse_config(raw, source=config.source or "<changed>")
+
+
+def make_plan(config: LyraConfig) -> Plan:
+    """Assess `config`, and for each specialist that does not fit, find verified alternatives."""
+    plan = assess(config)
+    verdicts = []
+    for verdict in plan.verdicts:
+        if not verdict.fits:
+            found = search_alternatives(config, verdict.specialist, specialist_fits, reparse, voice_rebalance)
+            verdict = Verdict(verdict.specialist, False, verdict.peak, verdict.shortfall, verdict.reasons, found)
+        verdicts.append(verdict)
+    return Plan(plan.source, plan.gpus, plan.placements, tuple(verdicts), plan.problems)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _gb(value: int) -> str:
+    return f"{value / GB:.1f} GB"
+
+
+def _num(value: int) -> str:
+    return f"{value / GB:.1f}"
+
+
+def render_table(plan: Plan) -> str:
+    """A human-readable table of the plan (GB = 10^9 bytes)."""
+    lines = [f"VRAM plan for {plan.source or '<config>'}: {'FITS' if plan.ok else 'DOES NOT FIT'}  (GB = 10^9 bytes)", ""]
+    lines.append(f"{'GPU':<4}{'budget':>8}{'contexts':>10}{'router':>8}{'voice':>8}{'baseline':>10}{'free':>8}  processes")
+    for gpu in plan.gpus:
+        lines.append(f"{gpu.index:<4}{_num(gpu.budget):>8}{_num(gpu.contexts):>10}{_num(gpu.router):>8}"
+                     f"{_num(gpu.voice):>8}{_num(gpu.baseline):>10}{_num(gpu.free):>8}  {', '.join(gpu.processes)}")
+    lines += ["", f"{'model':<13}{'role':<11}{'source':<26}{'dtype':<16}{'quant':<6}{'ctx':>7}{'params':>8}"
+              f"{'weights':>9}{'kv':>6}{'act':>6}{'other':>7}{'total':>8}  per GPU"]
+    for p in plan.placements:
+        e = p.estimate
+        per_gpu = ", ".join(f"{gpu}: {_num(size)}" for gpu, size in sorted(p.split.per_gpu.items()))
+        spill = f", spilled {_num(p.split.spilled)}" if p.split.spilled else ""
+        lines.append(f"{p.name:<13}{p.role:<11}{e.source:<26}{e.dtype:<16}{e.quantization:<6}{e.context:>7}"
+                     f"{e.parameters / 1e9:>7.1f}B{_num(e.weights):>9}{_num(e.kv_cache):>6}{_num(e.activations):>6}"
+                     f"{_num(e.recurrent_state + e.overhead):>7}{_num(e.total):>8}  {per_gpu}{spill}")
+    lines += [""] + [f"PROBLEM {problem}" for problem in plan.problems] + ([""] if plan.problems else [])
+    for v in plan.verdicts:
+        peak = ", ".join(f"GPU {gpu} {_num(size)}" for gpu, size in sorted(v.peak.items()))
+        state = "fits" if v.fits else f"DOES NOT FIT by {_gb(v.shortfall)}"
+        lines.append(f"specialist {v.specialist:<13} {state:<26} peak: {peak}")
+        lines += [f"    - {reason}" for reason in v.reasons]
+        if not v.fits:
+            lines += [f"    option {i}: {alt.describe()}" for i, alt in enumerate(v.alternatives, 1)]
+            if not v.alternatives:
+                lines.append("    no alternative found among quantization, shorter contexts and moves")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a stack of real processes per test, logs dumped when a test fails."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.stackproc import StackProcesses
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201 - pytest hook signature
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def make_stack(request: pytest.FixtureRequest) -> Iterator:
+    """Factory: `make_stack(**overrides)` starts coordinator + fake workers and returns the handle."""
+    stacks: list[StackProcesses] = []
+
+    def factory(start: bool = True, **overrides) -> StackProcesses:  # noqa: ANN003
+        stack = StackProcesses(**overrides)
+        stacks.append(stack)
+        if start:
+            stack.start_all()
+        return stack
+
+    try:
+        yield factory
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        for stack in stacks:
+            if failed is not None and failed.failed:
+                print(f"\n----- service logs for {request.node.name}\n{stack.logs()}")
+            stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never touch the user's ~/.local/state/lyra record."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("LYRA_ENDPOINT", raising=False)
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)

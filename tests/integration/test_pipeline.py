@@ -1,0 +1,206 @@
+"""The real coordinator against fake workers running as subprocesses."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from shared.client import BusyError, CancelledError, DeadlineError, WorkerDeadError
+from shared.messages import (
+    AcceptedEvent,
+    DoneEvent,
+    RouteEvent,
+    StageFinishedEvent,
+    StageStartedEvent,
+    TokenEvent,
+)
+
+
+def test_one_chat_streams_every_event_in_order(make_stack) -> None:
+    stack = make_stack(voice__fake={"token_delay_s": 0.001})
+    with stack.client() as client:
+        events = list(client.stream("how do I do math with code"))
+    kinds = [type(e).__name__ for e in events if not isinstance(e, TokenEvent)]
+    assert kinds == [
+        "AcceptedEvent", "StageStartedEvent", "StageFinishedEvent", "RouteEvent",
+        "StageStartedEvent", "StageFinishedEvent",  # load
+        "StageStartedEvent", "StageFinishedEvent",  # specialist
+        "StageStartedEvent", "StageFinishedEvent",  # voice
+        "DoneEvent",
+    ]
+    stages = [e.stage for e in events if isinstance(e, StageStartedEvent)]
+    assert stages == ["route", "load", "specialist", "voice"]
+    assert all(e.parent_id == events[0].parent_id for e in events)
+    route = next(e for e in events if isinstance(e, RouteEvent))
+    assert route.specialist == "pragmatist" and abs(sum(route.scores.values()) - 1) < 1e-9
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    voice_tokens = "".join(e.text for e in events if isinstance(e, TokenEvent) and e.stage == "voice")
+    assert voice_tokens == done.answer and done.answer.startswith("[voice]")
+    assert set(done.timings) >= {"queue", "route", "load", "specialist", "voice", "total"}
+    assert [g.gpu for g in done.vram] == [0, 1]
+    assert "specialist_host:pragmatist" in done.vram[1].resident
+    finished = {e.stage: e.seconds for e in events if isinstance(e, StageFinishedEvent)}
+    assert finished.keys() == {"route", "load", "specialist", "voice"}
+
+
+def test_forced_specialist_skips_the_router(make_stack) -> None:
+    stack = make_stack()
+    with stack.client() as client:
+        events = list(client.stream("how do I do math", specialist="philosopher"))
+    route = next(e for e in events if isinstance(e, RouteEvent))
+    assert route.forced and route.specialist == "philosopher"
+    assert "route" not in [e.stage for e in events if isinstance(e, StageStartedEvent)]
+
+
+def test_fifty_requests_from_five_clients_all_complete_in_fifo_order(make_stack) -> None:
+    stack = make_stack()
+    results: list[DoneEvent] = []
+    accepted: dict[str, int] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client_thread(n: int) -> None:
+        try:
+            with stack.client() as client:
+                for i in range(10):
+                    topic = "meaning of life" if (n + i) % 2 else "math code"
+                    for event in client.stream(f"client {n} request {i} {topic}"):
+                        with lock:
+                            if isinstance(event, AcceptedEvent):
+                                accepted[event.parent_id] = event.ticket
+                            elif isinstance(event, DoneEvent):
+                                results.append(event)
+        except BaseException as exc:  # reported below with the thread's context
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 50 and len({r.parent_id for r in results}) == 50
+    by_completion = sorted(results, key=lambda r: r.sent_at)
+    tickets = [r.ticket for r in by_completion]
+    assert tickets == sorted(tickets), "requests did not run in acceptance order"
+    assert all(accepted[r.parent_id] == r.ticket for r in results)
+    with stack.client() as client:
+        counters = client.status().counters
+    assert counters["completed"] == 50 and counters["failed"] == 0
+
+
+def test_full_queue_answers_busy_with_the_depth(make_stack) -> None:
+    stack = make_stack(runtime__queue_size=2, router__fake={"delay_s": 0.5, "triggers": True})
+    first = [stack.client() for _ in range(3)]
+    streams = [c.stream("math code") for c in first]
+    for s in streams:  # each gets accepted: one running, two waiting
+        assert isinstance(next(s), AcceptedEvent)
+    with stack.client() as extra, pytest.raises(BusyError) as err:
+        extra.chat("one too many")
+    assert err.value.event.queue_depth == 2 and "busy" in err.value.message
+    for s, c in zip(streams, first, strict=True):
+        assert isinstance(list(s)[-1], DoneEvent)
+        c.close()
+
+
+@pytest.mark.parametrize("service,stage", [("router", "route"), ("specialist_host", "specialist"),
+                                           ("voice", "voice")])
+def test_worker_killed_mid_stage_fails_the_request_then_recovers(make_stack, service: str, stage: str) -> None:
+    stack = make_stack()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            with stack.client() as client:
+                client.chat(f"math code [[fake:slow:{service}]]")
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_busy(stack, service)
+    stack.kill(service)
+    thread.join(timeout=30)
+    error = outcome.get("error")
+    assert isinstance(error, WorkerDeadError), error
+    assert error.service == service and stage in error.message
+    assert outcome["seconds"] < 5.0 + 1.0  # within the stage deadline
+    stack.start(service)
+    stack.wait_ready()
+    with stack.client() as client:
+        assert client.chat("math code").specialist == "pragmatist"
+
+
+def _wait_busy(stack, service: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with stack.client() as client:
+        while time.monotonic() < deadline:
+            if any(s.service == service and s.state == "busy" for s in client.status().services):
+                return
+            time.sleep(0.02)
+    raise AssertionError(f"{service} never became busy")
+
+
+def test_hung_worker_gives_a_deadline_error_and_the_stack_recovers(make_stack) -> None:
+    stack = make_stack(deadlines__route=1.0)
+    started = time.monotonic()
+    with stack.client() as client, pytest.raises(DeadlineError) as err:
+        client.chat("math [[fake:hang:router]]")
+    assert time.monotonic() - started < 3.0
+    assert err.value.service == "router" and "deadline" in err.value.message
+    # The router ignores the cancel; its watchdog exits after cancel_grace_s. Restart it as supervisord would.
+    stack.procs["router"].wait(timeout=10)
+    stack.start("router")
+    stack.wait_ready()
+    with stack.client() as client:
+        assert client.chat("math code").specialist == "pragmatist"
+
+
+def test_client_that_disconnects_mid_stream_frees_the_pipeline(make_stack) -> None:
+    stack = make_stack(voice__fake={"token_delay_s": 0.05, "triggers": True})
+    client = stack.client()
+    stream = client.stream("math code " + "word " * 100)
+    for event in stream:
+        if isinstance(event, TokenEvent) and event.stage == "voice":
+            break
+    client.sock.close()  # vanish without a polite cancel
+    client.ctx.term()
+    started = time.monotonic()
+    with stack.client() as other:
+        done = other.chat("meaning of life", max_new_tokens=3)
+    assert done.specialist == "philosopher"
+    assert time.monotonic() - started < 3.0  # not the ~5 s the abandoned answer would take
+    with stack.client() as other:
+        assert other.status().counters["cancelled"] == 1
+
+
+def test_cancel_while_queued_and_while_running(make_stack) -> None:
+    stack = make_stack(router__fake={"delay_s": 0.5, "triggers": True})
+    with stack.client() as a, stack.client() as b:
+        first = a.stream("math code")
+        second = b.stream("meaning")
+        assert isinstance(next(first), AcceptedEvent)
+        assert isinstance(next(second), AcceptedEvent)
+        second.close()  # polite cancel of the waiting request
+        first.close()  # and of the running one
+    with stack.client() as c:
+        assert c.chat("math code").specialist == "pragmatist"
+        counters = c.status().counters
+    assert counters["completed"] == 1
+
+
+def test_cancelled_error_type(make_stack) -> None:
+    stack = make_stack(router__fake={"delay_s": 1.0, "triggers": True})
+    with stack.client() as a, stack.client() as b:
+        stream = a.stream("math code")
+        accepted = next(stream)
+        from shared.messages import CancelRequest
+        from shared import transport
+        transport.send(b.sock, CancelRequest(parent_id=accepted.parent_id))
+        with pytest.raises(CancelledError):
+            list(stream)
