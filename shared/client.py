@@ -202,7 +202,7 @@ class Client:
                 completed = isinstance(event, DoneEvent)
                 yield event
         finally:
-            if not completed:  # the caller stopped early: free the pipeline for others
+            if not completed and not self.sock.closed:  # the caller stopped early: free the pipeline
                 transport.send(self.sock, CancelRequest(parent_id=request.id))
 
     def chat(self, text: str | None = None, **kwargs: Any) -> DoneEvent:

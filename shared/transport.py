@@ -105,6 +105,10 @@ class Endpoint:
         """Close without lingering: unsent messages to a dead peer must never block exit."""
         self.socket.close(linger=0)
 
+    @property
+    def closed(self) -> bool:
+        return bool(self.socket.closed)
+
 
 def _configure(sock: zmq.Socket, max_bytes: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)

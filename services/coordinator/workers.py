@@ -46,6 +46,7 @@ class WorkerGone:
 
     reason: str
     unsent: bool = False  # the request never reached the worker, so sending it again is safe
+    code: ErrorCode = ErrorCode.worker_dead
 
 
 @dataclass
@@ -125,9 +126,9 @@ class WorkerRegistry:
             return True
 
     def fail_service(self, service: str, reason: str) -> None:
-        """A worker sent garbage or misbehaved: end its pending calls."""
+        """A worker sent garbage or misbehaved: end its pending calls with a worker error."""
         with self.lock:
-            self._fail_calls(service, reason)
+            self._fail_calls(service, reason, ErrorCode.worker_error)
 
     def unreachable(self, service: str, call_id: str) -> None:
         """A request could not be delivered: the worker is gone (it may be restarting)."""
@@ -149,10 +150,10 @@ class WorkerRegistry:
                                                     f"(no heartbeat for {self.heartbeat_timeout_s:.0f} s)")
         return dead
 
-    def _fail_calls(self, service: str, reason: str) -> None:
+    def _fail_calls(self, service: str, reason: str, code: ErrorCode = ErrorCode.worker_dead) -> None:
         for call in self.pending.values():
             if call.service == service:
-                call.inbox.put(WorkerGone(reason))
+                call.inbox.put(WorkerGone(reason, code=code))
 
     # ------------------------------------------------------------ used by the pipeline thread
 
@@ -209,7 +210,7 @@ class WorkerRegistry:
                 self.send(service, request)
                 continue
             if isinstance(item, WorkerGone):
-                raise StageError(ErrorCode.worker_dead, f"{item.reason} during {stage}", service)
+                raise StageError(item.code, f"{item.reason} during {stage}", service)
             if isinstance(item, WorkerError):
                 code = item.code if item.code != ErrorCode.internal else ErrorCode.worker_error
                 raise StageError(code, f"{service} failed during {stage}: {item.message}", service)

@@ -216,45 +216,52 @@ def cuda_context_bytes(config: LyraConfig) -> dict[int, int]:
 
 def split_across_gpus(estimate: MemoryEstimate, gpus: list[int], device_map: str | dict[str, int | str],
                       max_memory: dict[str, str], default_caps: dict[int, int] | None = None) -> GpuSplit:
-    """Place a model on its service's GPUs, layer by layer.
+    """Place a model on its service's GPUs, layer by layer, the way transformers/accelerate would.
 
     `gpus` are the physical GPUs of the process; device_map indices and max_memory keys are relative to
     them (CUDA_VISIBLE_DEVICES order). Weights are split in equal per-layer units (embeddings and head
     folded in proportionally); KV cache, state and overhead follow the layers; the activation working set
-    is needed in full on every GPU holding layers (pipeline execution). Like accelerate, max_memory caps
-    weights only; "auto"/"balanced" give each GPU but the last about 1/n of the weights plus one layer,
-    "sequential" fills GPUs in order, "balanced_low_0" keeps GPU 0 for what does not fit elsewhere.
+    is needed in full on every GPU holding layers (pipeline execution). As in transformers 5:
+    max_memory caps weights only, and a GPU missing from a non-empty max_memory gets nothing (without
+    max_memory each GPU offers `default_caps`, what is free when the model loads); bitsandbytes scales
+    the caps by 0.9; the first GPU keeps one layer free; "auto"/"balanced" cap every GPU but the last at
+    1/n of the weights plus 1.25 layers, "sequential" fills GPUs in order, "balanced_low_0" fills GPU 0
+    last. Weights that fit nowhere are `spilled` (accelerate would offload them or fail to load).
     """
     if not gpus:
         return GpuSplit({}, 0, ("no GPU: runs on CPU",))
     units = max(estimate.layers, 1)
     if isinstance(device_map, dict):
         counts, spilled_units = _explicit_units(device_map, len(gpus), units)
+    elif not device_map:
+        counts, spilled_units = [units] + [0] * (len(gpus) - 1), 0
     else:
-        caps = _caps(gpus, max_memory, default_caps)
-        counts, spilled_units = _auto_units(device_map or "", estimate.weights / units, units, caps)
+        caps = _caps(gpus, max_memory, default_caps, estimate.quantization != "none")
+        counts, spilled_units = _auto_units(device_map, estimate.weights / units, units, caps)
     return _materialise(estimate, gpus, counts, spilled_units, units)
 
 
-def _caps(gpus: list[int], max_memory: dict[str, str], default_caps: dict[int, int] | None) -> list[float]:
-    caps: list[float] = []
-    for relative, physical in enumerate(gpus):
-        if str(relative) in max_memory:
-            caps.append(parse_size(max_memory[str(relative)]))
-        else:
-            caps.append((default_caps or {}).get(physical, math.inf))
-    return caps
+def _caps(gpus: list[int], max_memory: dict[str, str], default_caps: dict[int, int] | None,
+          quantized: bool) -> list[float]:
+    """Weight bytes each relative GPU may take."""
+    if max_memory:
+        caps = [float(parse_size(max_memory[str(i)])) if str(i) in max_memory else 0.0 for i in range(len(gpus))]
+    else:
+        caps = [float((default_caps or {}).get(gpu, math.inf)) for gpu in gpus]
+    return [cap * 0.9 for cap in caps] if quantized else caps
 
 
 def _auto_units(device_map: str, unit_bytes: float, units: int, caps: list[float]) -> tuple[list[int], int]:
     """Layer units per relative GPU for a string device_map; returns (counts, units left over)."""
-    if device_map == "" or len(caps) == 1:
-        caps = caps[:1] if device_map else [math.inf]
-    elif device_map in ("auto", "balanced"):
-        share = math.ceil(units / len(caps)) + 1
-        caps = [min(cap, share * unit_bytes) for cap in caps[:-1]] + caps[-1:]
-    elif device_map == "balanced_low_0":
-        order = list(range(1, len(caps))) + [0]
+    used = [i for i, cap in enumerate(caps) if cap > 0]
+    if used:
+        caps[used[0]] = max(caps[used[0]] - unit_bytes, 0.0)  # room for the largest layer on the main GPU
+    if device_map in ("auto", "balanced") and len(used) > 1:
+        per_gpu = units * unit_bytes / len(used) + 1.25 * unit_bytes
+        for i in used[:-1]:
+            caps[i] = min(caps[i], per_gpu)
+    if device_map == "balanced_low_0" and len(used) > 1:
+        order = used[1:] + used[:1] + [i for i in range(len(caps)) if i not in used]
         counts, left = _fill([caps[i] for i in order], unit_bytes, units)
         return [counts[order.index(i)] for i in range(len(caps))], left
     return _fill(caps, unit_bytes, units)

@@ -187,8 +187,9 @@ def voice_rebalance(config: LyraConfig) -> dict[str, str] | None:
     """A max_memory that fills the voice's GPUs not shared with the specialist host first, or None.
 
     Each such GPU gets, for the voice's weights, what its budget leaves after CUDA contexts, the router's
-    share and the voice's activation working set, less the voice's KV/overhead in proportion; the host's
-    GPUs (which must come last in the voice's list, since "sequential" fills in order) take the rest.
+    share and the voice's activation working set, less the voice's KV/overhead in proportion (undoing
+    the 0.9 bitsandbytes factor and the one-layer reserve that `split_across_gpus` applies); the host's
+    GPUs, which must come last since "sequential" fills in order, may take what they have free.
     """
     gpus, host = config.gpus_of("voice"), set(config.gpus_of("specialist_host"))
     lead = [gpu for gpu in gpus if gpu not in host]
@@ -198,11 +199,15 @@ def voice_rebalance(config: LyraConfig) -> dict[str, str] | None:
     router = _place("router", config.router, config, contexts)
     voice = estimate_cached(config.voice)
     weight_share = voice.weights / max(voice.weights + voice.kv_cache + voice.recurrent_state + voice.overhead, 1)
+    scale = 0.9 if voice.quantization != "none" else 1.0
     budgets = {g.index: int(g.budget_gb * GB) for g in config.gpus}
     caps = {}
-    for relative, gpu in enumerate(lead):
-        free = budgets[gpu] - contexts.get(gpu, 0) - router.split.per_gpu.get(gpu, 0) - voice.activations
-        caps[str(relative)] = f"{max(int(free * weight_share) // 10**8, 0) / 10:.1f}GB"
+    for relative, gpu in enumerate(gpus):
+        free = budgets[gpu] - contexts.get(gpu, 0) - router.split.per_gpu.get(gpu, 0)
+        if gpu in lead:
+            reserve = voice.weights / max(voice.layers, 1) if relative == 0 else 0
+            free = ((free - voice.activations) * weight_share + reserve) / scale
+        caps[str(relative)] = f"{max(int(free) // 10**8, 0) / 10:.1f}GB"
     return caps
 
 

@@ -1,0 +1,81 @@
+"""End to end under supervisord: `lyra up`, chat, restart each service, `lyra down`, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.stackproc import ROOT, fake_config, to_toml
+
+pytestmark = pytest.mark.stack
+
+LYRA = [sys.executable, "-m", "shared.cli"]
+
+
+def lyra(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LYRA, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def supervisorctl(*args: str) -> subprocess.CompletedProcess[str]:
+    bin_dir = Path(sys.executable).parent
+    return subprocess.run([str(bin_dir / "supervisorctl"), "-c", "supervisord.conf", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def our_processes(run_dir: Path) -> list[str]:
+    """Live (non-zombie) processes started for this stack."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if ("services." in line and str(run_dir.parent) in line or
+                                     "supervisord.conf" in line and "supervisord " in line) and " Z" not in line]
+
+
+def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    config = tmp_path / "dev.toml"
+    config.write_text(to_toml(fake_config(run_dir)))
+    assert lyra("down").returncode == 0  # nothing from an earlier run
+    try:
+        up = lyra("up", "-c", str(config), "--timeout", "60")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "router" in up.stdout and "up" in up.stdout
+        chat = lyra("chat", "how do I do math with code", cwd=tmp_path)  # any directory
+        assert chat.returncode == 0, chat.stderr
+        assert "route: pragmatist" in chat.stdout and "timings:" in chat.stdout
+        for service in ("router", "specialist_host", "voice", "coordinator"):
+            before = json.loads(lyra("status", "--json").stdout)
+            restarted = supervisorctl("restart", service)
+            assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+            _wait_all_up(service, before)
+            again = lyra("chat", "--json", "meaning of life", cwd=tmp_path)
+            assert again.returncode == 0, (service, again.stderr, lyra("logs", service).stdout)
+            assert json.loads(again.stdout)["specialist"] == "philosopher"
+        logs = lyra("logs", "router")
+        assert "registered with the coordinator" in logs.stdout
+    finally:
+        down = lyra("down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    time.sleep(0.5)
+    assert our_processes(run_dir) == []
+    assert lyra("status").returncode != 0
+
+
+def _wait_all_up(restarted: str, before: dict, timeout_s: float = 30) -> None:
+    old_pid = {s["service"]: s["pid"] for s in before["services"]}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = lyra("status", "--json")
+        if status.returncode == 0:
+            services = json.loads(status.stdout)["services"]
+            if all(s["state"] == "up" for s in services) and (
+                    restarted == "coordinator" or
+                    next(s["pid"] for s in services if s["service"] == restarted) != old_pid[restarted]):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"stack not back up after restarting {restarted}")
