@@ -99,7 +99,11 @@ class ServiceLoop:
         self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.table = worker.handlers()
         self.jobs: queue.Queue[Call | None] = queue.Queue()
-        self.outbox: queue.Queue[Message | RawFrame] = queue.Queue()
+        self.ctx = transport.new_context()
+        self.handoff_address = f"inproc://lyra-worker-outbox-{self.instance}"
+        self.outbox = transport.bind_handoff(self.ctx, self.handoff_address)
+        self.pending_out = 0  # items the job thread produced that the main thread has not sent yet
+        self.count_lock = threading.Lock()
         self.current: Call | None = None
         self.stopping = threading.Event()
         self.registered = False
@@ -107,15 +111,26 @@ class ServiceLoop:
     # ------------------------------------------------------------ job thread
 
     def _job_thread(self) -> None:
-        while True:
-            call = self.jobs.get()
-            if call is None:
-                return
-            self.current = call
-            try:
-                self._serve(call)
-            finally:
-                self.current = None
+        self.job_out = transport.connect_handoff(self.ctx, self.handoff_address)
+        try:
+            while True:
+                call = self.jobs.get()
+                if call is None:
+                    return
+                self.current = call
+                try:
+                    self._serve(call)
+                finally:
+                    self.current = None
+        finally:
+            self.job_out.close()
+
+    def _emit(self, item: Message | RawFrame) -> None:
+        """Hand an outgoing item to the main thread (which owns the socket) and wake it."""
+        with self.count_lock:
+            self.pending_out += 1
+        frame = item.data if isinstance(item, RawFrame) else transport.encode(item)
+        transport.send_frames(self.job_out, [frame])
 
     def _serve(self, call: Call) -> None:
         msg = call.message
@@ -123,10 +138,10 @@ class ServiceLoop:
         started = time.perf_counter()
         try:
             for item in handler(msg, call.cancel):
-                self.outbox.put(item)
+                self._emit(item)
         except WireGarbage:
             log.warning("call %s: sending garbage on purpose (fake misbehaviour)", msg.id)
-            self.outbox.put(RawFrame(GARBAGE))
+            self._emit(RawFrame(GARBAGE))
         except Cancelled:
             self._error(msg, ErrorCode.cancelled, "the call was cancelled")
         except BackendError as exc:
@@ -138,7 +153,7 @@ class ServiceLoop:
         log.info("call %s %s done in %.3fs", msg.id, msg.type, time.perf_counter() - started)  # type: ignore[attr-defined]
 
     def _error(self, msg: Message, code: ErrorCode, text: str) -> None:
-        self.outbox.put(WorkerError(parent_id=msg.id, code=code, message=text, service=self.worker.service))
+        self._emit(WorkerError(parent_id=msg.id, code=code, message=text, service=self.worker.service))
 
     # ------------------------------------------------------------ main thread
 
@@ -147,16 +162,20 @@ class ServiceLoop:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         self.worker.startup()
-        ctx = transport.new_context()
         sock = transport.connect_dealer(
-            ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.worker.service
+            self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.worker.service
         )
-        threading.Thread(target=self._job_thread, name="job", daemon=True).start()
+        job_thread = threading.Thread(target=self._job_thread, name="job", daemon=True)
+        job_thread.start()
         try:
             return self._loop(sock)
         finally:
+            self.jobs.put(None)
+            job_thread.join(timeout=1)
             sock.close()
-            ctx.term()
+            self.outbox.close()
+            if not job_thread.is_alive():
+                self.ctx.term()
 
     def _loop(self, sock: transport.Endpoint) -> int:
         interval = self.config.runtime.heartbeat_interval_s
@@ -169,7 +188,6 @@ class ServiceLoop:
                 drain_until = now + self.config.runtime.drain_s
             if drain_until is not None and (self._idle() or now > drain_until):
                 self._flush(sock)
-                self.jobs.put(None)
                 return 0
             if not self.registered and now >= next_register:
                 transport.send(sock, self._registration())
@@ -178,24 +196,22 @@ class ServiceLoop:
                 transport.send(sock, self._heartbeat())
                 next_beat = now + interval
             self._watchdog(now)
-            self._flush(sock)
-            if transport.poll([sock], POLL_S):
+            ready = transport.poll([sock, self.outbox], POLL_S)
+            if self.outbox in ready:
+                self._flush(sock)
+            if sock in ready:
                 while transport.poll([sock], 0):
                     self._incoming(sock, transport.recv(sock))
 
     def _idle(self) -> bool:
-        return self.current is None and self.jobs.empty() and self.outbox.empty()
+        return self.current is None and self.jobs.empty() and self.pending_out == 0
 
     def _flush(self, sock: transport.Endpoint) -> None:
-        while True:
-            try:
-                item = self.outbox.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, RawFrame):
-                transport.send_raw(sock, item.data)
-            elif not transport.send(sock, item):
-                log.warning("could not send %s to the coordinator (queue full)", item.type)  # type: ignore[attr-defined]
+        while transport.poll([self.outbox], 0):
+            (frame,) = transport.recv_frames(self.outbox)
+            with self.count_lock:
+                self.pending_out -= 1
+            transport.send_raw(sock, frame)
 
     def _watchdog(self, now: float) -> None:
         call = self.current

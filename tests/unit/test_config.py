@@ -1,0 +1,50 @@
+"""Config: the shipped files load; a bad file gets one message naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, load_config, parse_config
+from tests.stackproc import ROOT, fake_config
+
+
+def test_dev_config_loads() -> None:
+    config = load_config(ROOT / "configs" / "dev.toml")
+    assert set(config.specialists) == {"pragmatist", "philosopher"}
+    assert config.gpus_of("voice") == [0, 1]
+    assert config.client_endpoint().startswith("ipc://")
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"runtime__queue_size": 0}, "runtime.queue_size"),
+    ({"runtime__heartbeat_timeout_s": 0.1}, "runtime"),
+    ({"specialists__pragmatist__backend": "quantum"}, "specialists.pragmatist.backend"),
+    ({"specialists__pragmatist__colour": "red"}, "specialists.pragmatist.colour"),
+    ({"services__voice": {"gpus": [7]}}, "GPU 7"),
+    ({"router__backend": "transformers"}, "router"),
+])
+def test_bad_config_names_the_field_and_file(tmp_path: Path, change: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(fake_config(tmp_path, **change), source="my.toml")
+    assert str(err.value).startswith("my.toml: ") and field in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[runtime\nqueue_size = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_tcp_endpoints_must_be_loopback_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not loopback"):
+        parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://0.0.0.0:5555"))
+    ok = parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://127.0.0.1:5555"))
+    assert ok.client_endpoint() == "tcp://127.0.0.1:5555"
+    exposed = parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://0.0.0.0:5555",
+                                       runtime__allow_remote=True))
+    assert exposed.runtime.allow_remote
