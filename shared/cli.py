@@ -128,6 +128,12 @@ def save_image(event: ImageEvent, out_dir: str) -> Path:
     return path
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shared.demo import run_demo
+
+    return run_demo(args.config, args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lyra` argument parser."""
     parser = argparse.ArgumentParser(prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving")
@@ -157,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("demo", help="start the embedded default, hold a short scripted conversation, stop")
+    p.add_argument("-c", "--config", help="config to demo (default: configs/default.toml)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("logs", help="print a service's log")
     p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice"])
     p.add_argument("-n", "--lines", type=int, default=50)

@@ -10,21 +10,20 @@ from shared.messages import ChatTurn, MemoryReading, Message, SynthesizeReply, S
 from shared.service import Handler, Worker
 
 HANDOFF = (
-    "Notes from your {specialist} specialist about the user's last message:\n{output}\n\n"
-    "Using these notes, answer the user's last message yourself, in first person, as Lyra."
+    "{persona}\n\nYour {specialist} specialist prepared these notes for your answer:\n{output}\n\n"
+    "Answer the user's last message yourself, in first person, using the notes."
 )
 
 
 def compose_voice_prompt(system_prompt: str, msg: SynthesizeRequest) -> list[ChatTurn]:
-    """Persona, the conversation, and the specialist's notes appended to the last user turn."""
-    turns = [t for t in msg.messages if t.role != "system"]
-    note = HANDOFF.format(specialist=msg.specialist, output=msg.specialist_output.strip() or "(none)")
-    if turns and turns[-1].role == "user":
-        turns[-1] = ChatTurn(role="user", content=f"{turns[-1].content}\n\n{note}")
-    else:
-        turns.append(ChatTurn(role="user", content=note))
-    persona = [ChatTurn(role="system", content=system_prompt)] if system_prompt else []
-    return persona + turns
+    """Persona and the specialist's notes as the system turn, then the conversation as it was.
+
+    The notes go into the system turn rather than the user's: small models then answer the user's
+    question instead of replying to the notes.
+    """
+    notes = msg.specialist_output.strip() or "(none)"
+    system = HANDOFF.format(persona=system_prompt, specialist=msg.specialist, output=notes).strip()
+    return [ChatTurn(role="system", content=system), *(t for t in msg.messages if t.role != "system")]
 
 
 class VoiceWorker(Worker):

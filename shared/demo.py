@@ -1,0 +1,70 @@
+"""`lyra demo`: start the stack on a config, hold a short scripted conversation, stop the stack."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from shared import stack
+from shared.client import Client, LyraError
+from shared.config import load_config
+from shared.messages import DoneEvent, TokenEvent
+
+DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
+
+SCRIPT = (
+    "What is 17 multiplied by 23?",
+    "What is the meaning of life?",
+    "How do I boil an egg?",
+    "Is free will an illusion?",
+)
+
+
+def _scores(done: DoneEvent) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
+
+
+def converse(client: Client, prompts: tuple[str, ...], out=sys.stdout) -> list[DoneEvent]:  # noqa: ANN001
+    """Send each prompt, stream the answer, print route, scores and timings."""
+    results = []
+    for prompt in prompts:
+        print(f"\nyou> {prompt}\nlyra> ", end="", file=out, flush=True)
+        done = None
+        for event in client.stream(prompt):
+            if isinstance(event, TokenEvent) and event.stage == "voice":
+                print(event.text, end="", file=out, flush=True)
+            elif isinstance(event, DoneEvent):
+                done = event
+        assert done is not None
+        t = done.timings
+        print(f"\n  route: {done.specialist} ({_scores(done)})", file=out)
+        print("  timings: " + "  ".join(f"{k} {t[k]:.2f}s" for k in ("route", "load", "specialist", "voice", "total")
+                                        if k in t), file=out, flush=True)
+        results.append(done)
+    return results
+
+
+def run_demo(config_path: str | None, timeout_s: float) -> int:
+    """The whole demo; returns the exit status."""
+    config = load_config(config_path or DEFAULT_CONFIG)
+    print(f"Lyra Runtime demo on {Path(config.source).name}: starting the stack (first start loads the models)...",
+          flush=True)
+    began = time.monotonic()
+    try:
+        stack.up(config, timeout_s, lambda line: print(f"  {line}", flush=True))
+        print(f"stack up in {time.monotonic() - began:.1f}s", flush=True)
+        with Client(config.client_endpoint(), timeout_s=timeout_s) as client:
+            results = converse(client, SCRIPT)
+    except LyraError as exc:
+        print(f"\ndemo failed: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        print("\nstopping the stack...", flush=True)
+        stack.down()
+    reached = sorted({r.specialist for r in results})
+    print(f"specialists reached: {', '.join(reached)}; total {time.monotonic() - began:.1f}s")
+    if len(reached) < 2:
+        print("demo failed: the router sent every turn to one specialist", file=sys.stderr)
+        return 1
+    return 0
