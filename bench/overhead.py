@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shared.transport import raw_roundtrip_benchmark  # noqa: E402
-from tests.stackproc import StackProcesses  # noqa: E402
+from shared.transport import raw_roundtrip_benchmark
+from tests.stackproc import StackProcesses
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,7 +59,8 @@ def run(requests: int, clients: int) -> None:
         wall = time.perf_counter() - start
     finally:
         stack.stop()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"raw pyzmq DEALER<->ROUTER round trip (ipc, 64 B): median {statistics.median(raw) * 1e6:.0f} us, "
           f"p99 {percentile(raw, 0.99) * 1e6:.0f} us")
     print(f"Lyra request (route + specialist + voice, 8 tokens streamed, {clients} client(s)): "

@@ -11,7 +11,15 @@ from pathlib import Path
 from shared import stack
 from shared.client import Client, LyraError, find_stack
 from shared.config import ConfigError, load_config
-from shared.messages import DoneEvent, ImageEvent, RouteEvent, StageFinishedEvent, StageStartedEvent, StatusReply, TokenEvent
+from shared.messages import (
+    DoneEvent,
+    ImageEvent,
+    RouteEvent,
+    StageFinishedEvent,
+    StageStartedEvent,
+    StatusReply,
+    TokenEvent,
+)
 
 GB = 1024**3
 

@@ -7,10 +7,10 @@ one `ConfigError` that names the file and the offending field.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SERVICES = ("coordinator", "router", "specialist_host", "voice")
@@ -55,6 +55,14 @@ class Deadlines(Section):
     load: float = Field(default=900.0, gt=0)
     specialist: float = Field(default=600.0, gt=0)
     voice: float = Field(default=600.0, gt=0)
+
+
+class Scheduling(Section):
+    """Swap policy: preloading the next request's specialist and grouping requests by specialist."""
+
+    preload: bool = False  # route the next request early and load its specialist while voice runs
+    max_overtakes: int = Field(default=0, ge=0, le=1000)  # 0 = strict FIFO; N = group by specialist, fairly
+    lookahead: int = Field(default=4, ge=1, le=64)  # how many waiting requests are routed early
 
 
 class GpuEntry(Section):
@@ -138,6 +146,7 @@ class LyraConfig(Section):
 
     runtime: RuntimeSettings = RuntimeSettings()
     deadlines: Deadlines = Deadlines()
+    scheduling: Scheduling = Scheduling()
     gpus: list[GpuEntry] = []
     services: dict[str, ServicePlacement] = {}
     router: ModelEntry
@@ -231,7 +240,8 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
 
 
 def _check_endpoints(config: LyraConfig) -> None:
-    for field, endpoint in (("client_endpoint", config.client_endpoint()), ("worker_endpoint", config.worker_endpoint())):
+    endpoints = (("client_endpoint", config.client_endpoint()), ("worker_endpoint", config.worker_endpoint()))
+    for field, endpoint in endpoints:
         if endpoint.startswith("tcp://") and not config.runtime.allow_remote:
             host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
             if host not in ("127.0.0.1", "localhost", "::1"):

@@ -25,7 +25,7 @@ def _scores(done: DoneEvent) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
 
 
-def converse(client: Client, prompts: tuple[str, ...], out=sys.stdout) -> list[DoneEvent]:  # noqa: ANN001
+def converse(client: Client, prompts: tuple[str, ...], out=sys.stdout) -> list[DoneEvent]:
     """Send each prompt, stream the answer, print route, scores and timings."""
     results = []
     for prompt in prompts:

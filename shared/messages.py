@@ -8,9 +8,10 @@ removing or retyping a field bumps ``SCHEMA_MAJOR``. Only ``shared.transport`` t
 from __future__ import annotations
 
 import time
+import typing
 import uuid
 from enum import Enum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -375,20 +376,19 @@ class WorkerError(Message):
 
 
 AnyMessage = Annotated[
-    Union[
-        ChatRequest, CancelRequest, StatusRequest, AcceptedEvent, StageStartedEvent, StageFinishedEvent,
-        RouteEvent, TokenEvent, ImageEvent, DoneEvent, ErrorEvent, StatusReply, RegisterRequest,
-        RegisterReply, HeartbeatEvent, ClassifyRequest, ClassifyReply, LoadRequest, UnloadRequest,
-        LoadReply, RunSpecialistRequest, SpecialistReply, SynthesizeRequest, SynthesizeReply,
-        CancelCallRequest, WorkerError,
-    ],
+    (
+        ChatRequest | CancelRequest | StatusRequest | AcceptedEvent | StageStartedEvent | StageFinishedEvent
+        | RouteEvent | TokenEvent | ImageEvent | DoneEvent | ErrorEvent | StatusReply | RegisterRequest | RegisterReply
+        | HeartbeatEvent | ClassifyRequest | ClassifyReply | LoadRequest | UnloadRequest | LoadReply
+        | RunSpecialistRequest | SpecialistReply | SynthesizeRequest | SynthesizeReply | CancelCallRequest | WorkerError
+    ),
     Field(discriminator="type"),
 ]
 
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(AnyMessage)
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.model_fields["type"].default: cls for cls in AnyMessage.__origin__.__args__  # type: ignore[attr-defined]
+    cls.model_fields["type"].default: cls for cls in typing.get_args(typing.get_args(AnyMessage)[0])
 }
 
 TERMINAL_TYPES = (DoneEvent, ErrorEvent)

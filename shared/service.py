@@ -215,7 +215,8 @@ class ServiceLoop:
 
     def _watchdog(self, now: float) -> None:
         call = self.current
-        if call is not None and call.cancel_at is not None and now - call.cancel_at > self.config.runtime.cancel_grace_s:
+        grace = self.config.runtime.cancel_grace_s
+        if call is not None and call.cancel_at is not None and now - call.cancel_at > grace:
             log.critical("call %s ignored its cancel for %.1fs; exiting so the supervisor restarts this worker",
                          call.message.id, self.config.runtime.cancel_grace_s)
             os._exit(3)

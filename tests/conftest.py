@@ -11,7 +11,7 @@ from tests.stackproc import StackProcesses
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: ANN001, ANN201 - pytest hook signature
+def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
@@ -22,7 +22,7 @@ def make_stack(request: pytest.FixtureRequest) -> Iterator:
     """Factory: `make_stack(**overrides)` starts coordinator + fake workers and returns the handle."""
     stacks: list[StackProcesses] = []
 
-    def factory(start: bool = True, **overrides) -> StackProcesses:  # noqa: ANN003
+    def factory(start: bool = True, **overrides) -> StackProcesses:
         stack = StackProcesses(**overrides)
         stacks.append(stack)
         if start:

@@ -122,7 +122,8 @@ class StackProcesses:
         return Client(self.endpoint, timeout_s=timeout_s)
 
     def logs(self) -> str:
-        return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in sorted(self.dir.glob("*.log")))
+        files = sorted(self.dir.glob("*.log"))
+        return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in files)
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -7,12 +7,13 @@ through `WorkerRegistry.call` and to the client only through `emit`, so it needs
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
-from services.coordinator.requests import Job
+from services.coordinator.requests import Job, Route
 from services.coordinator.workers import StageError, WorkerRegistry
 from shared.config import LyraConfig
 from shared.messages import (
@@ -55,7 +56,8 @@ class Counters:
     """What `lyra status` reports about the pipeline's history."""
 
     values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("requests", "completed", "failed", "cancelled", "swaps", "cache_hits"), 0))
+        ("requests", "completed", "failed", "cancelled", "swaps", "cache_hits", "preloads", "preload_hits",
+         "wasted_preloads"), 0))
 
     def bump(self, name: str) -> None:
         self.values[name] = self.values.get(name, 0) + 1
@@ -71,6 +73,9 @@ class Pipeline:
         self.emit = emit
         self.counters = Counters()
         self.labels = [RouteLabel(name=n, description=e.description) for n, e in config.specialists.items()]
+        self.swap_lock = threading.Lock()  # one swap at a time: the pipeline's or the preloader's
+        self.preloaded: str | None = None  # a specialist loaded ahead of the request that needs it
+        self.on_voice_start: Callable[[], None] = lambda: None  # the prefetcher hooks in here
 
     def run(self, job: Job) -> None:
         """Run one job to its terminal event."""
@@ -122,7 +127,8 @@ class Pipeline:
 
     def _stages(self, job: Job, timings: dict[str, float]) -> DoneEvent:
         turns = conversation(job)
-        specialist, scores, forced = self._route(job, turns, timings)
+        route = self._route(job, timings)
+        specialist = route.specialist
         self._ensure_resident(job, specialist, timings)
         deadlines = self.config.deadlines
         result = self._stage(job, timings, "specialist", "specialist_host", specialist,
@@ -133,67 +139,99 @@ class Pipeline:
         assert isinstance(result, SpecialistReply)
         if result.image is not None:
             self.emit(job, ImageEvent(parent_id=job.id, image=result.image))
+        self.on_voice_start()
         spoken = self._stage(job, timings, "voice", "voice", self.config.voice.name,
                              SynthesizeRequest(parent_id=job.id, messages=turns, specialist=specialist,
                                                specialist_output=result.text, options=job.request.options),
                              deadlines.voice)
         self._expect(spoken, SynthesizeReply, "voice")
         assert isinstance(spoken, SynthesizeReply)
-        return DoneEvent(parent_id=job.id, answer=spoken.text, specialist=specialist, scores=scores, forced=forced,
+        return DoneEvent(parent_id=job.id, answer=spoken.text, specialist=specialist, scores=route.scores,
+                         forced=route.forced,
                          specialist_output=result.text, timings={}, image=result.image)
 
-    def _route(self, job: Job, turns: list[ChatTurn], timings: dict[str, float]) -> tuple[str, dict[str, float], bool]:
+    def route_early(self, job: Job) -> None:
+        """Decide a waiting job's specialist ahead of its turn (no events; the job shows them later)."""
+        if job.route is None:
+            job.route = self._forced_route(job) or self._classify(job, job.cancel)[0]
+
+    def _forced_route(self, job: Job) -> Route | None:
         forced = job.request.specialist or (
             self.config.routing.image_specialist if job.request.image is not None else "")
-        if forced:
-            scores = {name: float(name == forced) for name in self.config.specialists}
-            self.emit(job, RouteEvent(parent_id=job.id, specialist=forced, scores=scores, forced=True))
-            timings["route"] = 0.0
-            return forced, scores, True
-        reply = self._stage(job, timings, "route", "router", self.config.router.name,
-                            ClassifyRequest(parent_id=job.id, messages=turns, labels=self.labels),
-                            self.config.deadlines.route)
+        if not forced:
+            return None
+        return Route(forced, {name: float(name == forced) for name in self.config.specialists}, True)
+
+    def _classify(self, job: Job, cancel: threading.Event) -> tuple[Route, float]:
+        begun = time.monotonic()
+        request = ClassifyRequest(parent_id=job.id, messages=conversation(job), labels=self.labels)
+        reply = self.registry.call_reply("router", request, self.config.deadlines.route, cancel, "route",
+                                         self.config.runtime.heartbeat_timeout_s)
         self._expect(reply, ClassifyReply, "router")
         assert isinstance(reply, ClassifyReply)
         if reply.specialist not in self.config.specialists:
             raise StageError(ErrorCode.worker_error, f"router chose unknown specialist {reply.specialist!r}", "router")
-        self.emit(job, RouteEvent(parent_id=job.id, specialist=reply.specialist, scores=reply.scores))
-        return reply.specialist, reply.scores, False
+        return Route(reply.specialist, reply.scores, False), time.monotonic() - begun
+
+    def _route(self, job: Job, timings: dict[str, float]) -> Route:
+        route = job.route or self._forced_route(job)
+        if route is None or not route.forced:
+            router = self.config.router.name
+            self.emit(job, StageStartedEvent(parent_id=job.id, stage="route", service="router", model=router))
+            seconds = 0.0
+            if route is None:
+                route, seconds = self._classify(job, job.cancel)
+            timings["route"] = round(seconds, 6)
+            self.emit(job, StageFinishedEvent(parent_id=job.id, stage="route", service="router", seconds=seconds,
+                                              model=router))
+        else:
+            timings["route"] = 0.0
+        job.route = route
+        self.emit(job, RouteEvent(parent_id=job.id, specialist=route.specialist, scores=route.scores,
+                                  forced=route.forced))
+        return route
 
     def _ensure_resident(self, job: Job, specialist: str, timings: dict[str, float]) -> None:
         service = "specialist_host"
         self.registry.wait_up(service, self.config.runtime.heartbeat_timeout_s, job.cancel)
-        resident = self.registry.resident(service)
-        if resident == [specialist]:
-            self.counters.bump("cache_hits")
-            timings["load"] = 0.0
-            return
-        entry = self.config.specialists[specialist]
-        estimates = split_estimate(entry, self.config.gpus_of(service))
+        with self.swap_lock:
+            if self.registry.resident(service) == [specialist]:
+                self.counters.bump("preload_hits" if specialist == self.preloaded else "cache_hits")
+                self.preloaded = None
+                timings["load"] = 0.0
+                return
+            self.emit(job, StageStartedEvent(parent_id=job.id, stage="load", service=service, model=specialist))
+            timings["load"] = round(self.swap_to(specialist, job.id, job.cancel), 6)
+        self.emit(job, StageFinishedEvent(parent_id=job.id, stage="load", service=service,
+                                          seconds=timings["load"], model=specialist))
+
+    def swap_to(self, specialist: str, parent_id: str, cancel: threading.Event) -> float:
+        """Unload whatever is resident and load `specialist` if the ledger allows; returns seconds.
+
+        The caller holds `swap_lock`. Raises StageError(over_budget) with the arithmetic, loading nothing.
+        """
+        service = "specialist_host"
+        estimates = split_estimate(self.config.specialists[specialist], self.config.gpus_of(service))
         try:
             self.ledger.check(service, specialist, estimates)
         except OverBudget as exc:
             raise StageError(ErrorCode.over_budget, str(exc), service) from None
-        self.emit(job, StageStartedEvent(parent_id=job.id, stage="load", service=service, model=specialist))
         begun = time.monotonic()
         wait, deadline = self.config.runtime.heartbeat_timeout_s, self.config.deadlines.load
-        for name in resident:
-            for _ in self.registry.call(service, UnloadRequest(parent_id=job.id, model=name), deadline, job.cancel,
-                                        "load", wait):
-                pass
+        for name in self.registry.resident(service):
+            self.registry.call_reply(service, UnloadRequest(parent_id=parent_id, model=name), deadline, cancel,
+                                     "load", wait)
             self.ledger.set_resident(service, [], {})
-        reply: Message | None = None
-        for reply in self.registry.call(service, LoadRequest(parent_id=job.id, model=specialist), deadline,
-                                        job.cancel, "load", wait):
-            pass
+            if name == self.preloaded:
+                self.counters.bump("wasted_preloads")
+                self.preloaded = None
+        reply = self.registry.call_reply(service, LoadRequest(parent_id=parent_id, model=specialist), deadline,
+                                         cancel, "load", wait)
+        self._expect(reply, LoadReply, service)
         assert isinstance(reply, LoadReply)
         self.ledger.set_resident(service, reply.resident, estimates)
         for warning in self.ledger.measure(service, reply.memory):
             log.warning("estimate off by more than 10%%: %s", warning)
-        with self.registry.lock:
-            self.registry.workers[service].resident = list(reply.resident)
-            self.registry.workers[service].placement = dict(reply.placement)
+        self.registry.set_resident(service, reply.resident, reply.placement)
         self.counters.bump("swaps")
-        timings["load"] = round(time.monotonic() - begun, 6)
-        self.emit(job, StageFinishedEvent(parent_id=job.id, stage="load", service=service,
-                                          seconds=timings["load"], model=specialist))
+        return time.monotonic() - begun

@@ -7,7 +7,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.coordinator.policy import pick_next
 from shared.messages import ChatRequest
+
+
+@dataclass(frozen=True)
+class Route:
+    """A routing decision made for a job (early, while another request's voice ran, or in its turn)."""
+
+    specialist: str
+    scores: dict[str, float]
+    forced: bool
 
 
 @dataclass
@@ -20,6 +30,12 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     ticket: int = 0
+    overtaken: int = 0  # how many later requests ran before this one (grouping by specialist)
+    route: Route | None = None
+
+    def known_specialist(self) -> str | None:
+        """The specialist this job needs, if already decided."""
+        return self.route.specialist if self.route else None
 
     @property
     def id(self) -> str:
@@ -39,8 +55,9 @@ class QueueFull(Exception):
 class RequestQueue:
     """Bounded FIFO; thread-safe; the pipeline thread takes, the I/O thread offers and cancels."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_overtakes: int = 0) -> None:
         self.size = size
+        self.max_overtakes = max_overtakes
         self.waiting: deque[Job] = deque()
         self.running: Job | None = None
         self.closed = False
@@ -58,15 +75,32 @@ class RequestQueue:
             self.cond.notify_all()
             return len(self.waiting) - 1 + (1 if self.running else 0)
 
-    def take(self, timeout_s: float) -> Job | None:
-        """Block up to `timeout_s` for the next job and mark it running."""
+    def take(self, timeout_s: float, resident: str | None = None) -> Job | None:
+        """Block up to `timeout_s` for the next job (chosen by the policy) and mark it running."""
         with self.cond:
             if not self.waiting:
                 self.cond.wait(timeout_s)
             if not self.waiting or self.closed:
                 return None
-            self.running = self.waiting.popleft()
-            return self.running
+            index = pick_next(list(self.waiting), resident, self.max_overtakes)
+            for passed in list(self.waiting)[:index]:
+                passed.overtaken += 1
+            job = self.waiting[index]
+            del self.waiting[index]
+            self.running = job
+            return job
+
+    def peek(self, limit: int) -> list[Job]:
+        """The first `limit` waiting jobs, in queue order (for early routing)."""
+        with self.cond:
+            return list(self.waiting)[:limit]
+
+    def upcoming(self, resident: str | None) -> Job | None:
+        """The job the policy would run next, without taking it."""
+        with self.cond:
+            if not self.waiting:
+                return None
+            return self.waiting[pick_next(list(self.waiting), resident, self.max_overtakes)]
 
     def finish(self, job: Job) -> None:
         """The running job ended (either way)."""

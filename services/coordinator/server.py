@@ -16,6 +16,7 @@ import time
 from services.coordinator.handlers import ClientHandlers
 from services.coordinator.ledger import VramLedger, split_estimate
 from services.coordinator.pipeline import Pipeline
+from services.coordinator.prefetch import Prefetcher
 from services.coordinator.requests import Job, RequestQueue
 from services.coordinator.workers import WorkerRegistry
 from shared import transport
@@ -44,10 +45,11 @@ class Coordinator:
         self.config = config
         self.ctx = transport.new_context()
         self.stopping = threading.Event()
-        self.queue = RequestQueue(config.runtime.queue_size)
+        self.queue = RequestQueue(config.runtime.queue_size, config.scheduling.max_overtakes)
         self.ledger = VramLedger(config)
         self.registry = WorkerRegistry(WORKER_SERVICES, config.runtime.heartbeat_timeout_s, self._send_to_worker)
         self.pipeline = Pipeline(config, self.registry, self.ledger, self._send_to_client)
+        self.prefetcher = Prefetcher(config, self.pipeline, self.queue)
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline)
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
@@ -81,9 +83,11 @@ class Coordinator:
                  self.config.worker_endpoint())
         pipeline = threading.Thread(target=self._pipeline_thread, name="pipeline", daemon=True)
         pipeline.start()
+        threading.Thread(target=self.prefetcher.run, name="prefetch", daemon=True).start()
         try:
             self._loop(pipeline)
         finally:
+            self.prefetcher.stop.set()
             pipeline.join(timeout=2)
             for ep in (self.clients, self.workers, self.inbox, *self.handoff_sockets):
                 ep.close()
@@ -144,7 +148,9 @@ class Coordinator:
 
     def _pipeline_thread(self) -> None:
         while not self.stopping.is_set():
-            job = self.queue.take(timeout_s=TICK_S)
+            self.prefetcher.wait_idle(self.config.deadlines.load + self.config.deadlines.route)
+            resident = self.registry.resident("specialist_host")
+            job = self.queue.take(timeout_s=TICK_S, resident=resident[0] if resident else None)
             if job is None:
                 continue
             try:

@@ -109,7 +109,8 @@ class WorkerRegistry:
             state = self.workers[service]
             if state.instance != instance or not state.alive:
                 return False
-            state.last_seen, state.resident, state.busy_with, state.memory = time.monotonic(), resident, busy_with, memory
+            state.last_seen, state.resident = time.monotonic(), resident
+            state.busy_with, state.memory = busy_with, memory
             return True
 
     def seen(self, service: str) -> None:
@@ -186,6 +187,15 @@ class WorkerRegistry:
             with self.lock:
                 self.pending.pop(request.id, None)
 
+    def call_reply(self, service: str, request: Message, deadline_s: float, cancel: threading.Event,
+                   stage: str, missing_wait_s: float) -> Message:
+        """Like `call`, for requests that stream nothing: return the reply alone."""
+        reply: Message | None = None
+        for item in self.call(service, request, deadline_s, cancel, stage, missing_wait_s):
+            reply = item
+        assert reply is not None
+        return reply
+
     def _await(self, call: PendingCall, request: Message, deadline_s: float, cancel: threading.Event,
                stage: str, missing_wait_s: float) -> Iterator[Message]:
         service, deadline = call.service, time.monotonic() + deadline_s
@@ -234,6 +244,12 @@ class WorkerRegistry:
                 )
                 for s in self.workers.values()
             ]
+
+    def set_resident(self, service: str, resident: list[str], placement: dict[str, str]) -> None:
+        """What a worker holds after a load or unload it just reported."""
+        with self.lock:
+            self.workers[service].resident = list(resident)
+            self.workers[service].placement = dict(placement)
 
     def resident(self, service: str) -> list[str]:
         with self.lock:

@@ -57,7 +57,7 @@ class SpecialistHost(Worker):
     def placement(self) -> dict[str, str]:
         return {k: v for model in self.loaded.values() for k, v in model.placement().items()}
 
-    def _entry(self, name: str):  # noqa: ANN202 - ModelEntry
+    def _entry(self, name: str):
         if name not in self.entries:
             raise BackendError(f"unknown specialist {name!r}; this host serves {', '.join(self.entries)}")
         return self.entries[name]

@@ -20,7 +20,7 @@ BAD_FRAMES = {
 
 
 @pytest.fixture
-def stack(make_stack):  # noqa: ANN001, ANN201
+def stack(make_stack):
     return make_stack(runtime__max_message_mb=1.0)
 
 
@@ -85,7 +85,7 @@ def test_worker_error_is_reported_with_its_sentence(make_stack) -> None:
 
 def test_worker_process_answers_bad_frames_with_typed_errors_and_keeps_serving(make_stack) -> None:
     """A worker against a coordinator played by the test: garbage in, WorkerError out, still serving."""
-    from shared.messages import ClassifyReply, ClassifyRequest, ChatTurn, RegisterReply, RouteLabel, WorkerError
+    from shared.messages import ChatTurn, ClassifyReply, ClassifyRequest, RegisterReply, RouteLabel, WorkerError
 
     stack = make_stack(start=False)
     ctx = transport.new_context()
@@ -102,7 +102,8 @@ def test_worker_process_answers_bad_frames_with_typed_errors_and_keeps_serving(m
         transport.send(server, StatusRequest(), peer)  # valid, but not something a worker serves
         assert _recv(server, WorkerError).message.code == ErrorCode.unknown_type
         request = ClassifyRequest(messages=[ChatTurn(role="user", content="math")],
-                                  labels=[RouteLabel(name="a", description="math"), RouteLabel(name="b", description="art")])
+                                  labels=[RouteLabel(name="a", description="math"),
+                                          RouteLabel(name="b", description="art")])
         transport.send(server, request, peer)
         reply = _recv(server, ClassifyReply)
         assert reply.message.parent_id == request.id and reply.message.specialist == "a"
@@ -112,7 +113,7 @@ def test_worker_process_answers_bad_frames_with_typed_errors_and_keeps_serving(m
         ctx.term()
 
 
-def _recv(server, kind, timeout_s: float = 10.0):  # noqa: ANN001, ANN202
+def _recv(server, kind, timeout_s: float = 10.0):
     """The next message of `kind` from the worker, skipping heartbeats."""
     import time
 

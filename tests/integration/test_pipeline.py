@@ -117,7 +117,7 @@ def test_worker_killed_mid_stage_fails_the_request_then_recovers(make_stack, ser
         try:
             with stack.client() as client:
                 client.chat(f"math code [[fake:slow:{service}]]")
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
+        except Exception as exc:
             outcome["error"] = exc
         outcome["seconds"] = time.monotonic() - started
 
@@ -199,8 +199,8 @@ def test_cancelled_error_type(make_stack) -> None:
     with stack.client() as a, stack.client() as b:
         stream = a.stream("math code")
         accepted = next(stream)
-        from shared.messages import CancelRequest
         from shared import transport
+        from shared.messages import CancelRequest
         transport.send(b.sock, CancelRequest(parent_id=accepted.parent_id))
         with pytest.raises(CancelledError):
             list(stream)

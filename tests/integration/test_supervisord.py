@@ -32,8 +32,8 @@ def supervisorctl(*args: str) -> subprocess.CompletedProcess[str]:
 def our_processes(run_dir: Path) -> list[str]:
     """Live (non-zombie) processes started for this stack."""
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if ("services." in line and str(run_dir.parent) in line or
-                                     "supervisord.conf" in line and "supervisord " in line) and " Z" not in line]
+    return [line for line in out if (("services." in line and str(run_dir.parent) in line) or
+                                     ("supervisord.conf" in line and "supervisord " in line)) and " Z" not in line]
 
 
 def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:

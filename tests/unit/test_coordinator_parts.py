@@ -49,7 +49,7 @@ def ledger(tmp_path: Path) -> tuple[VramLedger, object]:
 
 
 def test_ledger_admits_within_budget_and_refuses_with_arithmetic(tmp_path: Path) -> None:
-    book, config = ledger(tmp_path)
+    book, _config = ledger(tmp_path)
     book.set_resident("voice", ["voice"], {0: 15 * GB, 1: 15 * GB})
     book.check("specialist_host", "pragmatist", {1: 30 * GB})  # 15 + 0.5 + 30 + 0.5 = 46 <= 47
     with pytest.raises(OverBudget) as err:

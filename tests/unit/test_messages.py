@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from pydantic import ValidationError
 
 from shared import messages as m
 from shared.transport import WireError, decode, encode
@@ -66,7 +67,7 @@ def test_bytes_travel_as_msgpack_binary_not_base64() -> None:
 
 def test_messages_are_frozen_and_forbid_unknown_fields() -> None:
     msg = m.StatusRequest()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         msg.id = "x"  # type: ignore[misc]
     with pytest.raises(WireError) as err:
         decode(msgpack.packb({**msg.model_dump(), "surprise": 1}))

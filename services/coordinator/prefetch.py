@@ -1,0 +1,83 @@
+"""Work done for the next request while the current one is in its voice stage.
+
+While voice speaks, the router and the specialist host are idle. The prefetcher uses them: it routes
+the next few waiting requests early (their routing is reused, never run twice) and, with
+`scheduling.preload`, swaps in the specialist the next request needs, only when the ledger allows it
+(the same check as any swap; an over-budget preload is skipped, not an error).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from services.coordinator.pipeline import Pipeline
+from services.coordinator.requests import RequestQueue
+from services.coordinator.workers import StageError
+from shared.config import LyraConfig
+
+log = logging.getLogger(__name__)
+
+
+class Prefetcher:
+    """A background thread woken when a request's voice stage starts."""
+
+    def __init__(self, config: LyraConfig, pipeline: Pipeline, queue: RequestQueue) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.queue = queue
+        self.wake = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.stop = threading.Event()
+        pipeline.on_voice_start = self.kick
+
+    def kick(self) -> None:
+        """Start prefetching (called on the pipeline thread when voice starts)."""
+        self.idle.clear()
+        self.wake.set()
+
+    def wait_idle(self, timeout_s: float) -> None:
+        """Block (bounded) until the prefetcher is done touching workers."""
+        self.idle.wait(timeout_s)
+
+    def run(self) -> None:
+        """Thread body."""
+        while not self.stop.is_set():
+            if not self.wake.wait(0.1):
+                continue
+            self.wake.clear()
+            try:
+                self._prefetch()
+            except Exception:  # a prefetch failure must never hurt a request: it routes normally later
+                log.exception("prefetch failed")
+            finally:
+                self.idle.set()
+
+    def _prefetch(self) -> None:
+        for job in self.queue.peek(self.config.scheduling.lookahead):
+            if job.route is None and not job.cancel.is_set():
+                try:
+                    self.pipeline.route_early(job)
+                    log.info("request %s routed early to %s", job.id, job.route.specialist)  # type: ignore[union-attr]
+                except StageError as exc:
+                    log.warning("early routing of %s failed (%s); it will route in its turn", job.id, exc.message)
+                    return
+        if self.config.scheduling.preload:
+            self._preload()
+
+    def _preload(self) -> None:
+        resident = self.pipeline.registry.resident("specialist_host")
+        upcoming = self.queue.upcoming(resident[0] if resident else None)
+        if upcoming is None or upcoming.route is None or resident == [upcoming.route.specialist]:
+            return
+        specialist = upcoming.route.specialist
+        with self.pipeline.swap_lock:
+            try:
+                seconds = self.pipeline.swap_to(specialist, upcoming.id, upcoming.cancel)
+            except StageError as exc:
+                log.info("no preload of %s: %s", specialist, exc.message)
+                return
+            self.pipeline.preloaded = specialist
+            self.pipeline.counters.bump("preloads")
+        log.info("preloaded %s for request %s in %.2fs", specialist, upcoming.id, seconds)
