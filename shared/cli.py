@@ -49,6 +49,14 @@ def render_status(status: StatusReply) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    from shared.vram.plan import make_plan, render_table
+
+    plan = make_plan(config)
+    if not plan.ok:
+        print(render_table(plan))
+        if not args.force:
+            print("lyra: this config does not fit its GPUs (above); fix it or pass --force", file=sys.stderr)
+            return 2
     print(f"starting Lyra Runtime with {config.source} (logs in {config.run_dir() / 'logs'})", flush=True)
     status = stack.up(config, args.timeout, lambda line: print(f"  {line}", flush=True))
     print(render_status(status))
@@ -136,6 +144,24 @@ def save_image(event: ImageEvent, out_dir: str) -> Path:
     return path
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shared.vram.plan import make_plan, render_table
+
+    plan = make_plan(load_config(args.config))
+    print(plan.to_json() if args.json else render_table(plan))
+    return 0 if plan.ok else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from shared.doctor import diagnose, render
+
+    checks = diagnose(load_config(args.config))
+    print(render(checks))
+    failed = [c for c in checks if c.status == "fail"]
+    print(f"\n{len(failed)} check(s) failed" if failed else "\nall checks passed")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
 
@@ -149,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start the stack under supervisord and wait until every service registered")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness (model loads)")
+    p.add_argument("--force", action="store_true", help="start even when `lyra plan` says it does not fit")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop every service")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -171,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("plan", help="per-GPU memory plan of a config, computed from the checkpoints; exit 1 if it "
+                                     "cannot run")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("doctor", help="check GPUs, topology, attention, packages and placement for a config")
+    p.add_argument("-c", "--config", default=str(stack.ROOT / "configs" / "default.toml"))
+    p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("demo", help="start the embedded default, hold a short scripted conversation, stop")
     p.add_argument("-c", "--config", help="config to demo (default: configs/default.toml)")
     p.add_argument("--timeout", type=float, default=600.0)

@@ -264,6 +264,7 @@ class RegisterRequest(Message):
     resident: list[str]  # model names currently loaded
     memory: list[MemoryReading] = []
     placement: dict[str, str] = {}
+    estimates: dict[str, dict[str, int]] = {}  # model -> {physical GPU index: estimated bytes}, from the checkpoint
 
 
 class RegisterReply(Message):

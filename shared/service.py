@@ -89,6 +89,13 @@ class Worker:
     def startup(self) -> None:
         """Load always-resident models before registering (router, voice)."""
 
+    def estimates(self) -> dict[str, dict[str, int]]:
+        """Estimated bytes per physical GPU of each model this worker can run (sent at registration)."""
+        from shared.vram.ledger_bytes import estimates_for
+
+        context = self.context  # type: ignore[attr-defined]
+        return estimates_for(context.config.models_of(self.service), context.physical_gpus)
+
 
 class ServiceLoop:
     """Runs one Worker against the coordinator until SIGTERM."""
@@ -161,6 +168,7 @@ class ServiceLoop:
         """Serve until SIGTERM/SIGINT; returns the process exit status."""
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        self.estimates = self.worker.estimates()
         self.worker.startup()
         sock = transport.connect_dealer(
             self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.worker.service
@@ -270,7 +278,7 @@ class ServiceLoop:
         return RegisterRequest(
             service=self.worker.service, pid=os.getpid(), instance=self.instance, backend=self.worker.backend,
             capabilities=self.worker.capabilities(), resident=self.worker.resident(),
-            memory=self.worker.memory(), placement=self.worker.placement(),
+            memory=self.worker.memory(), placement=self.worker.placement(), estimates=self.estimates,
         )
 
     def _heartbeat(self) -> HeartbeatEvent:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from shared.config import GpuEntry, LyraConfig, ModelEntry
 from shared.messages import GpuSnapshot, MemoryReading
 
-GB = 1024**3
+GB = 10**9  # decimal, as budgets and accelerate's "47GB" are written
 
 
 @dataclass
@@ -31,12 +31,11 @@ class OverBudget(Exception):
     """A load would exceed a GPU's budget; the message carries the arithmetic."""
 
 
-def split_estimate(entry: ModelEntry, gpus: list[int], estimate_bytes: int | None = None) -> dict[int, int]:
-    """Spread a model's estimated bytes over the GPUs of its process (evenly; the planner refines it)."""
-    total = estimate_bytes if estimate_bytes is not None else int(entry.memory_gb * GB)
+def split_estimate(entry: ModelEntry, gpus: list[int]) -> dict[int, int]:
+    """Fallback when a worker sent no estimate: the declared `memory_gb`, spread evenly over its GPUs."""
     if not gpus:
         return {}
-    return {gpu: total // len(gpus) for gpu in gpus}
+    return {gpu: int(entry.memory_gb * GB) // len(gpus) for gpu in gpus}
 
 
 class VramLedger:

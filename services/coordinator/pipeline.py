@@ -211,7 +211,8 @@ class Pipeline:
         The caller holds `swap_lock`. Raises StageError(over_budget) with the arithmetic, loading nothing.
         """
         service = "specialist_host"
-        estimates = split_estimate(self.config.specialists[specialist], self.config.gpus_of(service))
+        estimates = self.registry.estimate(service, specialist) or split_estimate(
+            self.config.specialists[specialist], self.config.gpus_of(service))
         try:
             self.ledger.check(service, specialist, estimates)
         except OverBudget as exc:

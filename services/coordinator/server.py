@@ -213,7 +213,9 @@ class Coordinator:
         estimates: dict[int, int] = {}
         for name in msg.resident:
             if name in entries:
-                for gpu, size in split_estimate(entries[name], self.config.gpus_of(msg.service)).items():
+                per_gpu = self.registry.estimate(msg.service, name) or split_estimate(
+                    entries[name], self.config.gpus_of(msg.service))
+                for gpu, size in per_gpu.items():
                     estimates[gpu] = estimates.get(gpu, 0) + size
         self.ledger.set_resident(msg.service, msg.resident, estimates)
         for warning in self.ledger.measure(msg.service, msg.memory):

@@ -65,6 +65,7 @@ class WorkerState:
     alive: bool = False
     busy_with: str | None = None
     registrations: int = 0
+    estimates: dict[str, dict[int, int]] = field(default_factory=dict)  # model -> GPU -> bytes
 
 
 @dataclass
@@ -97,6 +98,7 @@ class WorkerRegistry:
             state.instance, state.pid, state.backend = msg.instance, msg.pid, msg.backend
             state.capabilities, state.resident = list(msg.capabilities), list(msg.resident)
             state.memory, state.placement = list(msg.memory), dict(msg.placement)
+            state.estimates = {m: {int(g): b for g, b in per.items()} for m, per in msg.estimates.items()}
             state.last_seen, state.alive = time.monotonic(), True
             state.registrations += restarted
             self.changed.notify_all()
@@ -250,6 +252,11 @@ class WorkerRegistry:
         with self.lock:
             self.workers[service].resident = list(resident)
             self.workers[service].placement = dict(placement)
+
+    def estimate(self, service: str, model: str) -> dict[int, int] | None:
+        """The worker's estimate of `model` per physical GPU, if it sent one."""
+        with self.lock:
+            return self.workers[service].estimates.get(model)
 
     def resident(self, service: str) -> list[str]:
         with self.lock:

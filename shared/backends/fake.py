@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, SpecialistOutput, WireGarbage
 from shared.config import ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel
+from shared.vram.ledger_bytes import estimate_per_gpu
 
 TRIGGER = re.compile(r"\[\[fake:(hang|crash|garbage|error|slow):(\w+)\]\]")
 
@@ -70,12 +71,13 @@ class FakeModel(LoadedModel):
     # ------------------------------------------------------------ LoadedModel
 
     def memory(self) -> list[MemoryReading]:
-        size = int(self.entry.memory_gb * 1024**3)
+        """The declared footprint, placed the way the planner places it, reported as if measured."""
         gpus = self.context.physical_gpus
         if not gpus:
+            size = int(self.entry.memory_gb * 10**9)
             return [MemoryReading(device="cpu", allocated_bytes=size, reserved_bytes=size)]
-        share = size // len(gpus)
-        return [MemoryReading(device=f"gpu:{g}", allocated_bytes=share, reserved_bytes=share) for g in gpus]
+        return [MemoryReading(device=f"gpu:{g}", allocated_bytes=size, reserved_bytes=size)
+                for g, size in estimate_per_gpu(self.entry, gpus).items()]
 
     def placement(self) -> dict[str, str]:
         gpus = self.context.physical_gpus

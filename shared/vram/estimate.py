@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from shared.config import LyraConfig, ModelEntry
 from shared.vram.architectures import get_architecture
-from shared.vram.inventory import ModelShape, ParameterInventory, inventory_for
+from shared.vram.inventory import ModelShape, ParameterInventory, architecture_shape, inventory_for
 
 GB = 10**9
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -113,7 +113,8 @@ def kv_cache_bytes(shape: ModelShape | None, context: int, element_bytes: int) -
     """K and V for `context` tokens at batch 1 (sliding-window layers keep only their window)."""
     if shape is None:
         return 0
-    per_token = sum(kv * dim * (min(context, window) if window else context) for kv, dim, window in shape.attention_layers)
+    per_token = sum(kv * dim * (min(context, window) if window else context)
+                    for kv, dim, window in shape.attention_layers)
     return 2 * per_token * element_bytes
 
 
@@ -153,10 +154,22 @@ def estimate_model(entry: ModelEntry) -> MemoryEstimate:
     weights = weight_bytes(inventory, element, entry.quantization, entry.dtype)
     text_model = entry.kind != "image_generation"
     kv = kv_cache_bytes(shape, entry.max_context, compute) if text_model else 0
+    return MemoryEstimate(
+        model=entry.name, source=inventory.source, parameters=inventory.total_elements, weights=weights,
+        kv_cache=kv, recurrent_state=recurrent_state_bytes(shape, compute) if text_model else 0,
+        activations=activation_bytes(entry, shape, compute), overhead=int(FRAGMENTATION * (weights + kv)),
+        dtype=_dtype_label(entry, inventory, element), quantization=entry.quantization,
+        context=entry.max_context, layers=shape.num_layers if shape and text_model else UNITS_WITHOUT_LAYERS,
+        notes=_notes(entry, inventory, text_model),
+    )
+
+
+def _notes(entry: ModelEntry, inventory: ParameterInventory, text_model: bool) -> tuple[str, ...]:
+    """What the operator should know about how this estimate was made."""
     notes = [inventory.detail] if inventory.detail else []
-    if text_model and shape is None:
+    if text_model and inventory.shape is None:
         notes.append("model shape unknown: KV cache and activations not estimated (set `architecture`)")
-    if entry.quantization != "none" and inventory.other_elements > 0.2 * inventory.total_elements:
+    if entry.quantization != "none" and inventory.other_elements > 0.5 * inventory.total_elements:
         notes.append(
             f"{inventory.other_elements / 1e9:.1f}B of {inventory.total_elements / 1e9:.1f}B parameters are not "
             "nn.Linear weights (embeddings, norms, fused MoE experts) and stay 16-bit: bitsandbytes quantizes "
@@ -164,20 +177,11 @@ def estimate_model(entry: ModelEntry) -> MemoryEstimate:
         )
     if entry.architecture and get_architecture(entry.architecture).notes:
         notes.append(get_architecture(entry.architecture).notes)
-    return MemoryEstimate(
-        model=entry.name, source=inventory.source, parameters=inventory.total_elements, weights=weights,
-        kv_cache=kv, recurrent_state=recurrent_state_bytes(shape, compute) if text_model else 0,
-        activations=activation_bytes(entry, shape, compute), overhead=int(FRAGMENTATION * (weights + kv)),
-        dtype=_dtype_label(entry, inventory, element), quantization=entry.quantization,
-        context=entry.max_context, layers=shape.num_layers if shape and text_model else UNITS_WITHOUT_LAYERS,
-        notes=tuple(notes),
-    )
+    return tuple(notes)
 
 
 def _declared_layers(entry: ModelEntry) -> int:
     if entry.architecture and entry.kind != "image_generation":
-        from shared.vram.inventory import architecture_shape
-
         shape = architecture_shape(entry.architecture)
         if shape is not None:
             return shape.num_layers

@@ -33,7 +33,7 @@ SAFETENSORS_BYTES = {
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }
 ASSUMED_LINEAR_FRACTION = 0.9  # for a bare parameter count only
-_NOT_LINEAR = re.compile(r"embed|lm_head|\bwte\b|\bwpe\b|(^|\.)shared\.|token_embd|norm|(^|\.)output\.weight$")
+_NOT_LINEAR = re.compile(r"embed|lm_head|\bwte\b|\bwpe\b|(^|[./])shared\.|token_embd|norm|(^|[./])output\.weight$")
 _RECURRENT_TYPES = {"linear_attention", "mamba"}
 
 
@@ -298,12 +298,16 @@ def locate_checkpoint(entry: ModelEntry) -> Path | None:
     return folder
 
 
+def _has_weights(directory: Path) -> bool:
+    return any(_weight_files(folder) for folder in _model_folders(directory))
+
+
 def inventory_for(entry: ModelEntry) -> ParameterInventory:
     """The best inventory available for an entry: local files, else its architecture, else its parameter count."""
     location = locate_checkpoint(entry)
     if location is not None and location.suffix == ".gguf":
         return inventory_from_gguf(location)
-    if location is not None and location.is_dir() and (_weight_files(location) or _model_folders(location) != [location]):
+    if location is not None and location.is_dir() and _model_folders(location) and _has_weights(location):
         found = inventory_from_safetensors(location)
         if found.shape is None and entry.architecture and entry.kind != "image_generation":
             found = replace(found, shape=architecture_shape(entry.architecture))

@@ -15,7 +15,15 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from shared.config import LyraConfig, ModelEntry, parse_config
-from shared.vram.estimate import GB, GpuSplit, MemoryEstimate, cuda_context_bytes, estimate_model, split_across_gpus
+from shared.vram.estimate import (
+    GB,
+    UNITS_WITHOUT_LAYERS,
+    GpuSplit,
+    MemoryEstimate,
+    cuda_context_bytes,
+    estimate_model,
+    split_across_gpus,
+)
 from shared.vram.search import Alternative, search_alternatives
 
 SERVICE_OF_ROLE = {"router": "router", "voice": "voice", "specialist": "specialist_host"}
@@ -136,25 +144,27 @@ def _baseline_problems(gpus: tuple[GpuBudget, ...], router: Placement, voice: Pl
     problems = [f"{p.name}: {note}" for p in (router, voice) for note in p.split.notes if p.split.spilled]
     for gpu in gpus:
         if gpu.free < 0:
-            problems.append(
-                f"GPU {gpu.index}: baseline {_gb(gpu.baseline)} (router {_gb(gpu.router)} + voice {_gb(gpu.voice)}"
-                f" + {len(gpu.processes)} CUDA contexts {_gb(gpu.contexts)}) exceeds its budget {_gb(gpu.budget)}"
-                f" by {_gb(-gpu.free)}"
-            )
+            parts = [f"{label} {_gb(size)}" for label, size in (("router", gpu.router), ("voice", gpu.voice)) if size]
+            parts.append(f"{len(gpu.processes)} CUDA contexts {_gb(gpu.contexts)}")
+            problems.append(f"GPU {gpu.index}: baseline {_gb(gpu.baseline)} ({' + '.join(parts)}) exceeds its "
+                            f"budget {_gb(gpu.budget)} by {_gb(-gpu.free)}")
     return problems
+
+
+def _overflow_reason(gpu: GpuBudget, spec: Placement, peak: int) -> str:
+    share = spec.split.per_gpu.get(gpu.index, 0)
+    if not share:
+        return (f"GPU {gpu.index}: the baseline alone needs {_gb(peak)} > budget {_gb(gpu.budget)}, "
+                f"short by {_gb(peak - gpu.budget)}")
+    return (f"GPU {gpu.index}: needs {_gb(peak)} (baseline {_gb(gpu.baseline)} + {spec.name} {_gb(share)}) "
+            f"> budget {_gb(gpu.budget)}, short by {_gb(peak - gpu.budget)}")
 
 
 def _verdict(gpus: tuple[GpuBudget, ...], spec: Placement, baseline_spill: int) -> Verdict:
     peak = {gpu.index: gpu.baseline + spec.split.per_gpu.get(gpu.index, 0) for gpu in gpus}
     over = {gpu.index: peak[gpu.index] - gpu.budget for gpu in gpus if peak[gpu.index] > gpu.budget}
-    reasons = [
-        f"GPU {gpu.index}: needs {_gb(peak[gpu.index])} (baseline {_gb(gpu.baseline)} + {spec.name} "
-        f"{_gb(spec.split.per_gpu.get(gpu.index, 0))}) > budget {_gb(gpu.budget)}, short by {_gb(over[gpu.index])}"
-        for gpu in gpus if gpu.index in over
-    ]
+    reasons = [_overflow_reason(gpu, spec, peak[gpu.index]) for gpu in gpus if gpu.index in over]
     reasons += [f"{spec.name}: {note}" for note in spec.split.notes if spec.split.spilled]
-    if not spec.split.per_gpu and not spec.split.spilled and spec.estimate.total:
-        reasons.append(f"{spec.name}: the specialist host has no GPU")
     if reasons:
         reasons += [f"{spec.name}: {note}" for note in spec.estimate.notes if "stay 16-bit" in note]
     spill = spec.split.spilled + baseline_spill
@@ -224,9 +234,19 @@ def make_plan(config: LyraConfig) -> Plan:
     for verdict in plan.verdicts:
         if not verdict.fits:
             found = search_alternatives(config, verdict.specialist, specialist_fits, reparse, voice_rebalance)
-            verdict = Verdict(verdict.specialist, False, verdict.peak, verdict.shortfall, verdict.reasons, found)
+            reasons = verdict.reasons if found else verdict.reasons + _why_nothing_helps(config, verdict.specialist)
+            verdict = Verdict(verdict.specialist, False, verdict.peak, verdict.shortfall, reasons, found)
         verdicts.append(verdict)
     return Plan(plan.source, plan.gpus, plan.placements, tuple(verdicts), plan.problems)
+
+
+def _why_nothing_helps(config: LyraConfig, specialist: str) -> tuple[str, ...]:
+    """What the specialist needs at its smallest, for a verdict no alternative could fix."""
+    entry = config.specialists[specialist]
+    smallest = estimate_cached(entry.model_copy(update={"quantization": "4bit"}))
+    budgets = ", ".join(_gb(int(g.budget_gb * GB)) for g in config.gpus)
+    notes = tuple(f"{specialist}: {note}" for note in smallest.notes if "stay 16-bit" in note)
+    return (f"{specialist}: even in 4-bit it needs {_gb(smallest.total)} by itself (GPU budgets: {budgets})", *notes)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -242,28 +262,44 @@ def _num(value: int) -> str:
 
 def render_table(plan: Plan) -> str:
     """A human-readable table of the plan (GB = 10^9 bytes)."""
-    lines = [f"VRAM plan for {plan.source or '<config>'}: {'FITS' if plan.ok else 'DOES NOT FIT'}  (GB = 10^9 bytes)", ""]
-    lines.append(f"{'GPU':<4}{'budget':>8}{'contexts':>10}{'router':>8}{'voice':>8}{'baseline':>10}{'free':>8}  processes")
+    verdict = "FITS" if plan.ok else "DOES NOT FIT"
+    lines = [f"VRAM plan for {plan.source or '<config>'}: {verdict}  (GB = 10^9 bytes)", ""]
+    lines += [*_gpu_rows(plan), "", *_model_rows(plan), ""]
+    lines += [f"PROBLEM {problem}" for problem in plan.problems] + ([""] if plan.problems else [])
+    for v in plan.verdicts:
+        lines += _verdict_rows(v)
+    return "\n".join(lines)
+
+
+def _gpu_rows(plan: Plan) -> list[str]:
+    rows = [f"{'GPU':<4}{'budget':>8}{'contexts':>10}{'router':>8}{'voice':>8}{'baseline':>10}{'free':>8}  processes"]
     for gpu in plan.gpus:
-        lines.append(f"{gpu.index:<4}{_num(gpu.budget):>8}{_num(gpu.contexts):>10}{_num(gpu.router):>8}"
-                     f"{_num(gpu.voice):>8}{_num(gpu.baseline):>10}{_num(gpu.free):>8}  {', '.join(gpu.processes)}")
-    lines += ["", f"{'model':<13}{'role':<11}{'source':<26}{'dtype':<16}{'quant':<6}{'ctx':>7}{'params':>8}"
-              f"{'weights':>9}{'kv':>6}{'act':>6}{'other':>7}{'total':>8}  per GPU"]
+        rows.append(f"{gpu.index:<4}{_num(gpu.budget):>8}{_num(gpu.contexts):>10}{_num(gpu.router):>8}"
+                    f"{_num(gpu.voice):>8}{_num(gpu.baseline):>10}{_num(gpu.free):>8}  {', '.join(gpu.processes)}")
+    return rows
+
+
+def _model_rows(plan: Plan) -> list[str]:
+    rows = [f"{'model':<13}{'role':<11}{'source':<26}{'dtype':<16}{'quant':<6}{'ctx':>7}{'params':>8}"
+            f"{'weights':>9}{'kv':>6}{'act':>6}{'other':>7}{'total':>8}  per GPU"]
     for p in plan.placements:
         e = p.estimate
         per_gpu = ", ".join(f"{gpu}: {_num(size)}" for gpu, size in sorted(p.split.per_gpu.items()))
         spill = f", spilled {_num(p.split.spilled)}" if p.split.spilled else ""
-        lines.append(f"{p.name:<13}{p.role:<11}{e.source:<26}{e.dtype:<16}{e.quantization:<6}{e.context:>7}"
-                     f"{e.parameters / 1e9:>7.1f}B{_num(e.weights):>9}{_num(e.kv_cache):>6}{_num(e.activations):>6}"
-                     f"{_num(e.recurrent_state + e.overhead):>7}{_num(e.total):>8}  {per_gpu}{spill}")
-    lines += [""] + [f"PROBLEM {problem}" for problem in plan.problems] + ([""] if plan.problems else [])
-    for v in plan.verdicts:
-        peak = ", ".join(f"GPU {gpu} {_num(size)}" for gpu, size in sorted(v.peak.items()))
-        state = "fits" if v.fits else f"DOES NOT FIT by {_gb(v.shortfall)}"
-        lines.append(f"specialist {v.specialist:<13} {state:<26} peak: {peak}")
-        lines += [f"    - {reason}" for reason in v.reasons]
-        if not v.fits:
-            lines += [f"    option {i}: {alt.describe()}" for i, alt in enumerate(v.alternatives, 1)]
-            if not v.alternatives:
-                lines.append("    no alternative found among quantization, shorter contexts and moves")
-    return "\n".join(lines)
+        context = "-" if e.kv_cache == 0 and e.layers == UNITS_WITHOUT_LAYERS else str(e.context)
+        rows.append(f"{p.name:<13}{p.role:<11}{e.source:<26}{e.dtype:<16}{e.quantization:<6}{context:>7}"
+                    f"{e.parameters / 1e9:>7.1f}B{_num(e.weights):>9}{_num(e.kv_cache):>6}{_num(e.activations):>6}"
+                    f"{_num(e.recurrent_state + e.overhead):>7}{_num(e.total):>8}  {per_gpu or 'CPU'}{spill}")
+    return rows
+
+
+def _verdict_rows(v: Verdict) -> list[str]:
+    peak = ", ".join(f"GPU {gpu} {_num(size)}" for gpu, size in sorted(v.peak.items())) or "no GPU (CPU only)"
+    state = "fits" if v.fits else f"DOES NOT FIT by {_gb(v.shortfall)}"
+    rows = [f"specialist {v.specialist:<13} {state:<26} peak: {peak}"]
+    rows += [f"    - {reason}" for reason in v.reasons]
+    if not v.fits:
+        rows += [f"    option {i}: {alt.describe()}" for i, alt in enumerate(v.alternatives, 1)]
+        if not v.alternatives:
+            rows.append("    no alternative found among quantization, shorter contexts and moves")
+    return rows

@@ -102,7 +102,8 @@ def _candidates(config: LyraConfig, specialist: str, rebalance: Rebalance) -> li
     return sorted(combos, key=lambda cs: (sum(c.cost for c in cs), len(cs), [c.describe() for c in cs]))
 
 
-def apply_changes(config: LyraConfig, changes: tuple[Change, ...], rebalance: Rebalance) -> tuple[LyraConfig, tuple[Change, ...]]:
+def apply_changes(config: LyraConfig, changes: tuple[Change, ...],
+                  rebalance: Rebalance) -> tuple[LyraConfig, tuple[Change, ...]]:
     """The configuration with `changes` applied (unvalidated copy), and the changes as resolved."""
     resolved: list[Change] = []
     for change in sorted(changes, key=lambda c: c.field == "rebalance"):

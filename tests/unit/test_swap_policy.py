@@ -69,6 +69,9 @@ class SimulatedHost:
     def wait_up(self, *args: object) -> None:
         return None
 
+    def estimate(self, service: str, model: str) -> None:
+        return None  # no worker estimate: the ledger falls back to memory_gb
+
     def set_resident(self, service: str, resident: list[str], placement: dict[str, str]) -> None:
         self.resident_models = list(resident)
 
