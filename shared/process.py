@@ -54,6 +54,9 @@ def run_worker(service: str, make_worker: Callable[[LoadContext], object], argv:
     context = LoadContext(service=service, physical_gpus=physical_gpus(config, service), config=config)
     log.info("starting %s (pid %d, GPUs %s, config %s)", service, os.getpid(),
              context.physical_gpus or "none", config.source)
+    from shared.vram.shares import cap_this_process
+
+    cap_this_process(config, service, context.physical_gpus)
     worker = make_worker(context)
     assert isinstance(worker, Worker)
     return ServiceLoop(worker, config).run()

@@ -124,3 +124,21 @@ def test_alternatives_for_architecture_sized_models() -> None:
     (change,) = cheapest.changes
     assert (change.field, change.value) == ("quantization", "int8")
     assert cheapest.headroom >= 0
+
+
+def test_process_shares_never_overlap_and_leave_each_neighbour_its_plan() -> None:
+    from shared.vram.plan import assess
+    from shared.vram.shares import planned_bytes, process_shares
+
+    config = load_config(CONFIGS / "a6000x2.toml")
+    plan = assess(config)
+    planned = planned_bytes(plan)
+    for gpu in plan.gpus:
+        for service in ("router", "specialist_host", "voice"):
+            share = process_shares(config, service, plan).get(gpu.index)
+            if share is None:
+                continue
+            own = planned.get(service, {}).get(gpu.index, 0)
+            assert share >= own  # a process always gets at least its own plan (the config fits)
+            others = sum(p.get(gpu.index, 0) for s, p in planned.items() if s != service)
+            assert share + others + gpu.contexts <= gpu.budget
