@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from shared import stack
+from shared.cli_render import save_image
 from shared.client import Client, LyraError, find_stack
 from shared.config import ConfigError, load_config
 from shared.messages import (
@@ -118,8 +119,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(f"[route -> {event.specialist}]", file=sys.stderr)
             elif isinstance(event, (StageStartedEvent, StageFinishedEvent)) and args.verbose:
                 print(f"[{event.type.removesuffix('_event')} {event.stage}]", file=sys.stderr)
-            elif isinstance(event, ImageEvent) and args.out:
-                print(f"[image: {save_image(event, args.out)}]", file=sys.stderr)
+            elif isinstance(event, ImageEvent):
+                where = save_image(event, args.out) if args.out else "not saved; pass --out DIR"
+                print(f"\n[image {event.image.width}x{event.image.height}: {where}]", file=sys.stderr)
             elif isinstance(event, DoneEvent):
                 done = event
     assert done is not None
@@ -132,16 +134,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print()
         print_summary(done)
     return 0
-
-
-def save_image(event: ImageEvent, out_dir: str) -> Path:
-    """Write an image event to `out_dir` and return the path."""
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = {"image/png": ".png", "image/jpeg": ".jpg"}.get(event.image.mime, ".bin")
-    path = folder / f"lyra-{event.parent_id or event.id}{suffix}"
-    path.write_bytes(event.image.data)
-    return path
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -165,7 +157,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
 
-    return run_demo(args.config, args.timeout)
+    return run_demo(args.config, args.timeout, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("demo", help="start the embedded default, hold a short scripted conversation, stop")
     p.add_argument("-c", "--config", help="config to demo (default: configs/default.toml)")
+    p.add_argument("--out", default="lyra-demo-images", help="directory for the images the artist makes")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("logs", help="print a service's log")

@@ -32,6 +32,7 @@ from shared.messages import (
     ErrorCode,
     ErrorEvent,
     GenerationOptions,
+    ImagePayload,
     Message,
     StatusReply,
     StatusRequest,
@@ -78,6 +79,10 @@ class CancelledError(LyraError):
     """The request was cancelled."""
 
 
+class BadImageError(LyraError):
+    """The attached image was refused (unreadable, truncated, absurd dimensions, too large)."""
+
+
 class StackNotFoundError(LyraError):
     """No running stack could be found."""
 
@@ -98,6 +103,10 @@ ERRORS: dict[str, type[LyraError]] = {
     ErrorCode.schema_version.value: InvalidRequestError,
     ErrorCode.too_large.value: InvalidRequestError,
     ErrorCode.cancelled.value: CancelledError,
+    ErrorCode.image_unreadable.value: BadImageError,
+    ErrorCode.image_truncated.value: BadImageError,
+    ErrorCode.image_dimensions.value: BadImageError,
+    ErrorCode.image_too_large.value: BadImageError,
 }
 
 
@@ -105,6 +114,16 @@ def error_from_event(event: ErrorEvent) -> LyraError:
     """The typed exception for a coordinator error event."""
     cls = ERRORS.get(event.code.value, LyraError)
     return cls(event.message, code=event.code.value, service=event.service, event=event)
+
+
+def pil_image(result: DoneEvent | ImagePayload) -> Any:
+    """The result's image as a PIL image (needs Pillow); None when the turn made no image."""
+    payload = result.image if isinstance(result, DoneEvent) else result
+    if payload is None:
+        return None
+    from PIL import Image
+
+    return Image.open(io.BytesIO(payload.data))
 
 
 def state_file() -> Path:

@@ -36,6 +36,9 @@ class RuntimeSettings(Section):
     allow_remote: bool = False  # tcp endpoints must be loopback unless this is true
     queue_size: int = Field(default=16, ge=1, le=100_000)
     max_message_mb: float = Field(default=32.0, gt=0, le=1024)
+    max_image_mb: float = Field(default=16.0, gt=0, le=1024)  # an attached image's file size
+    max_image_side: int = Field(default=8192, ge=16)  # pixels on the longer side
+    max_image_megapixels: float = Field(default=40.0, gt=0)
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     heartbeat_timeout_s: float = Field(default=5.0, gt=0, le=600)
     cancel_grace_s: float = Field(default=10.0, gt=0, le=3600)  # a worker that ignores a cancel this long exits
@@ -89,6 +92,21 @@ class GenerationDefaults(Section):
     seed: int | None = None
 
 
+class ImageDefaults(Section):
+    """Image-generation settings of an artist entry (diffusers backend)."""
+
+    steps: int = Field(default=4, ge=1)  # denoising steps when the request sets none (FLUX.1-schnell: 4)
+    guidance: float = Field(default=0.0, ge=0)  # guidance scale (schnell ignores it; dev wants about 3.5)
+    width: int = Field(default=1024, ge=16)  # pixels when the request sets none
+    height: int = Field(default=1024, ge=16)
+    max_side: int = Field(default=2048, ge=16)  # largest width or height a request may ask for
+    max_steps: int = Field(default=50, ge=1)  # most steps a request may ask for
+    max_sequence_length: int = Field(default=256, ge=1, le=512)  # T5 prompt tokens (schnell 256, dev 512)
+    vae_tiling: bool = False  # decode in tiles: large images in less memory, slightly slower, rare seams
+    vae_slicing: bool = False  # decode a batch one image at a time: less peak memory for batches
+    cpu_offload: bool = False  # components live in host RAM and visit the GPU in turn: far less VRAM, slower
+
+
 class FakeBehaviour(Section):
     """Test-double switches for the `fake` backend (never used by a real model)."""
 
@@ -108,7 +126,7 @@ class ModelEntry(Section):
     backend: Literal["fake", "transformers", "diffusers"] = "fake"
     path: str = ""  # Hugging Face id or local directory (or a GGUF file's directory)
     gguf_file: str = ""  # file name inside `path` for GGUF checkpoints
-    embedded: Literal["", "smollm2"] = ""  # use a checkpoint shipped inside a Python package
+    embedded: Literal["", "smollm2", "tiny-flux", "tiny-llava"] = ""  # a checkpoint shipped or generated locally
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantization: Literal["none", "int8", "4bit"] = "none"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "auto"] = "auto"
@@ -119,6 +137,7 @@ class ModelEntry(Section):
     description: str = ""  # what this specialist is for; the router scores it
     system_prompt: str = ""
     generation: GenerationDefaults = GenerationDefaults()
+    image: ImageDefaults = ImageDefaults()
     memory_gb: float = Field(default=0.0, ge=0)  # declared footprint; overrides the estimator when set
     architecture: str = ""  # known architecture name for planning without files (see shared.vram)
     parameters_b: float = Field(default=0.0, ge=0)  # parameter count in billions, for planning without files

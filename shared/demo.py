@@ -13,12 +13,27 @@ from shared.messages import DoneEvent, TokenEvent
 
 DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
 
-SCRIPT = (
-    "What is 17 multiplied by 23?",
-    "What is the meaning of life?",
-    "How do I boil an egg?",
-    "Is free will an illusion?",
+SCRIPT: tuple[tuple[str, bool], ...] = (  # (prompt, attach a picture)
+    ("What is 17 multiplied by 23?", False),
+    ("What is the meaning of life?", False),
+    ("How do I boil an egg?", False),
+    ("Is free will an illusion?", False),
+    ("Draw a picture of a lighthouse at sunset.", False),
+    ("What is in this picture?", True),
 )
+
+
+def sample_picture() -> bytes:
+    """A small picture to ask perception about (a red disc on blue), made on the spot."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 96), (30, 60, 160))
+    ImageDraw.Draw(image).ellipse((24, 24, 72, 72), fill=(220, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _scores(done: DoneEvent) -> str:
@@ -45,7 +60,7 @@ def converse(client: Client, prompts: tuple[str, ...], out=sys.stdout) -> list[D
     return results
 
 
-def run_demo(config_path: str | None, timeout_s: float) -> int:
+def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-demo-images") -> int:
     """The whole demo; returns the exit status."""
     config = load_config(config_path or DEFAULT_CONFIG)
     print(f"Lyra Runtime demo on {Path(config.source).name}: starting the stack (first start loads the models)...",
@@ -55,7 +70,7 @@ def run_demo(config_path: str | None, timeout_s: float) -> int:
         stack.up(config, timeout_s, lambda line: print(f"  {line}", flush=True))
         print(f"stack up in {time.monotonic() - began:.1f}s", flush=True)
         with Client(config.client_endpoint(), timeout_s=timeout_s) as client:
-            results = converse(client, SCRIPT)
+            results = converse(client, SCRIPT, Path(image_dir))
     except LyraError as exc:
         print(f"\ndemo failed: {exc.code}: {exc.message}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1  # 1.1: image error codes, estimates in registration, tickets
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 STAGES = ("route", "load", "specialist", "voice")
@@ -41,6 +41,10 @@ class ErrorCode(str, Enum):
     worker_missing = "worker_missing"  # a service the request needs has never registered
     worker_error = "worker_error"  # the worker raised while running the stage
     over_budget = "over_budget"  # the VRAM ledger refused a load
+    image_unreadable = "image_unreadable"  # attached bytes are not an image
+    image_truncated = "image_truncated"  # an image whose data ends early or is corrupt
+    image_dimensions = "image_dimensions"  # zero, absurd or over-limit width/height
+    image_too_large = "image_too_large"  # over the byte limit
     cancelled = "cancelled"  # the client cancelled or went away
     shutting_down = "shutting_down"  # the coordinator is draining
     internal = "internal"  # a bug: the log has the traceback
@@ -79,7 +83,10 @@ class GenerationOptions(Frozen):
     max_new_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float | None = Field(default=None, ge=0.0, le=5.0)  # 0 = greedy
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    width: int | None = Field(default=None, ge=16, le=16384)  # image width; the artist's max_side applies
+    height: int | None = Field(default=None, ge=16, le=16384)  # image height
+    steps: int | None = Field(default=None, ge=1, le=1000)  # denoising steps; the artist's max_steps applies
 
 
 class MemoryReading(Frozen):

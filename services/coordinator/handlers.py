@@ -10,6 +10,7 @@ from services.coordinator.pipeline import Pipeline
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.coordinator.workers import WorkerRegistry
 from shared.config import LyraConfig
+from shared.images import BadImage, ImageLimits, check_image
 from shared.messages import (
     AcceptedEvent,
     CancelRequest,
@@ -23,6 +24,20 @@ from shared.messages import (
 from shared.transport import Received
 
 log = logging.getLogger(__name__)
+
+
+def bad_image(config: LyraConfig, msg: ChatRequest) -> BadImage | None:
+    """Why the attached image is refused, or None (also when there is none)."""
+    if msg.image is None:
+        return None
+    runtime = config.runtime
+    limits = ImageLimits(max_bytes=int(runtime.max_image_mb * 1e6), max_side=runtime.max_image_side,
+                         max_pixels=int(runtime.max_image_megapixels * 1e6))
+    try:
+        check_image(msg.image, limits)
+    except BadImage as exc:
+        return exc
+    return None
 
 
 def invalid_chat(config: LyraConfig, msg: ChatRequest) -> str | None:
@@ -71,6 +86,10 @@ class ClientHandlers:
         problem = invalid_chat(self.config, msg)
         if problem:
             return [ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request, message=problem)]
+        image_problem = bad_image(self.config, msg)
+        if image_problem:
+            log.warning("request %s refused: %s", msg.id, image_problem.message)
+            return [ErrorEvent(parent_id=msg.id, code=image_problem.code, message=image_problem.message)]
         if self.queue.find(msg.id):
             return [ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
                                message=f"request id {msg.id} is already queued")]

@@ -85,6 +85,7 @@ class LoadedModel(ABC):
         yield SpecialistOutput(text="".join(pieces))
 
 
+VISION_BACKEND = "shared.backends.hf_vision:load"  # transformers + kind "vision_language"
 BACKENDS: dict[str, str] = {
     "fake": "shared.backends.fake:load",
     "transformers": "shared.backends.hf_causal:load",
@@ -94,7 +95,11 @@ BACKENDS: dict[str, str] = {
 
 def load_model(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     """Load `entry` with its configured backend (imported lazily: the coordinator never imports torch)."""
-    target = BACKENDS.get(entry.backend)
+    from shared.backends.embedded import materialise
+
+    entry = materialise(entry)
+    target = VISION_BACKEND if (entry.backend, entry.kind) == ("transformers", "vision_language") else \
+        BACKENDS.get(entry.backend)
     if target is None:
         raise BackendError(f"model {entry.name!r}: unknown backend {entry.backend!r}")
     module_name, func = target.split(":")

@@ -1,0 +1,247 @@
+"""The transformers vision-language backend: LLaVA-NeXT looks at the turn's image and answers in text.
+
+The conversation goes through the processor's chat template in the llava-hf form (every content a list of
+parts; the image is a `{"type": "image"}` part at the start of the last user turn), or, for a checkpoint
+without a template, the documented Mistral format ``[INST] <image>\\n{text} [/INST]``. Without an image the
+model answers text-only. Image bytes (PNG/JPEG) are decoded with Pillow; unreadable bytes are a BackendError.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    LlavaNextForConditionalGeneration,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from shared.backends import memory, placement
+from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, SpecialistOutput
+from shared.backends.hf_causal import merged_sampling
+from shared.config import ModelEntry
+from shared.messages import ChatTurn, GenerationOptions, MemoryReading
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
+    """Load the LLaVA-NeXT checkpoint at `entry.path` and its processor onto this process's GPUs (or the CPU)."""
+    started = time.perf_counter()
+    if entry.kind != "vision_language":
+        raise BackendError(f"model {entry.name!r}: hf_vision loads vision_language models, not {entry.kind}")
+    if context.physical_gpus and not torch.cuda.is_available():
+        raise BackendError(f"model {entry.name!r}: the {context.service} service is pinned to GPUs "
+                           f"{context.physical_gpus} but CUDA is not available here (CPU-only torch or no driver)")
+    try:
+        kwargs = model_kwargs(entry, len(context.physical_gpus))
+        processor = AutoProcessor.from_pretrained(entry.path)
+        model = LlavaNextForConditionalGeneration.from_pretrained(entry.path, **kwargs)
+    except placement.PlacementError as exc:
+        raise BackendError(f"model {entry.name!r}: {exc}") from exc
+    except (OSError, ValueError, ImportError, RuntimeError, TypeError) as exc:
+        raise BackendError(f"model {entry.name!r}: could not load a LLaVA-NeXT model from {entry.path}: {exc}") from exc
+    loaded = HfVisionModel(entry, model.eval(), processor, list(context.physical_gpus))
+    logger.info("loaded %s from %s in %.1f s, %s, placement %s", entry.name, entry.path,
+                time.perf_counter() - started, kwargs["dtype"], loaded.placement())
+    return loaded
+
+
+def model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
+    """`from_pretrained` arguments: dtype, attention, device map, memory limits and quantization."""
+    dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpu_count else torch.float32)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": "sdpa" if entry.attn_implementation == "auto" else entry.attn_implementation,
+        "device_map": placement.resolve_device_map(entry.device_map, gpu_count),
+    }
+    if kwargs["device_map"] in placement.STRATEGIES and entry.max_memory:
+        kwargs["max_memory"] = placement.resolve_max_memory(entry.max_memory, gpu_count)
+    if entry.quantization != "none":
+        if not gpu_count:
+            raise ValueError(f"quantization = {entry.quantization!r} needs a CUDA GPU and this service has none")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if entry.quantization == "int8" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    return kwargs
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Raw PNG/JPEG bytes -> an RGB PIL image; BackendError with a sentence when they are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            picture.load()
+            return picture.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BackendError(f"the image ({len(data)} bytes) could not be read as a picture: {exc}; "
+                           "send a PNG or JPEG file") from exc
+
+
+# ---------------------------------------------------------------- the resident model
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Stops generation once any of the events is set."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class HfVisionModel(LoadedModel):
+    """A LLaVA-NeXT model and its processor, resident in this process."""
+
+    def __init__(self, entry: ModelEntry, model: Any, processor: Any, physical_gpus: list[int]) -> None:
+        self.entry = entry
+        self.model: Any = model
+        self.processor: Any = processor
+        self.physical_gpus = physical_gpus
+
+    def memory(self) -> list[MemoryReading]:
+        """Measured memory of this process: per GPU it is pinned to, or its RSS on the CPU."""
+        return memory.readings(self.physical_gpus)
+
+    def placement(self) -> dict[str, str]:
+        """Where the weights are, in physical GPU numbers."""
+        if self.model is None:
+            return {}
+        return placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
+
+    def unload(self) -> None:
+        """Drop the model and processor and hand cached GPU blocks back to the driver."""
+        self.model = self.processor = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("unloaded %s", self.entry.name)
+
+    def generate(self, messages: list[ChatTurn], options: GenerationOptions,
+                 cancel: threading.Event) -> Iterator[str]:
+        """Answer a text-only conversation, streamed piece by piece."""
+        yield from self._answer(messages, None, options, cancel)
+
+    def run_specialist(self, messages: list[ChatTurn], image: bytes | None, options: GenerationOptions,
+                       cancel: threading.Event) -> Iterator[str | SpecialistOutput]:
+        """Look at `image` (if any) and answer the last user turn: text pieces, then the whole description."""
+        picture = decode_image(image) if image is not None else None
+        pieces: list[str] = []
+        for piece in self._answer(messages, picture, options, cancel):
+            pieces.append(piece)
+            yield piece
+        yield SpecialistOutput(text="".join(pieces))
+
+    # ------------------------------------------------------------ internals
+
+    def _answer(self, messages: list[ChatTurn], picture: Image.Image | None, options: GenerationOptions,
+                cancel: threading.Event) -> Iterator[str]:
+        if self.model is None:
+            raise BackendError(f"model {self.entry.name!r} has been unloaded")
+        _raise_if_cancelled(cancel, self.entry.name)
+        settings = merged_sampling(self.entry.generation, options)
+        inputs = self._fit(messages, picture, settings["max_new_tokens"])
+        if settings["seed"] is not None:
+            torch.manual_seed(settings["seed"])
+        sampling = {"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"]} \
+            if settings["temperature"] > 0 else {"do_sample": False}
+        room = self.entry.max_context - inputs["input_ids"].shape[1]
+        yield from self._stream(inputs, {"max_new_tokens": min(settings["max_new_tokens"], room), **sampling}, cancel)
+
+    def _fit(self, messages: list[ChatTurn], picture: Image.Image | None, max_new: int) -> dict[str, Any]:
+        """Model inputs for the whole conversation, or for system + last user turn when that is too long."""
+        system = [turn for turn in messages if turn.role == "system"]
+        last_user = [turn for turn in messages if turn.role == "user"][-1:]
+        if not last_user:
+            raise BackendError("the vision model needs a user message to answer, and the turn has none")
+        limit = self.entry.max_context - min(max_new, self.entry.max_context // 2)
+        for attempt in (messages, system + last_user):
+            inputs = self._inputs(attempt, picture)
+            if inputs["input_ids"].shape[1] <= limit:
+                return inputs
+            logger.warning("%s: prompt of %d tokens over max_context %d; keeping only the system and last user turn",
+                           self.entry.name, inputs["input_ids"].shape[1], self.entry.max_context)
+        raise BackendError(f"the question and image take {inputs['input_ids'].shape[1]} tokens, more than this "
+                           f"model's max_context of {self.entry.max_context} allows with room for the answer")
+
+    def _inputs(self, messages: list[ChatTurn], picture: Image.Image | None) -> dict[str, Any]:
+        prompt = self._prompt(messages, picture is not None)
+        batch = self.processor(images=picture, text=prompt, return_tensors="pt")
+        device = self.model.get_input_embeddings().weight.device
+        inputs = {name: value.to(device) for name, value in batch.items() if isinstance(value, torch.Tensor)}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def _prompt(self, messages: list[ChatTurn], with_image: bool) -> str:
+        """The conversation rendered for the model, with the image placeholder on the last user turn."""
+        token = self.processor.image_token
+        # User text must not contain the image placeholder: the processor would expand it into image features.
+        turns = [(turn.role, turn.content.replace(token, "[image]")) for turn in messages]
+        last_user = max(i for i, (role, _) in enumerate(turns) if role == "user")
+        if self.processor.chat_template is None:
+            system = "".join(f"{text}\n\n" for role, text in turns if role == "system")
+            image = f"{token}\n" if with_image else ""
+            return f"{system}[INST] {image}{turns[last_user][1]} [/INST]"
+        chat = []
+        for i, (role, text) in enumerate(turns):
+            parts: list[dict[str, str]] = [{"type": "image"}] if with_image and i == last_user else []
+            chat.append({"role": role, "content": [*parts, {"type": "text", "text": text}]})
+        return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+    def _stream(self, inputs: dict[str, Any], generation: dict[str, Any], cancel: threading.Event) -> Iterator[str]:
+        """Run `generate` in a thread and yield its text as it comes; raises Cancelled or BackendError."""
+        stop = threading.Event()  # set when our consumer goes away
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failures: list[BaseException] = []
+        model = self.model
+
+        def work() -> None:
+            try:
+                model.generate(**inputs, streamer=streamer, pad_token_id=self._pad_id(),
+                               stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel, stop)]), **generation)
+            except BaseException as exc:  # re-raised in the caller's thread below
+                failures.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, name=f"generate-{self.entry.name}", daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                if cancel.is_set():
+                    break
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            thread.join()
+        if failures:
+            raise BackendError(f"model {self.entry.name!r}: generation failed: {failures[0]}") from failures[0]
+        _raise_if_cancelled(cancel, self.entry.name)
+
+    def _pad_id(self) -> int | None:
+        tokenizer = self.processor.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _raise_if_cancelled(cancel: threading.Event, name: str) -> None:
+    if cancel.is_set():
+        raise Cancelled(f"model {name!r}: cancelled")

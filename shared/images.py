@@ -1,0 +1,55 @@
+"""Validate image bytes before any model sees them: each kind of bad image gets its own error."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from shared.messages import ErrorCode
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the stack accepts."""
+
+    max_bytes: int
+    max_side: int
+    max_pixels: int
+
+
+class BadImage(Exception):
+    """The image was refused; `code` says why."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_image(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
+    """Return (format, width, height) of a decodable image within the limits, or raise BadImage."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > limits.max_bytes:
+        raise BadImage(ErrorCode.image_too_large, f"the image is {len(data) / 1e6:.1f} MB; the limit is "
+                                                  f"{limits.max_bytes / 1e6:.1f} MB (runtime.max_image_mb)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            header = Image.open(io.BytesIO(data))
+            width, height, fmt = header.width, header.height, header.format or "unknown"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(ErrorCode.image_dimensions, f"the image's dimensions are absurd ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadImage(ErrorCode.image_unreadable, "the attached file is not an image this stack can read "
+                                                   "(PNG, JPEG, WebP, GIF, BMP)") from None
+    if width < 1 or height < 1 or max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise BadImage(ErrorCode.image_dimensions, f"the image is {width}x{height}; the limit is "
+                                                   f"{limits.max_side} px a side and {limits.max_pixels} pixels")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # a full decode: truncated or corrupt data fails here, before any model runs
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(ErrorCode.image_truncated, f"the {fmt} image is truncated or corrupt ({exc})") from None
+    return fmt, width, height
