@@ -106,6 +106,7 @@ class GpuSnapshot(Frozen):
     estimated_bytes: int  # sum of the ledger's estimates for what is resident
     measured_bytes: int | None  # sum of workers' measured usage, once reported
     resident: list[str]  # "service:model" entries occupying this GPU
+    by_service: dict[str, dict[str, int]] = {}  # service -> {"estimated": bytes, "measured": bytes (if any)}
 
 
 class RouteLabel(Frozen):

@@ -107,5 +107,8 @@ class VramLedger:
                 estimated_bytes=sum(line.estimated + self.reserve(gpu) for line in lines.values() if line.models),
                 measured_bytes=sum(measured) if measured else None,
                 resident=[f"{svc}:{m}" for svc, line in lines.items() for m in line.models],
+                by_service={svc: {"estimated": line.estimated, **({"measured": line.measured}
+                                                                  if line.measured is not None else {})}
+                            for svc, line in lines.items()},
             ))
         return out
