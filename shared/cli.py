@@ -38,6 +38,9 @@ def render_status(status: StatusReply) -> str:
         placement = ", ".join(f"{k}={v}" for k, v in s.placement.items()) or "-"
         lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<13}"
                      f"{', '.join(s.resident) or '-':<28}{placement}")
+        if s.cached:
+            held = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s.cached.items())
+            lines.append(f"{'':<16}host weight cache (least recently used first): {held}")
     if status.gpus:
         lines.append(f"{'gpu':<6}{'budget GB':>10}{'estimated':>11}{'measured':>10}  resident")
         for g in status.gpus:

@@ -68,6 +68,13 @@ class Scheduling(Section):
     lookahead: int = Field(default=4, ge=1, le=64)  # how many waiting requests are routed early
 
 
+class WeightCacheSettings(Section):
+    """The specialist host's host-RAM copy of specialist weights (swap = one host -> GPU copy)."""
+
+    size_gb: float = Field(default=0.0, ge=0)  # 0 = off: every swap reloads from the checkpoint
+    pin: bool = True  # page-locked memory (about 3x faster copies); ignored without CUDA
+
+
 class GpuEntry(Section):
     """One physical GPU and the memory the runtime may use on it."""
 
@@ -166,6 +173,7 @@ class LyraConfig(Section):
     runtime: RuntimeSettings = RuntimeSettings()
     deadlines: Deadlines = Deadlines()
     scheduling: Scheduling = Scheduling()
+    weight_cache: WeightCacheSettings = WeightCacheSettings()
     gpus: list[GpuEntry] = []
     services: dict[str, ServicePlacement] = {}
     router: ModelEntry

@@ -241,6 +241,7 @@ class ServiceStatus(Frozen):
     registrations: int = 0  # how often it registered (restarts + 1)
     memory: list[MemoryReading] = []
     placement: dict[str, str] = {}  # model -> resolved device map summary
+    cached: dict[str, int] = {}  # host weight cache: model -> bytes
 
 
 class StatusReply(Message):
@@ -290,6 +291,7 @@ class HeartbeatEvent(Message):
     resident: list[str]
     busy_with: str | None = None  # id of the call in progress
     memory: list[MemoryReading] = []
+    cached: dict[str, int] = {}  # model -> bytes held in the host weight cache (specialist host)
 
 
 class ClassifyRequest(Message):

@@ -86,6 +86,10 @@ class Worker:
         """Resolved placement of each resident model."""
         return {}
 
+    def cached(self) -> dict[str, int]:
+        """Bytes per model held in a host weight cache."""
+        return {}
+
     def startup(self) -> None:
         """Load always-resident models before registering (router, voice)."""
 
@@ -284,4 +288,5 @@ class ServiceLoop:
     def _heartbeat(self) -> HeartbeatEvent:
         call = self.current
         return HeartbeatEvent(instance=self.instance, resident=self.worker.resident(),
-                              busy_with=call.message.id if call else None, memory=self.worker.memory())
+                              busy_with=call.message.id if call else None, memory=self.worker.memory(),
+                              cached=self.worker.cached())

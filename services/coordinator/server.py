@@ -187,7 +187,7 @@ class Coordinator:
         if isinstance(msg, RegisterRequest):
             self._register(msg, got.peer)
         elif isinstance(msg, HeartbeatEvent):
-            if not self.registry.heartbeat(service, msg.instance, msg.resident, msg.busy_with, msg.memory):
+            if not self.registry.heartbeat(service, msg):
                 transport.send(self.workers, ErrorEvent(parent_id=msg.id, code=ErrorCode.worker_missing,
                                                         message="unknown worker instance: register first"), got.peer)
             else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from shared.messages import (
     CancelCallRequest,
     ErrorCode,
+    HeartbeatEvent,
     MemoryReading,
     Message,
     RegisterRequest,
@@ -66,6 +67,7 @@ class WorkerState:
     busy_with: str | None = None
     registrations: int = 0
     estimates: dict[str, dict[int, int]] = field(default_factory=dict)  # model -> GPU -> bytes
+    cached: dict[str, int] = field(default_factory=dict)  # host weight cache: model -> bytes
 
 
 @dataclass
@@ -104,15 +106,14 @@ class WorkerRegistry:
             self.changed.notify_all()
             return restarted
 
-    def heartbeat(self, service: str, instance: str, resident: list[str], busy_with: str | None,
-                  memory: list[MemoryReading]) -> bool:
+    def heartbeat(self, service: str, beat: HeartbeatEvent) -> bool:
         """Record a heartbeat; False when it comes from a process we do not know (it must register)."""
         with self.lock:
             state = self.workers[service]
-            if state.instance != instance or not state.alive:
+            if state.instance != beat.instance or not state.alive:
                 return False
-            state.last_seen, state.resident = time.monotonic(), resident
-            state.busy_with, state.memory = busy_with, memory
+            state.last_seen, state.resident = time.monotonic(), list(beat.resident)
+            state.busy_with, state.memory, state.cached = beat.busy_with, list(beat.memory), dict(beat.cached)
             return True
 
     def seen(self, service: str) -> None:
@@ -243,6 +244,7 @@ class WorkerRegistry:
                     pid=s.pid, backend=s.backend or None, resident=list(s.resident),
                     last_seen_s=round(now - s.last_seen, 3) if s.last_seen else None,
                     registrations=s.registrations, memory=list(s.memory), placement=dict(s.placement),
+                    cached=dict(s.cached),
                 )
                 for s in self.workers.values()
             ]

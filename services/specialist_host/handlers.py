@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput, load_model
+from shared.config import ModelEntry
 from shared.messages import (
     ChatTurn,
     LoadReply,
@@ -38,7 +39,17 @@ class SpecialistHost(Worker):
         self.context = context
         self.entries = context.config.specialists
         self.backend = ",".join(sorted({e.backend for e in self.entries.values()}))
-        self.loaded: dict[str, LoadedModel] = {}
+        self.loaded: dict[str, LoadedModel] = {}  # resident on the device (at most one)
+        self.parked: dict[str, LoadedModel] = {}  # weights in the host cache, modules kept alive
+        settings = context.config.weight_cache
+        self.cache = None
+        if settings.size_gb > 0 and any(e.backend != "fake" for e in self.entries.values()):
+            from shared.backends.weight_cache import HostWeightCache
+
+            self.cache = HostWeightCache(int(settings.size_gb * 1e9), settings.pin)
+
+    def cached(self) -> dict[str, int]:
+        return self.cache.sizes() if self.cache else {}
 
     def handlers(self) -> dict[type[Message], Handler]:
         return {LoadRequest: self.load, UnloadRequest: self.unload, RunSpecialistRequest: self.run}
@@ -69,16 +80,46 @@ class SpecialistHost(Worker):
         if msg.model not in self.loaded:
             if self.loaded:
                 raise BackendError(f"{', '.join(self.loaded)} is resident; unload it before loading {msg.model}")
-            self.loaded[msg.model] = load_model(entry, self.context)
-            log.info("loaded specialist %s in %.2fs", msg.model, time.perf_counter() - started)
+            self.loaded[msg.model] = self._swap_in(msg.model) or self._load_fresh(msg.model, entry)
         yield self._reply(msg, started)
+
+    def _swap_in(self, name: str) -> LoadedModel | None:
+        """Bring a parked model back from the host cache: one host -> device copy."""
+        copy = self.cache.touch(name) if self.cache else None
+        model = self.parked.pop(name, None)
+        if copy is None or model is None or copy.device is None:
+            return None
+        seconds = copy.to_device(copy.device)
+        log.info("swapped %s in from the host cache: %.2f GB in %.3fs (%.1f GB/s)", name, copy.nbytes / 1e9,
+                 seconds, copy.nbytes / 1e9 / max(seconds, 1e-9))
+        return model
+
+    def _load_fresh(self, name: str, entry: ModelEntry) -> LoadedModel:
+        started = time.perf_counter()
+        model = load_model(entry, self.context)
+        log.info("loaded specialist %s from its checkpoint in %.2fs", name, time.perf_counter() - started)
+        modules = model.torch_modules() if self.cache else {}
+        if modules:
+            _, evicted = self.cache.admit(name, modules)  # type: ignore[union-attr]
+            for victim in evicted:
+                dropped = self.parked.pop(victim, None)
+                if dropped is not None:
+                    dropped.unload()
+        return model
 
     def unload(self, msg: UnloadRequest, cancel: threading.Event) -> Iterator[Message]:
         """Free `msg.model` (a no-op when it is not resident)."""
         self._entry(msg.model)
         started = time.perf_counter()
         model = self.loaded.pop(msg.model, None)
-        if model is not None:
+        copy = self.cache.touch(msg.model) if self.cache else None
+        if model is not None and copy is not None:
+            copy.to_host()  # weights stay in host RAM; the device copy goes
+            self.parked[msg.model] = model
+            gc.collect()
+            model.release_device_memory()
+            log.info("parked specialist %s in the host cache in %.3fs", msg.model, time.perf_counter() - started)
+        elif model is not None:
             model.unload()
             del model
             gc.collect()

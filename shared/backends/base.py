@@ -8,10 +8,12 @@ one model. Real backends (transformers, diffusers) and the `fake` test double si
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from shared.config import LyraConfig, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel
@@ -62,6 +64,16 @@ class LoadedModel(ABC):
     @abstractmethod
     def unload(self) -> None:
         """Free every byte this model holds (GPU memory really returned)."""
+
+    def torch_modules(self) -> dict[str, Any]:
+        """The nn.Modules holding this model's weights, for the host weight cache ({} = not cacheable)."""
+        return {}
+
+    def release_device_memory(self) -> None:
+        """Hand freed device memory back to the driver (after the weight cache moved weights to the host)."""
+        torch = sys.modules.get("torch")  # only a process that already uses torch has anything to release
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # Role methods: a backend implements the ones its model kind supports.
 

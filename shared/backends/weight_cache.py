@@ -1,0 +1,169 @@
+"""A host-RAM weight cache that turns a specialist swap into one large host -> GPU copy.
+
+Each cached model's parameters and buffers live in ONE pinned host buffer (`HostCopy`). Swapping in
+allocates one device buffer, copies the whole host buffer in a single transfer, and re-points every
+parameter and buffer of the model's modules at views of it; swapping out re-points them at the host
+views and drops the device buffer, so the GPU memory is returned and nothing is copied back (weights do
+not change at inference). The module objects themselves stay alive, so nothing is rebuilt, re-quantized
+or re-compiled: tensor shapes, dtypes and devices are unchanged and compiled graphs stay valid. Without
+CUDA the same code runs with ordinary memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes; keeps every view aligned for any dtype and for fast copies
+
+
+@dataclass
+class _Slot:
+    offset: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+@dataclass
+class HostCopy:
+    """One model's tensors packed in one host buffer, and where each module's tensor lives in it."""
+
+    host: torch.Tensor  # uint8
+    slots: list[_Slot]
+    holders: list[tuple[nn.Module, str, bool, int]]  # (module, attribute, is_parameter, slot index)
+    device: torch.device | None = None
+    device_buffer: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel()
+
+    def _point_at(self, buffer: torch.Tensor) -> None:
+        views = [buffer[s.offset:s.offset + _nbytes(s)].view(s.dtype).view(s.shape) for s in self.slots]
+        for module, name, is_parameter, index in self.holders:
+            if is_parameter:
+                module._parameters[name].data = views[index]
+            else:
+                module._buffers[name] = views[index]
+
+    def to_device(self, device: torch.device) -> float:
+        """One host -> device copy, then every tensor points at the device copy; returns seconds."""
+        started = time.perf_counter()
+        buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        buffer.copy_(self.host, non_blocking=self.host.is_pinned())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._point_at(buffer)
+        self.device, self.device_buffer = device, buffer
+        return time.perf_counter() - started
+
+    def to_host(self) -> None:
+        """Every tensor points at the host copy; the device memory is released."""
+        self._point_at(self.host)
+        self.device_buffer = None
+
+
+def _nbytes(slot: _Slot) -> int:
+    return slot.shape.numel() * torch.empty((), dtype=slot.dtype).element_size()
+
+
+def _unsupported(modules: dict[str, nn.Module]) -> str | None:
+    """Why these modules cannot be cached as plain tensors (quantized layers carry state we cannot move)."""
+    for module in modules.values():
+        for sub in module.modules():
+            if type(sub).__module__.startswith("bitsandbytes"):
+                return f"{type(sub).__name__} layers (bitsandbytes quantization)"
+    return None
+
+
+def pack(modules: dict[str, nn.Module], pin: bool) -> HostCopy:
+    """Copy every parameter and buffer of `modules` into one new host buffer (shared tensors once)."""
+    slots: list[_Slot] = []
+    holders: list[tuple[nn.Module, str, bool, int]] = []
+    index_of: dict[int, int] = {}
+    sources: list[torch.Tensor] = []
+    offset = 0
+    for module in modules.values():
+        for sub in module.modules():
+            for table, is_parameter in ((sub._parameters, True), (sub._buffers, False)):
+                for name, tensor in table.items():
+                    if tensor is None:
+                        continue
+                    key = id(tensor)
+                    if key not in index_of:
+                        index_of[key] = len(slots)
+                        slots.append(_Slot(offset, tensor.dtype, tensor.shape))
+                        sources.append(tensor.detach())
+                        offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+                    holders.append((sub, name, is_parameter, index_of[key]))
+    host = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
+    for slot, source in zip(slots, sources, strict=True):
+        host[slot.offset:slot.offset + _nbytes(slot)].view(slot.dtype).view(slot.shape).copy_(source)
+    return HostCopy(host=host, slots=slots, holders=holders)
+
+
+class HostWeightCache:
+    """Host copies of specialist weights, bounded in bytes, evicting the least recently used."""
+
+    def __init__(self, capacity_bytes: int, pin: bool | None = None) -> None:
+        self.capacity = capacity_bytes
+        self.pin = torch.cuda.is_available() if pin is None else (pin and torch.cuda.is_available())
+        self.copies: OrderedDict[str, HostCopy] = OrderedDict()
+
+    def used(self) -> int:
+        return sum(c.nbytes for c in self.copies.values())
+
+    def holds(self, name: str) -> bool:
+        return name in self.copies
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes held per model, least recently used first."""
+        return {name: c.nbytes for name, c in self.copies.items()}
+
+    def admit(self, name: str, modules: dict[str, nn.Module]) -> tuple[HostCopy | None, list[str]]:
+        """Pack `modules` under `name`, evicting least recently used copies to make room.
+
+        Returns the copy (None when the model cannot be cached) and the names evicted: their owners
+        must drop those models, whose tensors still point at the evicted host buffers.
+        """
+        if name in self.copies:
+            self.copies.move_to_end(name)
+            return self.copies[name], []
+        reason = _unsupported(modules)
+        size = sum(t.numel() * t.element_size() for m in modules.values()
+                   for t in [*m.parameters(), *m.buffers()])
+        if reason or size > self.capacity:
+            log.info("not caching %s: %s", name, reason or f"{size / 1e9:.2f} GB exceeds the cache size")
+            return None, []
+        evicted = []
+        for victim in list(self.copies):
+            if self.used() + size <= self.capacity:
+                break
+            log.info("weight cache full: evicting %s (%.2f GB)", victim, self.copies[victim].nbytes / 1e9)
+            del self.copies[victim]
+            evicted.append(victim)
+        started = time.perf_counter()
+        copy = pack(modules, self.pin)
+        first = next((t for m in modules.values() for t in m.parameters()), None)
+        copy.device = first.device if first is not None else torch.device("cpu")
+        self.copies[name] = copy
+        log.info("cached %s in host RAM (%.2f GB, %s) in %.2fs", name, copy.nbytes / 1e9,
+                 "pinned" if copy.host.is_pinned() else "pageable", time.perf_counter() - started)
+        return copy, evicted
+
+    def touch(self, name: str) -> HostCopy | None:
+        """The cached copy of `name`, marked most recently used."""
+        copy = self.copies.get(name)
+        if copy is not None:
+            self.copies.move_to_end(name)
+        return copy
+
+    def evict(self, name: str) -> None:
+        self.copies.pop(name, None)
