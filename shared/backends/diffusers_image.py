@@ -179,6 +179,15 @@ class DiffusersImageModel(LoadedModel):
             found = {name: f"{where} (offloaded; runs on {target})" for name, where in found.items()}
         return found
 
+    def torch_modules(self) -> dict[str, Any]:
+        """The pipeline's weight-holding components (transformer, VAE, text encoders) for the host cache.
+
+        With CPU offload the components already live in host RAM and move on their own: not cached.
+        """
+        if self.pipe is None or self.settings.cpu_offload:
+            return {}
+        return {name: module for name, module in self.pipe.components.items() if isinstance(module, torch.nn.Module)}
+
     def unload(self) -> None:
         """Drop the pipeline (offload hooks first) and hand cached GPU blocks back to the driver."""
         if self.pipe is not None and self.settings.cpu_offload:

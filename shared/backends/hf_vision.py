@@ -127,6 +127,12 @@ class HfVisionModel(LoadedModel):
             return {}
         return placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
 
+    def torch_modules(self) -> dict[str, Any]:
+        """The model for the host weight cache (single-device placements only)."""
+        if self.model is None or len(set((getattr(self.model, "hf_device_map", None) or {0: 0}).values())) > 1:
+            return {}
+        return {"model": self.model}
+
     def unload(self) -> None:
         """Drop the model and processor and hand cached GPU blocks back to the driver."""
         self.model = self.processor = None
