@@ -94,8 +94,8 @@ def host_for(folder: Path, cache_gb: float):
 def timed(handler, msg) -> tuple[float, object]:
     t0 = time.perf_counter()
     last = None
-    for last in handler(msg, threading.Event()):
-        pass
+    for item in handler(msg, threading.Event()):
+        last = item
     return time.perf_counter() - t0, last
 
 
