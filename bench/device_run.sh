@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run GPU benchmarks on a lent GPU machine: installs the carried wheels, then each named benchmark,
+# logging to $OUT. Usage: bash bench/device_run.sh image|reference|swap ...
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+for job in "$@"; do
+  case "$job" in
+    image) python3 bench/gpu_image_models.py --out "$OUT" 2>&1 | tee "$OUT/image.log" ;;
+    reference) python3 bench/gpu_reference.py --out "$OUT" 2>&1 | tee "$OUT/reference.log" ;;
+    swap) python3 bench/swap.py --out "$OUT" 2>&1 | tee "$OUT/swap.log" ;;
+    tests) python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" ;;
+  esac
+done
