@@ -9,6 +9,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 for job in "$@"; do
   case "$job" in
     image) python3 bench/gpu_image_models.py --out "$OUT" 2>&1 | tee "$OUT/image.log" ;;
+    llava) python3 bench/gpu_image_models.py --only llava --out "$OUT" 2>&1 | tee "$OUT/llava.log" ;;
     reference) python3 bench/gpu_reference.py --out "$OUT" 2>&1 | tee "$OUT/reference.log" ;;
     swap) python3 bench/swap.py --out "$OUT" 2>&1 | tee "$OUT/swap.log" ;;
     tests) python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" ;;

@@ -89,7 +89,9 @@ def llava(runs: int) -> dict:
         model = LlavaNextForConditionalGeneration(config).eval()
     torch.set_default_dtype(torch.float32)
     weights = torch.cuda.memory_allocated()
-    image_processor = LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints)
+    side = config.vision_config.image_size  # 336 for CLIP ViT-L/14-336
+    image_processor = LlavaNextImageProcessor(image_grid_pinpoints=config.image_grid_pinpoints,
+                                              size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                    vision_feature_select_strategy=config.vision_feature_select_strategy,
                                    num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
@@ -119,11 +121,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default="flux,llava")
     args = parser.parse_args()
     import torch
 
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    for name, fn in (("flux_schnell_1024", flux), ("llava_next_mistral_7b", llava)):
+    jobs = (("flux_schnell_1024", flux), ("llava_next_mistral_7b", llava))
+    for name, fn in [j for j in jobs if j[0].split("_")[0] in args.only]:
         try:
             report[name] = fn(args.runs)
         except Exception as exc:  # report what failed and keep the other measurement
