@@ -51,7 +51,7 @@ def build_checkpoints(work: Path) -> dict[str, Path]:
         text = getattr(config, "text_config", None) or config
         for key, value in overrides.items():
             setattr(text, key, value)
-        if getattr(text, "layer_types", None):  # per-layer attention kinds must match the depth
+        if isinstance(vars(text).get("layer_types"), list):  # Gemma: per-layer attention kinds follow the depth
             text.layer_types = text.layer_types[:text.num_hidden_layers]
         started = time.perf_counter()
         with torch.device("cuda:0"):
