@@ -12,6 +12,7 @@ for job in "$@"; do
     llava) python3 bench/gpu_image_models.py --only llava --out "$OUT" 2>&1 | tee "$OUT/llava.log" ;;
     reference) python3 bench/gpu_reference.py --out "$OUT" 2>&1 | tee "$OUT/reference.log" ;;
     swap) python3 bench/swap.py --out "$OUT" 2>&1 | tee "$OUT/swap.log" ;;
+    overlap) python3 bench/preload_overlap.py --checkpoint /tmp/lyra-swap/8b --out "$OUT" 2>&1 | tail -3 | tee "$OUT/overlap.log" ;;
     tests) python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" ;;
   esac
 done
