@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-def decode_ms_per_token(model, tokens: int) -> float:  # noqa: ANN001
+def decode_ms_per_token(model, tokens: int) -> float:
     import torch
 
     ids = torch.tensor([[1, 2, 3, 4]], device="cuda")

@@ -1,0 +1,54 @@
+"""On CUDA: swaps from the pinned host cache give the same outputs as a fresh load, and free the GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.specialist_host.handlers import SpecialistHost
+from shared.backends.base import LoadContext
+from shared.config import parse_config
+from shared.messages import LoadRequest, UnloadRequest
+from tests.models.test_swap_cache import checkpoints, drive, run, swap_to  # noqa: F401 - fixture reuse
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_host(paths: dict[str, Path], cache_gb: float) -> SpecialistHost:
+    specialists = {
+        "pragmatist": {"backend": "transformers", "path": str(paths["pragmatist"]), "max_context": 256,
+                       "dtype": "float32", "generation": {"max_new_tokens": 12, "temperature": 0.0}},
+        "artist": {"kind": "image_generation", "backend": "diffusers", "path": str(paths["artist"]),
+                   "dtype": "float32", "image": {"width": 32, "height": 32, "steps": 2}},
+        "perception": {"kind": "vision_language", "backend": "transformers", "path": str(paths["perception"]),
+                       "dtype": "float32", "generation": {"max_new_tokens": 8, "temperature": 0.0}},
+    }
+    config = parse_config({"router": {}, "voice": {}, "specialists": specialists,
+                           "gpus": [{"index": 0, "budget_gb": 70}], "services": {"specialist_host": {"gpus": [0]}},
+                           "weight_cache": {"size_gb": cache_gb}})
+    return SpecialistHost(LoadContext(service="specialist_host", physical_gpus=[0], config=config))
+
+
+def test_cuda_cache_swaps_match_fresh_loads_and_free_memory(checkpoints: dict[str, Path]) -> None:  # noqa: F811
+    import torch
+
+    fresh_host, fresh, picture = gpu_host(checkpoints, 0), {}, None
+    for name in ("pragmatist", "artist", "perception"):
+        swap_to(fresh_host, name)
+        reply = run(fresh_host, name, picture if name == "perception" else None)
+        picture = reply.image.data if reply.image else picture
+        fresh[name] = (reply.text, reply.image.data if reply.image else None)
+    swap_to(fresh_host, "pragmatist")
+    drive(fresh_host.unload, UnloadRequest(model="pragmatist"))
+    cached = gpu_host(checkpoints, 1.0)
+    for name in ["pragmatist", "artist", "perception"] * 2:
+        swap_to(cached, name)
+        reply = run(cached, name, picture if name == "perception" else None)
+        assert (reply.text, reply.image.data if reply.image else None) == fresh[name], name
+        assert cached.cache.touch(name).host.is_pinned()
+    drive(cached.unload, UnloadRequest(model="perception"))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() < 64 * 1024**2  # only workspaces remain: the weights left the GPU
+    drive(cached.load, LoadRequest(model="artist"))
+    assert torch.cuda.memory_allocated() > 0
