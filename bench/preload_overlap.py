@@ -37,6 +37,13 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not (Path(args.checkpoint) / "config.json").exists():
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench.swap import build
+
+        build(Path(args.checkpoint).parent, Path(args.checkpoint).name, 32)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.bfloat16, device_map={"": 0})
     alone = decode_ms_per_token(model, 128)
     host = torch.empty(int(args.gb * 1e9), dtype=torch.uint8, pin_memory=True)
