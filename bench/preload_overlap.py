@@ -66,7 +66,7 @@ def main() -> int:
     return 0
 
 
-def with_copy(model, host, device, copies: list[float]) -> float:  # noqa: ANN001
+def with_copy(model, host, device, copies: list[float]) -> float:
     """Decode while another thread copies `host` to `device` in a loop on its own stream."""
     import torch
 
