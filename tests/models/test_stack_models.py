@@ -103,7 +103,7 @@ def test_bad_images_are_refused_and_the_stack_keeps_serving(stack: StackProcesse
 
 
 def test_swaps_between_llm_artist_and_perception_reproduce_outputs(stack: StackProcesses) -> None:
-    def turn(client, name: str):  # noqa: ANN001, ANN202
+    def turn(client, name: str):
         prompt = {"pragmatist": "How do I boil an egg?", "artist": "a red fox", "perception": "What is this?"}[name]
         done = client.chat(prompt, specialist=name, seed=11, image=png(32, 32) if name == "perception" else None)
         return done.specialist_output, done.image.data if done.image else None, done.timings["load"]
