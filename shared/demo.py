@@ -14,9 +14,9 @@ from shared.messages import DoneEvent, TokenEvent
 DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
 
 SCRIPT: tuple[tuple[str, bool], ...] = (  # (prompt, attach a picture)
-    ("What is 17 multiplied by 23?", False),
+    ("How do I fix a flat tyre?", False),
     ("What is the meaning of life?", False),
-    ("How do I boil an egg?", False),
+    ("Write a Python function that reverses a string.", False),
     ("Is free will an illusion?", False),
     ("Draw a picture of a lighthouse at sunset.", False),
     ("What is in this picture?", True),

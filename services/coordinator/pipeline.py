@@ -72,7 +72,8 @@ class Pipeline:
         self.ledger = ledger
         self.emit = emit
         self.counters = Counters()
-        self.labels = [RouteLabel(name=n, description=e.description) for n, e in config.specialists.items()]
+        self.labels = [RouteLabel(name=n, description=e.description)
+                       for n, e in config.specialists.items() if e.routable]
         self.swap_lock = threading.Lock()  # one swap at a time: the pipeline's or the preloader's
         self.preloaded: str | None = None  # a specialist loaded ahead of the request that needs it
         self.on_voice_start: Callable[[], None] = lambda: None  # the prefetcher hooks in here

