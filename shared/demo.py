@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from shared import stack
+from shared.cli_render import save_image
 from shared.client import Client, LyraError
 from shared.config import load_config
-from shared.messages import DoneEvent, TokenEvent
+from shared.messages import DoneEvent, ImageEvent, TokenEvent
 
 DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
 
@@ -40,20 +42,24 @@ def _scores(done: DoneEvent) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
 
 
-def converse(client: Client, prompts: tuple[str, ...], out=sys.stdout) -> list[DoneEvent]:
-    """Send each prompt, stream the answer, print route, scores and timings."""
+def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Path,
+             out: TextIO = sys.stdout) -> list[DoneEvent]:
+    """Send each prompt, stream the answer, print route, scores, timings and where images went."""
     results = []
-    for prompt in prompts:
-        print(f"\nyou> {prompt}\nlyra> ", end="", file=out, flush=True)
+    for prompt, attach in script:
+        shown = f"{prompt} [+ a picture]" if attach else prompt
+        print(f"\nyou> {shown}\nlyra> ", end="", file=out, flush=True)
         done = None
-        for event in client.stream(prompt):
+        for event in client.stream(prompt, image=sample_picture() if attach else None):
             if isinstance(event, TokenEvent) and event.stage == "voice":
                 print(event.text, end="", file=out, flush=True)
+            elif isinstance(event, ImageEvent):
+                print(f"\n  [image saved: {save_image(event, str(image_dir))}]", end="", file=out, flush=True)
             elif isinstance(event, DoneEvent):
                 done = event
         assert done is not None
         t = done.timings
-        print(f"\n  route: {done.specialist} ({_scores(done)})", file=out)
+        print(f"\n  route: {done.specialist}{' (image rule)' if done.forced else ''} ({_scores(done)})", file=out)
         print("  timings: " + "  ".join(f"{k} {t[k]:.2f}s" for k in ("route", "load", "specialist", "voice", "total")
                                         if k in t), file=out, flush=True)
         results.append(done)
