@@ -204,3 +204,19 @@ def test_cancelled_error_type(make_stack) -> None:
         transport.send(b.sock, CancelRequest(parent_id=accepted.parent_id))
         with pytest.raises(CancelledError):
             list(stream)
+
+
+def test_over_budget_swap_is_refused_with_the_arithmetic_and_loads_nothing(make_stack) -> None:
+    from shared.client import OverBudgetError
+
+    stack = make_stack(specialists__philosopher__memory_gb=60.0)  # GPU 1 budget is 47 GB
+    with stack.client() as client:
+        assert client.chat("math code").specialist == "pragmatist"
+        with pytest.raises(OverBudgetError) as err:
+            client.chat("meaning of life", specialist="philosopher")
+        status = client.status()
+    text = err.value.message
+    assert "GPU 1" in text and "budget 47.00 GB" in text and "over by" in text and "lyra plan" in text
+    host = next(s for s in status.services if s.service == "specialist_host")
+    assert host.resident == ["pragmatist"]  # nothing unloaded, nothing loaded
+    assert status.counters["swaps"] == 1 and status.counters["failed"] == 1
