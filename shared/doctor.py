@@ -94,6 +94,9 @@ def model_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
             problems = check_entry(entry, has_cuda)
         if entry.backend == "diffusers" and not _installed("diffusers"):
             problems = ["diffusers is not installed: pip install diffusers"]
+        elif entry.backend == "diffusers" and entry.quantization != "none" and not (
+                has_cuda and _installed("bitsandbytes")):
+            problems = [f"quantization = {entry.quantization!r} needs a CUDA GPU and bitsandbytes"]
         status = "fail" if problems else "pass"
         checks.append(Check(status, f"model {entry.name}", "; ".join(problems) or f"{entry.backend} backend ready"))
     return checks

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import io
 import logging
 import secrets
@@ -99,7 +100,7 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     gpus = [] if entry.device_map == "cpu" else _usable_gpus(entry, context)
     dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpus else torch.float32)
     try:
-        pipe = FluxPipeline.from_pretrained(entry.path, **{_DTYPE_KWARG: dtype})
+        pipe = FluxPipeline.from_pretrained(entry.path, **{_DTYPE_KWARG: dtype}, **_quantization(entry, gpus, dtype))
     except (OSError, ValueError, ImportError, RuntimeError, TypeError) as exc:
         raise BackendError(f"model {entry.name!r}: could not load a FLUX pipeline from {entry.path}: {exc}") from exc
     _place(pipe, settings, bool(gpus), entry.name)
@@ -115,9 +116,6 @@ def checked_settings(entry: ModelEntry) -> ImageSettings:
     if entry.kind != "image_generation":
         raise BackendError(f"model {entry.name!r}: the diffusers backend runs image_generation models, "
                            f"not {entry.kind}")
-    if entry.quantization != "none":
-        raise BackendError(f"model {entry.name!r}: quantization = {entry.quantization!r} is not supported by the "
-                           "diffusers backend yet; set quantization = \"none\" (and cpu_offload if memory is short)")
     if entry.device_map not in ("", "cpu") or entry.max_memory:
         raise BackendError(f"model {entry.name!r}: the diffusers backend puts the whole pipeline on the service's "
                            "first GPU; remove device_map/max_memory and set image.cpu_offload if memory is short")
@@ -125,6 +123,27 @@ def checked_settings(entry: ModelEntry) -> ImageSettings:
         return ImageSettings.of(entry)
     except (TypeError, ValueError) as exc:
         raise BackendError(f"model {entry.name!r}: {exc}") from exc
+
+
+def _quantization(entry: ModelEntry, gpus: list[int], dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments that quantize the transformer and T5 with bitsandbytes (CLIP and the VAE
+    are small and stay in `dtype`); BackendError where bitsandbytes cannot run."""
+    if entry.quantization == "none":
+        return {}
+    if not gpus:
+        raise BackendError(f"model {entry.name!r}: quantization = {entry.quantization!r} needs a CUDA GPU "
+                           "(bitsandbytes); run the artist unquantized on the CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackendError(f"model {entry.name!r}: quantization = {entry.quantization!r} needs bitsandbytes: "
+                           "pip install bitsandbytes")
+    from diffusers import PipelineQuantizationConfig
+
+    eight = entry.quantization == "int8"
+    kwargs: dict[str, Any] = {"load_in_8bit": True} if eight else {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    return {"quantization_config": PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_8bit" if eight else "bitsandbytes_4bit", quant_kwargs=kwargs,
+        components_to_quantize=["transformer", "text_encoder_2"])}
 
 
 def _usable_gpus(entry: ModelEntry, context: LoadContext) -> list[int]:

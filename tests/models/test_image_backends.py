@@ -149,6 +149,10 @@ def test_flux_refuses_what_it_cannot_honour(flux_dir: Path) -> None:
         entry = ModelEntry(**{**fields, **wrong})
         with pytest.raises(BackendError, match="artist"):
             load_model(entry, cpu_context())
+    quantized = ModelEntry(name="artist", kind="image_generation", backend="diffusers", path=str(flux_dir),
+                           quantization="4bit")
+    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+        load_model(quantized, cpu_context())
 
 
 def test_image_settings_come_from_the_entry_table() -> None:
