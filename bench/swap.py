@@ -142,10 +142,12 @@ def measure(folder: Path, bandwidth: float) -> dict:
         ttft, text = first_token(cached)
         ttfts.append(ttft)
         texts.append(text)
+    steady = [first_token(cached)[0] for _ in range(3)]  # no swap in between: the steady state
     floor = size / bandwidth
     row.update({
         "swap_out_s": round(statistics.median(swap_out), 3), "swap_in_s": round(statistics.median(swap_in), 3),
         "swap_in_best_s": round(min(swap_in), 3), "ttft_after_swap_in_s": round(statistics.median(ttfts), 3),
+        "ttft_steady_state_s": round(statistics.median(steady), 3),
         "pcie_floor_s": round(floor, 3), "swap_in_vs_floor": round(statistics.median(swap_in) / floor, 2),
         "speedup_vs_page_cache": round(row["from_pretrained_page_cache_s"] / statistics.median(swap_in), 1),
         "outputs_equal_after_swap": all(t == fresh_text for t in texts),
