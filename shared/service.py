@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from shared import transport
-from shared.backends.base import BackendError, Cancelled, WireGarbage
-from shared.config import LyraConfig
+from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, WireGarbage, load_model
+from shared.config import LyraConfig, ModelEntry
 from shared.messages import (
     CancelCallRequest,
     ErrorCode,
@@ -99,6 +99,31 @@ class Worker:
 
         context = self.context  # type: ignore[attr-defined]
         return estimates_for(context.config.models_of(self.service), context.physical_gpus)
+
+
+class ResidentModelWorker(Worker):
+    """A worker holding one always-resident model, loaded before it registers (router, voice)."""
+
+    def __init__(self, context: LoadContext, entry: ModelEntry) -> None:
+        self.context = context
+        self.entry = entry
+        self.backend = entry.backend
+        self.model: LoadedModel | None = None
+
+    def startup(self) -> None:
+        self.model = load_model(self.entry, self.context)
+
+    def capabilities(self) -> list[str]:
+        return [self.entry.name]
+
+    def resident(self) -> list[str]:
+        return [self.entry.name] if self.model else []
+
+    def memory(self) -> list[MemoryReading]:
+        return self.model.memory() if self.model else []
+
+    def placement(self) -> dict[str, str]:
+        return self.model.placement() if self.model else {}
 
 
 class ServiceLoop:

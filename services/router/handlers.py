@@ -6,40 +6,22 @@ import math
 import threading
 from collections.abc import Iterator
 
-from shared.backends.base import LoadContext, LoadedModel, load_model
-from shared.messages import ChatTurn, ClassifyReply, ClassifyRequest, MemoryReading, Message, RouteLabel
-from shared.service import Handler, Worker
+from shared.backends.base import LoadContext
+from shared.messages import ChatTurn, ClassifyReply, ClassifyRequest, Message, RouteLabel
+from shared.service import Handler, ResidentModelWorker
 
 
-class RouterWorker(Worker):
+class RouterWorker(ResidentModelWorker):
     """Holds the always-resident router model and answers ClassifyRequests."""
 
     service = "router"
 
     def __init__(self, context: LoadContext) -> None:
-        self.context = context
-        self.entry = context.config.router
-        self.backend = self.entry.backend
-        self.model: LoadedModel | None = None
+        super().__init__(context, context.config.router)
         self.priors: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
-
-    def startup(self) -> None:
-        self.model = load_model(self.entry, self.context)
 
     def handlers(self) -> dict[type[Message], Handler]:
         return {ClassifyRequest: self.classify}
-
-    def capabilities(self) -> list[str]:
-        return [self.entry.name]
-
-    def resident(self) -> list[str]:
-        return [self.entry.name] if self.model else []
-
-    def memory(self) -> list[MemoryReading]:
-        return self.model.memory() if self.model else []
-
-    def placement(self) -> dict[str, str]:
-        return self.model.placement() if self.model else {}
 
     def classify(self, msg: ClassifyRequest, cancel: threading.Event) -> Iterator[Message]:
         """Score every label (calibrated against content-free input when configured); the highest wins."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from shared.backends.base import LoadContext, LoadedModel, load_model
-from shared.messages import ChatTurn, MemoryReading, Message, SynthesizeReply, SynthesizeRequest, TokenEvent
-from shared.service import Handler, Worker
+from shared.backends.base import LoadContext
+from shared.messages import ChatTurn, Message, SynthesizeReply, SynthesizeRequest, TokenEvent
+from shared.service import Handler, ResidentModelWorker
 
 HANDOFF = (
     "{persona}\n\nYour {specialist} specialist prepared these notes for your answer:\n{output}\n\n"
@@ -26,34 +26,16 @@ def compose_voice_prompt(system_prompt: str, msg: SynthesizeRequest) -> list[Cha
     return [ChatTurn(role="system", content=system), *(t for t in msg.messages if t.role != "system")]
 
 
-class VoiceWorker(Worker):
+class VoiceWorker(ResidentModelWorker):
     """Holds the always-resident voice model and answers SynthesizeRequests."""
 
     service = "voice"
 
     def __init__(self, context: LoadContext) -> None:
-        self.context = context
-        self.entry = context.config.voice
-        self.backend = self.entry.backend
-        self.model: LoadedModel | None = None
-
-    def startup(self) -> None:
-        self.model = load_model(self.entry, self.context)
+        super().__init__(context, context.config.voice)
 
     def handlers(self) -> dict[type[Message], Handler]:
         return {SynthesizeRequest: self.synthesize}
-
-    def capabilities(self) -> list[str]:
-        return [self.entry.name]
-
-    def resident(self) -> list[str]:
-        return [self.entry.name] if self.model else []
-
-    def memory(self) -> list[MemoryReading]:
-        return self.model.memory() if self.model else []
-
-    def placement(self) -> dict[str, str]:
-        return self.model.placement() if self.model else {}
 
     def synthesize(self, msg: SynthesizeRequest, cancel: threading.Event) -> Iterator[Message]:
         """Stream the answer token by token, then the whole text."""

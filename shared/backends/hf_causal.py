@@ -107,7 +107,7 @@ def _attention(entry: ModelEntry, on_gpu: bool, dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- the resident model
 
 
-class _StopWhenSet(StoppingCriteria):
+class StopWhenSet(StoppingCriteria):
     """Stops generation (every row) once any of the events is set."""
 
     def __init__(self, *events: threading.Event) -> None:
@@ -189,10 +189,10 @@ class HfCausalModel(LoadedModel):
         label_ids = [list(tokenizer(name, add_special_tokens=False).input_ids) for name in names]
         if not all(label_ids):
             raise BackendError("classify got an empty label name")
-        _raise_if_cancelled(cancel, self.entry.name)
+        raise_if_cancelled(cancel, self.entry.name)
         prefix = self._classify_prefix(messages, labels, template, max(map(len, label_ids)))
         scores = self._label_log_probs(prefix, label_ids)
-        _raise_if_cancelled(cancel, self.entry.name)
+        raise_if_cancelled(cancel, self.entry.name)
         probabilities = torch.softmax(scores, dim=0).tolist()
         return dict(zip(names, probabilities, strict=True))
 
@@ -234,7 +234,7 @@ class HfCausalModel(LoadedModel):
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
                  cancel: threading.Event) -> Iterator[str]:
         """Stream the reply to `messages` (chat template applied), piece by piece; raises Cancelled."""
-        _raise_if_cancelled(cancel, self.entry.name)
+        raise_if_cancelled(cancel, self.entry.name)
         settings = merged_sampling(self.entry.generation, options)
         ids, max_new = self._fit_context(self._prompt_ids([{"role": t.role, "content": t.content} for t in messages]),
                                          settings["max_new_tokens"])
@@ -258,35 +258,43 @@ class HfCausalModel(LoadedModel):
 
     def _stream(self, ids: list[int], generation: dict[str, Any], cancel: threading.Event) -> Iterator[str]:
         model, tokenizer = self._require()
-        stop = threading.Event()  # set when our consumer goes away
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failures: list[BaseException] = []
         inputs = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
-        stopping = _StopWhenSet(cancel, stop)
+        yield from stream_generate(model, tokenizer, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)},
+                                   {"pad_token_id": self.pad_id, **generation}, cancel, self.entry.name)
 
-        def work() -> None:
-            try:
-                model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                               pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([stopping]),
-                               **generation)
-            except BaseException as exc:  # re-raised in the caller's thread below
-                failures.append(exc)
-                streamer.end()
 
-        thread = threading.Thread(target=work, name=f"generate-{self.entry.name}", daemon=True)
-        thread.start()
+def stream_generate(model: Any, tokenizer: Any, inputs: dict[str, Any], generation: dict[str, Any],
+                    cancel: threading.Event, name: str) -> Iterator[str]:
+    """Run `model.generate` on a thread and yield its text as it comes; raises Cancelled or BackendError.
+
+    Generation stops at the next token when `cancel` is set or when the consumer stops iterating.
+    """
+    stop = threading.Event()  # set when our consumer goes away
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failures: list[BaseException] = []
+
+    def work() -> None:
         try:
-            for piece in streamer:
-                if cancel.is_set():
-                    break
-                if piece:
-                    yield piece
-        finally:
-            stop.set()
-            thread.join()
-        if failures:
-            raise BackendError(f"model {self.entry.name!r}: generation failed: {failures[0]}") from failures[0]
-        _raise_if_cancelled(cancel, self.entry.name)
+            model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList(
+                [StopWhenSet(cancel, stop)]), **generation)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failures.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=work, name=f"generate-{name}", daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            if cancel.is_set():
+                break
+            if piece:
+                yield piece
+    finally:
+        stop.set()
+        thread.join()
+    if failures:
+        raise BackendError(f"model {name!r}: generation failed: {failures[0]}") from failures[0]
+    raise_if_cancelled(cancel, name)
 
 
 def render_template(template: str, labels: str, text: str) -> str:
@@ -302,6 +310,6 @@ def merged_sampling(defaults: GenerationDefaults, options: GenerationOptions) ->
             for name in fields}
 
 
-def _raise_if_cancelled(cancel: threading.Event, name: str) -> None:
+def raise_if_cancelled(cancel: threading.Event, name: str) -> None:
     if cancel.is_set():
         raise Cancelled(f"model {name!r}: cancelled")

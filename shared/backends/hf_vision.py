@@ -21,14 +21,11 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     LlavaNextForConditionalGeneration,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
 )
 
 from shared.backends import memory, placement
-from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, SpecialistOutput
-from shared.backends.hf_causal import merged_sampling
+from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput
+from shared.backends.hf_causal import merged_sampling, raise_if_cancelled, stream_generate
 from shared.config import ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading
 
@@ -97,17 +94,6 @@ def decode_image(data: bytes) -> Image.Image:
 # ---------------------------------------------------------------- the resident model
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Stops generation once any of the events is set."""
-
-    def __init__(self, *events: threading.Event) -> None:
-        self.events = events
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        done = any(event.is_set() for event in self.events)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
 class HfVisionModel(LoadedModel):
     """A LLaVA-NeXT model and its processor, resident in this process."""
 
@@ -162,7 +148,7 @@ class HfVisionModel(LoadedModel):
                 cancel: threading.Event) -> Iterator[str]:
         if self.model is None:
             raise BackendError(f"model {self.entry.name!r} has been unloaded")
-        _raise_if_cancelled(cancel, self.entry.name)
+        raise_if_cancelled(cancel, self.entry.name)
         settings = merged_sampling(self.entry.generation, options)
         inputs = self._fit(messages, picture, settings["max_new_tokens"])
         if settings["seed"] is not None:
@@ -215,39 +201,11 @@ class HfVisionModel(LoadedModel):
 
     def _stream(self, inputs: dict[str, Any], generation: dict[str, Any], cancel: threading.Event) -> Iterator[str]:
         """Run `generate` in a thread and yield its text as it comes; raises Cancelled or BackendError."""
-        stop = threading.Event()  # set when our consumer goes away
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failures: list[BaseException] = []
-        model = self.model
-
-        def work() -> None:
-            try:
-                model.generate(**inputs, streamer=streamer, pad_token_id=self._pad_id(),
-                               stopping_criteria=StoppingCriteriaList([_StopWhenSet(cancel, stop)]), **generation)
-            except BaseException as exc:  # re-raised in the caller's thread below
-                failures.append(exc)
-                streamer.end()
-
-        thread = threading.Thread(target=work, name=f"generate-{self.entry.name}", daemon=True)
-        thread.start()
-        try:
-            for piece in streamer:
-                if cancel.is_set():
-                    break
-                if piece:
-                    yield piece
-        finally:
-            stop.set()
-            thread.join()
-        if failures:
-            raise BackendError(f"model {self.entry.name!r}: generation failed: {failures[0]}") from failures[0]
-        _raise_if_cancelled(cancel, self.entry.name)
+        yield from stream_generate(self.model, self.processor.tokenizer, inputs,
+                                   {"pad_token_id": self._pad_id(), **generation}, cancel, self.entry.name)
 
     def _pad_id(self) -> int | None:
         tokenizer = self.processor.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _raise_if_cancelled(cancel: threading.Event, name: str) -> None:
-    if cancel.is_set():
-        raise Cancelled(f"model {name!r}: cancelled")
