@@ -142,9 +142,41 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from shared.vram.plan import make_plan, render_table
 
-    plan = make_plan(load_config(args.config))
-    print(plan.to_json() if args.json else render_table(plan))
+    config = load_config(args.config)
+    plan = make_plan(config)
+    cache = weight_cache_report(config, plan)
+    if args.json:
+        print(json.dumps({**json.loads(plan.to_json()), "weight_cache": cache}, indent=2))
+    else:
+        print(render_table(plan))
+        print(render_weight_cache(cache))
     return 0 if plan.ok else 1
+
+
+def weight_cache_report(config, plan) -> dict:
+    """The host weight cache's size and which specialists' weights it can hold at once."""
+    weights = {p.name: p.estimate.weights for p in plan.placements if p.role == "specialist"}
+    size = int(config.weight_cache.size_gb * 1e9)
+    quantized = sorted(n for n, e in config.specialists.items() if e.quantization != "none")
+    cacheable = {n: b for n, b in weights.items() if n not in quantized}
+    return {"size_bytes": size, "pinned": config.weight_cache.pin, "specialist_weight_bytes": weights,
+            "holds_all": size > 0 and sum(cacheable.values()) <= size,
+            "too_large": sorted(name for name, b in cacheable.items() if size and b > size),
+            "not_cached_quantized": quantized}
+
+
+def render_weight_cache(cache: dict) -> str:
+    """One paragraph about the host weight cache."""
+    if not cache["size_bytes"]:
+        return "\nhost weight cache: off (weight_cache.size_gb = 0): every swap reloads from the checkpoint"
+    held = ", ".join(f"{n} {b / 1e9:.1f}" for n, b in cache["specialist_weight_bytes"].items())
+    verdict = "holds every cacheable specialist at once" if cache["holds_all"] else "evicts least recently used"
+    extra = f"; too large to cache: {', '.join(cache['too_large'])}" if cache["too_large"] else ""
+    if cache["not_cached_quantized"]:
+        extra += f"; quantized, so reloaded on every swap: {', '.join(cache['not_cached_quantized'])}"
+    return (f"\nhost weight cache: {cache['size_bytes'] / 1e9:.1f} GB "
+            f"({'pinned' if cache['pinned'] else 'pageable'}) of host RAM, {verdict}{extra}\n"
+            f"  specialist weights (GB): {held}")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
