@@ -31,13 +31,16 @@ class _Slot:
     shape: torch.Size
 
 
+PARAMETER, BUFFER, ATTRIBUTE = "parameter", "buffer", "attribute"
+
+
 @dataclass
 class HostCopy:
     """One model's tensors packed in one host buffer, and where each module's tensor lives in it."""
 
     host: torch.Tensor  # uint8
     slots: list[_Slot]
-    holders: list[tuple[nn.Module, str, bool, int]]  # (module, attribute, is_parameter, slot index)
+    holders: list[tuple[object, str, str, int]]  # (owner, attribute, PARAMETER|BUFFER|ATTRIBUTE, slot index)
     device: torch.device | None = None
     device_buffer: torch.Tensor | None = field(default=None, repr=False)
 
@@ -47,11 +50,13 @@ class HostCopy:
 
     def _point_at(self, buffer: torch.Tensor) -> None:
         views = [buffer[s.offset:s.offset + _nbytes(s)].view(s.dtype).view(s.shape) for s in self.slots]
-        for module, name, is_parameter, index in self.holders:
-            if is_parameter:
-                module._parameters[name].data = views[index]
+        for owner, name, kind, index in self.holders:
+            if kind == PARAMETER:
+                owner._parameters[name].data = views[index]  # type: ignore[attr-defined]
+            elif kind == BUFFER:
+                owner._buffers[name] = views[index]  # type: ignore[attr-defined]
             else:
-                module._buffers[name] = views[index]
+                setattr(owner, name, views[index])
 
     def to_device(self, device: torch.device) -> float:
         """One host -> device copy, then every tensor points at the device copy; returns seconds."""
@@ -74,35 +79,55 @@ def _nbytes(slot: _Slot) -> int:
     return slot.shape.numel() * torch.empty((), dtype=slot.dtype).element_size()
 
 
-def _unsupported(modules: dict[str, nn.Module]) -> str | None:
-    """Why these modules cannot be cached as plain tensors (quantized layers carry state we cannot move)."""
+QUANT_ATTRIBUTES = ("SCB", "CB", "absmax", "code", "offset")  # bitsandbytes state kept beside the weights
+
+
+def _quant_state(owner: object, depth: int = 0) -> list[tuple[object, str]]:
+    """Tensors bitsandbytes keeps outside `_parameters`: int8 scales, 4-bit quant states (nested)."""
+    found = [(owner, name) for name in QUANT_ATTRIBUTES if isinstance(getattr(owner, name, None), torch.Tensor)]
+    for child in ("quant_state", "state2"):
+        nested = getattr(owner, child, None)
+        if nested is not None and depth < 3:
+            found += _quant_state(nested, depth + 1)
+    return found
+
+
+def _tensors(modules: dict[str, nn.Module]) -> list[tuple[object, str, str, torch.Tensor]]:
+    """Every tensor the modules compute with: parameters, buffers, and quantization state."""
+    found: list[tuple[object, str, str, torch.Tensor]] = []
     for module in modules.values():
         for sub in module.modules():
-            if type(sub).__module__.startswith("bitsandbytes"):
-                return f"{type(sub).__name__} layers (bitsandbytes quantization)"
-    return None
+            for name, tensor in sub._parameters.items():
+                if tensor is not None:
+                    found.append((sub, name, PARAMETER, tensor))
+                    found += [(o, a, ATTRIBUTE, getattr(o, a)) for o, a in _quant_state(tensor)]
+            found += [(sub, name, BUFFER, t) for name, t in sub._buffers.items() if t is not None]
+            state = getattr(sub, "state", None)  # bitsandbytes Linear8bitLt keeps CB/SCB here too
+            if state is not None and not isinstance(state, (torch.Tensor, dict)):
+                found += [(o, a, ATTRIBUTE, getattr(o, a)) for o, a in _quant_state(state)]
+    return found
+
+
+def _key(tensor: torch.Tensor) -> tuple:
+    """Identity of a tensor's storage: two tensor objects over the same memory share one slot."""
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
 
 
 def pack(modules: dict[str, nn.Module], pin: bool) -> HostCopy:
-    """Copy every parameter and buffer of `modules` into one new host buffer (shared tensors once)."""
+    """Copy every tensor of `modules` (quantized ones as they are) into one new host buffer, shared ones once."""
     slots: list[_Slot] = []
-    holders: list[tuple[nn.Module, str, bool, int]] = []
-    index_of: dict[int, int] = {}
+    holders: list[tuple[object, str, str, int]] = []
+    index_of: dict[tuple, int] = {}
     sources: list[torch.Tensor] = []
     offset = 0
-    for module in modules.values():
-        for sub in module.modules():
-            for table, is_parameter in ((sub._parameters, True), (sub._buffers, False)):
-                for name, tensor in table.items():
-                    if tensor is None:
-                        continue
-                    key = id(tensor)
-                    if key not in index_of:
-                        index_of[key] = len(slots)
-                        slots.append(_Slot(offset, tensor.dtype, tensor.shape))
-                        sources.append(tensor.detach())
-                        offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
-                    holders.append((sub, name, is_parameter, index_of[key]))
+    for owner, name, kind, tensor in _tensors(modules):
+        key = _key(tensor)
+        if key not in index_of:
+            index_of[key] = len(slots)
+            slots.append(_Slot(offset, tensor.dtype, tensor.shape))
+            sources.append(tensor.detach())
+            offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+        holders.append((owner, name, kind, index_of[key]))
     host = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
     for slot, source in zip(slots, sources, strict=True):
         host[slot.offset:slot.offset + _nbytes(slot)].view(slot.dtype).view(slot.shape).copy_(source)
@@ -136,11 +161,10 @@ class HostWeightCache:
         if name in self.copies:
             self.copies.move_to_end(name)
             return self.copies[name], []
-        reason = _unsupported(modules)
-        size = sum(t.numel() * t.element_size() for m in modules.values()
-                   for t in [*m.parameters(), *m.buffers()])
-        if reason or size > self.capacity:
-            log.info("not caching %s: %s", name, reason or f"{size / 1e9:.2f} GB exceeds the cache size")
+        unique = {_key(t): t for *_, t in _tensors(modules)}
+        size = sum(t.numel() * t.element_size() for t in unique.values())
+        if size > self.capacity:
+            log.info("not caching %s: %.2f GB exceeds the cache size", name, size / 1e9)
             return None, []
         evicted = []
         for victim in list(self.copies):

@@ -54,3 +54,46 @@ def test_cuda_cache_swaps_match_fresh_loads_and_free_memory(checkpoints: dict[st
     assert before - torch.cuda.memory_allocated() >= weights  # every weight byte left the GPU
     drive(cached.load, LoadRequest(model="artist"))
     assert torch.cuda.memory_allocated() > 0
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "int8"])
+def test_quantized_models_are_cached_in_quantized_form(checkpoints: dict[str, Path], quantization: str) -> None:  # noqa: F811
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
+    paths = dict(checkpoints)
+
+    def host(cache_gb: float) -> SpecialistHost:
+        specialists = {"pragmatist": {"backend": "transformers", "path": str(paths["pragmatist"]), "dtype": "float16",
+                                      "quantization": quantization, "max_context": 256,
+                                      "generation": {"max_new_tokens": 12, "temperature": 0.0}},
+                       "artist": {"kind": "image_generation", "backend": "diffusers", "path": str(paths["artist"]),
+                                  "dtype": "float32", "image": {"width": 32, "height": 32, "steps": 2}}}
+        config = parse_config({"router": {}, "voice": {}, "specialists": specialists,
+                               "gpus": [{"index": 0, "budget_gb": 70}],
+                               "services": {"specialist_host": {"gpus": [0]}}, "weight_cache": {"size_gb": cache_gb}})
+        return SpecialistHost(LoadContext(service="specialist_host", physical_gpus=[0], config=config))
+
+    fresh = host(0)
+    swap_to(fresh, "pragmatist")
+    expected = run(fresh, "pragmatist", None).text
+    drive(fresh.unload, UnloadRequest(model="pragmatist"))
+    cached = host(1.0)
+    swap_to(cached, "pragmatist")
+    model = cached.loaded["pragmatist"]
+    layer_types = {type(m).__name__ for m in model.torch_modules()["model"].modules()}
+    assert layer_types & {"Linear4bit", "Linear8bitLt"}  # really quantized
+    assert run(cached, "pragmatist", None).text == expected
+    for _ in range(2):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        swap_to(cached, "artist")  # parks the quantized model: its device copy goes
+        drive(cached.unload, UnloadRequest(model="artist"))
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() < before
+        swap_to(cached, "pragmatist")  # back from the cache, no re-quantization
+        assert cached.loaded["pragmatist"] is model
+        assert run(cached, "pragmatist", None).text == expected
