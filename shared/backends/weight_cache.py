@@ -84,12 +84,29 @@ QUANT_ATTRIBUTES = ("SCB", "CB", "absmax", "code", "offset")  # bitsandbytes sta
 
 def _quant_state(owner: object, depth: int = 0) -> list[tuple[object, str]]:
     """Tensors bitsandbytes keeps outside `_parameters`: int8 scales, 4-bit quant states (nested)."""
-    found = [(owner, name) for name in QUANT_ATTRIBUTES if isinstance(getattr(owner, name, None), torch.Tensor)]
+    extra = {n for n, v in getattr(owner, "__dict__", {}).items() if isinstance(v, torch.Tensor)}
+    names = set(QUANT_ATTRIBUTES) | extra
+    found = [(owner, name) for name in sorted(names)  # properties are views of the quant state: skip them
+             if isinstance(getattr(owner, name, None), torch.Tensor)
+             and not isinstance(getattr(type(owner), name, None), property)]
     for child in ("quant_state", "state2"):
         nested = getattr(owner, child, None)
         if nested is not None and depth < 3:
             found += _quant_state(nested, depth + 1)
     return found
+
+
+UNCACHEABLE = {"Linear8bitLt": "bitsandbytes int8 layers keep GPU state the cache cannot move (measured: the GPU "
+                                "memory was not returned on swap out)"}
+
+
+def uncacheable(modules: dict[str, nn.Module]) -> str | None:
+    """Why these modules cannot be cached (None when they can)."""
+    for module in modules.values():
+        for sub in module.modules():
+            if type(sub).__name__ in UNCACHEABLE:
+                return UNCACHEABLE[type(sub).__name__]
+    return None
 
 
 def _tensors(modules: dict[str, nn.Module]) -> list[tuple[object, str, str, torch.Tensor]]:
@@ -161,6 +178,10 @@ class HostWeightCache:
         if name in self.copies:
             self.copies.move_to_end(name)
             return self.copies[name], []
+        reason = uncacheable(modules)
+        if reason:
+            log.info("not caching %s: %s; it reloads from its checkpoint on each swap", name, reason)
+            return None, []
         unique = {_key(t): t for *_, t in _tensors(modules)}
         size = sum(t.numel() * t.element_size() for t in unique.values())
         if size > self.capacity:
