@@ -186,7 +186,8 @@ class ServiceLoop:
         except Exception as exc:  # a bug in a handler must not take the worker down
             log.error("call %s crashed:\n%s", msg.id, traceback.format_exc())
             self._error(msg, ErrorCode.internal, f"{type(exc).__name__}: {exc} (see the {self.worker.service} log)")
-        log.info("call %s %s done in %.3fs", msg.id, msg.type, time.perf_counter() - started)  # type: ignore[attr-defined]
+        log.info("call %s (request %s) %s done in %.3fs", msg.id, msg.parent_id, msg.type,  # type: ignore[attr-defined]
+                 time.perf_counter() - started)
 
     def _error(self, msg: Message, code: ErrorCode, text: str) -> None:
         self._emit(WorkerError(parent_id=msg.id, code=code, message=text, service=self.worker.service))
