@@ -118,17 +118,11 @@ class StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class HfCausalModel(LoadedModel):
-    """A transformers causal LM and its tokenizer, resident in this process."""
+class TransformersModel(LoadedModel):
+    """What the transformers backends share: a model on this process's devices."""
 
-    def __init__(self, entry: ModelEntry, model: Any, tokenizer: Any, physical_gpus: list[int]) -> None:
-        self.entry = entry
-        self.model: Any = model
-        self.tokenizer: Any = tokenizer
-        self.physical_gpus = physical_gpus
-        # Padding is never attended to (classify pads on the right), so any id will do when none is defined.
-        fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+    model: Any
+    physical_gpus: list[int]
 
     def memory(self) -> list[MemoryReading]:
         """Measured memory of this process: per GPU it is pinned to, or its RSS on the CPU."""
@@ -144,6 +138,19 @@ class HfCausalModel(LoadedModel):
         """The model for the host weight cache (single-device placements only)."""
         devices = set((getattr(self.model, "hf_device_map", None) or {"": 0}).values())
         return {"model": self.model} if self.model is not None and len(devices) == 1 else {}
+
+
+class HfCausalModel(TransformersModel):
+    """A transformers causal LM and its tokenizer, resident in this process."""
+
+    def __init__(self, entry: ModelEntry, model: Any, tokenizer: Any, physical_gpus: list[int]) -> None:
+        self.entry = entry
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+        self.physical_gpus = physical_gpus
+        # Padding is never attended to (classify pads on the right), so any id will do when none is defined.
+        fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
 
     def unload(self) -> None:
         """Drop the model and tokenizer and hand cached GPU blocks back to the driver."""

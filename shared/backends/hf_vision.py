@@ -23,11 +23,11 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from shared.backends import memory, placement
+from shared.backends import placement
 from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput
-from shared.backends.hf_causal import merged_sampling, raise_if_cancelled, stream_generate
+from shared.backends.hf_causal import TransformersModel, merged_sampling, raise_if_cancelled, stream_generate
 from shared.config import ModelEntry
-from shared.messages import ChatTurn, GenerationOptions, MemoryReading
+from shared.messages import ChatTurn, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def decode_image(data: bytes) -> Image.Image:
 # ---------------------------------------------------------------- the resident model
 
 
-class HfVisionModel(LoadedModel):
+class HfVisionModel(TransformersModel):
     """A LLaVA-NeXT model and its processor, resident in this process."""
 
     def __init__(self, entry: ModelEntry, model: Any, processor: Any, physical_gpus: list[int]) -> None:
@@ -102,22 +102,6 @@ class HfVisionModel(LoadedModel):
         self.model: Any = model
         self.processor: Any = processor
         self.physical_gpus = physical_gpus
-
-    def memory(self) -> list[MemoryReading]:
-        """Measured memory of this process: per GPU it is pinned to, or its RSS on the CPU."""
-        return memory.readings(self.physical_gpus)
-
-    def placement(self) -> dict[str, str]:
-        """Where the weights are, in physical GPU numbers."""
-        if self.model is None:
-            return {}
-        return placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
-
-    def torch_modules(self) -> dict[str, Any]:
-        """The model for the host weight cache (single-device placements only)."""
-        if self.model is None or len(set((getattr(self.model, "hf_device_map", None) or {0: 0}).values())) > 1:
-            return {}
-        return {"model": self.model}
 
     def unload(self) -> None:
         """Drop the model and processor and hand cached GPU blocks back to the driver."""
