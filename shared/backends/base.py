@@ -94,7 +94,11 @@ class LoadedModel(ABC):
         for piece in self.generate(messages, options, cancel):
             pieces.append(piece)
             yield piece
-        yield SpecialistOutput(text="".join(pieces))
+        yield self.specialist_output("".join(pieces), image)
+
+    def specialist_output(self, text: str, image: bytes | None) -> SpecialistOutput:
+        """The result of a streamed specialist run (a backend may attach more than the text)."""
+        return SpecialistOutput(text=text)
 
 
 VISION_BACKEND = "shared.backends.hf_vision:load"  # transformers + kind "vision_language"

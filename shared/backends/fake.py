@@ -108,17 +108,12 @@ class FakeModel(LoadedModel):
             self._sleep(self.entry.fake.token_delay_s, cancel)
             yield word if i == 0 else " " + word
 
-    def run_specialist(self, messages: list[ChatTurn], image: bytes | None, options: GenerationOptions,
-                       cancel: threading.Event) -> Iterator[str | SpecialistOutput]:
-        pieces: list[str] = []
-        for piece in self.generate(messages, options, cancel):
-            pieces.append(piece)
-            yield piece
-        text = "".join(pieces)
+    def specialist_output(self, text: str, image: bytes | None) -> SpecialistOutput:
+        """The echoed text, noting an attached image; artists also return a small PNG."""
         if image is not None:
             text += f" (looked at an image of {len(image)} bytes)"
         picture = _png(text) if self.entry.kind == "image_generation" else None
-        yield SpecialistOutput(text=text, image=picture)
+        return SpecialistOutput(text=text, image=picture)
 
 
 def _png(seed_text: str, size: int = 16) -> ImagePayload:
