@@ -97,6 +97,7 @@ class GenerationDefaults(Section):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)  # 0 = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    stop: list[str] = Field(default=[], max_length=8)  # the reply ends before the first of these strings
 
 
 class ImageDefaults(Section):
@@ -141,6 +142,10 @@ class ModelEntry(Section):
     device_map: str | dict[str, int | str] = ""  # "" = whole model on the service's first device
     max_memory: dict[str, str] = {}  # per relative GPU index, e.g. {"0" = "47GB"}
     compile: bool = False  # opt-in torch.compile
+    # How replies are decoded (causal LMs and perception's language model): "graphs" replays each step from a
+    # CUDA graph over a static KV cache; "eager" runs the same step eagerly. Without CUDA, or for a model split
+    # over devices, both run eagerly; `lyra status` shows what runs and why.
+    engine: Literal["graphs", "eager"] = "graphs"
     description: str = ""  # what this specialist is for; the router scores it
     routable: bool = True  # offered to the router; false = reached only by the image rule or by forcing it
     system_prompt: str = ""

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1  # 1.1: image error codes, estimates in registration, tickets
+SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets; 1.2: stop strings, engines
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 STAGES = ("route", "load", "specialist", "voice")
@@ -84,6 +84,7 @@ class GenerationOptions(Frozen):
     temperature: float | None = Field(default=None, ge=0.0, le=5.0)  # 0 = greedy
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(default=None, max_length=8)
     width: int | None = Field(default=None, ge=16, le=16384)  # image width; the artist's max_side applies
     height: int | None = Field(default=None, ge=16, le=16384)  # image height
     steps: int | None = Field(default=None, ge=1, le=1000)  # denoising steps; the artist's max_steps applies

@@ -90,8 +90,11 @@ class SpecialistHost(Worker):
         if copy is None or model is None or copy.device is None:
             return None
         seconds = copy.to_device(copy.device)
-        log.info("swapped %s in from the host cache: %.2f GB in %.3fs (%.1f GB/s)", name, copy.nbytes / 1e9,
-                 seconds, copy.nbytes / 1e9 / max(seconds, 1e-9))
+        started = time.perf_counter()
+        model.prepare()  # the weights moved: the decode engine re-captures its graphs against them
+        log.info("swapped %s in from the host cache: %.2f GB in %.3fs (%.1f GB/s); decode engine %s ready in %.3fs",
+                 name, copy.nbytes / 1e9, seconds, copy.nbytes / 1e9 / max(seconds, 1e-9), model.engine_kind(),
+                 time.perf_counter() - started)
         return model
 
     def _load_fresh(self, name: str, entry: ModelEntry) -> LoadedModel:

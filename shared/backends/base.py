@@ -69,6 +69,14 @@ class LoadedModel(ABC):
         """The nn.Modules holding this model's weights, for the host weight cache ({} = not cacheable)."""
         return {}
 
+    def prepare(self) -> None:
+        """Get ready to serve after a load or a swap in (e.g. build a decode engine's cache and graphs)."""
+        return None
+
+    def engine_kind(self) -> str:
+        """What decodes this model's text ("graphs", "static (eager)", ...); "" when it does not decode."""
+        return ""
+
     def release_device_memory(self) -> None:
         """Hand freed device memory back to the driver (after the weight cache moved weights to the host)."""
         torch = sys.modules.get("torch")  # only a process that already uses torch has anything to release

@@ -13,26 +13,22 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.backends import hf_checks, memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
+from shared.backends.decode import DecodeEngine, Sampling
 from shared.backends.hf_checks import check_entry
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HfCausalModel", "check_entry", "load", "merged_sampling", "render_template"]
+__all__ = ["HfCausalModel", "check_entry", "load", "render_template", "sampling_for"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,8 +59,10 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     if entry.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     loaded = HfCausalModel(entry, model, tokenizer, context.physical_gpus[:gpu_count])
-    logger.info("loaded %s (%s) in %.1f s, %s, placement %s", entry.name, gguf_file or source,
-                time.perf_counter() - started, kwargs["dtype"], loaded.placement())
+    if context.service != "router":  # the router scores labels in one forward pass; it never decodes
+        loaded.prepare()
+    logger.info("loaded %s (%s) in %.1f s, %s, placement %s, decode engine %s", entry.name, gguf_file or source,
+                time.perf_counter() - started, kwargs["dtype"], loaded.placement(), loaded.engine_kind())
     return loaded
 
 
@@ -107,32 +105,48 @@ def _attention(entry: ModelEntry, on_gpu: bool, dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- the resident model
 
 
-class StopWhenSet(StoppingCriteria):
-    """Stops generation (every row) once any of the events is set."""
-
-    def __init__(self, *events: threading.Event) -> None:
-        self.events = events
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        done = any(event.is_set() for event in self.events)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
 class TransformersModel(LoadedModel):
     """What the transformers backends share: a model on this process's devices."""
 
     model: Any
     physical_gpus: list[int]
+    engine: DecodeEngine | None = None
+
+    def decode_engine(self, tokenizer: Any) -> DecodeEngine:
+        """The decode engine of this model, made on first use."""
+        if self.model is None:
+            raise BackendError(f"model {self.entry.name!r} has been unloaded")
+        if self.engine is None:
+            self.engine = DecodeEngine(self.model, tokenizer, self.entry.name, self.entry.engine,
+                                       self.entry.max_context)
+        return self.engine
+
+    def engine_kind(self) -> str:
+        """What decodes this model's replies (e.g. "graphs", "dynamic (CPU)"), for status and logs."""
+        return self.engine.describe() if self.engine is not None else ""
+
+    def release_device_memory(self) -> None:
+        """Drop the static cache and graphs with the weights (swap out), then return the memory."""
+        if self.engine is not None:
+            self.engine.release()
+        super().release_device_memory()
+
+    def drop_engine(self) -> None:
+        """Forget the engine for good (unload): its cache and graphs hold device memory."""
+        if self.engine is not None:
+            self.engine.release()
+        self.engine = None
 
     def memory(self) -> list[MemoryReading]:
         """Measured memory of this process: per GPU it is pinned to, or its RSS on the CPU."""
         return memory.readings(self.physical_gpus)
 
     def placement(self) -> dict[str, str]:
-        """Where the weights are, in physical GPU numbers, e.g. {"model.layers.0-15": "gpu:0", ...}."""
+        """Where the weights are, in physical GPU numbers, e.g. {"model.layers.0-15": "gpu:0", ...}, and the engine."""
         if self.model is None:
             return {}
-        return placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
+        where = placement.summarize(getattr(self.model, "hf_device_map", None), self.physical_gpus, self.model.device)
+        return {**where, "engine": self.engine_kind()} if self.engine is not None else where
 
     def torch_modules(self) -> dict[str, Any]:
         """The model for the host weight cache (single-device placements only)."""
@@ -155,6 +169,7 @@ class HfCausalModel(TransformersModel):
     def unload(self) -> None:
         """Drop the model and tokenizer and hand cached GPU blocks back to the driver."""
         compiled = self.entry.compile and self.model is not None
+        self.drop_engine()
         self.model = self.tokenizer = None
         if compiled:
             torch.compiler.reset()  # compiled graphs can keep parameters alive
@@ -238,18 +253,22 @@ class HfCausalModel(TransformersModel):
 
     # ------------------------------------------------------------ generate
 
+    def prepare(self) -> None:
+        """Build the decode engine's cache and graphs now (after a load or a swap in), not on the first reply."""
+        _, tokenizer = self._require()
+        seconds = self.decode_engine(tokenizer).prepare()
+        logger.info("%s: decode engine %s prepared in %.3fs", self.entry.name, self.engine_kind(), seconds)
+
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
                  cancel: threading.Event) -> Iterator[str]:
         """Stream the reply to `messages` (chat template applied), piece by piece; raises Cancelled."""
         raise_if_cancelled(cancel, self.entry.name)
-        settings = merged_sampling(self.entry.generation, options)
+        model, tokenizer = self._require()
+        sampling = sampling_for(self.entry.generation, options)
         ids, max_new = self._fit_context(self._prompt_ids([{"role": t.role, "content": t.content} for t in messages]),
-                                         settings["max_new_tokens"])
-        if settings["seed"] is not None:
-            torch.manual_seed(settings["seed"])
-        sampling = {"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"]} \
-            if settings["temperature"] > 0 else {"do_sample": False}
-        yield from self._stream(ids, {"max_new_tokens": max_new, **sampling}, cancel)
+                                         sampling.max_new_tokens)
+        inputs = {"input_ids": torch.tensor([ids], device=model.get_input_embeddings().weight.device)}
+        yield from self.decode_engine(tokenizer).stream(inputs, replace(sampling, max_new_tokens=max_new), cancel)
 
     def _fit_context(self, ids: list[int], max_new: int) -> tuple[list[int], int]:
         """Cut the prompt from the left so prompt + reply fit max_context (the reply gets at most half)."""
@@ -263,46 +282,6 @@ class HfCausalModel(TransformersModel):
             ids = ids[-keep:]
         return ids, min(max_new, limit - len(ids))
 
-    def _stream(self, ids: list[int], generation: dict[str, Any], cancel: threading.Event) -> Iterator[str]:
-        model, tokenizer = self._require()
-        inputs = torch.tensor([ids], device=model.get_input_embeddings().weight.device)
-        yield from stream_generate(model, tokenizer, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)},
-                                   {"pad_token_id": self.pad_id, **generation}, cancel, self.entry.name)
-
-
-def stream_generate(model: Any, tokenizer: Any, inputs: dict[str, Any], generation: dict[str, Any],
-                    cancel: threading.Event, name: str) -> Iterator[str]:
-    """Run `model.generate` on a thread and yield its text as it comes; raises Cancelled or BackendError.
-
-    Generation stops at the next token when `cancel` is set or when the consumer stops iterating.
-    """
-    stop = threading.Event()  # set when our consumer goes away
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    failures: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList(
-                [StopWhenSet(cancel, stop)]), **generation)
-        except BaseException as exc:  # re-raised in the caller's thread below
-            failures.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=work, name=f"generate-{name}", daemon=True)
-    thread.start()
-    try:
-        for piece in streamer:
-            if cancel.is_set():
-                break
-            if piece:
-                yield piece
-    finally:
-        stop.set()
-        thread.join()
-    if failures:
-        raise BackendError(f"model {name!r}: generation failed: {failures[0]}") from failures[0]
-    raise_if_cancelled(cancel, name)
-
 
 def render_template(template: str, labels: str, text: str) -> str:
     """Fill {labels} and {text} in one pass: other braces stay as written, inserted text is never re-read."""
@@ -310,11 +289,12 @@ def render_template(template: str, labels: str, text: str) -> str:
     return re.sub(r"\{(labels|text)\}", lambda match: values[match.group(1)], template)
 
 
-def merged_sampling(defaults: GenerationDefaults, options: GenerationOptions) -> dict[str, Any]:
+def sampling_for(defaults: GenerationDefaults, options: GenerationOptions) -> Sampling:
     """The model's generation defaults with every option the request sets laid over them."""
-    fields = ("max_new_tokens", "temperature", "top_p", "seed")
-    return {name: getattr(defaults, name) if getattr(options, name) is None else getattr(options, name)
-            for name in fields}
+    fields = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+    merged = {name: getattr(defaults, name) if getattr(options, name) is None else getattr(options, name)
+              for name in fields}
+    return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())})
 
 
 def raise_if_cancelled(cancel: threading.Event, name: str) -> None:

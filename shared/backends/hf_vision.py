@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from transformers import (
 
 from shared.backends import placement
 from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput
-from shared.backends.hf_causal import TransformersModel, merged_sampling, raise_if_cancelled, stream_generate
+from shared.backends.hf_causal import TransformersModel, raise_if_cancelled, sampling_for
 from shared.config import ModelEntry
 from shared.messages import ChatTurn, GenerationOptions
 
@@ -54,8 +55,9 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     except (OSError, ValueError, ImportError, RuntimeError, TypeError) as exc:
         raise BackendError(f"model {entry.name!r}: could not load a LLaVA-NeXT model from {entry.path}: {exc}") from exc
     loaded = HfVisionModel(entry, model.eval(), processor, list(context.physical_gpus))
-    logger.info("loaded %s from %s in %.1f s, %s, placement %s", entry.name, entry.path,
-                time.perf_counter() - started, kwargs["dtype"], loaded.placement())
+    loaded.prepare()
+    logger.info("loaded %s from %s in %.1f s, %s, placement %s, decode engine %s", entry.name, entry.path,
+                time.perf_counter() - started, kwargs["dtype"], loaded.placement(), loaded.engine_kind())
     return loaded
 
 
@@ -105,6 +107,7 @@ class HfVisionModel(TransformersModel):
 
     def unload(self) -> None:
         """Drop the model and processor and hand cached GPU blocks back to the driver."""
+        self.drop_engine()
         self.model = self.processor = None
         gc.collect()
         if torch.cuda.is_available():
@@ -133,14 +136,16 @@ class HfVisionModel(TransformersModel):
         if self.model is None:
             raise BackendError(f"model {self.entry.name!r} has been unloaded")
         raise_if_cancelled(cancel, self.entry.name)
-        settings = merged_sampling(self.entry.generation, options)
-        inputs = self._fit(messages, picture, settings["max_new_tokens"])
-        if settings["seed"] is not None:
-            torch.manual_seed(settings["seed"])
-        sampling = {"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"]} \
-            if settings["temperature"] > 0 else {"do_sample": False}
+        sampling = sampling_for(self.entry.generation, options)
+        inputs = self._fit(messages, picture, sampling.max_new_tokens)
         room = self.entry.max_context - inputs["input_ids"].shape[1]
-        yield from self._stream(inputs, {"max_new_tokens": min(settings["max_new_tokens"], room), **sampling}, cancel)
+        engine = self.decode_engine(self.processor.tokenizer)
+        yield from engine.stream(inputs, replace(sampling, max_new_tokens=min(sampling.max_new_tokens, room)), cancel)
+
+    def prepare(self) -> None:
+        """Build the language model's decode engine (static cache, graphs) now rather than on the first answer."""
+        if self.model is not None:
+            self.decode_engine(self.processor.tokenizer).prepare()
 
     def _fit(self, messages: list[ChatTurn], picture: Image.Image | None, max_new: int) -> dict[str, Any]:
         """Model inputs for the whole conversation, or for system + last user turn when that is too long."""
@@ -182,14 +187,3 @@ class HfVisionModel(TransformersModel):
             parts: list[dict[str, str]] = [{"type": "image"}] if with_image and i == last_user else []
             chat.append({"role": role, "content": [*parts, {"type": "text", "text": text}]})
         return self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-
-    def _stream(self, inputs: dict[str, Any], generation: dict[str, Any], cancel: threading.Event) -> Iterator[str]:
-        """Run `generate` in a thread and yield its text as it comes; raises Cancelled or BackendError."""
-        yield from stream_generate(self.model, self.processor.tokenizer, inputs,
-                                   {"pad_token_id": self._pad_id(), **generation}, cancel, self.entry.name)
-
-    def _pad_id(self) -> int | None:
-        tokenizer = self.processor.tokenizer
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-

@@ -7,7 +7,7 @@ import threading
 from shared.messages import AcceptedEvent, DoneEvent
 
 
-def run_concurrently(stack, prompts: list[str]) -> list[DoneEvent]:  # noqa: ANN001
+def run_concurrently(stack, prompts: list[str]) -> list[DoneEvent]:
     """Send prompts in this order (each accepted before the next is sent); return done events."""
     results: list[DoneEvent] = []
     accepted = threading.Semaphore(0)

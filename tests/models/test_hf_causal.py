@@ -36,7 +36,7 @@ def run(model: hf_causal.HfCausalModel, options: GenerationOptions = GREEDY,
 def test_loads_the_real_architecture_on_cpu(tiny_model: hf_causal.HfCausalModel, architecture: str) -> None:
     assert type(tiny_model.model).__name__ == tiny.MODEL_CLASSES[architecture]
     assert tiny_model.model.dtype == torch.float32  # "auto" on the CPU
-    assert tiny_model.placement() == {"model": "cpu"}
+    assert tiny_model.placement() == {"model": "cpu", "engine": "dynamic (CPU)"}
     [reading] = tiny_model.memory()
     weights = sum(p.numel() * p.element_size() for p in tiny_model.model.parameters())
     assert reading.device == "cpu" and reading.allocated_bytes > weights
@@ -157,7 +157,7 @@ def test_explicit_device_map_with_layer_ranges_loads(tiny_checkpoints: dict[str,
     device_map = {"model.embed_tokens": "cpu", "model.layers.0-1": "cpu", "model.norm": "cpu",
                   "model.rotary_emb": "cpu", "lm_head": "cpu"}
     loaded = hf_causal.load(tiny.entry("mapped", tiny_checkpoints["llama"], device_map=device_map), tiny.cpu_context())
-    assert loaded.placement() == {"model": "cpu"}
+    assert loaded.placement() == {"model": "cpu", "engine": "dynamic (CPU)"}
     assert "".join(run(loaded)).strip()
     loaded.unload()
 

@@ -227,7 +227,7 @@ def test_llava_cancel_mid_stream_raises_cancelled(llava: LoadedModel) -> None:
 
 def test_llava_unload_frees_the_model(llava_entry: ModelEntry) -> None:
     model = hf_vision.load(llava_entry, cpu_context())
-    assert model.placement() == {"model": "cpu"}
+    assert model.placement() == {"model": "cpu", "engine": "dynamic (CPU)"}
     weights = weakref.ref(model.model)
     model.unload()
     gc.collect()

@@ -64,7 +64,7 @@ def test_embedded_checkpoint_passes_the_config_check() -> None:
 
 def test_loads_the_gguf_as_llama_on_cpu(smollm2: hf_causal.HfCausalModel) -> None:
     assert type(smollm2.model).__name__ == "LlamaForCausalLM"
-    assert smollm2.placement() == {"model": "cpu"}
+    assert smollm2.placement() == {"model": "cpu", "engine": "dynamic (CPU)"}
     assert 130e6 < smollm2.model.num_parameters() < 140e6
 
 

@@ -1,0 +1,79 @@
+"""The decode engine on CUDA: graphs and eager equal `generate` token for token, before and after a cache swap."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.backends import decode, hf_causal
+from shared.backends.weight_cache import HostWeightCache
+from shared.messages import ChatTurn, GenerationOptions
+from tests.models import tiny
+
+pytestmark = [pytest.mark.models, pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+NEW = 48
+
+
+def loaded(checkpoints: dict[str, Path], engine: str) -> hf_causal.HfCausalModel:
+    entry = tiny.entry("gpu", checkpoints["llama"], dtype="float32", engine=engine)
+    return hf_causal.load(entry, tiny.cpu_context(gpus=[0]))
+
+
+def prompt(model: hf_causal.HfCausalModel) -> torch.Tensor:
+    return torch.tensor([model.tokenizer("What is 17 times 23? The quick brown fox").input_ids], device="cuda")
+
+
+def generate_ids(model: hf_causal.HfCausalModel, ids: torch.Tensor) -> list[int]:
+    out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=NEW, min_new_tokens=NEW, eos_token_id=None, pad_token_id=model.pad_id,
+                               cache_implementation="static", disable_compile=True)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def engine_ids(model: hf_causal.HfCausalModel, ids: torch.Tensor) -> list[int]:
+    engine = model.decode_engine(model.tokenizer)
+    engine.eos = set()
+    with torch.inference_mode():
+        runner = engine._runner()
+        batches = engine._token_batches(runner, {"input_ids": ids}, decode.Sampling(NEW), threading.Event())
+        return [token for batch in batches for token in batch]
+
+
+@pytest.mark.parametrize("engine", ["graphs", "eager"])
+def test_engine_equals_generate_before_and_after_a_cache_swap(engine: str, tiny_checkpoints: dict[str, Path]) -> None:
+    model = loaded(tiny_checkpoints, engine)
+    assert model.engine_kind() == ("graphs" if engine == "graphs" else "static (eager)")
+    ids = prompt(model)
+    expected = generate_ids(model, ids)
+    assert engine_ids(model, ids) == expected
+    assert engine_ids(model, ids) == expected  # the cache is reset between replies
+    cache = HostWeightCache(1 << 30)
+    copy, _ = cache.admit("gpu", model.torch_modules())
+    assert copy is not None
+    for _ in range(2):
+        copy.to_host()
+        model.release_device_memory()
+        copy.to_device(torch.device("cuda", 0))
+        model.prepare()
+        assert engine_ids(model, ids) == expected
+    model.unload()
+
+
+def test_streamed_text_equals_generate_and_seeds_repeat(tiny_checkpoints: dict[str, Path]) -> None:
+    model = loaded(tiny_checkpoints, "graphs")
+    question = [ChatTurn(role="user", content="What is 17 times 23?")]
+    text = "".join(model.generate(question, GenerationOptions(temperature=0.0, max_new_tokens=NEW), threading.Event()))
+    inputs = model.tokenizer.apply_chat_template([t.model_dump() for t in question], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True).to("cuda")
+    out = model.model.generate(**inputs, do_sample=False, max_new_tokens=NEW, pad_token_id=model.pad_id,
+                               cache_implementation="static", disable_compile=True)
+    assert text == model.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    sampled = GenerationOptions(temperature=1.0, top_p=0.9, seed=99, max_new_tokens=NEW)
+    first = "".join(model.generate(question, sampled, threading.Event()))
+    assert first == "".join(model.generate(question, sampled, threading.Event()))
+    model.unload()
