@@ -102,6 +102,7 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
     def engine_text(n: int) -> str:
         return "".join(engine.stream({"input_ids": ids}, Sampling(n), cancel))
 
+    print(json.dumps(row), flush=True)
     row["generate_dynamic_ms"] = median_ms_per_token(lambda n: plain(n), tokens)
     row["generate_static_ms"] = median_ms_per_token(
         lambda n: plain(n, cache_implementation="static", disable_compile=True), tokens)
@@ -109,6 +110,7 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
     dynamic_reference = plain(tokens)
     row["engine_graphs_ids_ms"] = median_ms_per_token(engine_ids, tokens)
     row["engine_graphs_streamed_ms"] = median_ms_per_token(engine_text, tokens)
+    print(json.dumps(row), flush=True)
     graph_ids = engine_ids(tokens)
     row["graphs_equal_generate_static"] = graph_ids == reference
     row["graphs_agree_with_generate_dynamic_tokens"] = _common_prefix(graph_ids, dynamic_reference)
@@ -118,6 +120,7 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
     row["engine_eager_ids_ms"] = median_ms_per_token(engine_ids, tokens)
     row["eager_equal_generate_static"] = engine_ids(tokens) == reference
     row["engine_eager_kind"] = engine.describe()
+    print(json.dumps(row), flush=True)
     engine.wanted = "graphs"
     engine.release()
     row["prepare_s"] = round(engine.prepare(), 3)
@@ -134,9 +137,11 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
         moved = time.perf_counter() - t0
         loaded.prepare()
         prepared = time.perf_counter() - t0
-        first = next(iter(engine.stream({"input_ids": ids}, Sampling(tokens), cancel)))
+        with torch.inference_mode():  # the first batch of token ids (random weights may decode to no text)
+            next(engine._token_batches(engine._runner(), {"input_ids": ids}, Sampling(tokens), cancel))
         swaps.append({"copy_s": round(moved, 3), "ready_s": round(prepared, 3),
-                      "first_token_s": round(time.perf_counter() - t0, 3), "first_text": bool(first)})
+                      "first_token_s": round(time.perf_counter() - t0, 3)})
+        print("swap in", swaps[-1], flush=True)
     row["swap_in_then_first_token"] = swaps
     row["after_swap_equal"] = engine_ids(tokens) == graph_ids
     row["graph_pool_and_cache_gb"] = round((torch.cuda.memory_allocated() - weights) / 1e9, 3)
@@ -152,7 +157,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 # ---------------------------------------------------------------- through the stack
 
 
-def stack_config(work: Path, folder: Path, tokens: int, max_context: int) -> Path:
+def stack_config(work: Path, folder: Path, tokens: int, max_context: int, gpus: str = "[0]") -> Path:
     text = f"""
 [runtime]
 run_dir = "{work / 'run'}"
@@ -168,7 +173,7 @@ budget_gb = 70
 [services.router]
 gpus = []
 [services.specialist_host]
-gpus = [0]
+gpus = {gpus}
 [services.voice]
 gpus = []
 [router]
@@ -178,7 +183,7 @@ backend = "fake"
 [specialists.pragmatist]
 backend = "transformers"
 path = "{folder}"
-dtype = "bfloat16"
+dtype = "{"bfloat16" if gpus != "[]" else "float32"}"
 engine = "graphs"
 max_context = {max_context}
 description = "practical tasks"
@@ -197,11 +202,11 @@ def lyra(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def through_stack(work: Path, folder: Path, tokens: int, max_context: int) -> dict:
+def through_stack(work: Path, folder: Path, tokens: int, max_context: int, gpus: str = "[0]") -> dict:
     from shared.client import Client
     from shared.messages import DoneEvent, TokenEvent
 
-    config = stack_config(work, folder, tokens, max_context)
+    config = stack_config(work, folder, tokens, max_context, gpus)
     row: dict = {}
     started = time.perf_counter()
     up = lyra("up", "-c", str(config), "--timeout", "600")
@@ -212,7 +217,7 @@ def through_stack(work: Path, folder: Path, tokens: int, max_context: int) -> di
     try:
         def turn(n: int) -> tuple[float, dict]:
             stamps, done = [], None
-            with Client(timeout=600) as client:
+            with Client(timeout_s=600) as client:
                 t0 = time.perf_counter()
                 for event in client.stream(PROMPT, specialist="pragmatist", max_new_tokens=n, temperature=0.0):
                     if isinstance(event, TokenEvent) and event.stage == "specialist":
