@@ -35,6 +35,27 @@ BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}  # HBM
 PROMPT = "How do I boil an egg so that the yolk stays soft? Please explain every step carefully."
 
 
+def full_vocab_tokenizer(folder: Path) -> None:
+    """Give the checkpoint a word-level tokenizer with one word per id of its vocabulary.
+
+    Random weights pick ids anywhere in the 128k vocabulary; the tests' small tokenizer would decode most
+    of them to nothing, and the stack would stream no text to time.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from tests.models.tiny import CHAT_TEMPLATE, SPECIALS
+
+    size = AutoConfig.from_pretrained(folder).vocab_size
+    words = [*SPECIALS, *(f"w{i}" for i in range(size - len(SPECIALS)))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=SPECIALS[0]))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=SPECIALS[1], eos_token=SPECIALS[3],
+                                        pad_token=SPECIALS[0], model_max_length=1 << 20)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+
 def card_bandwidth(name: str) -> float:
     return next((tb for key, tb in BANDWIDTH_TB_S.items() if key in name), 3.35) * 1e12
 
@@ -73,7 +94,6 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
     import torch
 
     from shared.backends.decode import Sampling
-    from shared.backends.weight_cache import HostWeightCache
 
     row: dict = {}
     started = time.perf_counter()
@@ -112,23 +132,46 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
     row["engine_graphs_streamed_ms"] = median_ms_per_token(engine_text, tokens)
     print(json.dumps(row), flush=True)
     graph_ids = engine_ids(tokens)
-    row["graphs_equal_generate_static"] = graph_ids == reference
+    row["graphs_agree_with_generate_static_tokens"] = _common_prefix(graph_ids, reference)
     row["graphs_agree_with_generate_dynamic_tokens"] = _common_prefix(graph_ids, dynamic_reference)
     # Eager engine: the same static cache and step, no graph.
     engine.wanted = "eager"
     engine.release()
     row["engine_eager_ids_ms"] = median_ms_per_token(engine_ids, tokens)
-    row["eager_equal_generate_static"] = engine_ids(tokens) == reference
+    row["eager_agree_with_generate_static_tokens"] = _common_prefix(engine_ids(tokens), reference)
     row["engine_eager_kind"] = engine.describe()
     print(json.dumps(row), flush=True)
     engine.wanted = "graphs"
     engine.release()
     row["prepare_s"] = round(engine.prepare(), 3)
-    # Swap out and in through the host weight cache, then the first token (graphs re-captured).
+    row["swap_in_then_first_token"] = swap_cycles(loaded, engine, ids, tokens, weights)
+    row["after_swap_agree_tokens"] = _common_prefix(engine_ids(tokens), graph_ids)
+    row["graph_pool_and_cache_gb"] = round((torch.cuda.memory_allocated() - weights) / 1e9, 3)
+    print(json.dumps(row), flush=True)
+    # Compiled: the same step through torch.compile (fused kernels), then captured.
+    engine.wanted = "compiled"
+    engine.release()
+    row["compiled_prepare_s"] = round(engine.prepare(), 1)
+    row["compiled_kind"] = engine.describe()
+    row["engine_compiled_streamed_ms"] = median_ms_per_token(engine_text, tokens)
+    row["compiled_agree_with_graphs_tokens"] = _common_prefix(engine_ids(tokens), graph_ids)
+    row["compiled_swap_in_then_first_token"] = swap_cycles(loaded, engine, ids, tokens, weights, cycles=2)
+    loaded.unload()
+    torch.cuda.empty_cache()
+    return row
+
+
+def swap_cycles(loaded, engine, ids, tokens: int, weights: int, cycles: int = 3) -> list[dict]:
+    """Swap out and in through the host weight cache, then time until the first batch of tokens."""
+    import torch
+
+    from shared.backends.decode import Sampling
+    from shared.backends.weight_cache import HostWeightCache
+
     cache = HostWeightCache(int(weights * 1.2))
     copy, _ = cache.admit("a", loaded.torch_modules())
-    swaps = []
-    for _ in range(3):
+    rows = []
+    for _ in range(cycles):
         copy.to_host()
         loaded.release_device_memory()
         torch.cuda.synchronize()
@@ -137,17 +180,12 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
         moved = time.perf_counter() - t0
         loaded.prepare()
         prepared = time.perf_counter() - t0
-        with torch.inference_mode():  # the first batch of token ids (random weights may decode to no text)
-            next(engine._token_batches(engine._runner(), {"input_ids": ids}, Sampling(tokens), cancel))
-        swaps.append({"copy_s": round(moved, 3), "ready_s": round(prepared, 3),
-                      "first_token_s": round(time.perf_counter() - t0, 3)})
-        print("swap in", swaps[-1], flush=True)
-    row["swap_in_then_first_token"] = swaps
-    row["after_swap_equal"] = engine_ids(tokens) == graph_ids
-    row["graph_pool_and_cache_gb"] = round((torch.cuda.memory_allocated() - weights) / 1e9, 3)
-    loaded.unload()
-    torch.cuda.empty_cache()
-    return row
+        with torch.inference_mode():
+            next(engine._token_batches(engine._runner(), {"input_ids": ids}, Sampling(tokens), threading.Event()))
+        rows.append({"copy_s": round(moved, 3), "ready_s": round(prepared, 3),
+                     "first_token_s": round(time.perf_counter() - t0, 3)})
+        print("swap in", engine.describe(), rows[-1], flush=True)
+    return rows
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -259,6 +297,7 @@ def main() -> int:
     report: dict = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
                     "tokens": args.tokens, "max_context": args.max_context}
     folder = build(work, f"8b-{args.layers}", args.layers)
+    full_vocab_tokenizer(folder)
     report["in_process"] = row = in_process(folder, args.tokens, args.max_context)
     floor = row["weights_gb"] * 1e9 / card_bandwidth(name) * 1000
     report["hbm_floor_ms"] = round(floor, 3)
@@ -283,6 +322,7 @@ def print_table(report: dict) -> None:
              ("engine eager (static cache), in process", row["engine_eager_ids_ms"]),
              ("engine graphs, in process, ids", row["engine_graphs_ids_ms"]),
              ("engine graphs, in process, streamed text", row["engine_graphs_streamed_ms"]),
+             ("engine compiled graphs, in process, streamed text", row.get("engine_compiled_streamed_ms")),
              ("engine graphs, through the stack (client timestamps)", report.get("stack", {}).get("stack_ms"))]
     for label, value in lines:
         print(f"| {label} | {value} |")

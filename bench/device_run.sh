@@ -16,6 +16,6 @@ for job in "$@"; do
     overlap) python3 bench/preload_overlap.py --checkpoint /tmp/lyra-swap/8b --out "$OUT" 2>&1 | tail -3 | tee "$OUT/overlap.log" ;;
     tests) python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" ;;
     gputests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1; tail -15 "$OUT/gpu-tests.log" ;;
-    decode) timeout 480 python3 bench/decode.py --out "$OUT" 2>&1 | grep -v "it/s\]" | tee "$OUT/decode.log" ;;
+    decode) timeout 500 python3 bench/decode.py --out "$OUT" 2>&1 | grep -v "it/s\]" | tee "$OUT/decode.log" ;;
   esac
 done

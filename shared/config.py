@@ -143,9 +143,10 @@ class ModelEntry(Section):
     max_memory: dict[str, str] = {}  # per relative GPU index, e.g. {"0" = "47GB"}
     compile: bool = False  # opt-in torch.compile
     # How replies are decoded (causal LMs and perception's language model): "graphs" replays each step from a
-    # CUDA graph over a static KV cache; "eager" runs the same step eagerly. Without CUDA, or for a model split
-    # over devices, both run eagerly; `lyra status` shows what runs and why.
-    engine: Literal["graphs", "eager"] = "graphs"
+    # CUDA graph over a static KV cache; "compiled" also compiles the step with torch.compile first (fused
+    # kernels, a slower first load); "eager" runs the same step eagerly. Without CUDA, or for a model split
+    # over devices, all run eagerly; `lyra status` shows what runs and why.
+    engine: Literal["graphs", "compiled", "eager"] = "graphs"
     description: str = ""  # what this specialist is for; the router scores it
     routable: bool = True  # offered to the router; false = reached only by the image rule or by forcing it
     system_prompt: str = ""

@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from shared.backends.attention import use_grouped_decode
 from shared.backends.base import Cancelled
 from shared.backends.detokenize import IncrementalText
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("graphs", "eager")
+ENGINES = ("graphs", "compiled", "eager")
 BATCH = 4  # tokens per host read: one event and one detokenization per batch, never per token
 WARMUP_STEPS = 2  # eager steps before capture (cuBLAS and allocator state settle on a side stream)
 
@@ -122,10 +123,11 @@ class StaticRunner:
     input from the host except the token, which sits in a fixed buffer.
     """
 
-    def __init__(self, model: Any, max_len: int, graphs: bool) -> None:
+    def __init__(self, model: Any, max_len: int, graphs: bool, step_function: Any = None) -> None:
         from transformers import StaticCache
 
         self.model = model
+        self.step_function = step_function or decode_step
         self.max_len = max_len
         self.keyword = cache_keyword(model)
         device = model.get_input_embeddings().weight.device
@@ -134,6 +136,7 @@ class StaticRunner:
                               if not hasattr(layer, "cumulative_length") or getattr(layer, "is_sliding", False)})
         if unsupported:
             raise UnsupportedModel(f"its cache layers ({', '.join(unsupported)}) are not plain static layers")
+        use_grouped_decode(model)  # without it, masked SDPA copies every KV head per query head, every step
         self.mask = torch.zeros((1, max_len), dtype=torch.long, device=device)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -145,14 +148,8 @@ class StaticRunner:
             self._capture()
             self.kind = "graphs"
 
-    def _position(self) -> torch.Tensor:
-        return self.cache.layers[0].cumulative_length
-
     def _forward_step(self) -> torch.Tensor:
-        self.mask.index_fill_(1, self._position().view(1), 1)
-        output = self.model(input_ids=self.token, attention_mask=self.mask, use_cache=True,
-                            **{self.keyword: self.cache})
-        return output.logits[:, -1]
+        return self.step_function(self.model, self.token, self.mask, self.cache, self.keyword)
 
     def _initialise(self) -> None:
         """One tiny prefill allocates the cache tensors (lazily made by transformers) before any capture."""
@@ -194,6 +191,12 @@ class StaticRunner:
         self.cache = None
 
 
+def decode_step(model: Any, token: torch.Tensor, mask: torch.Tensor, cache: Any, keyword: str) -> torch.Tensor:
+    """One token through the model at the cache's own position; marks that position in the mask first."""
+    mask.index_fill_(1, cache.layers[0].cumulative_length.view(1), 1)
+    return model(input_ids=token, attention_mask=mask, use_cache=True, **{keyword: cache}).logits[:, -1]
+
+
 class UnsupportedModel(Exception):
     """The static runner cannot hold this model's cache; the dynamic runner serves it instead."""
 
@@ -227,6 +230,14 @@ class DecodeEngine:
         self.reason = ""  # why the runner is not what was asked for
         self.eos = eos_ids(model, tokenizer)
         self.lock = threading.Lock()
+        self.compiled: Any = None  # made once: it survives swaps (weights are its inputs, not constants)
+
+    def _step_function(self) -> Any:
+        if self.wanted != "compiled":
+            return None
+        if self.compiled is None:
+            self.compiled = torch.compile(decode_step, dynamic=False)
+        return self.compiled
 
     def describe(self) -> str:
         """What decodes now, e.g. "graphs", "static (eager)", "dynamic (CPU)"."""
@@ -270,17 +281,19 @@ class DecodeEngine:
                     self.reason = f"split over devices; {exc}"
             return DynamicRunner(self.model)
         try:
-            runner = StaticRunner(self.model, self.max_context, graphs=self.wanted == "graphs")
-            self.reason = "" if self.wanted == "graphs" or runner.kind == "graphs" else "eager"
+            graphs = self.wanted in ("graphs", "compiled")
+            runner = StaticRunner(self.model, self.max_context, graphs=graphs, step_function=self._step_function())
+            runner.kind = "compiled graphs" if self.wanted == "compiled" else runner.kind
+            self.reason = "" if graphs else "eager"
             return runner
         except UnsupportedModel as exc:
             self.reason = str(exc)
-        except RuntimeError as exc:  # a forward that cannot be captured: serve eagerly, say why
-            logger.warning("%s: CUDA graph capture failed, decoding eagerly: %s", self.name, exc)
-            self.reason = f"capture failed: {str(exc).splitlines()[0][:120]}"
+        except Exception as exc:  # a forward that cannot be captured or compiled: serve eagerly, say why
+            logger.warning("%s: %s decode step failed to build, decoding eagerly: %s", self.name, self.wanted, exc)
+            self.reason = f"{self.wanted} failed: {str(exc).splitlines()[0][:120]}"
             try:
                 return StaticRunner(self.model, self.max_context, graphs=False)
-            except (UnsupportedModel, RuntimeError):
+            except Exception:
                 pass
         return DynamicRunner(self.model)
 

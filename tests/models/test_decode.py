@@ -45,8 +45,9 @@ def test_static_runner_equals_static_generate_on_llama(tiny_checkpoints: dict[st
     """The graphs engine's step, run eagerly: static cache, fixed mask, position advanced on the device."""
     model = hf_causal.load(tiny.entry("t", tiny_checkpoints["llama"]), tiny.cpu_context())
     ids = torch.tensor([model.tokenizer("What is 17 times 23? The quick brown fox").input_ids])
-    runner = decode.StaticRunner(model.model, 256, graphs=False)
     expected = reference_ids(model, ids, 60, cache_implementation="static", disable_compile=True)
+    runner = decode.StaticRunner(model.model, 256, graphs=False)  # switches attention to grouped decode
+    assert model.model.config._attn_implementation == "lyra_sdpa"
     assert engine_ids(runner, ids, 60) == expected
     assert engine_ids(runner, ids, 60) == expected  # a second reply reuses the cache after a reset
     assert expected == reference_ids(model, ids, 60)  # and the static cache changes nothing on the CPU

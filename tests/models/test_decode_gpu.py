@@ -50,6 +50,9 @@ def test_engine_equals_generate_before_and_after_a_cache_swap(engine: str, tiny_
     assert model.engine_kind() == ("graphs" if engine == "graphs" else "static (eager)")
     ids = prompt(model)
     expected = generate_ids(model, ids)
+    model.model.set_attn_implementation("sdpa")  # transformers' own attention agrees with the grouped decode
+    assert generate_ids(model, ids) == expected
+    model.model.set_attn_implementation("lyra_sdpa")
     assert engine_ids(model, ids) == expected
     assert engine_ids(model, ids) == expected  # the cache is reset between replies
     cache = HostWeightCache(1 << 30)
