@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run GPU benchmarks on a lent GPU machine: installs the carried wheels, then each named benchmark,
-# logging to $OUT. Usage: bash bench/device_run.sh image|reference|swap|decode|gputests ...
+# logging to $OUT. Usage: bash bench/device_run.sh image|reference|swap|decode|e2e|gputests ...
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -16,6 +16,7 @@ for job in "$@"; do
     overlap) python3 bench/preload_overlap.py --checkpoint /tmp/lyra-swap/8b --out "$OUT" 2>&1 | tail -3 | tee "$OUT/overlap.log" ;;
     tests) python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" ;;
     gputests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1; tail -15 "$OUT/gpu-tests.log" ;;
+    e2e) timeout 540 python3 bench/e2e.py --out "$OUT" 2>&1 | grep -v "it/s\]" | tee "$OUT/e2e.log" ;;
     decode) timeout 500 python3 bench/decode.py --out "$OUT" 2>&1 | grep -v "it/s\]" | tee "$OUT/decode.log" ;;
   esac
 done

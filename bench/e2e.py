@@ -1,0 +1,213 @@
+"""Whole turns through the running stack (`lyra up`, supervisord), per stage, beside the original design.
+
+    python bench/e2e.py --out DIR [--work /tmp/lyra-e2e] [--tokens 128] [--tiny]
+
+Two GPUs: the router (Gemma-3-12B shape, 8 of its 48 layers) on GPU 0, the specialists on GPU 1 (a
+Llama-3-8B-shaped pragmatist, a Jamba-shaped philosopher with 6 layers and 4 experts), the voice
+(Llama-3-8B shape) on GPU 0; random bf16 weights, greedy, `max_new_tokens` = --tokens for specialist and
+voice. Turns alternate the specialists: the first visit of each loads it from its checkpoint (cold), later
+visits swap it in from the host weight cache (cached). One unforced turn at each end times the router.
+Client-side times are wall clock from sending the request to its DoneEvent. `--tiny` runs the same script
+on the CPU with the tests' tiny checkpoints (a check of the script, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.decode import full_vocab_tokenizer, lyra  # noqa: E402
+
+ORIGINAL = {"cold turn": "20-40 s", "cached turn": "5-10 s", "swap": "15-30 s", "router": "0.2-0.5 s",
+            "specialist": "2-5 s", "voice": "3-5 s"}
+TURNS = [(None, "How do I boil an egg so that the yolk stays soft?"),
+         ("pragmatist", "How do I fix a flat bicycle tyre?"), ("philosopher", "Is free will an illusion?"),
+         ("pragmatist", "Write a function that reverses a string."), ("philosopher", "What makes a life good?"),
+         ("pragmatist", "How do I remove a coffee stain?"), ("philosopher", "Can a machine understand?"),
+         (None, "How do I make tea?")]
+
+
+def build_checkpoints(work: Path, tiny: bool) -> dict[str, Path]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shared.vram.architectures import build_config, get_architecture
+    from tests.models import tiny as tiny_models
+
+    if tiny:
+        return {name: tiny_models.build_checkpoint(arch, work / name) if not (work / name).exists() else work / name
+                for name, arch in (("router", "gemma3"), ("llama", "llama"), ("jamba", "jamba"))}
+    shapes = {"router": ("gemma-3-12b", {"num_hidden_layers": 8}), "llama": ("llama-3-8b", {}),
+              "jamba": ("jamba-v0.1", {"num_hidden_layers": 6, "num_experts": 4})}
+    out = {}
+    for name, (arch, overrides) in shapes.items():
+        folder = out[name] = work / name
+        if (folder / "config.json").exists():
+            continue
+        config = build_config(get_architecture(arch).components[0])
+        text = getattr(config, "text_config", None) or config
+        for key, value in overrides.items():
+            setattr(text, key, value)
+        if isinstance(vars(text).get("layer_types"), list):
+            text.layer_types = text.layer_types[:text.num_hidden_layers]
+        started = time.perf_counter()
+        with torch.device("cuda:0"):
+            model = AutoModelForCausalLM.from_config(text, dtype=torch.bfloat16)
+        model.save_pretrained(folder, max_shard_size="5GB")
+        del model
+        torch.cuda.empty_cache()
+        full_vocab_tokenizer(folder)
+        print(f"built {name} ({arch}) in {time.perf_counter() - started:.1f}s", flush=True)
+    return out
+
+
+def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool) -> Path:
+    gpu0, gpu1 = ("[]", "[]") if tiny else ("[0]", "[1]")
+    dtype = "float32" if tiny else "bfloat16"
+
+    def model(path: Path, **extra: str) -> str:
+        lines = ['backend = "transformers"', f'path = "{path}"', f'dtype = "{dtype}"', "max_context = 2048",
+                 f"generation = {{ max_new_tokens = {tokens}, temperature = 0.0 }}"]
+        return "\n".join(lines + [f"{k} = {v}" for k, v in extra.items()])
+
+    text = f"""
+[runtime]
+run_dir = "{work / 'run'}"
+heartbeat_timeout_s = 60
+[deadlines]
+route = 120
+load = 600
+specialist = 300
+voice = 300
+[weight_cache]
+size_gb = {2 if tiny else 40}
+[[gpus]]
+index = 0
+budget_gb = 130
+[[gpus]]
+index = 1
+budget_gb = 130
+[services.router]
+gpus = {gpu0}
+[services.specialist_host]
+gpus = {gpu1}
+[services.voice]
+gpus = {gpu0}
+[router]
+{model(ckpt['router'])}
+[specialists.pragmatist]
+{model(ckpt['llama'])}
+description = "practical tasks"
+[specialists.philosopher]
+{model(ckpt['jamba'])}
+description = "philosophical questions"
+[voice]
+{model(ckpt['llama'])}
+system_prompt = "You are Lyra."
+"""
+    path = work / "e2e.toml"
+    path.write_text(text)
+    return path
+
+
+def run_turns() -> list[dict]:
+    from shared.client import Client
+    from shared.messages import DoneEvent, TokenEvent
+
+    rows, seen = [], set()
+    for forced, text in TURNS:
+        first_voice = None
+        with Client(timeout_s=900) as client:
+            t0 = time.perf_counter()
+            done = None
+            for event in client.stream(text, specialist=forced):
+                if isinstance(event, TokenEvent) and event.stage == "voice" and first_voice is None:
+                    first_voice = time.perf_counter() - t0
+                if isinstance(event, DoneEvent):
+                    done = event
+            wall = time.perf_counter() - t0
+        assert done is not None
+        rows.append({"forced": forced, "specialist": done.specialist, "cold": done.specialist not in seen,
+                     "client_s": round(wall, 3), "first_voice_token_s": first_voice,
+                     "timings": {k: round(v, 3) for k, v in done.timings.items()}})
+        seen.add(done.specialist)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
+    cached = [r for r in rows if not r["cold"]]
+    cold = [r for r in rows if r["cold"]]
+    return {
+        "cold_turn_s": median([r["client_s"] for r in cold]),
+        "cached_turn_s": median([r["client_s"] for r in cached]),
+        "cached_text_turn_s_by_specialist": {s: median([r["client_s"] for r in cached if r["specialist"] == s])
+                                             for s in sorted({r["specialist"] for r in cached})},
+        "swap_in_s": median([r["timings"].get("load", 0) for r in cached if r["forced"]]),
+        "router_s": median([r["timings"]["route"] for r in rows if r["forced"] is None]),
+        "specialist_s": median([r["timings"]["specialist"] for r in cached]),
+        "voice_s": median([r["timings"]["voice"] for r in cached]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--work", default="/tmp/lyra-e2e")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or "cpu",
+                    "torch": torch.__version__, "transformers": transformers.__version__, "tokens": args.tokens}
+    config = write_config(work, build_checkpoints(work, args.tiny), args.tokens, args.tiny)
+    started = time.perf_counter()
+    up = lyra("up", "-c", str(config), "--timeout", "600")
+    report["up_s"] = round(time.perf_counter() - started, 1)
+    if up.returncode != 0:
+        report["error"] = up.stdout[-3000:] + up.stderr[-3000:]
+    else:
+        try:
+            report["status"] = lyra("status").stdout
+            report["turns"] = run_turns()
+            report["summary"] = summarize(report["turns"])
+        finally:
+            lyra("down")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "e2e.json").write_text(json.dumps(report, indent=2, default=str))
+    print_table(report)
+    return 0 if "summary" in report else 1
+
+
+def print_table(report: dict) -> None:
+    summary = report.get("summary")
+    if not summary:
+        print(report.get("error", "no result"))
+        return
+    print(f"\n{report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
+          f"{report['tokens']} specialist + {report['tokens']} voice tokens; lyra up {report['up_s']} s")
+    print(report["status"])
+    print("| what | original design | Lyra |")
+    rows = [("cold turn", "cold_turn_s"), ("cached turn", "cached_turn_s"), ("swap", "swap_in_s"),
+            ("router", "router_s"), ("specialist", "specialist_s"), ("voice", "voice_s")]
+    for label, key in rows:
+        print(f"| {label} | {ORIGINAL[label]} | {summary[key]} s |")
+    print("cached turn by specialist:", summary["cached_text_turn_s_by_specialist"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
