@@ -259,6 +259,8 @@ def _named(raw: dict[str, Any]) -> dict[str, Any]:
     for key in ("router", "voice"):
         if isinstance(raw.get(key), dict):
             raw[key] = {"name": key, **raw[key]}
+    if isinstance(raw.get("router"), dict):  # the router scores labels in one forward pass: it never decodes
+        raw["router"]["engine"] = "eager"
     if isinstance(raw.get("specialists"), dict):
         raw["specialists"] = {
             name: ({**entry, "name": name} if isinstance(entry, dict) else entry)

@@ -201,3 +201,25 @@ def test_parse_size_units() -> None:
     assert parse_size("1500 MB") == 1500 * 10**6
     with pytest.raises(ValueError, match="cannot read"):
         parse_size("lots")
+
+
+def test_the_decode_graph_pool_is_planned_only_where_a_graph_is_captured() -> None:
+    from shared.config import parse_config
+    from shared.vram.estimate import activation_bytes, decode_graph_bytes
+    from shared.vram.inventory import inventory_for
+
+    def entry(**extra: object) -> ModelEntry:
+        fields = {"name": "s", "backend": "transformers", "path": "x", "architecture": "llama-3-8b",
+                  "dtype": "bfloat16", "max_context": 4096, **extra}
+        return ModelEntry(**fields)
+
+    shape = inventory_for(entry()).shape
+    assert shape is not None
+    # Calibrated on the Llama-3-8B shape at 4096 tokens: 0.235 GB measured on an H200 beside the static cache.
+    assert decode_graph_bytes(entry(), shape) / 1e9 == pytest.approx(0.235, abs=0.01)
+    assert decode_graph_bytes(entry(engine="eager"), shape) == 0
+    assert decode_graph_bytes(entry(device_map="auto"), shape) == 0
+    assert activation_bytes(entry(), shape, 2) - activation_bytes(entry(engine="eager"), shape, 2) > 0
+    config = parse_config({"router": {"backend": "transformers", "path": "x", "engine": "graphs"}, "voice": {},
+                           "specialists": {"a": {}}})
+    assert config.router.engine == "eager"  # the router never decodes
