@@ -146,8 +146,8 @@ def activation_bytes(entry: ModelEntry, shape: ModelShape | None, element_bytes:
 
 def decode_graph_bytes(entry: ModelEntry, shape: ModelShape) -> int:
     """What a captured decode step keeps allocated beside the static KV cache (engine graphs or compiled)."""
-    split = isinstance(entry.device_map, str) and entry.device_map not in ("", "cuda") or \
-        isinstance(entry.device_map, dict) and len(set(entry.device_map.values())) > 1
+    split = (isinstance(entry.device_map, str) and entry.device_map not in ("", "cuda")) or \
+        (isinstance(entry.device_map, dict) and len(set(entry.device_map.values())) > 1)
     if entry.engine == "eager" or entry.backend != "transformers" or shape.recurrent_layers or split:
         return 0  # eager, hybrid Mamba (dynamic cache) and split models capture no graph
     scores = 8 * len(shape.attention_layers) * shape.num_heads * entry.max_context * 4
