@@ -108,7 +108,8 @@ def print_summary(done: DoneEvent) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
+               "stop": args.stop}
     options = {k: v for k, v in options.items() if v is not None}
     done = None
     with Client(args.endpoint, timeout_s=args.timeout) as client:
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the reply before TEXT (repeatable)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--endpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
