@@ -119,3 +119,19 @@ def test_swaps_between_llm_artist_and_perception_reproduce_outputs(stack: StackP
     host = next(s for s in status.services if s.service == "specialist_host")
     assert host.resident == ["perception"]
     assert {"pragmatist", "artist", "perception"} <= set(host.cached)
+
+
+def test_a_stop_string_from_the_client_ends_the_specialist_reply(stack: StackProcesses) -> None:
+    with stack.client(timeout_s=120) as client:
+        full = client.chat("How do I boil an egg?", specialist="pragmatist", max_new_tokens=24).specialist_output
+        assert len(full) >= 4
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        cut = client.chat("How do I boil an egg?", specialist="pragmatist", max_new_tokens=24, stop=[stop])
+    assert cut.specialist_output == full[:full.find(stop)]
+    status_engines = [s.placement.get("engine") for s in client_status(stack) if s.resident]
+    assert "dynamic (CPU)" in status_engines
+
+
+def client_status(stack: StackProcesses) -> list:
+    with stack.client(timeout_s=30) as client:
+        return list(client.status().services)
