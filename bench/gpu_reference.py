@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.decode import lyra  # noqa: E402 - the one helper that runs the CLI for benchmarks
+
 GB = 1e9
 
 
@@ -107,14 +109,6 @@ system_prompt = "You are Lyra."
     path = work / "reference.toml"
     path.write_text(text)
     return path
-
-
-def lyra(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
-    if result.returncode != 0:
-        print(f"lyra {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}", flush=True)
-    return result
 
 
 def nvidia_smi_apps() -> list[str]:
