@@ -28,7 +28,9 @@ activations (a rule, replaced by measured numbers once a worker reports them):
         streams and about eight fp32 score rows over the cache per attention layer and head
         (8 x layers x heads x context x 4 bytes). Llama-3-8B shape at 4096 tokens: 0.235 GB rule, 0.235 GB
         measured on an H200 beside the 0.537 GB static cache. The static cache itself is kv_cache below.
-    image generation: a fixed 3 GB (FLUX at 1024x1024; the VAE decode dominates).
+    image generation: 3 GB at 1024x1024 (FLUX; the VAE decode dominates), scaled by the pixels of the
+        largest image a request may ask for (image.max_side squared); with vae_tiling the decode stays at
+        its 1024x1024 cost and only a third of the growth remains.
 overhead  = 5% of (weights + kv_cache): caching-allocator fragmentation.
 The decode engine preallocates the whole kv_cache at load (a static cache of max_context tokens).
 """
@@ -132,7 +134,7 @@ def recurrent_state_bytes(shape: ModelShape | None, element_bytes: int) -> int:
 def activation_bytes(entry: ModelEntry, shape: ModelShape | None, element_bytes: int) -> int:
     """The documented activation rule: one max_context prefill at batch 1 (or a fixed image workspace)."""
     if entry.kind == "image_generation":
-        return IMAGE_WORKSPACE_BYTES
+        return image_workspace_bytes(entry)
     if shape is None:
         return 0
     context = entry.max_context
@@ -142,6 +144,20 @@ def activation_bytes(entry: ModelEntry, shape: ModelShape | None, element_bytes:
     if shape.recurrent_layers:
         live += 2 * context * shape.recurrent_scan_elements * 4
     return live + shape.vocab_size * 4 + decode_graph_bytes(entry, shape)
+
+
+def image_workspace_bytes(entry: ModelEntry) -> int:
+    """The artist's working set for the largest image a request may ask for (max_side x max_side).
+
+    3 GB at 1024 x 1024 (FLUX.1-schnell measured 2.6 GB above its weights on an H200), growing with the
+    pixel count: the VAE decode and the transformer's image tokens both scale with it. VAE tiling decodes
+    in tiles, so the decode stays at its 1024 x 1024 cost and only the transformer's share (about a third)
+    keeps growing.
+    """
+    scale = max(entry.image.max_side ** 2, entry.image.width * entry.image.height) / 1024 ** 2
+    if entry.image.vae_tiling and scale > 1:
+        scale = 1 + (scale - 1) / 3
+    return int(IMAGE_WORKSPACE_BYTES * scale)
 
 
 def decode_graph_bytes(entry: ModelEntry, shape: ModelShape) -> int:
@@ -298,7 +314,10 @@ def _fill(caps: list[float], unit_bytes: float, units: int) -> tuple[list[int], 
 
 def _explicit_units(device_map: dict[str, int | str], n_gpus: int, units: int) -> tuple[list[int], int]:
     """Units per relative GPU for an explicit {module: device} map; numbered layers count one each."""
+    from shared.backends.placement import expand_layer_ranges  # the loader's own expansion: one rule for both
+
     counts, spilled = [0] * n_gpus, 0
+    device_map = expand_layer_ranges(device_map)
     layered = {key: device for key, device in device_map.items() if re.search(r"\.\d+(\.|$)", key)}
     entries = layered or device_map
     for key, device in entries.items():

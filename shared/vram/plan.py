@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from shared.config import LyraConfig, ModelEntry, parse_config
+from shared.config import ConfigError, LyraConfig, ModelEntry, parse_config
 from shared.vram.estimate import (
     GB,
     UNITS_WITHOUT_LAYERS,
@@ -22,6 +22,7 @@ from shared.vram.estimate import (
     MemoryEstimate,
     cuda_context_bytes,
     estimate_model,
+    parse_size,
     split_across_gpus,
 )
 from shared.vram.search import Alternative, search_alternatives
@@ -118,9 +119,45 @@ def _place(role: str, entry: ModelEntry, config: LyraConfig, taken: dict[int, in
     gpus = config.gpus_of(SERVICE_OF_ROLE[role])
     budgets = {g.index: int(g.budget_gb * GB) for g in config.gpus}
     free = {gpu: budgets.get(gpu, 0) - taken.get(gpu, 0) for gpu in gpus}
-    estimate = estimate_cached(entry)
+    check_placement(role, entry, config)
+    try:
+        estimate = estimate_cached(entry)
+    except (KeyError, ValueError, OSError) as exc:  # unknown architecture, no size source, unreadable files
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise ConfigError(f"{config.source}: {role} {entry.name!r}: {message}") from exc
     return Placement(role, entry.name, estimate,
                      split_across_gpus(estimate, gpus, entry.device_map, entry.max_memory, free))
+
+
+def check_placement(role: str, entry: ModelEntry, config: LyraConfig) -> None:
+    """Raise ConfigError, in one line, for a device map or max_memory this model's process cannot use.
+
+    The loader's own checks (shared.backends.placement) decide: an unknown strategy, a GPU index the
+    service does not have, a range that runs backwards, an unreadable size.
+    """
+    from shared.backends.placement import PlacementError, resolve_device_map, resolve_max_memory
+
+    gpus = config.gpus_of(SERVICE_OF_ROLE[role])
+    where = f"{config.source}: {role} {entry.name!r}"
+    try:
+        resolve_device_map(entry.device_map, len(gpus))
+        resolve_max_memory(entry.max_memory, len(gpus))
+    except PlacementError as exc:
+        raise ConfigError(f"{where}: {exc} (this service has GPUs {gpus or 'none'})") from exc
+
+
+def max_memory_problems(config: LyraConfig) -> list[str]:
+    """Every max_memory above its GPU's budget: the model could be placed where the budget has no room."""
+    budgets = {g.index: int(g.budget_gb * GB) for g in config.gpus}
+    problems = []
+    for role, entry in (("router", config.router), ("voice", config.voice),
+                        *(("specialist", e) for e in config.specialists.values())):
+        gpus = config.gpus_of(SERVICE_OF_ROLE[role])
+        for key, size in entry.max_memory.items():
+            if key.isdigit() and int(key) < len(gpus) and parse_size(size) > budgets.get(gpus[int(key)], 0):
+                problems.append(f"{entry.name}: max_memory[{key!r}] = {size} is more than GPU {gpus[int(key)]}'s "
+                                f"budget of {_gb(budgets.get(gpus[int(key)], 0))}")
+    return problems
 
 
 def _add(total: dict[int, int], split: GpuSplit) -> dict[int, int]:
@@ -167,15 +204,18 @@ def _verdict(gpus: tuple[GpuBudget, ...], spec: Placement, baseline_spill: int) 
     reasons += [f"{spec.name}: {note}" for note in spec.split.notes if spec.split.spilled]
     if reasons:
         reasons += [f"{spec.name}: {note}" for note in spec.estimate.notes if "stay 16-bit" in note]
+    # The specialist's own shortfall: on the GPUs it uses (another GPU's broken baseline is a problem of
+    # its own, reported once above the verdicts), plus its weights that fit on no GPU.
+    own = [amount for index, amount in over.items() if spec.split.per_gpu.get(index, 0)]
     spill = spec.split.spilled + baseline_spill
-    shortfall = max([*over.values(), spill, 0])
+    shortfall = max([*own, spill, 0]) or max([*over.values(), 0])
     return Verdict(spec.name, not reasons and not baseline_spill, peak, shortfall, tuple(reasons))
 
 
 def assess(config: LyraConfig) -> Plan:
     """The plan without alternatives: estimates, per-GPU baseline and one verdict per specialist."""
     gpus, router, voice = _baseline(config)
-    problems = _baseline_problems(gpus, router, voice)
+    problems = _baseline_problems(gpus, router, voice) + max_memory_problems(config)
     taken = {gpu.index: gpu.baseline for gpu in gpus}
     specialists = [_place("specialist", entry, config, taken) for entry in config.specialists.values()]
     spill = router.split.spilled + voice.split.spilled

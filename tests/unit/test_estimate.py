@@ -98,7 +98,12 @@ def test_diffusers_pipeline_sums_its_component_folders(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     estimate = estimate_model(_entry(tmp_path, kind="image_generation", backend="diffusers"))
     assert estimate.weights == _state_bytes(transformer)[1] + _state_bytes(vae)[1]
-    assert estimate.kv_cache == 0 and estimate.activations == 3 * GB
+    # 3 GB at 1024 x 1024, scaled to the largest image a request may ask for (max_side 2048 by default).
+    assert estimate.kv_cache == 0 and estimate.activations == 4 * 3 * GB
+    small = _entry(tmp_path, kind="image_generation", backend="diffusers", image={"max_side": 1024})
+    assert estimate_model(small).activations == 3 * GB
+    tiled = _entry(tmp_path, kind="image_generation", backend="diffusers", image={"vae_tiling": True})
+    assert estimate_model(tiled).activations == 2 * 3 * GB  # the decode stays at its 1024 x 1024 cost
 
 
 # ----------------------------------------------------------------------------- GGUF
