@@ -28,6 +28,7 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # application limit so a merely-too-large frame still arrives and gets a typed `too_large` reply,
 # while an absurd one cannot exhaust memory.
 HARD_LIMIT_FACTOR = 4
+MAX_ELEMENTS = 100_000  # arrays + maps + their items in one frame; real messages use a few thousand at most
 
 
 class WireError(Exception):
@@ -51,20 +52,48 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True, default=_default)
 
 
+class _TooManyElements(Exception):
+    """Raised from inside msgpack's hooks to stop unpacking a frame with too many elements."""
+
+
+def _unpack(frame: bytes, max_bytes: int) -> Any:
+    """msgpack -> Python with bounded element counts: a frame's bytes alone do not bound its memory.
+
+    Thirty million empty maps fit in 30 MB and take gigabytes as Python objects, so every array and map
+    counts its elements as it is built and unpacking stops past MAX_ELEMENTS; msgpack itself refuses
+    nesting deeper than its stack (StackError).
+    """
+    seen = [0]
+
+    def count(container: Any) -> Any:
+        seen[0] += len(container) + 1
+        if seen[0] > MAX_ELEMENTS:
+            raise _TooManyElements
+        return container
+
+    return msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes,
+                           max_array_len=MAX_ELEMENTS, max_map_len=MAX_ELEMENTS, max_ext_len=0,
+                           list_hook=count, object_hook=count)
+
+
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
-    """Parse and validate one frame; raise WireError for anything else."""
+    """Parse and validate one frame; raise WireError for anything else (and nothing else)."""
     if len(frame) > max_bytes:
         raise WireError(ErrorCode.too_large, f"message of {len(frame)} bytes exceeds the limit of {max_bytes} bytes")
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=max_bytes, max_str_len=max_bytes)
+        raw = _unpack(frame, max_bytes)
+    except _TooManyElements:
+        raise WireError(ErrorCode.too_large, f"message has more than {MAX_ELEMENTS} elements") from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(ErrorCode.bad_message, f"not a msgpack message ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise WireError(ErrorCode.bad_message, f"a message must be a msgpack map, got {type(raw).__name__}")
     msg_id = raw.get("id") if isinstance(raw.get("id"), str) else None
     kind = raw.get("type")
+    if not isinstance(kind, str):  # check the shape before any lookup: a list or map is unhashable
+        raise WireError(ErrorCode.bad_message, f"`type` must be a string, got {type(kind).__name__}", msg_id)
     if kind not in MESSAGE_TYPES:
-        raise WireError(ErrorCode.unknown_type, f"unknown message type {kind!r}", msg_id)
+        raise WireError(ErrorCode.unknown_type, f"unknown message type {kind[:64]!r}", msg_id)
     version = raw.get("v", "")
     if not isinstance(version, str) or version.split(".")[0] != str(SCHEMA_MAJOR):
         raise WireError(
@@ -78,6 +107,8 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "(message)"
         raise WireError(ErrorCode.bad_message, f"invalid {kind}: {where}: {first['msg']}", msg_id) from None
+    except (TypeError, ValueError, RecursionError) as exc:  # a validator tripped on a shape it never expected
+        raise WireError(ErrorCode.bad_message, f"invalid {kind}: {type(exc).__name__}", msg_id) from None
 
 
 # ---------------------------------------------------------------- sockets

@@ -1,0 +1,109 @@
+"""Nothing a peer sends can make decoding or the image check raise anything but our own typed errors."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from shared import transport
+from shared.images import BadImage, ImageLimits, check_image
+from shared.messages import MESSAGE_TYPES, ErrorCode
+
+LIMITS = ImageLimits(max_bytes=8_000_000, max_side=4096, max_pixels=16_000_000)
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+           | st.binary(max_size=20))
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=30)
+envelopes = st.fixed_dictionaries(
+    {"type": st.sampled_from(sorted(MESSAGE_TYPES)) | values, "v": values | st.just("1.2"), "id": values},
+    optional={"parent_id": values, "text": values, "options": values})
+
+
+def decodes_or_wire_error(frame: bytes) -> None:
+    try:
+        transport.decode(frame)
+    except transport.WireError as exc:
+        assert isinstance(exc.code, ErrorCode)
+
+
+@FAST
+@given(st.binary(max_size=512))
+def test_any_bytes_give_a_message_or_a_wire_error(frame: bytes) -> None:
+    decodes_or_wire_error(frame)
+
+
+@FAST
+@given(envelopes)
+def test_any_msgpack_map_gives_a_message_or_a_wire_error(raw: dict) -> None:
+    decodes_or_wire_error(msgpack.packb(raw, use_bin_type=True))
+
+
+@pytest.mark.parametrize("kind", [[], {}, [1, 2], {"a": 1}, 3.5, None, b"chat_request"])
+def test_a_type_of_the_wrong_shape_is_a_bad_message(kind: object) -> None:
+    with pytest.raises(transport.WireError) as raised:
+        transport.decode(msgpack.packb({"type": kind, "v": "1.2", "id": "x"}, use_bin_type=True))
+    assert raised.value.code == ErrorCode.bad_message and raised.value.msg_id == "x"
+
+
+def test_an_element_count_bomb_is_refused_without_building_it() -> None:
+    # 300 arrays of 100k empty maps: about 30 MB on the wire, gigabytes as Python objects.
+    chunk = b"\xdd" + struct.pack(">I", 100_000) + b"\x80" * 100_000
+    frame = b"\xdc" + struct.pack(">H", 300) + chunk * 300
+    assert len(frame) < transport.DEFAULT_MAX_BYTES
+    with pytest.raises(transport.WireError) as raised:
+        transport.decode(frame)
+    assert raised.value.code in (ErrorCode.too_large, ErrorCode.bad_message)
+
+
+def test_deep_nesting_is_refused() -> None:
+    with pytest.raises(transport.WireError):
+        transport.decode(b"\x81\xa1a" * 10_000 + b"\xc0")
+
+
+def png(size: tuple[int, int] = (8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def dds_with_unknown_pixel_format() -> bytes:
+    """A DDS header whose pixel-format flags Pillow does not know (it raised NotImplementedError)."""
+    header = struct.pack("<4sI", b"DDS ", 124) + struct.pack("<6I", 0x1007, 4, 4, 16, 0, 0) + b"\0" * 44
+    pixel_format = struct.pack("<2I4s5I", 32, 0x80000, b"\0\0\0\0", 0, 0, 0, 0, 0)
+    return header + pixel_format + b"\0" * 20 + b"\0" * 64
+
+
+@pytest.mark.parametrize("data", [dds_with_unknown_pixel_format(), tiff(), tiff()[:40] + b"\xff" * 30 + tiff()[70:]],
+                         ids=["dds", "tiff", "mutated-tiff"])
+def test_unusual_or_crafted_formats_are_unreadable_images(data: bytes) -> None:
+    with pytest.raises(BadImage) as raised:
+        check_image(data, LIMITS)
+    assert raised.value.code == ErrorCode.image_unreadable
+
+
+@FAST
+@given(st.data())
+def test_mutated_images_give_a_typed_refusal_or_pass(data: st.DataObject) -> None:
+    original = bytearray(png((16, 16)))
+    for _ in range(data.draw(st.integers(1, 8))):
+        original[data.draw(st.integers(0, len(original) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(original)))
+    try:
+        check_image(bytes(original[:cut]), LIMITS)
+    except BadImage as exc:
+        assert exc.code in (ErrorCode.image_unreadable, ErrorCode.image_truncated, ErrorCode.image_dimensions)
