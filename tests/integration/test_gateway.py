@@ -292,3 +292,43 @@ def test_worker_gone_is_503(tight) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         _client(gateway).chat.completions.create(model="lyra", messages=[{"role": "user", "content": "math"}])
     assert err.value.status_code == 503
+
+
+# ---------------------------------------------------------------- under supervisord
+
+
+@pytest.mark.stack
+def test_lyra_up_starts_the_gateway_and_supervisorctl_restarts_it(tmp_path, monkeypatch) -> None:
+    import json
+    import re
+
+    from shared.stack import supervisord_pid
+    from tests.integration.test_supervisord import lyra, supervisorctl
+    from tests.stackproc import fake_config, to_toml
+
+    if supervisord_pid() is not None:
+        pytest.skip("a Lyra stack is already running from this checkout (`lyra down` first)")
+    monkeypatch.setenv("LYRA_TEST_GATEWAY_KEY", KEY)  # `lyra up` hands its environment to the gateway
+    config = tmp_path / "dev.toml"
+    config.write_text(to_toml({**fake_config(tmp_path / "run"), **gateway_overrides()}))
+    try:
+        up = lyra("up", "-c", str(config), "--timeout", "60")
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = re.search(r"gateway up at (http://\S+)/v1", up.stdout).group(1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=20)
+        assert client.chat.completions.create(model="lyra", messages=[{"role": "user", "content": "hi"}]).choices
+        assert supervisorctl("restart", "gateway").returncode == 0
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                url = json.loads((tmp_path / "run" / "gateway.json").read_text())["url"]
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except (OSError, ValueError, KeyError, httpx.HTTPError):
+                assert time.monotonic() < deadline, lyra("logs", "gateway").stdout
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=20)
+        assert client.models.list().data[0].id == "lyra"
+    finally:
+        down = lyra("down")
+    assert down.returncode == 0
