@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("logs", help="print a service's log")
-    p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice"])
+    p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice", "gateway"])
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--run-dir")

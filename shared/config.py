@@ -181,6 +181,19 @@ class RouterSettings(Section):
     calibrate: bool = True
 
 
+class GatewaySettings(Section):
+    """The OpenAI-compatible HTTP gateway (services/gateway): where it listens and who may call it."""
+
+    enabled: bool = False  # `lyra up` starts the gateway program only when true
+    host: str = "127.0.0.1"  # any other address needs an API key
+    port: int = Field(default=8000, ge=0, le=65535)  # 0 = a free port (tests)
+    # The NAME of an environment variable that holds the Bearer key; the key itself never sits in this file.
+    api_key_env: str = ""
+    max_concurrency: int = Field(default=64, ge=1, le=10_000)  # coordinator connections held open at once
+    keepalive_s: float = Field(default=5.0, gt=0, le=300)  # SSE comment interval while a stream waits
+    request_timeout_s: float = Field(default=900.0, gt=0)  # longest a request may wait for its terminal event
+
+
 class LyraConfig(Section):
     """The whole configuration."""
 
@@ -194,6 +207,7 @@ class LyraConfig(Section):
     routing: RouterSettings = RouterSettings()
     specialists: dict[str, ModelEntry]
     voice: ModelEntry
+    gateway: GatewaySettings = GatewaySettings()
     source: str = ""  # the file this came from (filled by load_config)
 
     @field_validator("specialists")

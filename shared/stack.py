@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,7 +74,30 @@ def up(config: LyraConfig, timeout_s: float, progress: Callable[[str], None]) ->
               "supervisord_conf": str(SUPERVISORD_CONF)}
     state_file().parent.mkdir(parents=True, exist_ok=True)
     state_file().write_text(json.dumps(record, indent=2))
-    return wait_ready(config.client_endpoint(), timeout_s, progress)
+    status = wait_ready(config.client_endpoint(), timeout_s, progress)
+    if config.gateway.enabled:
+        progress(f"gateway up at {start_gateway(config, timeout_s)}/v1")
+    return status
+
+
+def start_gateway(config: LyraConfig, timeout_s: float) -> str:
+    """Start the HTTP gateway program and wait until it answers /health; its base URL."""
+    record = config.run_dir() / "gateway.json"  # the gateway writes its real address here once bound
+    record.unlink(missing_ok=True)
+    started = supervisorctl("start", "gateway")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            url = json.loads(record.read_text())["url"]
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return url
+        except (OSError, ValueError, KeyError):
+            pass
+        if "ERROR" in started.stdout or "FATAL" in supervisorctl("status", "gateway").stdout:
+            raise StackError(f"the gateway failed to start: {started.stdout.strip()}; see `lyra logs gateway`")
+        time.sleep(0.2)
+    raise StackError(f"the gateway did not answer within {timeout_s:g} s; see `lyra logs gateway`")
 
 
 def wait_ready(endpoint: str, timeout_s: float, progress: Callable[[str], None]) -> StatusReply:

@@ -1,0 +1,147 @@
+"""What the HTTP gateway adds over the Python client, with zero-delay fake workers (dev-style config).
+
+    .venv/bin/python bench/gateway.py [--requests 200] [--tokens 500] [--clients 20] [--out FILE]
+
+Three measurements, each through the gateway (httpx, keep-alive) and through `shared.client.Client`
+against the same stack:
+  per request  median latency of a short non-streaming turn (8 tokens): the difference is the gateway's cost
+  per token    a streamed turn of ~`tokens` voice pieces: (gateway - client) / pieces
+  throughput   requests/s with `clients` concurrent callers (each thread its own connection)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from shared.client import Client
+from shared.messages import TokenEvent
+from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
+from tests.stackproc import StackProcesses
+
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def median_ms(fn: Callable[[], object], n: int) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1000
+
+
+def throughput(call: Callable[[], object], clients: int, per_client: int) -> float:
+    def worker() -> None:
+        for _ in range(per_client):
+            call()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return clients * per_client / (time.perf_counter() - start)
+
+
+def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
+    fake = {"token_delay_s": 0.0, "delay_s": 0.0}
+    stack = StackProcesses(router__fake=fake, voice__fake=fake, specialists__pragmatist__fake=fake,
+                           specialists__philosopher__fake=fake, runtime__queue_size=4 * clients + 8,
+                           **gateway_overrides())
+    gateway = GatewayProcess(stack)
+    long_prompt = " ".join(f"w{i}" for i in range(tokens))
+    short = {"model": "lyra/pragmatist", "max_tokens": 8, "messages": [{"role": "user", "content": "math code"}]}
+    streamed = {"model": "lyra/pragmatist", "max_tokens": tokens + 2, "stream": True,
+                "messages": [{"role": "user", "content": long_prompt}]}
+    try:
+        stack.start_all()
+        url = gateway.start() + "/v1/chat/completions"
+        http = httpx.Client(headers=HEADERS, timeout=60)
+        lyra = Client(stack.endpoint, timeout_s=60)
+
+        def via_gateway() -> None:
+            assert http.post(url, json=short).status_code == 200
+
+        def via_client() -> None:
+            lyra.chat("math code", specialist="pragmatist", max_new_tokens=8)
+
+        pieces = [0]
+
+        def stream_gateway() -> None:
+            with http.stream("POST", url, json=streamed) as r:
+                pieces[0] = sum(1 for line in r.iter_lines() if line.startswith('data: {"id"')) - 2
+
+        def stream_client() -> None:
+            list(lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2))
+
+        for _ in range(20):  # warm up both paths (the first request loads the specialist)
+            via_gateway()
+            via_client()
+        client_ms, gateway_ms = median_ms(via_client, requests), median_ms(via_gateway, requests)
+        voice_pieces = sum(isinstance(e, TokenEvent) and e.stage == "voice"
+                           for e in lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2))
+        runs = max(5, requests // 20)
+        client_stream_ms, gateway_stream_ms = median_ms(stream_client, runs), median_ms(stream_gateway, runs)
+        assert pieces[0] == voice_pieces, (pieces[0], voice_pieces)
+        lyra.close()
+        http.close()
+
+        local = threading.local()
+
+        def gw_call() -> None:
+            if not hasattr(local, "http"):
+                local.http = httpx.Client(headers=HEADERS, timeout=120)
+            assert local.http.post(url, json=short).status_code == 200
+
+        def client_call() -> None:
+            if not hasattr(local, "lyra"):
+                local.lyra = Client(stack.endpoint, timeout_s=120)
+            local.lyra.chat("math code", specialist="pragmatist", max_new_tokens=8)
+
+        per_client = max(2, requests // clients)
+        client_rps = throughput(client_call, clients, per_client)
+        gateway_rps = throughput(gw_call, clients, per_client)
+    finally:
+        gateway.stop()
+        stack.stop()
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "request_ms": {"client": round(client_ms, 3), "gateway": round(gateway_ms, 3),
+                       "added": round(gateway_ms - client_ms, 3)},
+        "stream": {"pieces": voice_pieces, "client_ms": round(client_stream_ms, 3),
+                   "gateway_ms": round(gateway_stream_ms, 3),
+                   "added_per_token_ms": round((gateway_stream_ms - client_stream_ms) / voice_pieces, 4)},
+        "throughput_rps": {"clients": clients, "client": round(client_rps, 1), "gateway": round(gateway_rps, 1)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--out", help="also write the numbers to this JSON file")
+    args = parser.parse_args()
+    result = run(args.requests, args.tokens, args.clients)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
