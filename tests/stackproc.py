@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.client import Client, LyraError
+from shared.stack_secret import create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("coordinator", "router", "specialist_host", "voice")
@@ -86,6 +87,7 @@ class StackProcesses:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.endpoint = f"ipc://{self.run_dir / 'client.sock'}"
         self.worker_endpoint = f"ipc://{self.run_dir / 'workers.sock'}"
+        self.secret = create_secret(self.run_dir / "stack.secret")  # as `lyra up` does
 
     def start(self, service: str) -> None:
         log = (self.dir / f"{service}.log").open("ab")
