@@ -25,7 +25,7 @@ from services.coordinator.workers import WorkerRegistry
 from shared import transport
 from shared.config import WORKER_SERVICES, LyraConfig
 from shared.messages import ErrorCode, Message
-from shared.stack_secret import ensure_secret
+from shared.stack_secret import SecretError, ensure_secret
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,11 @@ class Coordinator:
 
 def run(config: LyraConfig) -> int:
     """Entry point used by `python -m services.coordinator`."""
-    coordinator = Coordinator(config)
+    try:
+        coordinator = Coordinator(config)
+    except SecretError as exc:  # an exposed or unreadable secret: refuse to serve rather than trust it
+        log.critical("coordinator cannot start: %s", exc)
+        return 2
     log.info("coordinator starting (pid %d, instance %s, config %s)", os.getpid(), coordinator.instance,
              config.source)
     return coordinator.serve()
