@@ -171,6 +171,7 @@ class CoordinatorWatch:
         self.keepalive_s: float | None = None  # promised by the AcceptedEvent; None = an older coordinator
         self.last_heard = time.monotonic()
         self.probe_id: str | None = None
+        self.probe_sent = 0.0
 
     def heard(self, msg: Message) -> None:
         """Note a message; raise CoordinatorRestartedError when it comes from another coordinator instance."""
@@ -191,8 +192,9 @@ class CoordinatorWatch:
         """Seconds until the silence is worth acting on (infinite without a promised keepalive)."""
         if self.keepalive_s is None:
             return math.inf
-        intervals = SILENT_INTERVALS + (PROBE_INTERVALS if self.probe_id else 0.0)
-        return max(0.0, self.last_heard + intervals * self.keepalive_s - time.monotonic())
+        if self.probe_id is not None:
+            return max(0.0, self.probe_sent + PROBE_INTERVALS * self.keepalive_s - time.monotonic())
+        return max(0.0, self.last_heard + SILENT_INTERVALS * self.keepalive_s - time.monotonic())
 
     def overdue(self, secret: str | None) -> StatusRequest:
         """The silence ran out: a status probe to send, or CoordinatorRestartedError if one went unanswered."""
@@ -203,7 +205,7 @@ class CoordinatorWatch:
                 "(it restarted or hangs); the request is lost: send it again",
                 code=ErrorCode.coordinator_restarted.value)
         probe = StatusRequest(secret=secret)
-        self.probe_id = probe.id
+        self.probe_id, self.probe_sent = probe.id, time.monotonic()
         return probe
 
 
@@ -270,7 +272,9 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             wait = min(left, watch.check_in_s()) if watch else left
-            got = transport.recv_timeout(self.sock, wait) if wait > 0 else None
+            # Always read what is already buffered (wait 0): a caller slow to consume its stream has
+            # heard from the coordinator, however old `last_heard` looks.
+            got = transport.recv_timeout(self.sock, max(0.0, wait)) if left > 0 else None
             if got is None and time.monotonic() < deadline:
                 if watch is not None and watch.check_in_s() <= 0:
                     transport.send(self.sock, watch.overdue(self.secret))

@@ -155,3 +155,14 @@ def test_sigterm_ends_a_request_that_outlasts_drain_s_with_shutting_down(make_st
     thread.join(timeout=10)
     assert isinstance(outcome.error, LyraError) and outcome.error.code == "shutting_down", outcome.error
     assert outcome.ended_at - stopped < 0.5 + 1.5
+
+
+def test_a_caller_slow_to_consume_its_stream_is_not_told_the_coordinator_restarted(make_stack) -> None:
+    stack = make_stack(router__fake={"delay_s": 0.3, "triggers": True})
+    with stack.client() as client:
+        events = []
+        for event in client.stream("math code"):
+            events.append(event)
+            if len(events) < 3:
+                time.sleep(1.0)  # five keepalive intervals without reading the socket
+    assert isinstance(events[-1], DoneEvent)
