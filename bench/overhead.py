@@ -1,10 +1,15 @@
 """Coordinator overhead with zero-delay fake workers, next to a raw pyzmq round trip on the same machine.
 
-    .venv/bin/python bench/overhead.py [--requests 500] [--clients 1]
+    .venv/bin/python bench/overhead.py [--requests 500] [--clients 1] [--recovery 5]
 
 Every request does route -> specialist -> voice against fake workers that answer at once, so the
 latency is the runtime's own cost: validation, queueing, three worker round trips and the client's
 event stream. The raw number is a bare DEALER/ROUTER echo of a small msgpack map over ipc.
+
+Recovery (default heartbeats: 1 s interval, 5 s timeout), each trial with a request in its voice stage:
+the time from a coordinator SIGKILL (restarted at once, as supervisord does) to the client's
+`coordinator_restarted` error, and from a voice SIGKILL plus restart to the end of the re-run voice stage
+(which includes starting the new voice process and its own streaming).
 """
 
 from __future__ import annotations
@@ -16,11 +21,17 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from shared.client import CoordinatorRestartedError
+from shared.messages import StageFinishedEvent, StageRestartedEvent, TokenEvent
 from shared.transport import raw_roundtrip_benchmark
 from tests.stackproc import StackProcesses
+
+VOICE_TOKENS = 20
+TOKEN_DELAY_S = 0.02
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,9 +81,79 @@ def run(requests: int, clients: int) -> None:
           f"{(statistics.median(latencies) - statistics.median(raw)) * 1e3:.2f} ms median")
 
 
+def _trial(stack: StackProcesses, act: Callable[[], None]) -> tuple[float, dict[str, float], BaseException | None]:
+    """Start a chat, act once its voice stage runs; returns when it acted and when each event came."""
+    seen: dict[str, float] = {}
+    outcome: list[BaseException] = []
+    speaking = threading.Event()
+
+    def chat() -> None:
+        try:
+            with stack.client(timeout_s=30) as client:
+                for event in client.stream("math code " + "word " * VOICE_TOKENS, max_new_tokens=VOICE_TOKENS):
+                    if isinstance(event, TokenEvent) and event.stage == "voice":
+                        speaking.set()
+                    if isinstance(event, StageRestartedEvent):
+                        seen["restarted"] = time.monotonic()
+                    elif isinstance(event, StageFinishedEvent) and event.stage == "voice":
+                        seen["voice_end"] = time.monotonic()
+        except BaseException as exc:  # the measured outcome, not a failure of the bench
+            outcome.append(exc)
+        seen["end"] = time.monotonic()
+
+    thread = threading.Thread(target=chat)
+    thread.start()
+    if not speaking.wait(10):
+        raise TimeoutError("the voice stage never started streaming")
+    acted = time.monotonic()
+    act()
+    thread.join(timeout=30)
+    return acted, seen, outcome[0] if outcome else None
+
+
+def recovery(trials: int) -> None:
+    fake = {"token_delay_s": TOKEN_DELAY_S, "triggers": True}
+    stack = StackProcesses(runtime__heartbeat_interval_s=1.0, runtime__heartbeat_timeout_s=5.0, voice__fake=fake)
+    to_error: list[float] = []
+    to_rerun_end: list[float] = []
+    to_restarted: list[float] = []
+    try:
+        stack.start_all()
+        for _ in range(trials):
+            def kill_coordinator() -> None:
+                stack.kill("coordinator")
+                stack.start("coordinator")
+
+            acted, seen, error = _trial(stack, kill_coordinator)
+            assert isinstance(error, CoordinatorRestartedError), error
+            to_error.append(seen["end"] - acted)
+            stack.wait_ready()
+        for _ in range(trials):
+            def restart_voice() -> None:
+                stack.kill("voice")
+                stack.start("voice")
+
+            acted, seen, error = _trial(stack, restart_voice)
+            assert error is None and "restarted" in seen, error
+            to_restarted.append(seen["restarted"] - acted)
+            to_rerun_end.append(seen["voice_end"] - acted)
+            stack.wait_ready()
+    finally:
+        stack.stop()
+    own = VOICE_TOKENS * TOKEN_DELAY_S
+    print(f"coordinator SIGKILL -> client's coordinator_restarted error ({trials} trials): "
+          f"median {statistics.median(to_error):.2f} s, max {max(to_error):.2f} s")
+    print(f"voice SIGKILL + restart -> stage_restarted event: median {statistics.median(to_restarted):.2f} s; "
+          f"-> end of the re-run voice stage: median {statistics.median(to_rerun_end):.2f} s, "
+          f"max {max(to_rerun_end):.2f} s (of which the stage's own streaming ~{own:.2f} s)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--recovery", type=int, default=5, help="trials of each recovery measurement (0 = skip)")
     args = parser.parse_args()
     run(args.requests, args.clients)
+    if args.recovery:
+        recovery(args.recovery)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from shared import stack
-from shared.cli_render import save_image
+from shared.cli_render import VoiceText, save_image
 from shared.client import Client, LyraError, find_stack
 from shared.config import ConfigError, load_config
 from shared.messages import (
@@ -17,6 +17,7 @@ from shared.messages import (
     ImageEvent,
     RouteEvent,
     StageFinishedEvent,
+    StageRestartedEvent,
     StageStartedEvent,
     StatusReply,
     TokenEvent,
@@ -112,13 +113,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
                "stop": args.stop}
     options = {k: v for k, v in options.items() if v is not None}
     done = None
+    answer = VoiceText()
     with Client(args.endpoint, timeout_s=args.timeout) as client:
         for event in client.stream(args.text, image=args.image, specialist=args.specialist, **options):
             if args.json:
                 done = event if isinstance(event, DoneEvent) else done
                 continue
-            if isinstance(event, TokenEvent) and event.stage == "voice":
-                print(event.text, end="", flush=True)
+            if isinstance(event, (TokenEvent, StageRestartedEvent)):
+                print(answer.feed(event), end="", flush=True)
+                if isinstance(event, StageRestartedEvent) and event.stage != "voice":
+                    print(f"[{event.service} restarted during {event.stage}: running it again]", file=sys.stderr)
             elif isinstance(event, RouteEvent) and args.verbose:
                 print(f"[route -> {event.specialist}]", file=sys.stderr)
             elif isinstance(event, (StageStartedEvent, StageFinishedEvent)) and args.verbose:

@@ -7,7 +7,10 @@
         for event in lyra.stream("Tell me a story"):
             ...
 
-Errors from the coordinator are raised as `LyraError` subclasses carrying its code and sentence.
+Errors from the coordinator are raised as `LyraError` subclasses carrying its code and sentence. While a
+chat request is outstanding the coordinator sends something at least every `keepalive_s`; a client that
+hears a different coordinator instance, or nothing for a few intervals (then a status probe goes
+unanswered), raises `CoordinatorRestartedError` within about 5 s instead of waiting for its timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import concurrent.futures
 import io
 import json
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +29,7 @@ from typing import Any
 from shared import transport
 from shared.messages import (
     TERMINAL_TYPES,
+    AcceptedEvent,
     CancelRequest,
     ChatRequest,
     ChatTurn,
@@ -34,11 +39,14 @@ from shared.messages import (
     GenerationOptions,
     ImagePayload,
     Message,
+    ProgressEvent,
     StatusReply,
     StatusRequest,
 )
 
 DEFAULT_TIMEOUT_S = 900.0
+SILENT_INTERVALS = 3.0  # keepalive intervals of silence after which the client checks on the coordinator
+PROBE_INTERVALS = 1.5  # how long that check (a status request) may go unanswered
 
 
 class LyraError(Exception):
@@ -91,6 +99,14 @@ class ClientTimeoutError(LyraError):
     """No terminal event arrived within the client's timeout."""
 
 
+class CoordinatorRestartedError(LyraError):
+    """The coordinator restarted (or went silent) while the request was outstanding: it is lost; send it again."""
+
+
+class UnauthorizedError(LyraError):
+    """The request lacked the stack secret a tcp client endpoint requires."""
+
+
 ERRORS: dict[str, type[LyraError]] = {
     ErrorCode.busy.value: BusyError,
     ErrorCode.deadline.value: DeadlineError,
@@ -107,6 +123,8 @@ ERRORS: dict[str, type[LyraError]] = {
     ErrorCode.image_truncated.value: BadImageError,
     ErrorCode.image_dimensions.value: BadImageError,
     ErrorCode.image_too_large.value: BadImageError,
+    ErrorCode.coordinator_restarted.value: CoordinatorRestartedError,
+    ErrorCode.unauthorized.value: UnauthorizedError,
 }
 
 
@@ -130,6 +148,65 @@ def state_file() -> Path:
     """Where `lyra up` records the running stack, so clients find it from any directory."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return Path(base) / "lyra" / "stack.json"
+
+
+def _stack_secret(endpoint: str) -> str | None:
+    """The secret a tcp endpoint requires: $LYRA_SECRET, else the file `lyra up` recorded."""
+    if not endpoint.startswith("tcp://"):
+        return None  # ipc endpoints sit in a private directory; the secret never leaves this machine's files
+    if os.environ.get("LYRA_SECRET"):
+        return os.environ["LYRA_SECRET"]
+    try:
+        return Path(find_stack()["secret_file"]).read_text().strip()
+    except (LyraError, KeyError, OSError):
+        return None
+
+
+class CoordinatorWatch:
+    """Ends a chat request whose coordinator restarted or went silent, instead of waiting for the timeout."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.coordinator: str | None = None  # the instance that accepted the request
+        self.keepalive_s: float | None = None  # promised by the AcceptedEvent; None = an older coordinator
+        self.last_heard = time.monotonic()
+        self.probe_id: str | None = None
+        self.probe_sent = 0.0
+
+    def heard(self, msg: Message) -> None:
+        """Note a message; raise CoordinatorRestartedError when it comes from another coordinator instance."""
+        if msg.parent_id not in (self.request_id, self.probe_id):
+            return
+        instance = getattr(msg, "coordinator", None)
+        if instance and self.coordinator and instance != self.coordinator:
+            raise CoordinatorRestartedError(
+                f"the coordinator restarted (instance {self.coordinator} -> {instance}) while request "
+                f"{self.request_id} was outstanding; the request is lost: send it again",
+                code=ErrorCode.coordinator_restarted.value)
+        self.coordinator = self.coordinator or instance
+        if isinstance(msg, AcceptedEvent) and msg.keepalive_s:
+            self.keepalive_s = msg.keepalive_s
+        self.last_heard, self.probe_id = time.monotonic(), None
+
+    def check_in_s(self) -> float:
+        """Seconds until the silence is worth acting on (infinite without a promised keepalive)."""
+        if self.keepalive_s is None:
+            return math.inf
+        if self.probe_id is not None:
+            return max(0.0, self.probe_sent + PROBE_INTERVALS * self.keepalive_s - time.monotonic())
+        return max(0.0, self.last_heard + SILENT_INTERVALS * self.keepalive_s - time.monotonic())
+
+    def overdue(self, secret: str | None) -> StatusRequest:
+        """The silence ran out: a status probe to send, or CoordinatorRestartedError if one went unanswered."""
+        if self.probe_id is not None:
+            silent = time.monotonic() - self.last_heard
+            raise CoordinatorRestartedError(
+                f"no word from the coordinator for {silent:.1f} s while request {self.request_id} was outstanding "
+                "(it restarted or hangs); the request is lost: send it again",
+                code=ErrorCode.coordinator_restarted.value)
+        probe = StatusRequest(secret=secret)
+        self.probe_id, self.probe_sent = probe.id, time.monotonic()
+        return probe
 
 
 def find_stack() -> dict[str, Any]:
@@ -168,9 +245,10 @@ class Client:
     """Blocking client; one request at a time per instance (use one instance per thread)."""
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_message_mb: float = 64.0) -> None:
+                 max_message_mb: float = 64.0, secret: str | None = None) -> None:
         self.endpoint = endpoint or find_stack()["client_endpoint"]
         self.timeout_s = timeout_s
+        self.secret = secret or _stack_secret(self.endpoint)  # sent only where required: tcp endpoints
         self.ctx = transport.new_context()
         self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024))
 
@@ -190,20 +268,30 @@ class Client:
         limit = timeout_s if timeout_s is not None else self.timeout_s
         deadline = time.monotonic() + limit
         transport.send(self.sock, request)
+        watch = CoordinatorWatch(request.id) if isinstance(request, ChatRequest) else None
         while True:
             left = deadline - time.monotonic()
-            got = transport.recv_timeout(self.sock, left) if left > 0 else None
+            wait = min(left, watch.check_in_s()) if watch else left
+            # Always read what is already buffered (wait 0): a caller slow to consume its stream has
+            # heard from the coordinator, however old `last_heard` looks.
+            got = transport.recv_timeout(self.sock, max(0.0, wait)) if left > 0 else None
+            if got is None and time.monotonic() < deadline:
+                if watch is not None and watch.check_in_s() <= 0:
+                    transport.send(self.sock, watch.overdue(self.secret))
+                continue  # the watch's check-in (or a poll that woke a moment early)
             if got is None:
                 if isinstance(request, ChatRequest):
-                    transport.send(self.sock, CancelRequest(parent_id=request.id))
+                    transport.send(self.sock, CancelRequest(parent_id=request.id, secret=self.secret))
                 raise ClientTimeoutError(f"no answer from the coordinator at {self.endpoint} within {limit:g} s; "
                                          "is the stack up? (`lyra status`)", code="client_timeout")
             if got.error is not None:
                 raise InvalidRequestError(f"unreadable message from the coordinator: {got.error.message}",
                                           code=got.error.code.value)
             msg = got.message
-            if msg is None or msg.parent_id != request.id:
-                continue  # a late event of an earlier request
+            if msg is not None and watch is not None:
+                watch.heard(msg)
+            if msg is None or msg.parent_id != request.id or isinstance(msg, ProgressEvent):
+                continue  # a late event of an earlier request, or a keepalive
             yield msg
             if isinstance(msg, TERMINAL_TYPES) or isinstance(msg, StatusReply):
                 return
@@ -212,6 +300,8 @@ class Client:
                specialist: str | None = None, timeout_s: float | None = None, **options: Any) -> Iterator[Message]:
         """Yield every event of one chat request; the last is a DoneEvent; errors are raised."""
         request = build_request(text, messages, image, specialist, **options)
+        if self.secret:
+            request = request.model_copy(update={"secret": self.secret})
         completed = False
         try:
             for event in self._events(request, timeout_s):
@@ -222,7 +312,7 @@ class Client:
                 yield event
         finally:
             if not completed and not self.sock.closed:  # the caller stopped early: free the pipeline
-                transport.send(self.sock, CancelRequest(parent_id=request.id))
+                transport.send(self.sock, CancelRequest(parent_id=request.id, secret=self.secret))
 
     def chat(self, text: str | None = None, **kwargs: Any) -> DoneEvent:
         """Run one chat request and return its DoneEvent (answer, route, timings, VRAM, image)."""
@@ -235,7 +325,7 @@ class Client:
 
     def status(self, timeout_s: float = 5.0) -> StatusReply:
         """The coordinator's view of the stack."""
-        for reply in self._events(StatusRequest(), timeout_s):
+        for reply in self._events(StatusRequest(secret=self.secret), timeout_s):
             if isinstance(reply, ErrorEvent):
                 raise error_from_event(reply)
             assert isinstance(reply, StatusReply)
@@ -246,10 +336,11 @@ class Client:
 class AsyncClient:
     """asyncio twin of Client: `await chat(...)`, `async for event in stream(...)`."""
 
-    def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 secret: str | None = None) -> None:
         # zmq sockets must stay on one thread: the blocking client lives on a private one-thread executor.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyra-client")
-        self._client = self._executor.submit(Client, endpoint, timeout_s).result()
+        self._client = self._executor.submit(Client, endpoint, timeout_s, 64.0, secret).result()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -34,6 +34,11 @@ class RuntimeSettings(Section):
     client_endpoint: str = ""  # default: ipc://<run_dir>/client.sock
     worker_endpoint: str = ""  # default: ipc://<run_dir>/workers.sock
     allow_remote: bool = False  # tcp endpoints must be loopback unless this is true
+    # "secret": every worker registration (and every client request on a tcp client endpoint) carries the
+    # stack secret; "none" only with ipc endpoints, whose 0700 run directory is the only protection then.
+    auth: Literal["secret", "none"] = "secret"
+    secret_file: str = ""  # default: <run_dir>/stack.secret, written (0600) by `lyra up`
+    stage_retries: int = Field(default=1, ge=0, le=5)  # re-runs of a stage whose worker died or restarted
     queue_size: int = Field(default=16, ge=1, le=100_000)
     max_message_mb: float = Field(default=32.0, gt=0, le=1024)
     max_image_mb: float = Field(default=16.0, gt=0, le=1024)  # an attached image's file size
@@ -252,6 +257,15 @@ class LyraConfig(Section):
         """Where workers connect."""
         return self.runtime.worker_endpoint or f"ipc://{self.run_dir() / 'workers.sock'}"
 
+    def secret_path(self) -> Path:
+        """The per-stack secret file (see shared.stack_secret)."""
+        return Path(os.path.expanduser(self.runtime.secret_file)) if self.runtime.secret_file else (
+            self.run_dir() / "stack.secret")
+
+    def client_needs_secret(self) -> bool:
+        """Whether client requests must carry the secret: on tcp any local user can reach the port."""
+        return self.runtime.auth == "secret" and self.client_endpoint().startswith("tcp://")
+
     def max_message_bytes(self) -> int:
         """Largest frame any socket accepts."""
         return int(self.runtime.max_message_mb * 1024 * 1024)
@@ -299,6 +313,12 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
 def _check_endpoints(config: LyraConfig) -> None:
     endpoints = (("client_endpoint", config.client_endpoint()), ("worker_endpoint", config.worker_endpoint()))
     for field, endpoint in endpoints:
+        if endpoint.startswith("tcp://") and config.runtime.auth == "none":
+            raise ConfigError(
+                f"{config.source}: runtime.auth: \"none\" cannot protect runtime.{field} = {endpoint}: a tcp "
+                "port, loopback included, is open to every local user; remove `auth = \"none\"` so workers and "
+                f"clients must present the stack secret ({config.secret_path()})"
+            )
         if endpoint.startswith("tcp://") and not config.runtime.allow_remote:
             host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
             if host not in ("127.0.0.1", "localhost", "::1"):

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TextIO
 
 from shared import stack
-from shared.cli_render import save_image
+from shared.cli_render import VoiceText, save_image
 from shared.client import Client, LyraError
 from shared.config import load_config
-from shared.messages import DoneEvent, ImageEvent, TokenEvent
+from shared.messages import DoneEvent, ImageEvent, StageRestartedEvent, TokenEvent
 
 DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
 
@@ -50,9 +50,10 @@ def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Pa
         shown = f"{prompt} [+ a picture]" if attach else prompt
         print(f"\nyou> {shown}\nlyra> ", end="", file=out, flush=True)
         done = None
+        answer = VoiceText()
         for event in client.stream(prompt, image=sample_picture() if attach else None):
-            if isinstance(event, TokenEvent) and event.stage == "voice":
-                print(event.text, end="", file=out, flush=True)
+            if isinstance(event, (TokenEvent, StageRestartedEvent)):
+                print(answer.feed(event), end="", file=out, flush=True)
             elif isinstance(event, ImageEvent):
                 print(f"\n  [image saved: {save_image(event, str(image_dir))}]", end="", file=out, flush=True)
             elif isinstance(event, DoneEvent):

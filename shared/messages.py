@@ -16,7 +16,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets; 1.2: stop strings, engines
+SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets
+# 1.2: stage_restarted and progress events, the coordinator's instance id on client events, keepalive_s on
+#      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
+#      stop strings in generation options
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 STAGES = ("route", "load", "specialist", "voice")
@@ -47,6 +50,8 @@ class ErrorCode(str, Enum):
     image_too_large = "image_too_large"  # over the byte limit
     cancelled = "cancelled"  # the client cancelled or went away
     shutting_down = "shutting_down"  # the coordinator is draining
+    coordinator_restarted = "coordinator_restarted"  # raised by the client: the coordinator restarted or went silent
+    unauthorized = "unauthorized"  # a registration (or tcp client request) without the stack's secret
     internal = "internal"  # a bug: the log has the traceback
 
 
@@ -129,6 +134,13 @@ class ImagePayload(Frozen):
 # ---------------------------------------------------------------- client <-> coordinator
 
 
+class ClientBound(Message):
+    """Base of what the coordinator sends clients: stamped with the instance of the coordinator that sent it."""
+
+    # A new value within one request means the coordinator restarted and the request is lost.
+    coordinator: str | None = None
+
+
 class ChatRequest(Message):
     """A user turn: a conversation (or plain text), an optional image, an optional forced specialist."""
 
@@ -138,30 +150,42 @@ class ChatRequest(Message):
     image: bytes | None = None  # raw image file bytes (PNG/JPEG), never base64
     specialist: str | None = None  # force a specialist; skips the router
     options: GenerationOptions = GenerationOptions()
+    secret: str | None = None  # the stack secret; required only on a tcp client endpoint
 
 
 class CancelRequest(Message):
     """Cancel a queued or running request (parent_id = the chat request's id)."""
 
     type: Literal["cancel_request"] = "cancel_request"
+    secret: str | None = None  # as on ChatRequest
 
 
 class StatusRequest(Message):
     """Ask the coordinator for its view of the stack."""
 
     type: Literal["status_request"] = "status_request"
+    secret: str | None = None  # as on ChatRequest
 
 
-class AcceptedEvent(Message):
+class AcceptedEvent(ClientBound):
     """The request is valid and queued."""
 
     type: Literal["accepted_event"] = "accepted_event"
     position: int  # 0 = runs next (or now)
     queue_depth: int
     ticket: int | None = None  # acceptance order, increasing; requests run in ticket order (FIFO)
+    keepalive_s: float | None = None  # until the terminal event, the coordinator sends something at least this often
 
 
-class StageStartedEvent(Message):
+class ProgressEvent(ClientBound):
+    """Sent while a request waits or runs and nothing else was sent for `keepalive_s`: silence means trouble."""
+
+    type: Literal["progress_event"] = "progress_event"
+    position: int | None = None  # requests ahead of this one while it waits; None once it runs
+    stage: str | None = None  # the stage running now, once it runs
+
+
+class StageStartedEvent(ClientBound):
     """A stage of the pipeline began."""
 
     type: Literal["stage_started_event"] = "stage_started_event"
@@ -170,7 +194,7 @@ class StageStartedEvent(Message):
     model: str | None = None
 
 
-class StageFinishedEvent(Message):
+class StageFinishedEvent(ClientBound):
     """A stage of the pipeline ended successfully."""
 
     type: Literal["stage_finished_event"] = "stage_finished_event"
@@ -180,7 +204,17 @@ class StageFinishedEvent(Message):
     model: str | None = None
 
 
-class RouteEvent(Message):
+class StageRestartedEvent(ClientBound):
+    """A stage's worker died or restarted; the stage runs again, so drop the text it streamed so far."""
+
+    type: Literal["stage_restarted_event"] = "stage_restarted_event"
+    stage: str
+    service: str
+    attempt: int  # 1 for the first re-run
+    reason: str  # what happened to the worker
+
+
+class RouteEvent(ClientBound):
     """Which specialist handles the turn, and the router's probability for each."""
 
     type: Literal["route_event"] = "route_event"
@@ -189,7 +223,7 @@ class RouteEvent(Message):
     forced: bool = False
 
 
-class TokenEvent(Message):
+class TokenEvent(ClientBound):
     """A piece of streamed text (voice -> coordinator -> client, or a specialist's progress)."""
 
     type: Literal["token_event"] = "token_event"
@@ -197,14 +231,14 @@ class TokenEvent(Message):
     stage: str = "voice"
 
 
-class ImageEvent(Message):
+class ImageEvent(ClientBound):
     """An image produced by the turn."""
 
     type: Literal["image_event"] = "image_event"
     image: ImagePayload
 
 
-class DoneEvent(Message):
+class DoneEvent(ClientBound):
     """The terminal success event of a chat request."""
 
     type: Literal["done_event"] = "done_event"
@@ -219,7 +253,7 @@ class DoneEvent(Message):
     ticket: int | None = None  # the AcceptedEvent's ticket
 
 
-class ErrorEvent(Message):
+class ErrorEvent(ClientBound):
     """The terminal failure of a request, or the refusal of a malformed message."""
 
     type: Literal["error_event"] = "error_event"
@@ -245,7 +279,7 @@ class ServiceStatus(Frozen):
     cached: dict[str, int] = {}  # host weight cache: model -> bytes
 
 
-class StatusReply(Message):
+class StatusReply(ClientBound):
     """The coordinator's view of the stack."""
 
     type: Literal["status_reply"] = "status_reply"
@@ -275,6 +309,7 @@ class RegisterRequest(Message):
     memory: list[MemoryReading] = []
     placement: dict[str, str] = {}
     estimates: dict[str, dict[str, int]] = {}  # model -> {physical GPU index: estimated bytes}, from the checkpoint
+    secret: str | None = None  # the stack secret (the 0600 file in the run directory); required by the coordinator
 
 
 class RegisterReply(Message):
@@ -389,10 +424,11 @@ class WorkerError(Message):
 
 AnyMessage = Annotated[
     (
-        ChatRequest | CancelRequest | StatusRequest | AcceptedEvent | StageStartedEvent | StageFinishedEvent
-        | RouteEvent | TokenEvent | ImageEvent | DoneEvent | ErrorEvent | StatusReply | RegisterRequest | RegisterReply
-        | HeartbeatEvent | ClassifyRequest | ClassifyReply | LoadRequest | UnloadRequest | LoadReply
-        | RunSpecialistRequest | SpecialistReply | SynthesizeRequest | SynthesizeReply | CancelCallRequest | WorkerError
+        ChatRequest | CancelRequest | StatusRequest | AcceptedEvent | ProgressEvent | StageStartedEvent
+        | StageFinishedEvent | StageRestartedEvent | RouteEvent | TokenEvent | ImageEvent | DoneEvent | ErrorEvent
+        | StatusReply | RegisterRequest | RegisterReply | HeartbeatEvent | ClassifyRequest | ClassifyReply
+        | LoadRequest | UnloadRequest | LoadReply | RunSpecialistRequest | SpecialistReply | SynthesizeRequest
+        | SynthesizeReply | CancelCallRequest | WorkerError
     ),
     Field(discriminator="type"),
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from shared.messages import (
     RegisterRequest,
     WorkerError,
 )
+from shared.stack_secret import SecretError, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,9 @@ class ServiceLoop:
         self.worker = worker
         self.config = config
         self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # The coordinator knows a worker by the connection its registration came over, so the socket
+        # identity is random: a process that merely claims the name `voice` cannot take this one's place.
+        self.identity = f"{worker.service}.{secrets.token_hex(16)}"
         self.table = worker.handlers()
         self.jobs: queue.Queue[Call | None] = queue.Queue()
         self.ctx = transport.new_context()
@@ -201,7 +206,7 @@ class ServiceLoop:
         self.estimates = self.worker.estimates()
         self.worker.startup()
         sock = transport.connect_dealer(
-            self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.worker.service
+            self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.identity
         )
         job_thread = threading.Thread(target=self._job_thread, name="job", daemon=True)
         job_thread.start()
@@ -289,7 +294,12 @@ class ServiceLoop:
 
     def _coordinator_error(self, msg: ErrorEvent) -> None:
         if msg.code == ErrorCode.worker_missing:
-            log.info("the coordinator does not know this worker (it restarted?): registering again")
+            log.info("the coordinator does not know this worker (it restarted, or another registration "
+                     "superseded this one): registering again")
+            self.registered = False
+        elif msg.code == ErrorCode.unauthorized:
+            # Keep trying (the secret file is read again each time): `lyra up` may be writing a new one.
+            log.error("the coordinator refused this worker: %s", msg.message)
             self.registered = False
         elif msg.code == ErrorCode.schema_version:
             log.critical("the coordinator refused this worker: %s", msg.message)
@@ -309,7 +319,18 @@ class ServiceLoop:
             service=self.worker.service, pid=os.getpid(), instance=self.instance, backend=self.worker.backend,
             capabilities=self.worker.capabilities(), resident=self.worker.resident(),
             memory=self.worker.memory(), placement=self.worker.placement(), estimates=self.estimates,
+            secret=self._secret(),
         )
+
+    def _secret(self) -> str | None:
+        """The stack secret, read afresh for every registration attempt (a new `lyra up` writes a new one)."""
+        if self.config.runtime.auth == "none":
+            return None
+        try:
+            return read_secret(self.config.secret_path())
+        except SecretError as exc:
+            log.error("registering without the stack secret: %s", exc)
+            return None
 
     def _heartbeat(self) -> HeartbeatEvent:
         call = self.current

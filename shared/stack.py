@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.client import Client, LyraError, state_file
 from shared.config import WORKER_SERVICES, LyraConfig
 from shared.messages import StatusReply
+from shared.stack_secret import create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPERVISORD_CONF = ROOT / "supervisord.conf"
@@ -65,13 +66,15 @@ def up(config: LyraConfig, timeout_s: float, progress: Callable[[str], None]) ->
     run_dir = config.run_dir()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(run_dir, 0o700)
+    if config.runtime.auth == "secret":
+        create_secret(config.secret_path())  # a fresh one per stack: workers must present it to register
     CONTROL_DIR.mkdir(exist_ok=True, mode=0o700)
     started = subprocess.run([_bin("supervisord"), "-c", str(SUPERVISORD_CONF)], env=stack_env(config),
                              capture_output=True, text=True, timeout=30)
     if started.returncode != 0:
         raise StackError(f"supervisord failed to start: {started.stderr.strip() or started.stdout.strip()}")
     record = {"config": config.source, "client_endpoint": config.client_endpoint(), "run_dir": str(run_dir),
-              "supervisord_conf": str(SUPERVISORD_CONF)}
+              "supervisord_conf": str(SUPERVISORD_CONF), "secret_file": str(config.secret_path())}
     state_file().parent.mkdir(parents=True, exist_ok=True)
     state_file().write_text(json.dumps(record, indent=2))
     status = wait_ready(config.client_endpoint(), timeout_s, progress)

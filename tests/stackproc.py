@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.client import Client, LyraError
+from shared.stack_secret import create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("coordinator", "router", "specialist_host", "voice")
@@ -82,10 +83,12 @@ class StackProcesses:
         self.dir = Path(tempfile.mkdtemp(prefix="lyra-t-"))
         self.run_dir = self.dir / "run"
         self.config_path = self.dir / "config.toml"
-        self.config_path.write_text(to_toml(fake_config(self.run_dir, **overrides)))
+        config = fake_config(self.run_dir, **overrides)
+        self.config_path.write_text(to_toml(config))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.endpoint = f"ipc://{self.run_dir / 'client.sock'}"
+        self.endpoint = config["runtime"].get("client_endpoint") or f"ipc://{self.run_dir / 'client.sock'}"
         self.worker_endpoint = f"ipc://{self.run_dir / 'workers.sock'}"
+        self.secret = create_secret(self.run_dir / "stack.secret")  # as `lyra up` does
 
     def start(self, service: str) -> None:
         log = (self.dir / f"{service}.log").open("ab")
@@ -119,7 +122,7 @@ class StackProcesses:
         proc.wait(timeout=10)
 
     def client(self, timeout_s: float = 20.0) -> Client:
-        return Client(self.endpoint, timeout_s=timeout_s)
+        return Client(self.endpoint, timeout_s=timeout_s, secret=self.secret)
 
     def logs(self) -> str:
         files = sorted(self.dir.glob("*.log"))

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from services.coordinator.ledger import VramLedger
+from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.coordinator.workers import WorkerRegistry
@@ -21,6 +22,7 @@ from shared.messages import (
     StatusReply,
     StatusRequest,
 )
+from shared.stack_secret import matches
 from shared.transport import Received
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,16 @@ class ClientHandlers:
     """Dispatch table for client messages; each handler returns the replies to send back at once."""
 
     def __init__(self, config: LyraConfig, queue: RequestQueue, registry: WorkerRegistry, ledger: VramLedger,
-                 pipeline: Pipeline) -> None:
+                 pipeline: Pipeline, lifecycle: Callable[[str, bytes], JobLifecycle], instance: str,
+                 secret: str | None = None) -> None:
         self.config = config
         self.queue = queue
         self.registry = registry
         self.ledger = ledger
         self.pipeline = pipeline
+        self.lifecycle = lifecycle  # makes the lifecycle of a request it accepts
+        self.instance = instance  # this coordinator's instance id, stamped on every reply
+        self.secret = secret  # required on every request when set (tcp client endpoints)
         self.table: dict[type, Callable[[Message, bytes, bool], list[Message]]] = {
             ChatRequest: self.chat, CancelRequest: self.cancel, StatusRequest: self.status,
         }
@@ -69,56 +75,65 @@ class ClientHandlers:
         """Replies for one received frame (malformed frames get a typed error)."""
         if got.error is not None:
             log.warning("malformed client message: %s: %s", got.error.code.value, got.error.message)
-            return [ErrorEvent(parent_id=got.error.msg_id, code=got.error.code, message=got.error.message)]
+            return [self._error(got.error.msg_id, got.error.code, got.error.message)]
         msg = got.message
         assert msg is not None and got.peer is not None
         handler = self.table.get(type(msg))
         if handler is None:
-            return [ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
-                               message=f"{msg.type} is not a client request")]  # type: ignore[attr-defined]
+            return [self._error(msg.id, ErrorCode.invalid_request,
+                                f"{msg.type} is not a client request")]  # type: ignore[attr-defined]
+        if self.secret is not None and not matches(self.secret, msg.secret):  # type: ignore[attr-defined]
+            log.warning("%s without the stack secret refused", msg.type)  # type: ignore[attr-defined]
+            return [self._error(msg.id, ErrorCode.unauthorized, "this tcp endpoint needs the stack secret: pass "
+                                f"secret= or set LYRA_SECRET (it is in {self.config.secret_path()})")]
         return handler(msg, got.peer, stopping)
+
+    def _error(self, parent_id: str | None, code: ErrorCode, message: str, **fields: int) -> ErrorEvent:
+        """A refusal of a request that was never accepted (accepted ones end through their lifecycle)."""
+        return ErrorEvent(parent_id=parent_id, coordinator=self.instance, code=code, message=message, **fields)
 
     def chat(self, msg: Message, peer: bytes, stopping: bool) -> list[Message]:
         assert isinstance(msg, ChatRequest)
         if stopping:
-            return [ErrorEvent(parent_id=msg.id, code=ErrorCode.shutting_down,
-                               message="the coordinator is shutting down; retry when it is back")]
+            return [self._error(msg.id, ErrorCode.shutting_down,
+                                "the coordinator is shutting down; retry when it is back")]
         problem = invalid_chat(self.config, msg)
         if problem:
-            return [ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request, message=problem)]
+            return [self._error(msg.id, ErrorCode.invalid_request, problem)]
         image_problem = bad_image(self.config, msg)
         if image_problem:
             log.warning("request %s refused: %s", msg.id, image_problem.message)
-            return [ErrorEvent(parent_id=msg.id, code=image_problem.code, message=image_problem.message)]
+            return [self._error(msg.id, image_problem.code, image_problem.message)]
         if self.queue.find(msg.id):
-            return [ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
-                               message=f"request id {msg.id} is already queued")]
-        job = Job(request=msg, peer=peer)
+            return [self._error(msg.id, ErrorCode.invalid_request, f"request id {msg.id} is already queued")]
+        job = Job(request=msg, peer=peer, life=self.lifecycle(msg.id, peer))
         try:
             position = self.queue.offer(job)
         except QueueFull:
             depth = self.queue.depth()
-            return [ErrorEvent(parent_id=msg.id, code=ErrorCode.busy, queue_depth=depth,
-                               message=f"busy: {depth} requests are already waiting; retry later")]
+            return [self._error(msg.id, ErrorCode.busy, f"busy: {depth} requests are already waiting; retry later",
+                                queue_depth=depth)]
         log.info("request %s accepted at position %d (ticket %d)", msg.id, position, job.ticket)
-        return [AcceptedEvent(parent_id=msg.id, position=position, queue_depth=self.queue.depth(), ticket=job.ticket)]
+        return [AcceptedEvent(parent_id=msg.id, coordinator=self.instance, position=position,
+                              queue_depth=self.queue.depth(), ticket=job.ticket,
+                              keepalive_s=self.config.runtime.heartbeat_interval_s)]
 
     def cancel(self, msg: Message, peer: bytes, stopping: bool) -> list[Message]:
         target = msg.parent_id or ""
         waiting = self.queue.remove(target)
         if waiting is not None:
-            return [ErrorEvent(parent_id=target, code=ErrorCode.cancelled, message="cancelled before it ran")]
+            waiting.life.fail(ErrorCode.cancelled, "cancelled before it ran")
+            return []
         job = self.queue.find(target)
         if job is None:
-            return [ErrorEvent(parent_id=target, code=ErrorCode.invalid_request,
-                               message=f"no queued or running request {target!r}")]
+            return [self._error(target, ErrorCode.invalid_request, f"no queued or running request {target!r}")]
         job.stop("cancelled by the client")
         return []  # the pipeline sends the terminal `cancelled` event
 
     def status(self, msg: Message, peer: bytes, stopping: bool) -> list[Message]:
         running = self.queue.running
         return [StatusReply(
-            parent_id=msg.id, services=self.registry.statuses(), gpus=self.ledger.snapshot(),
+            parent_id=msg.id, coordinator=self.instance, services=self.registry.statuses(), gpus=self.ledger.snapshot(),
             queue_depth=self.queue.depth(), running=running.id if running else None,
             client_endpoint=self.config.client_endpoint(), counters=dict(self.pipeline.counters.values),
             config_path=self.config.source,

@@ -1,7 +1,8 @@
 """One request, end to end: route -> ensure the specialist is resident -> run it -> voice.
 
 Runs on the coordinator's pipeline thread, strictly one request at a time. It talks to workers only
-through `WorkerRegistry.call` and to the client only through `emit`, so it needs no sockets itself.
+through `WorkerRegistry.call` and to the client only through the job's lifecycle, so it needs no sockets
+itself. A stage whose worker dies or restarts runs again on the new instance (`runtime.stage_retries`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
 from services.coordinator.requests import Job, Route
@@ -20,19 +22,13 @@ from shared.messages import (
     ChatTurn,
     ClassifyReply,
     ClassifyRequest,
-    DoneEvent,
     ErrorCode,
-    ErrorEvent,
-    ImageEvent,
     LoadReply,
     LoadRequest,
     Message,
-    RouteEvent,
     RouteLabel,
     RunSpecialistRequest,
     SpecialistReply,
-    StageFinishedEvent,
-    StageStartedEvent,
     SynthesizeReply,
     SynthesizeRequest,
     TokenEvent,
@@ -41,7 +37,7 @@ from shared.messages import (
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[Job, Message], None]
+T = TypeVar("T")
 
 
 def conversation(job: Job) -> list[ChatTurn]:
@@ -57,20 +53,21 @@ class Counters:
 
     values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("requests", "completed", "failed", "cancelled", "swaps", "cache_hits", "preloads", "preload_hits",
-         "wasted_preloads"), 0))
+         "wasted_preloads", "stage_reruns"), 0))
+    lock: threading.Lock = field(default_factory=threading.Lock)  # bumped from the I/O and pipeline threads
 
     def bump(self, name: str) -> None:
-        self.values[name] = self.values.get(name, 0) + 1
+        with self.lock:
+            self.values[name] = self.values.get(name, 0) + 1
 
 
 class Pipeline:
-    """Executes jobs through the workers; every job ends with exactly one terminal event."""
+    """Executes jobs through the workers; each job ends through its lifecycle, exactly once."""
 
-    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger, emit: Emit) -> None:
+    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger) -> None:
         self.config = config
         self.registry = registry
         self.ledger = ledger
-        self.emit = emit
         self.counters = Counters()
         self.labels = [RouteLabel(name=n, description=e.description)
                        for n, e in config.specialists.items() if e.routable]
@@ -84,41 +81,76 @@ class Pipeline:
         timings: dict[str, float] = {"queue": round(time.monotonic() - job.accepted_at, 6)}
         started = time.monotonic()
         try:
-            done = self._stages(job, timings)
+            result = self._stages(job, timings)
         except StageError as exc:
-            self.counters.bump("cancelled" if exc.code == ErrorCode.cancelled else "failed")
             log.warning("request %s failed: %s: %s", job.id, exc.code.value, exc.message)
-            message = job.cancel_reason or exc.message if exc.code == ErrorCode.cancelled else exc.message
-            self.emit(job, ErrorEvent(parent_id=job.id, code=exc.code, message=message, service=exc.service))
+            if exc.code == ErrorCode.cancelled:
+                job.life.fail(job.cancel_code, job.cancel_reason or exc.message, exc.service, exc.stage)
+            else:
+                job.life.fail(exc.code, exc.message, exc.service, exc.stage)
             return
         except Exception as exc:  # a coordinator bug must still end the request
             log.exception("request %s hit an internal error", job.id)
-            self.counters.bump("failed")
-            self.emit(job, ErrorEvent(parent_id=job.id, code=ErrorCode.internal,
-                                      message=f"internal error: {type(exc).__name__}: {exc} (see the coordinator log)"))
+            job.life.fail(ErrorCode.internal,
+                          f"internal error: {type(exc).__name__}: {exc} (see the coordinator log)")
             return
         timings["total"] = round(time.monotonic() - started + timings["queue"], 6)
-        self.counters.bump("completed")
-        self.emit(job, done.model_copy(update={"timings": timings, "vram": self.ledger.snapshot(),
-                                                 "ticket": job.ticket}))
+        job.life.done(**result, timings=timings, vram=self.ledger.snapshot(), ticket=job.ticket)
 
     # ------------------------------------------------------------ stages
 
+    def _rerunning(self, job: Job, stage: str, service: str, attempt: Callable[[], T]) -> T:
+        """Run one stage; if its worker dies or restarts, wait for the new instance and run it again.
+
+        Only `worker_dead` is retried (a deadline or a worker's own error would likely repeat), at most
+        `runtime.stage_retries` times; stages that already succeeded are never repeated.
+        """
+        reruns = 0
+        while True:
+            try:
+                return attempt()
+            except StageError as exc:
+                if exc.code != ErrorCode.worker_dead or reruns >= self.config.runtime.stage_retries:
+                    raise
+                reruns += 1
+                log.warning("request %s: %s; re-running %s (re-run %d)", job.id, exc.message, stage, reruns)
+                self.counters.bump("stage_reruns")
+                job.life.restarted(stage, service, reruns, exc.message)
+                wait = self.config.runtime.heartbeat_timeout_s
+                try:
+                    self.registry.wait_up(service, wait, job.cancel, replacing=exc.instance)
+                except StageError as gone:
+                    if gone.code == ErrorCode.cancelled:
+                        raise
+                    raise StageError(ErrorCode.worker_dead, f"{exc.message}; it did not come back within "
+                                     f"{wait:g} s to re-run {stage}", service, stage) from None
+
     def _stage(self, job: Job, timings: dict[str, float], stage: str, service: str, model: str | None,
-               request: Message, deadline: float) -> Message:
-        self.emit(job, StageStartedEvent(parent_id=job.id, stage=stage, service=service, model=model))
+               request: Callable[[], Message], deadline: float, before: Callable[[], None] = lambda: None) -> Message:
+        """Run a streaming stage: a fresh call per attempt (its own id), `before` ahead of each re-run."""
+        job.life.started(stage, service, model)
         begun = time.monotonic()
-        reply: Message | None = None
         wait = self.config.runtime.heartbeat_timeout_s
-        for item in self.registry.call(service, request, deadline, job.cancel, stage, wait):
-            if isinstance(item, TokenEvent):
-                self.emit(job, TokenEvent(parent_id=job.id, text=item.text, stage=item.stage))
-            else:
-                reply = item
+        first = True
+
+        def attempt() -> Message:
+            nonlocal first
+            if not first:
+                before()
+            first = False
+            reply: Message | None = None
+            for item in self.registry.call(service, request(), deadline, job.cancel, stage, wait):
+                if isinstance(item, TokenEvent):
+                    job.life.token(item.text, item.stage)
+                else:
+                    reply = item
+            assert reply is not None
+            return reply
+
+        reply = self._rerunning(job, stage, service, attempt)
         seconds = time.monotonic() - begun
         timings[stage] = round(seconds, 6)
-        self.emit(job, StageFinishedEvent(parent_id=job.id, stage=stage, service=service, seconds=seconds, model=model))
-        assert reply is not None
+        job.life.finished(stage, service, seconds, model)
         return reply
 
     def _expect(self, reply: Message, kind: type, service: str) -> None:
@@ -126,30 +158,30 @@ class Pipeline:
             raise StageError(ErrorCode.worker_error, f"{service} answered {reply.type} "  # type: ignore[attr-defined]
                              f"where {kind.__name__} was expected", service)
 
-    def _stages(self, job: Job, timings: dict[str, float]) -> DoneEvent:
+    def _stages(self, job: Job, timings: dict[str, float]) -> dict[str, Any]:
+        """Route, load, specialist, voice; returns the DoneEvent's fields."""
         turns = conversation(job)
         route = self._route(job, timings)
         specialist = route.specialist
         self._ensure_resident(job, specialist, timings)
         deadlines = self.config.deadlines
         result = self._stage(job, timings, "specialist", "specialist_host", specialist,
-                             RunSpecialistRequest(parent_id=job.id, model=specialist, messages=turns,
-                                                  image=job.request.image, options=job.request.options),
-                             deadlines.specialist)
+                             lambda: RunSpecialistRequest(parent_id=job.id, model=specialist, messages=turns,
+                                                          image=job.request.image, options=job.request.options),
+                             deadlines.specialist, before=lambda: self._restore_resident(job, specialist))
         self._expect(result, SpecialistReply, "specialist_host")
         assert isinstance(result, SpecialistReply)
         if result.image is not None:
-            self.emit(job, ImageEvent(parent_id=job.id, image=result.image))
+            job.life.image(result.image)
         self.on_voice_start()
         spoken = self._stage(job, timings, "voice", "voice", self.config.voice.name,
-                             SynthesizeRequest(parent_id=job.id, messages=turns, specialist=specialist,
-                                               specialist_output=result.text, options=job.request.options),
+                             lambda: SynthesizeRequest(parent_id=job.id, messages=turns, specialist=specialist,
+                                                       specialist_output=result.text, options=job.request.options),
                              deadlines.voice)
         self._expect(spoken, SynthesizeReply, "voice")
         assert isinstance(spoken, SynthesizeReply)
-        return DoneEvent(parent_id=job.id, answer=spoken.text, specialist=specialist, scores=route.scores,
-                         forced=route.forced,
-                         specialist_output=result.text, timings={}, image=result.image)
+        return {"answer": spoken.text, "specialist": specialist, "scores": route.scores, "forced": route.forced,
+                "specialist_output": result.text, "image": result.image}
 
     def route_early(self, job: Job) -> None:
         """Decide a waiting job's specialist ahead of its turn (no events; the job shows them later)."""
@@ -178,18 +210,17 @@ class Pipeline:
         route = job.route or self._forced_route(job)
         if route is None or not route.forced:
             router = self.config.router.name
-            self.emit(job, StageStartedEvent(parent_id=job.id, stage="route", service="router", model=router))
-            seconds = 0.0
+            job.life.started("route", "router", router)
+            seconds, begun = 0.0, time.monotonic()
             if route is None:
-                route, seconds = self._classify(job, job.cancel)
+                route, _ = self._rerunning(job, "route", "router", lambda: self._classify(job, job.cancel))
+                seconds = time.monotonic() - begun  # every attempt counts
             timings["route"] = round(seconds, 6)
-            self.emit(job, StageFinishedEvent(parent_id=job.id, stage="route", service="router", seconds=seconds,
-                                              model=router))
+            job.life.finished("route", "router", seconds, router)
         else:
             timings["route"] = 0.0
         job.route = route
-        self.emit(job, RouteEvent(parent_id=job.id, specialist=route.specialist, scores=route.scores,
-                                  forced=route.forced))
+        job.life.route(route.specialist, route.scores, route.forced)
         return route
 
     def _ensure_resident(self, job: Job, specialist: str, timings: dict[str, float]) -> None:
@@ -201,10 +232,17 @@ class Pipeline:
                 self.preloaded = None
                 timings["load"] = 0.0
                 return
-            self.emit(job, StageStartedEvent(parent_id=job.id, stage="load", service=service, model=specialist))
-            timings["load"] = round(self.swap_to(specialist, job.id, job.cancel), 6)
-        self.emit(job, StageFinishedEvent(parent_id=job.id, stage="load", service=service,
-                                          seconds=timings["load"], model=specialist))
+            job.life.started("load", service, specialist)
+            timings["load"] = round(self._rerunning(
+                job, "load", service, lambda: self.swap_to(specialist, job.id, job.cancel)), 6)
+        job.life.finished("load", service, timings["load"], specialist)
+
+    def _restore_resident(self, job: Job, specialist: str) -> None:
+        """Before re-running the specialist: a restarted host holds nothing, so load it again."""
+        with self.swap_lock:
+            if self.registry.resident("specialist_host") != [specialist]:
+                log.info("request %s: reloading %s into the restarted specialist host", job.id, specialist)
+                self.swap_to(specialist, job.id, job.cancel)
 
     def swap_to(self, specialist: str, parent_id: str, cancel: threading.Event) -> float:
         """Unload whatever is resident and load `specialist` if the ledger allows; returns seconds.

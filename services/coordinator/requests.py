@@ -7,8 +7,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.policy import pick_next
-from shared.messages import ChatRequest
+from shared.messages import ChatRequest, ErrorCode
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,15 @@ class Route:
 
 @dataclass
 class Job:
-    """An accepted chat request: who asked, when, and whether it should stop."""
+    """An accepted chat request: who asked, when, whether it should stop, and how it talks to its client."""
 
     request: ChatRequest
     peer: bytes  # the client's routing identity
+    life: JobLifecycle  # every event to the client, the terminal one included, goes through it
     accepted_at: float = field(default_factory=time.monotonic)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
+    cancel_code: ErrorCode = ErrorCode.cancelled  # shutting_down when a drain ran out of time
     ticket: int = 0
     overtaken: int = 0  # how many later requests ran before this one (grouping by specialist)
     route: Route | None = None
@@ -41,10 +44,10 @@ class Job:
     def id(self) -> str:
         return self.request.id
 
-    def stop(self, reason: str) -> None:
-        """Ask the pipeline to abandon this job."""
+    def stop(self, reason: str, code: ErrorCode = ErrorCode.cancelled) -> None:
+        """Ask the pipeline to abandon this job; it ends with `code` and `reason`."""
         if not self.cancel.is_set():
-            self.cancel_reason = reason
+            self.cancel_reason, self.cancel_code = reason, code
             self.cancel.set()
 
 
@@ -137,3 +140,10 @@ class RequestQueue:
     def depth(self) -> int:
         with self.cond:
             return len(self.waiting)
+
+    def outstanding(self) -> list[tuple[Job, int | None]]:
+        """Every job not yet ended, with its position: None for the running one, else how many are ahead."""
+        with self.cond:
+            ahead = 1 if self.running else 0
+            jobs: list[tuple[Job, int | None]] = [(self.running, None)] if self.running else []
+            return jobs + [(job, ahead + i) for i, job in enumerate(self.waiting)]

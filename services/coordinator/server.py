@@ -12,30 +12,26 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 from services.coordinator.handlers import ClientHandlers
-from services.coordinator.ledger import VramLedger, split_estimate
+from services.coordinator.ledger import VramLedger
+from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
 from services.coordinator.prefetch import Prefetcher
-from services.coordinator.requests import Job, RequestQueue
+from services.coordinator.requests import RequestQueue
+from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
 from shared import transport
 from shared.config import WORKER_SERVICES, LyraConfig
-from shared.messages import (
-    SCHEMA_MAJOR,
-    ErrorCode,
-    ErrorEvent,
-    HeartbeatEvent,
-    Message,
-    RegisterReply,
-    RegisterRequest,
-    WorkerError,
-)
+from shared.messages import ErrorCode, Message
+from shared.stack_secret import SecretError, ensure_secret
 
 log = logging.getLogger(__name__)
 
 HANDOFF = "inproc://lyra-coordinator-outbox"
 TICK_S = 0.1
+DRAIN_GRACE_S = 2.0  # after drain_s, how long the cancelled running request gets to send its terminal event
 
 
 class Coordinator:
@@ -43,14 +39,19 @@ class Coordinator:
 
     def __init__(self, config: LyraConfig) -> None:
         self.config = config
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # clients compare it to notice a restart
         self.ctx = transport.new_context()
         self.stopping = threading.Event()
         self.queue = RequestQueue(config.runtime.queue_size, config.scheduling.max_overtakes)
         self.ledger = VramLedger(config)
         self.registry = WorkerRegistry(WORKER_SERVICES, config.runtime.heartbeat_timeout_s, self._send_to_worker)
-        self.pipeline = Pipeline(config, self.registry, self.ledger, self._send_to_client)
+        self.pipeline = Pipeline(config, self.registry, self.ledger)
         self.prefetcher = Prefetcher(config, self.pipeline, self.queue)
-        self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline)
+        secret = ensure_secret(config.secret_path()) if config.runtime.auth == "secret" else None
+        self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
+                                              self._lifecycle, self.instance,
+                                              secret if config.client_needs_secret() else None)
+        self.worker_handlers = WorkerHandlers(config, self.registry, self.ledger, secret)
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
 
@@ -66,8 +67,13 @@ class Coordinator:
     def _send_to_worker(self, service: str, msg: Message) -> None:
         transport.send_frames(self._handoff(), [b"w", service.encode(), msg.id.encode(), transport.encode(msg)])
 
-    def _send_to_client(self, job: Job, msg: Message) -> None:
-        transport.send_frames(self._handoff(), [b"c", job.peer, job.id.encode(), transport.encode(msg)])
+    def _send_to_client(self, peer: bytes, request_id: str, msg: Message) -> None:
+        transport.send_frames(self._handoff(), [b"c", peer, request_id.encode(), transport.encode(msg)])
+
+    def _lifecycle(self, request_id: str, peer: bytes) -> JobLifecycle:
+        """How an accepted request will talk to its client (the one place it can end)."""
+        return JobLifecycle(request_id, lambda msg: self._send_to_client(peer, request_id, msg), self.instance,
+                            self.pipeline.counters.bump)
 
     # ------------------------------------------------------------ main loop
 
@@ -96,17 +102,40 @@ class Coordinator:
 
     def _loop(self, pipeline: threading.Thread) -> None:
         drain_until: float | None = None
+        next_keepalive = 0.0
         while True:
+            now = time.monotonic()
             if self.stopping.is_set() and drain_until is None:
-                drain_until = time.monotonic() + self.config.runtime.drain_s
+                drain_until = now + self.config.runtime.drain_s
                 self._refuse_waiting()
-            if drain_until is not None and (self.queue.running is None or time.monotonic() > drain_until):
+            if drain_until is not None and self._drained(now, drain_until):
                 self._flush_handoff()
                 return
             for ep in transport.poll([self.clients, self.workers, self.inbox], TICK_S):
                 self._drain(ep)
             for service in self.registry.check_liveness():
                 log.error("%s stopped heartbeating; marked dead", service)
+            if now >= next_keepalive:
+                self._keepalive()
+                next_keepalive = now + self.config.runtime.heartbeat_interval_s / 2
+
+    def _keepalive(self) -> None:
+        """Every outstanding request hears from us at least once per heartbeat interval: silence means trouble."""
+        interval = self.config.runtime.heartbeat_interval_s
+        for job, position in self.queue.outstanding():
+            job.life.keepalive(position, interval)
+
+    def _drained(self, now: float, drain_until: float) -> bool:
+        """Whether the SIGTERM drain is over: the running request ended, or ran out of `drain_s`."""
+        running = self.queue.running
+        if running is None:
+            return True
+        if now > drain_until and not running.cancel.is_set():
+            log.warning("request %s did not finish within drain_s (%gs); ending it", running.id,
+                        self.config.runtime.drain_s)
+            running.stop(f"the coordinator is shutting down; the request did not finish within its "
+                         f"{self.config.runtime.drain_s:g} s drain", ErrorCode.shutting_down)
+        return now > drain_until + DRAIN_GRACE_S
 
     def _drain(self, ep: transport.Endpoint) -> None:
         for _ in range(1000):  # bounded so one busy socket cannot starve the others
@@ -126,11 +155,12 @@ class Coordinator:
     def _forward(self, frames: list[bytes]) -> None:
         kind, peer, request_id, payload = frames
         if kind == b"w":
-            if not transport.send_encoded(self.workers, payload, peer):
-                service = peer.decode(errors="replace")
+            service = peer.decode()
+            worker = self.registry.peer_of(service)
+            if worker is None or not transport.send_encoded(self.workers, payload, worker):
                 log.warning("%s is not connected; its call %s waits for it to come back", service,
                             request_id.decode())
-                self.registry.unreachable(service, request_id.decode())
+                self.registry.unreachable(service, request_id.decode(), worker)
             return
         if not transport.send_encoded(self.clients, payload, peer):
             job = self.queue.find(request_id.decode())
@@ -139,12 +169,11 @@ class Coordinator:
                 job.stop("the client disconnected")
 
     def _refuse_waiting(self) -> None:
-        log.info("SIGTERM: refusing %d waiting request(s), draining the running one", self.queue.depth())
+        """SIGTERM: waiting requests end with shutting_down; the running one may finish within drain_s."""
+        log.info("SIGTERM: refusing %d waiting request(s); the running one has %gs to finish", self.queue.depth(),
+                 self.config.runtime.drain_s)
         for job in self.queue.drain():
-            self._send_to_client(job, ErrorEvent(parent_id=job.id, code=ErrorCode.shutting_down,
-                                                 message="the coordinator is shutting down; retry when it is back"))
-        if self.queue.running is not None:
-            self.queue.running.stop("the coordinator is shutting down")
+            job.life.fail(ErrorCode.shutting_down, "the coordinator is shutting down; retry when it is back")
 
     def _pipeline_thread(self) -> None:
         while not self.stopping.is_set():
@@ -155,8 +184,7 @@ class Coordinator:
                 continue
             try:
                 if job.cancel.is_set():
-                    self._send_to_client(job, ErrorEvent(parent_id=job.id, code=ErrorCode.cancelled,
-                                                         message=job.cancel_reason or "cancelled"))
+                    job.life.fail(job.cancel_code, job.cancel_reason or "cancelled")
                 else:
                     self.pipeline.run(job)
             finally:
@@ -173,60 +201,17 @@ class Coordinator:
 
     def _from_worker(self, got: transport.Received) -> None:
         assert got.peer is not None
-        service = got.peer.decode(errors="replace")
-        if service not in self.registry.workers:
-            log.warning("message from unknown worker identity %r dropped", service)
-            return
-        if got.error is not None:
-            log.error("malformed message from %s: %s", service, got.error.message)
-            self.registry.fail_service(service, f"{service} sent a malformed message ({got.error.message})")
-            transport.send(self.workers, ErrorEvent(parent_id=got.error.msg_id, code=got.error.code,
-                                                    message=got.error.message), got.peer)
-            return
-        msg = got.message
-        if isinstance(msg, RegisterRequest):
-            self._register(msg, got.peer)
-        elif isinstance(msg, HeartbeatEvent):
-            if not self.registry.heartbeat(service, msg):
-                transport.send(self.workers, ErrorEvent(parent_id=msg.id, code=ErrorCode.worker_missing,
-                                                        message="unknown worker instance: register first"), got.peer)
-            else:
-                self.ledger.measure(service, msg.memory)
-        else:
-            self.registry.seen(service)
-            if not self.registry.deliver(service, msg) and not isinstance(msg, WorkerError):
-                log.debug("late %s from %s for %s dropped", msg.type, service, msg.parent_id)  # type: ignore[union-attr]
-
-    def _register(self, msg: RegisterRequest, peer: bytes) -> None:
-        if msg.service != peer.decode(errors="replace"):
-            transport.send(self.workers, ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
-                                                    message=f"identity {peer!r} registered as {msg.service!r}"), peer)
-            return
-        if msg.schema_version.split(".")[0] != str(SCHEMA_MAJOR):
-            log.error("%s speaks schema %s; refused", msg.service, msg.schema_version)
-            transport.send(self.workers, ErrorEvent(
-                parent_id=msg.id, code=ErrorCode.schema_version,
-                message=f"schema {msg.schema_version} refused: the coordinator speaks {SCHEMA_MAJOR}.x"), peer)
-            return
-        restarted = self.registry.register(msg)
-        entries = self.config.models_of(msg.service)
-        estimates: dict[int, int] = {}
-        for name in msg.resident:
-            if name in entries:
-                per_gpu = self.registry.estimate(msg.service, name) or split_estimate(
-                    entries[name], self.config.gpus_of(msg.service))
-                for gpu, size in per_gpu.items():
-                    estimates[gpu] = estimates.get(gpu, 0) + size
-        self.ledger.set_resident(msg.service, msg.resident, estimates)
-        for warning in self.ledger.measure(msg.service, msg.memory):
-            log.warning("estimate off by more than 10%%: %s", warning)
-        log.info("%s %s (pid %d, instance %s, resident %s)", msg.service,
-                 "registered" if restarted else "re-registered", msg.pid, msg.instance, msg.resident or "nothing")
-        transport.send(self.workers, RegisterReply(parent_id=msg.id,
-                                                   heartbeat_interval_s=self.config.runtime.heartbeat_interval_s), peer)
+        for reply in self.worker_handlers.handle(got):
+            transport.send(self.workers, reply, got.peer)
 
 
 def run(config: LyraConfig) -> int:
     """Entry point used by `python -m services.coordinator`."""
-    log.info("coordinator starting (pid %d, config %s)", os.getpid(), config.source)
-    return Coordinator(config).serve()
+    try:
+        coordinator = Coordinator(config)
+    except SecretError as exc:  # an exposed or unreadable secret: refuse to serve rather than trust it
+        log.critical("coordinator cannot start: %s", exc)
+        return 2
+    log.info("coordinator starting (pid %d, instance %s, config %s)", os.getpid(), coordinator.instance,
+             config.source)
+    return coordinator.serve()

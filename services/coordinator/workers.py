@@ -34,11 +34,14 @@ WAIT_STEP_S = 0.05
 class StageError(Exception):
     """A stage could not complete; becomes the request's terminal ErrorEvent."""
 
-    def __init__(self, code: ErrorCode, message: str, service: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, service: str | None = None, stage: str | None = None,
+                 instance: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.service = service
+        self.stage = stage
+        self.instance = instance  # the worker instance that failed (a re-run waits for another one)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class WorkerGone:
     reason: str
     unsent: bool = False  # the request never reached the worker, so sending it again is safe
     code: ErrorCode = ErrorCode.worker_dead
+    instance: str = ""  # the instance that went away; a call already resent to a newer one ignores it
 
 
 @dataclass
@@ -56,6 +60,7 @@ class WorkerState:
 
     service: str
     instance: str = ""
+    peer: bytes = b""  # the registered connection's routing id; messages from any other are not this worker's
     pid: int | None = None
     backend: str = ""
     capabilities: list[str] = field(default_factory=list)
@@ -73,6 +78,7 @@ class WorkerState:
 @dataclass
 class PendingCall:
     service: str
+    instance: str  # the worker instance the request went to
     inbox: queue.Queue = field(default_factory=queue.Queue)
 
 
@@ -84,19 +90,28 @@ class WorkerRegistry:
         self.lock = threading.RLock()
         self.workers = {name: WorkerState(service=name) for name in services}
         self.pending: dict[str, PendingCall] = {}
+        self.peers: dict[bytes, str] = {}  # routing id of each registered connection -> service
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.send = send  # thread-safe "send this message to that worker"
         self.changed = threading.Condition(self.lock)
 
     # ------------------------------------------------------------ fed by the I/O thread
 
-    def register(self, msg: RegisterRequest) -> bool:
-        """Record a registration; True when it is a new process (first start or restart)."""
+    def register(self, msg: RegisterRequest, peer: bytes) -> bool:
+        """Record an authenticated registration from connection `peer`; True when it is a new process.
+
+        The newest registration wins: the previous connection of that service is forgotten, so if it is
+        still alive its next heartbeat is refused and it registers again (never left orphaned).
+        """
         with self.lock:
             state = self.workers[msg.service]
             restarted = state.instance != msg.instance
             if restarted and state.instance:
-                self._fail_calls(msg.service, f"{msg.service} restarted (pid {state.pid} -> {msg.pid})")
+                self._fail_calls(msg.service, f"{msg.service} restarted (pid {state.pid} -> {msg.pid})",
+                                 instance=state.instance)
+            self.peers.pop(state.peer, None)
+            self.peers[peer] = msg.service
+            state.peer = peer
             state.instance, state.pid, state.backend = msg.instance, msg.pid, msg.backend
             state.capabilities, state.resident = list(msg.capabilities), list(msg.resident)
             state.memory, state.placement = list(msg.memory), dict(msg.placement)
@@ -116,6 +131,16 @@ class WorkerRegistry:
             state.busy_with, state.memory, state.cached = beat.busy_with, list(beat.memory), dict(beat.cached)
             return True
 
+    def service_of(self, peer: bytes) -> str | None:
+        """The service whose current registration came over connection `peer`, if any."""
+        with self.lock:
+            return self.peers.get(peer)
+
+    def peer_of(self, service: str) -> bytes | None:
+        """Where to send to `service`: its registered connection (None before it registered)."""
+        with self.lock:
+            return self.workers[service].peer or None
+
     def seen(self, service: str) -> None:
         with self.lock:
             self.workers[service].last_seen = time.monotonic()
@@ -134,13 +159,15 @@ class WorkerRegistry:
         with self.lock:
             self._fail_calls(service, reason, ErrorCode.worker_error)
 
-    def unreachable(self, service: str, call_id: str) -> None:
-        """A request could not be delivered: the worker is gone (it may be restarting)."""
+    def unreachable(self, service: str, call_id: str, peer: bytes | None) -> None:
+        """A request could not be delivered to connection `peer`: the worker is gone (it may be restarting)."""
         with self.lock:
-            self.workers[service].alive = False
+            state = self.workers[service]
+            if peer is None or peer == state.peer:  # not a newer instance that registered meanwhile
+                state.alive = False
             call = self.pending.get(call_id)
             if call is not None:
-                call.inbox.put(WorkerGone(f"{service} is not connected", unsent=True))
+                call.inbox.put(WorkerGone(f"{service} is not connected", unsent=True, instance=call.instance))
 
     def check_liveness(self) -> list[str]:
         """Mark silent workers dead and fail their calls; returns the newly dead services."""
@@ -151,23 +178,31 @@ class WorkerRegistry:
                     state.alive = False
                     dead.append(state.service)
                     self._fail_calls(state.service, f"{state.service} stopped responding "
-                                                    f"(no heartbeat for {self.heartbeat_timeout_s:.0f} s)")
+                                                    f"(no heartbeat for {self.heartbeat_timeout_s:g} s)")
         return dead
 
-    def _fail_calls(self, service: str, reason: str, code: ErrorCode = ErrorCode.worker_dead) -> None:
+    def _fail_calls(self, service: str, reason: str, code: ErrorCode = ErrorCode.worker_dead,
+                    instance: str | None = None) -> None:
+        """End the calls `service` has pending (only those sent to `instance`, when given)."""
         for call in self.pending.values():
-            if call.service == service:
-                call.inbox.put(WorkerGone(reason, code=code))
+            if call.service == service and instance in (None, call.instance):
+                call.inbox.put(WorkerGone(reason, code=code, instance=call.instance))
 
     # ------------------------------------------------------------ used by the pipeline thread
 
-    def wait_up(self, service: str, timeout_s: float, cancel: threading.Event) -> WorkerState:
-        """Wait (bounded) for `service` to be registered and alive, e.g. while supervisord restarts it."""
+    def wait_up(self, service: str, timeout_s: float, cancel: threading.Event,
+                replacing: str | None = None) -> WorkerState:
+        """Wait (bounded) for `service` to be registered and alive, e.g. while supervisord restarts it.
+
+        With `replacing`, wait for an instance other than that one (it failed or is draining).
+        """
         deadline = time.monotonic() + timeout_s
         with self.lock:
-            while not self.workers[service].alive:
+            while not self.workers[service].alive or self.workers[service].instance == replacing:
+                if cancel.is_set():
+                    raise StageError(ErrorCode.cancelled, f"cancelled while waiting for {service}", service)
                 left = deadline - time.monotonic()
-                if left <= 0 or cancel.is_set():
+                if left <= 0:
                     state = self.workers[service]
                     what = "has not registered" if not state.registrations else "is down"
                     raise StageError(ErrorCode.worker_missing,
@@ -179,9 +214,9 @@ class WorkerRegistry:
     def call(self, service: str, request: Message, deadline_s: float, cancel: threading.Event,
              stage: str, missing_wait_s: float) -> Iterator[Message]:
         """Send `request` to `service`; yield its stream events, then its reply; raise StageError."""
-        self.wait_up(service, missing_wait_s, cancel)
-        call = PendingCall(service)
+        state = self.wait_up(service, missing_wait_s, cancel)
         with self.lock:
+            call = PendingCall(service, state.instance)
             self.pending[request.id] = call
         try:
             self.send(service, request)
@@ -206,30 +241,42 @@ class WorkerRegistry:
         while True:
             if cancel.is_set():
                 self.send(service, CancelCallRequest(parent_id=request.id))
-                raise StageError(ErrorCode.cancelled, f"cancelled during {stage}", service)
+                raise StageError(ErrorCode.cancelled, f"cancelled during {stage}", service, stage)
             left = deadline - time.monotonic()
             if left <= 0:
                 self.send(service, CancelCallRequest(parent_id=request.id))
                 raise StageError(ErrorCode.deadline,
-                                 f"{service} did not finish {stage} within its {deadline_s:g} s deadline", service)
+                                 f"{service} did not finish {stage} within its {deadline_s:g} s deadline", service,
+                                 stage)
             try:
                 item = call.inbox.get(timeout=min(left, WAIT_STEP_S))
             except queue.Empty:
                 continue
+            if isinstance(item, WorkerGone) and item.instance != call.instance:
+                continue  # news of an instance this call no longer waits on (it was resent to a newer one)
             if isinstance(item, WorkerGone) and item.unsent and not resent:
                 log.info("%s was unreachable; waiting for it to come back, then resending", service)
-                self.wait_up(service, missing_wait_s, cancel)
+                state = self.wait_up(service, missing_wait_s, cancel, replacing=None)
+                with self.lock:
+                    call.instance = state.instance
                 resent = True
                 self.send(service, request)
                 continue
             if isinstance(item, WorkerGone):
-                raise StageError(item.code, f"{item.reason} during {stage}", service)
+                raise StageError(item.code, f"{item.reason} during {stage}", service, stage, call.instance)
             if isinstance(item, WorkerError):
-                code = item.code if item.code != ErrorCode.internal else ErrorCode.worker_error
-                raise StageError(code, f"{service} failed during {stage}: {item.message}", service)
+                raise self._worker_error(item, call, stage)
             yield item
             if not isinstance(item, TokenEvent):
                 return
+
+    def _worker_error(self, item: WorkerError, call: PendingCall, stage: str) -> StageError:
+        service = call.service
+        if item.code == ErrorCode.shutting_down:  # a graceful restart: the stage runs again on the next instance
+            return StageError(ErrorCode.worker_dead, f"{service} was shutting down during {stage}", service, stage,
+                              call.instance)
+        code = item.code if item.code != ErrorCode.internal else ErrorCode.worker_error
+        return StageError(code, f"{service} failed during {stage}: {item.message}", service, stage)
 
     # ------------------------------------------------------------ status
 

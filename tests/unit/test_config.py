@@ -48,3 +48,15 @@ def test_tcp_endpoints_must_be_loopback_unless_allowed(tmp_path: Path) -> None:
     exposed = parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://0.0.0.0:5555",
                                        runtime__allow_remote=True))
     assert exposed.runtime.allow_remote
+
+
+def test_auth_none_is_refused_on_tcp_endpoints_loopback_included(tmp_path) -> None:
+    from shared.config import ConfigError, parse_config
+    from tests.stackproc import fake_config
+
+    raw = fake_config(tmp_path, runtime__auth="none", runtime__worker_endpoint="tcp://127.0.0.1:5999")
+    with pytest.raises(ConfigError, match="open to every local user") as err:
+        parse_config(raw)
+    assert "runtime.auth" in str(err.value) and "stack secret" in str(err.value)
+    assert parse_config(fake_config(tmp_path, runtime__auth="none")).runtime.auth == "none"  # ipc: allowed
+    assert parse_config(fake_config(tmp_path)).runtime.stage_retries == 1

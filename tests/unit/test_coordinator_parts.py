@@ -9,6 +9,7 @@ import pytest
 
 from services.coordinator.handlers import invalid_chat
 from services.coordinator.ledger import GB, OverBudget, VramLedger, split_estimate
+from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.voice.handlers import compose_voice_prompt
 from shared.config import parse_config
@@ -17,7 +18,8 @@ from tests.stackproc import fake_config
 
 
 def job(text: str = "x") -> Job:
-    return Job(request=ChatRequest(text=text), peer=b"p")
+    request = ChatRequest(text=text)
+    return Job(request=request, peer=b"p", life=JobLifecycle(request.id, lambda _: None, "c-test"))
 
 
 def test_queue_is_fifo_bounded_and_cancellable() -> None:

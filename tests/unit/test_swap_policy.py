@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.coordinator.ledger import GB, VramLedger
+from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
 from services.coordinator.requests import Job, RequestQueue, Route
 from services.coordinator.workers import StageError
@@ -20,7 +21,8 @@ NAMES = ["a", "b", "c"]
 
 
 def make_job(specialist: str) -> Job:
-    job = Job(request=ChatRequest(text="x"), peer=b"p")
+    request = ChatRequest(text="x")
+    job = Job(request=request, peer=b"p", life=JobLifecycle(request.id, lambda _: None, "c-test"))
     job.route = Route(specialist, {specialist: 1.0}, False)
     return job
 
@@ -97,7 +99,7 @@ def test_random_swaps_never_put_a_gpu_over_budget(sequence: list[str], sizes: li
     ledger.set_resident("voice", ["voice"], {0: 15 * GB, 1: 15 * GB})
     ledger.set_resident("router", ["router"], {0: 8 * GB})
     host = SimulatedHost(dict(zip(NAMES, sizes, strict=True)))
-    pipeline = Pipeline(config, host, ledger, lambda job, msg: None)  # type: ignore[arg-type]
+    pipeline = Pipeline(config, host, ledger)  # type: ignore[arg-type]
     refused = 0
     for specialist in sequence:
         if host.resident("specialist_host") == [specialist]:

@@ -1,0 +1,125 @@
+"""Worker messages in, replies out: registration (with the stack secret), heartbeats, call replies. No sockets.
+
+A worker is known by the connection its accepted registration came over, not by the name it claims:
+a process without the stack secret is refused and logged and never receives a call, and a process whose
+registration was superseded is told to register again rather than being silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from services.coordinator.ledger import VramLedger, split_estimate
+from services.coordinator.workers import WorkerRegistry
+from shared.config import LyraConfig
+from shared.messages import (
+    SCHEMA_MAJOR,
+    ErrorCode,
+    ErrorEvent,
+    HeartbeatEvent,
+    Message,
+    RegisterReply,
+    RegisterRequest,
+    WorkerError,
+)
+from shared.stack_secret import matches
+from shared.transport import Received
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message, bytes, "str | None"], list[Message]]
+
+
+class WorkerHandlers:
+    """Dispatch table for worker messages; each handler returns the replies for the sending connection."""
+
+    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger, secret: str | None) -> None:
+        self.config = config
+        self.registry = registry
+        self.ledger = ledger
+        self.secret = secret  # None only with runtime.auth = "none"
+        self.table: dict[type, Handler] = {RegisterRequest: self.register, HeartbeatEvent: self.heartbeat}
+
+    def handle(self, got: Received) -> list[Message]:
+        """Replies for one frame from the worker socket."""
+        assert got.peer is not None
+        service = self.registry.service_of(got.peer)
+        if got.error is not None:
+            return self._malformed(got, service)
+        msg = got.message
+        assert msg is not None
+        handler = self.table.get(type(msg))
+        if handler is not None:
+            return handler(msg, got.peer, service)
+        if service is None:
+            log.warning("%s from an unregistered connection refused", msg.type)  # type: ignore[attr-defined]
+            return [self._register_first(msg)]
+        self.registry.seen(service)
+        if not self.registry.deliver(service, msg) and not isinstance(msg, WorkerError):
+            log.debug("late %s from %s for %s dropped", msg.type, service, msg.parent_id)  # type: ignore[attr-defined]
+        return []
+
+    def _malformed(self, got: Received, service: str | None) -> list[Message]:
+        assert got.error is not None
+        if service is None:  # nobody we know: no call to fail, and no reason to answer a stranger
+            log.warning("malformed message from an unregistered connection dropped: %s", got.error.message)
+            return []
+        log.error("malformed message from %s: %s", service, got.error.message)
+        self.registry.fail_service(service, f"{service} sent a malformed message ({got.error.message})")
+        return [ErrorEvent(parent_id=got.error.msg_id, code=got.error.code, message=got.error.message)]
+
+    @staticmethod
+    def _register_first(msg: Message) -> ErrorEvent:
+        # worker_missing makes a worker register again: the way a superseded real worker comes back
+        return ErrorEvent(parent_id=msg.id, code=ErrorCode.worker_missing,
+                          message="unknown worker connection: register first")
+
+    def heartbeat(self, msg: Message, peer: bytes, service: str | None) -> list[Message]:
+        assert isinstance(msg, HeartbeatEvent)
+        if service is None or not self.registry.heartbeat(service, msg):
+            return [self._register_first(msg)]
+        self.ledger.measure(service, msg.memory)
+        return []
+
+    def register(self, msg: Message, peer: bytes, service: str | None) -> list[Message]:
+        assert isinstance(msg, RegisterRequest)
+        problem = self._refusal(msg)
+        if problem is not None:
+            return [problem]
+        restarted = self.registry.register(msg, peer)
+        self._sync_ledger(msg)
+        log.info("%s %s (pid %d, instance %s, resident %s)", msg.service,
+                 "registered" if restarted else "re-registered", msg.pid, msg.instance, msg.resident or "nothing")
+        return [RegisterReply(parent_id=msg.id, heartbeat_interval_s=self.config.runtime.heartbeat_interval_s)]
+
+    def _refusal(self, msg: RegisterRequest) -> ErrorEvent | None:
+        """Why this registration is refused, or None."""
+        if msg.service not in self.registry.workers:
+            log.warning("registration as unknown service %r (pid %d) refused", msg.service, msg.pid)
+            return ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
+                              message=f"unknown service {msg.service!r}")
+        if self.secret is not None and not matches(self.secret, msg.secret):
+            log.warning("registration as %s (pid %d) refused: %s stack secret", msg.service, msg.pid,
+                        "wrong" if msg.secret else "no")
+            return ErrorEvent(parent_id=msg.id, code=ErrorCode.unauthorized,
+                              message=f"registration as {msg.service} refused: it must carry the stack secret "
+                                      f"from {self.config.secret_path()} (written by `lyra up`)")
+        if msg.schema_version.split(".")[0] != str(SCHEMA_MAJOR):
+            log.error("%s speaks schema %s; refused", msg.service, msg.schema_version)
+            return ErrorEvent(parent_id=msg.id, code=ErrorCode.schema_version,
+                              message=f"schema {msg.schema_version} refused: the coordinator speaks {SCHEMA_MAJOR}.x")
+        return None
+
+    def _sync_ledger(self, msg: RegisterRequest) -> None:
+        entries = self.config.models_of(msg.service)
+        estimates: dict[int, int] = {}
+        for name in msg.resident:
+            if name in entries:
+                per_gpu = self.registry.estimate(msg.service, name) or split_estimate(
+                    entries[name], self.config.gpus_of(msg.service))
+                for gpu, size in per_gpu.items():
+                    estimates[gpu] = estimates.get(gpu, 0) + size
+        self.ledger.set_resident(msg.service, msg.resident, estimates)
+        for warning in self.ledger.measure(msg.service, msg.memory):
+            log.warning("estimate off by more than 10%%: %s", warning)
