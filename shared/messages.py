@@ -19,7 +19,7 @@ SCHEMA_MAJOR = 1
 SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets
 # 1.2: stage_restarted and progress events, the coordinator's instance id on client events, keepalive_s on
 #      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
-#      stop strings in generation options
+#      stop strings in generation options, token usage on the voice's reply and the done event
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 STAGES = ("route", "load", "specialist", "voice")
@@ -250,7 +250,8 @@ class DoneEvent(ClientBound):
     timings: dict[str, float]  # seconds per stage, plus "queue" and "total"
     vram: list[GpuSnapshot] = []
     image: ImagePayload | None = None
-    ticket: int | None = None  # the AcceptedEvent's ticket
+    ticket: int | None = None
+    usage: TokenUsage | None = None  # the voice's token counts: what the answer cost  # the AcceptedEvent's ticket
 
 
 class ErrorEvent(ClientBound):
@@ -400,11 +401,20 @@ class SynthesizeRequest(Message):
     options: GenerationOptions = GenerationOptions()
 
 
+class TokenUsage(Frozen):
+    """Tokens a model read and wrote for one reply, and why the reply ended."""
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: Literal["stop", "length"] = "stop"  # "length": max_new_tokens cut the reply
+
+
 class SynthesizeReply(Message):
     """Voice's whole answer (its tokens were streamed before it)."""
 
     type: Literal["synthesize_reply"] = "synthesize_reply"
     text: str
+    usage: TokenUsage | None = None  # the voice model's token counts, where its backend counts tokens
 
 
 class CancelCallRequest(Message):

@@ -1,8 +1,8 @@
 """POST /v1/chat/completions: one Lyra turn as an OpenAI chat completion, whole or as SSE chunks.
 
 The voice's streamed text is the answer; the route, scores, stage timings and any image travel in the
-extra `lyra` field, which the official clients keep as an extra attribute. `usage.completion_tokens`
-counts the pieces of text the voice streamed (see `Turn.usage`).
+extra `lyra` field, which the official clients keep as an extra attribute. `usage` holds the voice
+model's token counts as its worker reports them (see `Turn.usage`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from services.gateway.openai_schema import (
 from services.gateway.state import Gateway, read_json, until_disconnect
 from services.gateway.upstream import KEEPALIVE
 from shared.client import LyraError
-from shared.messages import AcceptedEvent, DoneEvent, ImageEvent, Message, RouteEvent, TokenEvent
+from shared.messages import (
+    AcceptedEvent,
+    DoneEvent,
+    ImageEvent,
+    Message,
+    RouteEvent,
+    StageRestartedEvent,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +90,27 @@ class Turn:
         return None
 
     def finish_reason(self) -> str:
+        """The voice's own reason when it reports one; else whether the pieces reached the limit."""
+        counted = self.done.usage if self.done is not None else None
+        if counted is not None:
+            return counted.finish_reason
         # Pieces never outnumber tokens, so reaching the limit in pieces proves the limit cut the reply.
         return "length" if self.max_tokens is not None and self.pieces >= self.max_tokens else "stop"
 
     def usage(self) -> dict[str, Any]:
-        """Pieces of voice text streamed; the workers report no token counts yet, so no prompt count either."""
-        return {"prompt_tokens": 0, "completion_tokens": self.pieces, "total_tokens": self.pieces}
+        """The voice's token counts (prompt: its whole composed prompt); pieces streamed where none are reported."""
+        counted = self.done.usage if self.done is not None else None
+        if counted is None:
+            return {"prompt_tokens": 0, "completion_tokens": self.pieces, "total_tokens": self.pieces}
+        return {"prompt_tokens": counted.prompt_tokens, "completion_tokens": counted.completion_tokens,
+                "total_tokens": counted.prompt_tokens + counted.completion_tokens}
 
     def lyra(self) -> dict[str, Any]:
         """The extra field: route, scores, stage timings, the image (when the artist ran), usage's meaning."""
         done = self.done
-        extra: dict[str, Any] = {"usage_counts": "voice text pieces streamed; prompt tokens are not reported"}
+        counted = done is not None and done.usage is not None
+        extra: dict[str, Any] = {"usage_counts": "the voice model's tokens" if counted else
+                                 "voice text pieces streamed; this voice backend reports no token counts"}
         if done is not None:
             extra.update(request_id=done.parent_id, specialist=done.specialist, forced=done.forced,
                          scores=done.scores, timings=done.timings)
@@ -198,6 +216,11 @@ async def _sse(gw: Gateway, turn: Turn, first: AcceptedEvent, events: AsyncItera
                 prefix = turn.content_prefix()
             elif text is not None and prefix is not None:
                 yield prefix + json.dumps(text).encode() + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            elif isinstance(event, StageRestartedEvent) and event.stage == "voice" and prefix is not None:
+                # Sent text cannot be taken back: the answer starts over after this marker, which a client
+                # that knows Lyra uses to drop what it showed (the official clients ignore the extra field).
+                turn.pieces = 0
+                yield turn.chunk({}, None, lyra={"stage_restarted": {"stage": event.stage, "reason": event.reason}})
         yield turn.chunk({}, turn.finish_reason(), lyra=turn.lyra())
         if include_usage:
             body = {"id": turn.id, "object": "chat.completion.chunk", "created": turn.created, "model": turn.model,

@@ -26,6 +26,8 @@ STATUS_OF_CODE: dict[str, tuple[int, str]] = {
     "deadline": (504, "timeout_error"),
     "client_timeout": (504, "timeout_error"),
     "worker_dead": (503, "service_unavailable_error"),
+    "coordinator_restarted": (503, "service_unavailable_error"),
+    "unauthorized": (500, "server_error"),  # the gateway's own stack secret was refused: an operator's matter
     "worker_missing": (503, "service_unavailable_error"),
     "shutting_down": (503, "service_unavailable_error"),
     "not_running": (503, "service_unavailable_error"),

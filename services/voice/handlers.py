@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from shared.backends.base import LoadContext
-from shared.messages import ChatTurn, Message, SynthesizeReply, SynthesizeRequest, TokenEvent
+from shared.messages import ChatTurn, Message, SynthesizeReply, SynthesizeRequest, TokenEvent, TokenUsage
 from shared.service import Handler, ResidentModelWorker
 
 HANDOFF = (
@@ -44,4 +44,7 @@ class VoiceWorker(ResidentModelWorker):
         for piece in self.model.generate(compose_voice_prompt(self.entry.system_prompt, msg), msg.options, cancel):
             pieces.append(piece)
             yield TokenEvent(parent_id=msg.id, text=piece, stage="voice")
-        yield SynthesizeReply(parent_id=msg.id, text="".join(pieces))
+        counted = self.model.last_usage()
+        usage = TokenUsage(prompt_tokens=counted[0], completion_tokens=counted[1], finish_reason=counted[2]) \
+            if counted else None
+        yield SynthesizeReply(parent_id=msg.id, text="".join(pieces), usage=usage)

@@ -73,6 +73,10 @@ class LoadedModel(ABC):
         """Get ready to serve after a load or a swap in (e.g. build a decode engine's cache and graphs)."""
         return None
 
+    def last_usage(self) -> tuple[int, int, str] | None:
+        """(prompt tokens, completion tokens, "stop" or "length") of the last reply; None when not counted."""
+        return None
+
     def engine_kind(self) -> str:
         """What decodes this model's text ("graphs", "static (eager)", ...); "" when it does not decode."""
         return ""

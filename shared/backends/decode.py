@@ -230,6 +230,7 @@ class DecodeEngine:
         self.reason = ""  # why the runner is not what was asked for
         self.eos = eos_ids(model, tokenizer)
         self.lock = threading.Lock()
+        self.last_usage: tuple[int, int, str] | None = None  # (prompt, completion tokens, finish reason)
         self.compiled: Any = None  # made once: it survives swaps (weights are its inputs, not constants)
 
     def _step_function(self) -> Any:
@@ -304,11 +305,16 @@ class DecodeEngine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             text = IncrementalText(self.tokenizer, sampling.stop)
+            prompt = int(inputs["input_ids"].shape[1])
+            self.last_usage = (prompt, 0, "stop")
             for ids in self._token_batches(runner, inputs, sampling, cancel):
                 piece = text.push(ids)
+                made = len(text.ids)
+                self.last_usage = (prompt, made, "length" if made >= sampling.max_new_tokens else "stop")
                 if piece:
                     yield piece
                 if text.stopped:
+                    self.last_usage = (prompt, made, "stop")
                     break
             tail = text.finish()
             if tail:

@@ -41,6 +41,7 @@ class FakeModel(LoadedModel):
     def __init__(self, entry: ModelEntry, context: LoadContext) -> None:
         self.entry = entry
         self.context = context
+        self.usage: tuple[int, int, str] | None = None
         self._misbehave("load", [])
         time.sleep(entry.fake.load_s)
 
@@ -104,9 +105,15 @@ class FakeModel(LoadedModel):
         limit = options.max_new_tokens or self.entry.generation.max_new_tokens
         digest = hashlib.sha256(_last_user(messages).encode()).hexdigest()[:8]
         words = [f"[{self.entry.name}]", *_last_user(messages).split()[:limit], f"#{digest}"]
+        prompt = sum(len(turn.content.split()) for turn in messages)  # the double's "tokens" are words
         for i, word in enumerate(words[:limit]):
             self._sleep(self.entry.fake.token_delay_s, cancel)
+            self.usage = (prompt, i + 1, "length" if i + 1 == limit else "stop")
             yield word if i == 0 else " " + word
+
+    def last_usage(self) -> tuple[int, int, str] | None:
+        """Words read and written by the last reply (this double's tokens)."""
+        return self.usage
 
     def specialist_output(self, text: str, image: bytes | None) -> SpecialistOutput:
         """The echoed text, noting an attached image; artists also return a small PNG."""

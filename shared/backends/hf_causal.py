@@ -121,6 +121,10 @@ class TransformersModel(LoadedModel):
                                        self.entry.max_context)
         return self.engine
 
+    def last_usage(self) -> tuple[int, int, str] | None:
+        """Token counts of the last reply, as the decode engine made it."""
+        return self.engine.last_usage if self.engine is not None else None
+
     def engine_kind(self) -> str:
         """What decodes this model's replies (e.g. "graphs", "dynamic (CPU)"), for status and logs."""
         return self.engine.describe() if self.engine is not None else ""

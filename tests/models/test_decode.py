@@ -127,3 +127,15 @@ def test_text_never_hands_out_part_of_a_stop_string() -> None:
     pieces = [text.push(list(chunk.encode())) for chunk in ("hello S", "T", "OP and more")]
     assert "".join(pieces) == "hello " and text.stopped
     assert text.finish() == ""
+
+
+def test_the_engine_counts_the_tokens_it_read_and_wrote(tiny_checkpoints: dict[str, Path]) -> None:
+    model = hf_causal.load(tiny.entry("t", tiny_checkpoints["llama"]), tiny.cpu_context())
+    text = "".join(model.generate(QUESTION, GenerationOptions(temperature=0.0, max_new_tokens=12), threading.Event()))
+    prompt = len(model._prompt_ids([turn.model_dump() for turn in QUESTION]))
+    assert model.last_usage() == (prompt, 12, "length")
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    model.engine.eos = set()
+    "".join(model.generate(QUESTION, GenerationOptions(temperature=0.0, max_new_tokens=12, stop=[stop]),
+                           threading.Event()))
+    assert model.last_usage()[0] == prompt and model.last_usage()[1] < 12 and model.last_usage()[2] == "stop"
