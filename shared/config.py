@@ -44,6 +44,12 @@ class RuntimeSettings(Section):
     max_image_mb: float = Field(default=16.0, gt=0, le=1024)  # an attached image's file size
     max_image_side: int = Field(default=8192, ge=16)  # pixels on the longer side
     max_image_megapixels: float = Field(default=40.0, gt=0)
+    # Each client's pace: frames and megabytes per second (a burst of one second's worth); the excess is
+    # answered `busy` before it is decoded.
+    client_max_msgs_per_s: float = Field(default=2000.0, gt=0)
+    client_max_mb_per_s: float = Field(default=256.0, gt=0)
+    # Log user text (prompts, answers) at DEBUG, for development; off, logs carry ids, sizes and timings only.
+    debug_content: bool = False
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     heartbeat_timeout_s: float = Field(default=5.0, gt=0, le=600)
     cancel_grace_s: float = Field(default=10.0, gt=0, le=3600)  # a worker that ignores a cancel this long exits

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def setup_logging(service: str) -> None:
-    """One line per record, greppable by service and request id."""
+    """One line per record, greppable by service and request id; files this process makes are private."""
+    os.umask(0o077)  # sockets, logs and caches it creates: owner only (supervisord sets the same umask)
     level = os.environ.get("LYRA_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         level=level, stream=sys.stderr,

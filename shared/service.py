@@ -128,6 +128,14 @@ class ResidentModelWorker(Worker):
         return self.model.placement() if self.model else {}
 
 
+def content_of(msg: Message) -> str:
+    """The user-visible text a request carries (for `runtime.debug_content` logging)."""
+    turns = getattr(msg, "messages", None) or []
+    text = " | ".join(f"{t.role}: {t.content}" for t in turns)
+    notes = getattr(msg, "specialist_output", "")
+    return f"{text} | notes: {notes}" if notes else text
+
+
 class ServiceLoop:
     """Runs one Worker against the coordinator until SIGTERM."""
 
@@ -177,6 +185,8 @@ class ServiceLoop:
         msg = call.message
         handler = self.table[type(msg)]
         started = time.perf_counter()
+        if self.config.runtime.debug_content:  # development only: user text never reaches the logs otherwise
+            log.info("call %s content: %s", msg.id, content_of(msg))
         try:
             for item in handler(msg, call.cancel):
                 self._emit(item)

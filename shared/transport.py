@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -148,14 +149,18 @@ def _configure(sock: zmq.Socket, max_bytes: int) -> None:
     sock.setsockopt(zmq.RCVHWM, 10_000)
 
 
-def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int) -> Endpoint:
-    """A ROUTER socket bound at `endpoint` (coordinator side)."""
+def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int, queued_per_peer: int = 10_000) -> Endpoint:
+    """A ROUTER socket bound at `endpoint` (coordinator side); `queued_per_peer` frames buffer each way."""
     sock = ctx.socket(zmq.ROUTER)
     _configure(sock, max_bytes)
+    sock.setsockopt(zmq.SNDHWM, queued_per_peer)
+    sock.setsockopt(zmq.RCVHWM, queued_per_peer)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its name back
     prepare_endpoint(endpoint)
     sock.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://"):], 0o600)  # owner only, whatever the umask
     return Endpoint(sock, max_bytes)
 
 
@@ -197,11 +202,18 @@ class Received:
     error: WireError | None
 
 
-def recv(endpoint: Endpoint, router: bool = False) -> Received:
-    """Receive one already-available frame without blocking; never raises for bad content."""
+def recv(endpoint: Endpoint, router: bool = False, admit: Callable[[bytes, int], bool] | None = None) -> Received:
+    """Receive one already-available frame without blocking; never raises for bad content.
+
+    `admit(peer, size)`, when given, is asked before the frame is decoded; a refused frame comes back as a
+    `busy` WireError without being parsed (a client over its pace).
+    """
     frames = endpoint.socket.recv_multipart(flags=zmq.NOBLOCK)
     peer = frames[0] if router else None
     body = frames[1:] if router else frames
+    if admit is not None and peer is not None and not admit(peer, sum(len(f) for f in body)):
+        return Received(peer, None, WireError(ErrorCode.busy, "busy: this client sends faster than the "
+                                              "coordinator's per-client pace; slow down and retry"))
     if len(body) != 1:
         return Received(peer, None, WireError(ErrorCode.bad_message, f"expected one frame, got {len(body)}"))
     try:

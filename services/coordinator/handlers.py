@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from queue import SimpleQueue
 
+from services.coordinator.intake import SlowIntake
 from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
@@ -26,6 +29,26 @@ from shared.stack_secret import matches
 from shared.transport import Received
 
 log = logging.getLogger(__name__)
+
+
+class QuietLog:
+    """Warnings that a flood could repeat thousands of times a second: at most one line a second, with a count."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 1.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warning(self, text: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            text += f" (and {self.suppressed} more refusals in the last {self.every_s:g}s)"
+        self.suppressed, self.next_at = 0, now + self.every_s
+        self.logger.warning(text, *args)
 
 
 def bad_image(config: LyraConfig, msg: ChatRequest) -> BadImage | None:
@@ -58,7 +81,7 @@ class ClientHandlers:
 
     def __init__(self, config: LyraConfig, queue: RequestQueue, registry: WorkerRegistry, ledger: VramLedger,
                  pipeline: Pipeline, lifecycle: Callable[[str, bytes], JobLifecycle], instance: str,
-                 secret: str | None = None) -> None:
+                 secret: str | None = None, wake: Callable[[], None] | None = None) -> None:
         self.config = config
         self.queue = queue
         self.registry = registry
@@ -67,6 +90,10 @@ class ClientHandlers:
         self.lifecycle = lifecycle  # makes the lifecycle of a request it accepts
         self.instance = instance  # this coordinator's instance id, stamped on every reply
         self.secret = secret  # required on every request when set (tcp client endpoints)
+        self.wake = wake  # tells the I/O thread that checked images wait in `checked`
+        self.intake = SlowIntake()
+        self.checked: SimpleQueue[tuple[ChatRequest, bytes, BadImage | None]] = SimpleQueue()
+        self.refusals = QuietLog(log)
         self.table: dict[type, Callable[[Message, bytes, bool], list[Message]]] = {
             ChatRequest: self.chat, CancelRequest: self.cancel, StatusRequest: self.status,
         }
@@ -74,7 +101,7 @@ class ClientHandlers:
     def handle(self, got: Received, stopping: bool) -> list[Message]:
         """Replies for one received frame (malformed frames get a typed error)."""
         if got.error is not None:
-            log.warning("malformed client message: %s: %s", got.error.code.value, got.error.message)
+            self.refusals.warning("client message refused: %s: %s", got.error.code.value, got.error.message)
             return [self._error(got.error.msg_id, got.error.code, got.error.message)]
         msg = got.message
         assert msg is not None and got.peer is not None
@@ -100,7 +127,30 @@ class ClientHandlers:
         problem = invalid_chat(self.config, msg)
         if problem:
             return [self._error(msg.id, ErrorCode.invalid_request, problem)]
-        image_problem = bad_image(self.config, msg)
+        if msg.image is not None and self.wake is not None:
+            # Decoding a large image would take the I/O thread away from heartbeats: the intake thread checks
+            # it, and the I/O thread queues the request once told (so its replies keep their order).
+            if not self.intake.submit(lambda: self._check_image(msg, peer)):
+                return [self._error(msg.id, ErrorCode.busy, "busy: too many images are being checked; retry later")]
+            return []
+        return self._queue_chat(msg, peer, bad_image(self.config, msg))
+
+    def _check_image(self, msg: ChatRequest, peer: bytes) -> None:
+        """On the intake thread: the slow check, then a wake-up for the I/O thread."""
+        self.checked.put((msg, peer, bad_image(self.config, msg)))
+        assert self.wake is not None
+        self.wake()
+
+    def finish_checked(self) -> list[tuple[bytes, Message]]:
+        """On the I/O thread: queue (or refuse) every request whose image check finished; (peer, reply) pairs."""
+        replies = []
+        while not self.checked.empty():
+            msg, peer, problem = self.checked.get()
+            replies += [(peer, reply) for reply in self._queue_chat(msg, peer, problem)]
+        return replies
+
+    def _queue_chat(self, msg: ChatRequest, peer: bytes, image_problem: BadImage | None) -> list[Message]:
+        """Queue a checked request (or refuse its image)."""
         if image_problem:
             log.warning("request %s refused: %s", msg.id, image_problem.message)
             return [self._error(msg.id, image_problem.code, image_problem.message)]

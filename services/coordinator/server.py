@@ -15,6 +15,7 @@ import time
 import uuid
 
 from services.coordinator.handlers import ClientHandlers
+from services.coordinator.intake import ClientPacer
 from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HANDOFF = "inproc://lyra-coordinator-outbox"
 TICK_S = 0.1
+CLIENT_QUEUE_FRAMES = 256
 DRAIN_GRACE_S = 2.0  # after drain_s, how long the cancelled running request gets to send its terminal event
 
 
@@ -50,7 +52,10 @@ class Coordinator:
         secret = ensure_secret(config.secret_path()) if config.runtime.auth == "secret" else None
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
                                               self._lifecycle, self.instance,
-                                              secret if config.client_needs_secret() else None)
+                                              secret if config.client_needs_secret() else None,
+                                              lambda: transport.send_frames(self._handoff(), [b"i", b"", b"", b""]))
+        runtime = config.runtime
+        self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * 1e6)
         self.worker_handlers = WorkerHandlers(config, self.registry, self.ledger, secret)
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
@@ -82,7 +87,9 @@ class Coordinator:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         limit = self.config.max_message_bytes()
-        self.clients = transport.bind_router(self.ctx, self.config.client_endpoint(), limit)
+        # A few hundred frames buffered per client: a client flooding faster than we read blocks in its own
+        # process instead of growing ours.
+        self.clients = transport.bind_router(self.ctx, self.config.client_endpoint(), limit, CLIENT_QUEUE_FRAMES)
         self.workers = transport.bind_router(self.ctx, self.config.worker_endpoint(), limit)
         self.inbox = transport.bind_handoff(self.ctx, HANDOFF)
         log.info("coordinator up: clients at %s, workers at %s", self.config.client_endpoint(),
@@ -94,6 +101,7 @@ class Coordinator:
             self._loop(pipeline)
         finally:
             self.prefetcher.stop.set()
+            self.client_handlers.intake.stop()
             pipeline.join(timeout=2)
             for ep in (self.clients, self.workers, self.inbox, *self.handoff_sockets):
                 ep.close()
@@ -144,7 +152,7 @@ class Coordinator:
             if ep is self.inbox:
                 self._forward(transport.recv_frames(ep))
             elif ep is self.clients:
-                self._from_client(transport.recv(ep, router=True))
+                self._from_client(transport.recv(ep, router=True, admit=self.pacer.admit))
             else:
                 self._from_worker(transport.recv(ep, router=True))
 
@@ -154,6 +162,10 @@ class Coordinator:
 
     def _forward(self, frames: list[bytes]) -> None:
         kind, peer, request_id, payload = frames
+        if kind == b"i":  # image checks finished on the intake thread
+            for client, reply in self.client_handlers.finish_checked():
+                transport.send(self.clients, reply, client)
+            return
         if kind == b"w":
             service = peer.decode()
             worker = self.registry.peer_of(service)

@@ -61,6 +61,9 @@ def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
             assert json.loads(again.stdout)["specialist"] == "philosopher"
         logs = lyra("logs", "router")
         assert "registered with the coordinator" in logs.stdout
+        private = {path.name: path.stat().st_mode & 0o777 for path in
+                   [*(run_dir / "logs").glob("*.log"), run_dir / "client.sock", run_dir / "workers.sock"]}
+        assert private and all(mode == 0o600 for mode in private.values()), private  # owner only
     finally:
         down = lyra("down")
     assert down.returncode == 0 and "stopped" in down.stdout

@@ -122,3 +122,20 @@ def test_calibration_removes_a_label_prior_and_keeps_a_distribution() -> None:
     assert max(scores, key=scores.get) == "pragmatist"  # 0.3/0.1 beats 0.6/0.8
     uniform = {k: math.log(1 / 3) for k in biased}
     assert calibrated(biased, uniform) == pytest.approx(biased)
+
+
+def test_the_pacer_allows_a_burst_then_the_rate_and_forgets_idle_clients() -> None:
+    from services.coordinator.intake import IDLE_PEER_S, ClientPacer
+
+    now = [0.0]
+    pacer = ClientPacer(frames_per_s=10, bytes_per_s=1000, clock=lambda: now[0])
+    assert all(pacer.admit(b"a", 10) for _ in range(10)) and not pacer.admit(b"a", 10)
+    assert pacer.admit(b"b", 10)  # another client has its own budget
+    now[0] += 0.5
+    assert sum(pacer.admit(b"a", 10) for _ in range(10)) == 5
+    now[0] += 1.0
+    assert pacer.admit(b"a", 5000)  # larger than the whole budget: allowed once the bucket is full ...
+    assert not pacer.admit(b"a", 1)  # ... and it empties the bucket
+    now[0] += IDLE_PEER_S + 1
+    pacer.admit(b"c", 1)
+    assert set(pacer.buckets) == {b"c"}

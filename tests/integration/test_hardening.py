@@ -1,0 +1,151 @@
+"""Nothing a local client or process sends takes the coordinator down or starves its heartbeats."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import threading
+import time
+
+import msgpack
+import pytest
+from PIL import Image
+
+from shared import transport
+from shared.client import BadImageError
+from shared.messages import ChatRequest, ErrorEvent, StatusRequest
+from tests.unit.test_fuzz_wire import dds_with_unknown_pixel_format, tiff
+
+
+def coordinator_pid(stack) -> int:
+    return stack.procs["coordinator"].pid
+
+
+def alive_and_serving(stack, pid: int) -> None:
+    assert stack.procs["coordinator"].poll() is None and coordinator_pid(stack) == pid
+    with stack.client() as client:
+        assert client.chat("math code", specialist="pragmatist").answer
+        assert {s.service: s.state for s in client.status().services}["voice"] in ("up", "busy")
+
+
+def send_all(endpoint: str, frames: list[bytes], identity: str | None = None) -> None:
+    ctx = transport.new_context()
+    sock = transport.connect_dealer(ctx, endpoint, 64 * 1024 * 1024, identity=identity)
+    try:
+        for frame in frames:
+            sock.socket.send(frame)  # blocking: a flood waits on the coordinator's per-client queue
+    finally:
+        time.sleep(0.2)
+        sock.close()
+        ctx.term()
+
+
+def element_bomb() -> bytes:
+    chunk = b"\xdd" + struct.pack(">I", 100_000) + b"\x80" * 100_000
+    return b"\xdc" + struct.pack(">H", 250) + chunk * 250
+
+
+def test_list_typed_frames_and_an_element_bomb_on_both_sockets(make_stack) -> None:
+    stack = make_stack()
+    pid = coordinator_pid(stack)
+    frames = [msgpack.packb({"type": []}), msgpack.packb({"type": {"a": 1}, "id": "x"}), element_bomb()]
+    send_all(stack.endpoint, frames)
+    send_all(stack.worker_endpoint, frames, identity="voice")
+    alive_and_serving(stack, pid)
+
+
+@pytest.mark.parametrize("data", [dds_with_unknown_pixel_format(), tiff()], ids=["dds", "tiff"])
+def test_unusual_image_formats_are_refused_and_the_stack_serves(make_stack, data: bytes) -> None:
+    stack = make_stack()
+    pid = coordinator_pid(stack)
+    with stack.client() as client, pytest.raises(BadImageError, match="not an image this stack can read"):
+        client.chat("what is this?", image=data)
+    alive_and_serving(stack, pid)
+
+
+def big_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (30, 90, 200)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_many_big_legal_images_do_not_starve_heartbeats(make_stack) -> None:
+    """Twenty 36-megapixel PNGs at once (each decode takes a core about 0.25 s) with a request in flight."""
+    stack = make_stack(voice__fake__token_delay_s=0.15)
+    pid = coordinator_pid(stack)
+    picture = big_png(6000)
+    answers: list[str] = []
+    in_flight = threading.Thread(target=lambda: answers.append(
+        _chat(stack, "one two three four five six seven eight nine ten eleven twelve thirteen")), daemon=True)
+    in_flight.start()
+    time.sleep(0.3)
+    ctx = transport.new_context()
+    sender = transport.connect_dealer(ctx, stack.endpoint, 64 * 1024 * 1024)
+    replies: list[str] = []
+    try:
+        for _ in range(20):
+            transport.send(sender, ChatRequest(text="look", image=picture, specialist="pragmatist"))
+        deadline = time.monotonic() + 30
+        while len(replies) < 20 and time.monotonic() < deadline:
+            got = transport.recv_timeout(sender, 1)
+            if got is not None and got.message is not None and got.message.type in ("accepted_event", "error_event"):
+                replies.append(got.message.type if got.message.type == "accepted_event" else got.message.code.value)
+    finally:
+        sender.close()
+        ctx.term()
+    in_flight.join(30)
+    assert answers and answers[0], "the request in flight did not complete"
+    assert len(replies) == 20 and "accepted_event" in replies and set(replies) <= {"accepted_event", "busy"}
+    log = (stack.dir / "coordinator.log").read_text()
+    assert "stopped heartbeating" not in log
+    alive_and_serving(stack, pid)
+
+
+def _chat(stack, text: str) -> str:
+    with stack.client(timeout_s=60) as client:
+        return client.chat(text, specialist="pragmatist").answer
+
+
+def adversarial_frames(count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    valid = [transport.encode(StatusRequest()), transport.encode(ChatRequest(text="hi"))]
+    shapes = [lambda: rng.randbytes(rng.randint(0, 64)),
+              lambda: msgpack.packb({"type": rng.choice([[], {}, 1, None, "chat_request", "x" * 70]),
+                                     "v": rng.choice(["1.2", [], "9.9", 3]), "id": rng.choice([[], "i", 5])}),
+              lambda: msgpack.packb({"type": "chat_request", "v": "1.2", "text": rng.choice([[1], {"a": []}, 7]),
+                                     "options": rng.choice([[], {"max_new_tokens": -1}, "x"])}),
+              lambda: rng.choice(valid)[:rng.randint(0, 20)],
+              lambda: b"\x91" * rng.randint(1, 3000),
+              lambda: msgpack.packb([{}] * rng.randint(0, 2000))]
+    return [rng.choice(shapes)() for _ in range(count)]
+
+
+def test_ten_thousand_adversarial_frames_on_each_socket(make_stack) -> None:
+    stack = make_stack()
+    pid = coordinator_pid(stack)
+    send_all(stack.endpoint, adversarial_frames(10_000, seed=1))
+    send_all(stack.worker_endpoint, adversarial_frames(10_000, seed=2), identity="router")
+    alive_and_serving(stack, pid)
+
+
+def test_a_flooding_client_is_answered_busy_and_others_are_served(make_stack) -> None:
+    stack = make_stack(runtime__client_max_msgs_per_s=200.0)
+    pid = coordinator_pid(stack)
+    ctx = transport.new_context()
+    flood = transport.connect_dealer(ctx, stack.endpoint, 1024 * 1024)
+    try:
+        for _ in range(2000):
+            flood.socket.send(transport.encode(StatusRequest()))
+        codes = []
+        deadline = time.monotonic() + 10
+        while len(codes) < 2000 and time.monotonic() < deadline:
+            got = transport.recv_timeout(flood, 1)
+            if got is None:
+                break
+            codes.append(got.message.code.value if isinstance(got.message, ErrorEvent) else "ok")
+    finally:
+        flood.close()
+        ctx.term()
+    assert "busy" in codes and "ok" in codes
+    alive_and_serving(stack, pid)
