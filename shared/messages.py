@@ -19,7 +19,8 @@ SCHEMA_MAJOR = 1
 SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets
 # 1.2: stage_restarted and progress events, the coordinator's instance id on client events, keepalive_s on
 #      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
-#      stop strings in generation options, token usage on the voice's reply and the done event
+#      stop strings in generation options, token usage on the voice's reply and the done event, swap records
+#      (where each load came from, how long it took) in status
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 STAGES = ("route", "load", "specialist", "voice")
@@ -291,6 +292,7 @@ class StatusReply(ClientBound):
     client_endpoint: str
     counters: dict[str, int] = {}
     config_path: str = ""
+    swaps: list[SwapRecord] = []  # the most recent swaps, oldest first
 
 
 # ---------------------------------------------------------------- coordinator <-> worker
@@ -370,6 +372,17 @@ class LoadReply(Message):
     seconds: float
     memory: list[MemoryReading] = []
     placement: dict[str, str] = {}
+    source: Literal["resident", "host_cache", "checkpoint"] | None = None  # where a load came from
+
+
+class SwapRecord(Frozen):
+    """One specialist swap the coordinator made: what left, what came, from where, and how long it took."""
+
+    seq: int  # 1, 2, ... since the coordinator started: a reader takes the records past the last it saw
+    unloaded: str | None  # the specialist that was resident before, if any
+    loaded: str
+    source: Literal["host_cache", "checkpoint", "unknown"]
+    seconds: float  # the whole load stage: unload, load, and the decode engine getting ready
 
 
 class RunSpecialistRequest(Message):

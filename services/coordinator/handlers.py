@@ -186,5 +186,5 @@ class ClientHandlers:
             parent_id=msg.id, coordinator=self.instance, services=self.registry.statuses(), gpus=self.ledger.snapshot(),
             queue_depth=self.queue.depth(), running=running.id if running else None,
             client_endpoint=self.config.client_endpoint(), counters=dict(self.pipeline.counters.values),
-            config_path=self.config.source,
+            config_path=self.config.source, swaps=self.pipeline.counters.swap_records(),
         )]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from shared.messages import (
     RouteLabel,
     RunSpecialistRequest,
     SpecialistReply,
+    SwapRecord,
     SynthesizeReply,
     SynthesizeRequest,
     TokenEvent,
@@ -46,14 +48,31 @@ def conversation(job: Job) -> list[ChatTurn]:
         return list(job.request.messages)
     return [ChatTurn(role="user", content=job.request.text or "")]
 
+SWAP_RECORDS = 100  # swaps kept for status
+
 
 @dataclass
 class Counters:
     """What `lyra status` reports about the pipeline's history."""
 
     values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("requests", "completed", "failed", "cancelled", "swaps", "cache_hits", "preloads", "preload_hits",
-         "wasted_preloads", "stage_reruns"), 0))
+        ("requests", "completed", "failed", "cancelled", "swaps", "swaps_from_host_cache", "swaps_from_checkpoint",
+         "cache_hits", "preloads", "preload_hits", "wasted_preloads", "stage_reruns"), 0))
+    swaps: deque[SwapRecord] = field(default_factory=lambda: deque(maxlen=SWAP_RECORDS))
+
+    def swapped(self, unloaded: str | None, loaded: str, source: str | None, seconds: float) -> None:
+        """Count a swap and keep its record for status (and the gateway's metrics)."""
+        kind = source if source in ("host_cache", "checkpoint") else "unknown"
+        with self.lock:
+            self.values["swaps"] += 1
+            if kind != "unknown":
+                self.values[f"swaps_from_{kind}"] += 1
+            self.swaps.append(SwapRecord(seq=self.values["swaps"], unloaded=unloaded, loaded=loaded, source=kind,
+                                         seconds=round(seconds, 6)))
+
+    def swap_records(self) -> list[SwapRecord]:
+        with self.lock:
+            return list(self.swaps)
     lock: threading.Lock = field(default_factory=threading.Lock)  # bumped from the I/O and pipeline threads
 
     def bump(self, name: str) -> None:
@@ -258,7 +277,8 @@ class Pipeline:
             raise StageError(ErrorCode.over_budget, str(exc), service) from None
         begun = time.monotonic()
         wait, deadline = self.config.runtime.heartbeat_timeout_s, self.config.deadlines.load
-        for name in self.registry.resident(service):
+        previous = self.registry.resident(service)
+        for name in previous:
             self.registry.call_reply(service, UnloadRequest(parent_id=parent_id, model=name), deadline, cancel,
                                      "load", wait)
             self.ledger.set_resident(service, [], {})
@@ -273,5 +293,6 @@ class Pipeline:
         for warning in self.ledger.measure(service, reply.memory):
             log.warning("estimate off by more than 10%%: %s", warning)
         self.registry.set_resident(service, reply.resident, reply.placement)
-        self.counters.bump("swaps")
-        return time.monotonic() - begun
+        seconds = time.monotonic() - begun
+        self.counters.swapped(previous[0] if previous else None, specialist, reply.source, seconds)
+        return seconds

@@ -100,6 +100,11 @@ class GatewayMetrics:
                              buckets=TOKEN_BUCKETS, registry=r)
         self.pieces = Counter("lyra_generation_pieces", "Pieces of voice text streamed (a piece is one or more tokens)",
                               registry=r)
+        self.swaps = Counter("lyra_swaps", "Specialist swaps by what left, what came and where its weights came from",
+                             ["unloaded", "loaded", "source"], registry=r)
+        self.load_seconds = Histogram("lyra_model_load_seconds", "The load stage of each swap (unload, load, ready)",
+                                      ["model", "source"], buckets=LATENCY_BUCKETS, registry=r)
+        self.seen_swaps: tuple[str | None, int] = (None, 0)  # (coordinator instance, last swap seq counted)
         self.status = StatusCollector()
         r.register(self.status)
 
@@ -114,4 +119,18 @@ class GatewayMetrics:
     def render(self, status: StatusReply | None) -> bytes:
         """The exposition text, with the status gauges taken from `status` (None: the coordinator is down)."""
         self.status.status = status
+        if status is not None:
+            self._count_swaps(status)
         return generate_latest(self.registry)
+
+    def _count_swaps(self, status: StatusReply) -> None:
+        """Count the swaps the coordinator made since the last scrape (its records are numbered)."""
+        instance, last = self.seen_swaps
+        if instance != status.coordinator:
+            last = 0  # a new coordinator numbers its swaps from 1 again
+        for record in status.swaps:
+            if record.seq > last:
+                self.swaps.labels(record.unloaded or "none", record.loaded, record.source).inc()
+                self.load_seconds.labels(record.loaded, record.source).observe(record.seconds)
+                last = record.seq
+        self.seen_swaps = (status.coordinator, last)

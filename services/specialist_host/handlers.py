@@ -77,11 +77,14 @@ class SpecialistHost(Worker):
         """Make `msg.model` resident (a no-op when it already is)."""
         entry = self._entry(msg.model)
         started = time.perf_counter()
+        source = "resident"
         if msg.model not in self.loaded:
             if self.loaded:
                 raise BackendError(f"{', '.join(self.loaded)} is resident; unload it before loading {msg.model}")
-            self.loaded[msg.model] = self._swap_in(msg.model) or self._load_fresh(msg.model, entry)
-        yield self._reply(msg, started)
+            swapped = self._swap_in(msg.model)
+            source = "host_cache" if swapped is not None else "checkpoint"
+            self.loaded[msg.model] = swapped or self._load_fresh(msg.model, entry)
+        yield self._reply(msg, started).model_copy(update={"source": source})
 
     def _swap_in(self, name: str) -> LoadedModel | None:
         """Bring a parked model back from the host cache: one host -> device copy."""

@@ -332,3 +332,23 @@ def test_lyra_up_starts_the_gateway_and_supervisorctl_restarts_it(tmp_path, monk
     finally:
         down = lyra("down")
     assert down.returncode == 0
+
+
+def test_metrics_count_swaps_by_what_left_what_came_and_their_source(served) -> None:
+    _, gateway = served
+    client = _client(gateway)
+    client.chat.completions.create(model="lyra/pragmatist", messages=[{"role": "user", "content": "sum"}])
+    before = _metrics(gateway)
+    client.chat.completions.create(model="lyra/philosopher", messages=[{"role": "user", "content": "why"}])
+    client.chat.completions.create(model="lyra/pragmatist", messages=[{"role": "user", "content": "sum"}])
+    after = _metrics(gateway)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # Fake specialists are not kept in a host weight cache: each swap loads from the "checkpoint".
+    assert grew("lyra_swaps_total", unloaded="pragmatist", loaded="philosopher", source="checkpoint") == 1
+    assert grew("lyra_swaps_total", unloaded="philosopher", loaded="pragmatist", source="checkpoint") == 1
+    assert grew("lyra_model_load_seconds_count", model="philosopher", source="checkpoint") == 1
+    assert grew("lyra_coordinator_swaps_from_checkpoint_total") == 2

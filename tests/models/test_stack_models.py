@@ -119,6 +119,9 @@ def test_swaps_between_llm_artist_and_perception_reproduce_outputs(stack: StackP
     host = next(s for s in status.services if s.service == "specialist_host")
     assert host.resident == ["perception"]
     assert {"pragmatist", "artist", "perception"} <= set(host.cached)
+    # The second round came from the host weight cache, and status says so swap by swap.
+    assert status.counters["swaps_from_host_cache"] >= 3
+    assert [s.source for s in status.swaps[-3:]] == ["host_cache"] * 3
 
 
 def test_a_stop_string_from_the_client_ends_the_specialist_reply(stack: StackProcesses) -> None:
