@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 
@@ -10,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.gateway.errors import GatewayError, invalid
 from services.gateway.openai_schema import ImageGenerationRequest, image_size, parse
-from services.gateway.state import Gateway, read_json
+from services.gateway.state import Gateway, read_json, until_disconnect
 from services.gateway.upstream import KEEPALIVE
 from shared.messages import DoneEvent
 
@@ -39,15 +40,29 @@ async def generate_image(gw: Gateway, request: Request) -> Response:
     options = image_size(req.size)
     if req.seed is not None:
         options["seed"] = req.seed
-    done: DoneEvent | None = None
     events = gw.upstream.stream(gw.settings.keepalive_s, text=req.prompt, specialist=artist,
                                 timeout_s=gw.settings.request_timeout_s, **options)
-    try:
+
+    async def collect() -> DoneEvent | None:
         async for event in events:
             if event is not KEEPALIVE and isinstance(event, DoneEvent):
-                done = event
+                return event
+        return None
+
+    collecting = asyncio.ensure_future(collect())
+    watching = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watching.cancel()
+        if not collecting.done():  # the HTTP client went away: closing the stream cancels the request upstream
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+            gw.count("images", "disconnected", artist)
         await events.aclose()
+    if not collecting.done() or collecting.cancelled():
+        return Response(status_code=499)
+    done = collecting.result()  # raises the request's LyraError
     if done is None or done.image is None:
         raise GatewayError(500, f"the artist {artist!r} finished without an image; see `lyra logs specialist_host`",
                            type="server_error", code="no_image")

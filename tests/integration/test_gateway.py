@@ -202,7 +202,10 @@ def test_gateway_restart_while_the_stack_serves(served) -> None:
 @pytest.fixture(scope="module")
 def tight() -> Iterator[tuple[StackProcesses, GatewayProcess]]:
     stack = StackProcesses(runtime__queue_size=1, router__fake={"delay_s": 0.6, "triggers": True},
-                           deadlines__voice=0.5, **gateway_overrides())
+                           deadlines__voice=0.5, specialists__artist={
+                               "backend": "fake", "kind": "image_generation", "routable": False, "memory_gb": 10.0,
+                               "fake": {"delay_s": 1.5}},
+                           **gateway_overrides())
     gateway = GatewayProcess(stack)
     try:
         stack.start_all()
@@ -352,3 +355,16 @@ def test_metrics_count_swaps_by_what_left_what_came_and_their_source(served) -> 
     assert grew("lyra_swaps_total", unloaded="philosopher", loaded="pragmatist", source="checkpoint") == 1
     assert grew("lyra_model_load_seconds_count", model="philosopher", source="checkpoint") == 1
     assert grew("lyra_coordinator_swaps_from_checkpoint_total") == 2
+
+
+def test_a_client_leaving_an_image_request_cancels_it(tight) -> None:
+    stack, gateway = tight
+    _wait_idle(stack)
+    before = _counters(stack)["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):  # the artist takes 1.5 s; this client gives up after 0.3 s
+        httpx.post(f"{gateway.url}/v1/images/generations", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "lyra/artist", "prompt": "a lighthouse"}, timeout=0.3)
+    deadline = time.monotonic() + 5
+    while _counters(stack)["cancelled"] < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _counters(stack)["cancelled"] == before + 1
