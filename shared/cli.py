@@ -23,7 +23,7 @@ from shared.messages import (
     TokenEvent,
 )
 
-GB = 1024**3
+GB = 1e9  # the planner's unit (accelerate's "47GB"): `lyra status` and `lyra plan` agree
 
 
 def _gb(value: int | None) -> str:
@@ -32,13 +32,16 @@ def _gb(value: int | None) -> str:
 
 def render_status(status: StatusReply) -> str:
     """A human table of services, GPUs and the queue."""
+    # Columns as wide as their longest entry: "diffusers,transformers" must not run into the next one.
+    backend = max([len("backend"), *(len(s.backend or "-") for s in status.services)]) + 2
+    resident = max([len("resident"), *(len(", ".join(s.resident) or "-") for s in status.services)]) + 2
     lines = [f"coordinator: {status.client_endpoint}   queue: {status.queue_depth} waiting"
              f"{', running ' + status.running if status.running else ''}",
-             f"{'service':<16}{'state':<9}{'pid':>8}  {'backend':<13}{'resident':<28}placement"]
+             f"{'service':<16}{'state':<9}{'pid':>8}  {'backend':<{backend}}{'resident':<{resident}}placement"]
     for s in status.services:
         placement = ", ".join(f"{k}={v}" for k, v in s.placement.items()) or "-"
-        lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<13}"
-                     f"{', '.join(s.resident) or '-':<28}{placement}")
+        lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<{backend}}"
+                     f"{', '.join(s.resident) or '-':<{resident}}{placement}")
         if s.cached:
             held = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s.cached.items())
             lines.append(f"{'':<16}host weight cache (least recently used first): {held}")

@@ -51,14 +51,17 @@ def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Pa
         print(f"\nyou> {shown}\nlyra> ", end="", file=out, flush=True)
         done = None
         answer = VoiceText()
+        saved = []
         for event in client.stream(prompt, image=sample_picture() if attach else None):
             if isinstance(event, (TokenEvent, StageRestartedEvent)):
                 print(answer.feed(event), end="", file=out, flush=True)
             elif isinstance(event, ImageEvent):
-                print(f"\n  [image saved: {save_image(event, str(image_dir))}]", end="", file=out, flush=True)
+                saved.append(save_image(event, str(image_dir)))  # shown on its own line after the answer
             elif isinstance(event, DoneEvent):
                 done = event
         assert done is not None
+        for path in saved:
+            print(f"\n  image saved: {path}", end="", file=out)
         t = done.timings
         print(f"\n  route: {done.specialist}{' (image rule)' if done.forced else ''} ({_scores(done)})", file=out)
         print("  timings: " + "  ".join(f"{k} {t[k]:.2f}s" for k in ("route", "load", "specialist", "voice", "total")

@@ -270,11 +270,12 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         return None
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
+    except ImportError:
+        return None
+    try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except (ImportError, LocalEntryNotFoundError, OSError, ValueError):
-        return None  # not cached here: the caller falls back to the architecture or the parameter count
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError: not cached here
+        return None  # the caller falls back to the architecture or the parameter count
 
 
 def locate_checkpoint(entry: ModelEntry) -> Path | None:
