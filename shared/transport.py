@@ -30,6 +30,8 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # while an absurd one cannot exhaust memory.
 HARD_LIMIT_FACTOR = 4
 MAX_ELEMENTS = 100_000  # arrays + maps + their items in one frame; real messages use a few thousand at most
+MAX_DEPTH = 16  # nesting of arrays and maps; the schema's deepest message (a status reply) nests 5
+MAX_ID_CHARS = 128  # `id` / `parent_id`: ours are 32 hex characters; a peer's own ids get room, not megabytes
 
 
 class WireError(Exception):
@@ -77,6 +79,34 @@ def _unpack(frame: bytes, max_bytes: int) -> Any:
                            list_hook=count, object_hook=count)
 
 
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and maps nest more than `limit` levels (iterative: deep input must not recurse)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _envelope_id(raw: dict[Any, Any], field: str) -> str | None:
+    """`id` or `parent_id` when it is a short string or absent; anything else is refused before it is echoed."""
+    value = raw.get(field)
+    if value is None or (isinstance(value, str) and len(value) <= MAX_ID_CHARS):
+        return value
+    raise WireError(ErrorCode.bad_message, f"`{field}` must be a string of at most {MAX_ID_CHARS} characters",
+                    raw.get("id") if field == "parent_id" else None)
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """A peer's text as it may appear in an error sentence (and so in a log line): short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse and validate one frame; raise WireError for anything else (and nothing else)."""
     if len(frame) > max_bytes:
@@ -85,21 +115,28 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         raw = _unpack(frame, max_bytes)
     except _TooManyElements:
         raise WireError(ErrorCode.too_large, f"message has more than {MAX_ELEMENTS} elements") from None
+    except ValueError as exc:  # msgpack's own caps read "N exceeds max_array_len(M)": a size, not a syntax error
+        if "exceeds max_array_len" in str(exc) or "exceeds max_map_len" in str(exc):
+            raise WireError(ErrorCode.too_large, f"a list or map holds more than {MAX_ELEMENTS} elements") from None
+        raise WireError(ErrorCode.bad_message, "not a msgpack message (ValueError)") from None
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(ErrorCode.bad_message, f"not a msgpack message ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise WireError(ErrorCode.bad_message, f"a message must be a msgpack map, got {type(raw).__name__}")
-    msg_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    if _nests_deeper_than(raw, MAX_DEPTH):
+        raise WireError(ErrorCode.bad_message, f"message nests deeper than {MAX_DEPTH} levels")
+    msg_id = _envelope_id(raw, "id")
+    _envelope_id(raw, "parent_id")
     kind = raw.get("type")
     if not isinstance(kind, str):  # check the shape before any lookup: a list or map is unhashable
         raise WireError(ErrorCode.bad_message, f"`type` must be a string, got {type(kind).__name__}", msg_id)
     if kind not in MESSAGE_TYPES:
-        raise WireError(ErrorCode.unknown_type, f"unknown message type {kind[:64]!r}", msg_id)
+        raise WireError(ErrorCode.unknown_type, f"unknown message type {_clip(kind)!r}", msg_id)
     version = raw.get("v", "")
     if not isinstance(version, str) or version.split(".")[0] != str(SCHEMA_MAJOR):
         raise WireError(
             ErrorCode.schema_version,
-            f"schema version {version!r} is not supported; this process speaks {SCHEMA_MAJOR}.x",
+            f"schema version {_clip(repr(version))} is not supported; this process speaks {SCHEMA_MAJOR}.x",
             msg_id,
         )
     try:
@@ -107,8 +144,9 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "(message)"
-        raise WireError(ErrorCode.bad_message, f"invalid {kind}: {where}: {first['msg']}", msg_id) from None
-    except (TypeError, ValueError, RecursionError) as exc:  # a validator tripped on a shape it never expected
+        raise WireError(ErrorCode.bad_message, f"invalid {kind}: {_clip(where)}: {_clip(first['msg'], 200)}",
+                        msg_id) from None
+    except Exception as exc:  # a validator tripped on a shape it never expected: still only our wire error
         raise WireError(ErrorCode.bad_message, f"invalid {kind}: {type(exc).__name__}", msg_id) from None
 
 

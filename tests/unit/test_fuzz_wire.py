@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import time
+import tracemalloc
 
 import msgpack
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 
 from shared import transport
 from shared.images import BadImage, ImageLimits, check_image
-from shared.messages import MESSAGE_TYPES, ErrorCode
+from shared.messages import MESSAGE_TYPES, ChatRequest, ChatTurn, ErrorCode, HeartbeatEvent, StatusRequest
 
 LIMITS = ImageLimits(max_bytes=8_000_000, max_side=4096, max_pixels=16_000_000)
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,3 +109,62 @@ def test_mutated_images_give_a_typed_refusal_or_pass(data: st.DataObject) -> Non
         check_image(bytes(original[:cut]), LIMITS)
     except BadImage as exc:
         assert exc.code in (ErrorCode.image_unreadable, ErrorCode.image_truncated, ErrorCode.image_dimensions)
+
+
+# ---------------------------------------------------------------- what a refusal may echo, and how deep a frame nests
+
+
+@pytest.mark.parametrize("field,value", [("id", "i" * 10_000), ("id", ["x"]), ("id", {"a": 1}),
+                                         ("parent_id", "p" * 10_000), ("parent_id", [1]), ("parent_id", 7)])
+def test_an_envelope_id_of_the_wrong_shape_or_size_is_refused(field: str, value: object) -> None:
+    raw = {"type": "status_request", "v": "1.2", "id": "ok", field: value}
+    with pytest.raises(transport.WireError) as raised:
+        transport.decode(msgpack.packb(raw, use_bin_type=True))
+    assert raised.value.code == ErrorCode.bad_message and len(raised.value.message) < 200
+    assert raised.value.msg_id in (None, "ok")
+
+
+@pytest.mark.parametrize("raw", [
+    {"type": "status_request", "v": "1.2", "k" * 1_000_000: 1},  # an unknown field's name is the error's place
+    {"type": "status_request", "v": "9" * 1_000_000},
+    {"type": "x" * 1_000_000, "v": "1.2"},
+], ids=["field-name", "version", "type"])
+def test_a_refusal_never_echoes_a_peers_megabytes(raw: dict) -> None:
+    with pytest.raises(transport.WireError) as raised:
+        transport.decode(msgpack.packb(raw, use_bin_type=True))
+    assert len(raised.value.message) < 300  # it is sent back and logged
+
+
+def test_nesting_past_the_limit_is_refused_and_real_messages_fit() -> None:
+    deep: object = "x"
+    for _ in range(transport.MAX_DEPTH):
+        deep = [deep]
+    with pytest.raises(transport.WireError, match="nests deeper"):
+        transport.decode(msgpack.packb({"type": "chat_request", "v": "1.2", "text": deep}))
+    turns = [ChatTurn(role="user" if i % 2 == 0 else "assistant", content=f"t{i}") for i in range(2001)]
+    assert len(transport.decode(transport.encode(ChatRequest(messages=turns))).messages) == 2001
+
+
+def test_thirty_million_empty_maps_cost_next_to_nothing() -> None:
+    count = 30_000_000
+    bomb = b"\xdd" + struct.pack(">I", count) + b"\x80" * count  # one array of 30M empty maps: 30 MB
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(transport.WireError) as raised:
+            transport.decode(bomb)
+        seconds, peak = time.perf_counter() - started, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert raised.value.code == ErrorCode.too_large and seconds < 1.0 and peak < 10_000_000
+
+
+@FAST
+@given(st.sampled_from([transport.encode(ChatRequest(text="hi", image=b"\x89PNG")), transport.encode(StatusRequest()),
+                        transport.encode(HeartbeatEvent(instance="i", resident=[]))]),
+       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6))
+def test_mutated_valid_frames_give_a_message_or_a_wire_error(frame: bytes, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(frame)
+    for where, byte in flips:
+        data[where % len(data)] = byte
+    decodes_or_wire_error(bytes(data))
