@@ -168,3 +168,43 @@ def test_mutated_valid_frames_give_a_message_or_a_wire_error(frame: bytes, flips
     for where, byte in flips:
         data[where % len(data)] = byte
     decodes_or_wire_error(bytes(data))
+
+
+# ---------------------------------------------------------------- every Pillow decoder, not only the five we open
+
+ALL_DECODERS = ImageLimits(max_bytes=8_000_000, max_side=4096, max_pixels=16_000_000, formats=None)
+
+
+def tiff_with_float_strip_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag claims the FLOAT type: Pillow raised TypeError decoding it."""
+    data = bytearray(tiff())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        at = ifd + 2 + 12 * entry
+        if struct.unpack("<H", data[at:at + 2])[0] == 273:  # StripOffsets
+            data[at + 2:at + 4] = struct.pack("<H", 11)  # FLOAT
+    return bytes(data)
+
+
+@pytest.mark.parametrize("data,raises", [(dds_with_unknown_pixel_format(), NotImplementedError),
+                                         (tiff_with_float_strip_offsets(), TypeError)], ids=["dds", "tiff"])
+def test_a_decoder_exception_of_any_type_is_image_unreadable(data: bytes, raises: type[Exception]) -> None:
+    with pytest.raises(raises):  # what Pillow itself does with the file
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    with pytest.raises(BadImage) as raised:
+        check_image(data, ALL_DECODERS)
+    assert raised.value.code == ErrorCode.image_unreadable
+
+
+@FAST
+@given(st.sampled_from([tiff(), dds_with_unknown_pixel_format(), png((16, 16))]), st.data())
+def test_mutated_files_through_every_decoder_give_a_typed_refusal_or_pass(original: bytes,
+                                                                          data: st.DataObject) -> None:
+    mutated = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 6))):
+        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        check_image(bytes(mutated), ALL_DECODERS)
+    except BadImage as exc:
+        assert isinstance(exc.code, ErrorCode) and exc.message
