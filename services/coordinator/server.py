@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HANDOFF = "inproc://lyra-coordinator-outbox"
 TICK_S = 0.1
+DRAIN_SLICE_S = 0.05  # longest one socket is read in one pass of the loop
 CLIENT_QUEUE_FRAMES = 256
 DRAIN_GRACE_S = 2.0  # after drain_s, how long the cancelled running request gets to send its terminal event
 
@@ -121,6 +122,10 @@ class Coordinator:
                 return
             for ep in transport.poll([self.clients, self.workers, self.inbox], TICK_S):
                 self._drain(ep)
+            if time.monotonic() - now > self.config.runtime.heartbeat_interval_s:
+                # This pass was long (a burst of large frames): heartbeats that arrived meanwhile wait unread in
+                # the worker socket, and must count before anyone is judged silent.
+                self._drain(self.workers)
             for service in self.registry.check_liveness():
                 log.error("%s stopped heartbeating; marked dead", service)
             if now >= next_keepalive:
@@ -146,8 +151,11 @@ class Coordinator:
         return now > drain_until + DRAIN_GRACE_S
 
     def _drain(self, ep: transport.Endpoint) -> None:
-        for _ in range(1000):  # bounded so one busy socket cannot starve the others
-            if not transport.poll([ep], 0):
+        # Bounded in frames and in time, so one busy socket cannot starve the others, nor the liveness check
+        # and keepalives after it: legal frames can take 0.1 s each to validate (a 24,000-turn conversation).
+        stop_at = time.monotonic() + DRAIN_SLICE_S
+        for _ in range(1000):
+            if time.monotonic() > stop_at or not transport.poll([ep], 0):
                 return
             if ep is self.inbox:
                 self._forward(transport.recv_frames(ep))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from shared import transport
 from shared.client import BadImageError
-from shared.messages import ChatRequest, ErrorEvent, StatusRequest
+from shared.messages import ChatRequest, ChatTurn, ErrorEvent, StatusRequest
 from tests.unit.test_fuzz_wire import dds_with_unknown_pixel_format, tiff
 
 
@@ -148,4 +148,36 @@ def test_a_flooding_client_is_answered_busy_and_others_are_served(make_stack) ->
         flood.close()
         ctx.term()
     assert "busy" in codes and "ok" in codes
+    alive_and_serving(stack, pid)
+
+
+def test_frames_slow_to_validate_do_not_starve_heartbeats(make_stack) -> None:
+    """Legal frames that take 0.1 s each to validate (24,000-turn conversations), 40 at once, a request in flight."""
+    stack = make_stack(voice__fake__token_delay_s=0.15)
+    pid = coordinator_pid(stack)
+    answers: list[str] = []
+    in_flight = threading.Thread(target=lambda: answers.append(
+        _chat(stack, "one two three four five six seven eight nine ten eleven twelve thirteen")), daemon=True)
+    in_flight.start()
+    time.sleep(0.3)
+    turns = [ChatTurn(role="user", content="x")] * 24_000
+    frame = transport.encode(ChatRequest(messages=turns, specialist="nobody"))  # refused once validated
+    ctx = transport.new_context()
+    sender = transport.connect_dealer(ctx, stack.endpoint, 64 * 1024 * 1024)
+    codes: list[str] = []
+    try:
+        for _ in range(40):
+            transport.send_raw(sender, frame)
+        deadline = time.monotonic() + 40
+        while len(codes) < 40 and time.monotonic() < deadline:
+            got = transport.recv_timeout(sender, 1)
+            if got is not None and isinstance(got.message, ErrorEvent):
+                codes.append(got.message.code.value)
+    finally:
+        sender.close()
+        ctx.term()
+    in_flight.join(30)
+    assert answers and answers[0], "the request in flight did not complete"
+    assert len(codes) == 40 and set(codes) <= {"invalid_request", "busy"}
+    assert "stopped heartbeating" not in (stack.dir / "coordinator.log").read_text()
     alive_and_serving(stack, pid)
