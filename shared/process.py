@@ -24,6 +24,34 @@ def setup_logging(service: str) -> None:
     )
 
 
+# Libraries that quote the user's text in their own log records: diffusers warns "The following part of your
+# input was truncated because CLIP can only handle sequences up to 77 tokens: <the rest of the prompt>" at
+# WARNING, so the specialist host (the artist) wrote nearly whole prompts to its log.
+QUOTES_USER_TEXT = ("part of your input was truncated",)
+OWN_LOGGERS = ("shared", "services", "__main__")  # ours log ids, sizes and timings; never quoted text
+
+
+def guard_user_text(debug_content: bool) -> None:
+    """Strip user text that libraries quote in log records; with `debug_content` keep it, at DEBUG only."""
+    make_record = logging.getLogRecordFactory()
+
+    def guarded(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.name.startswith(OWN_LOGGERS) or record.levelno <= logging.DEBUG:
+            return record
+        message = record.getMessage()
+        if not any(marker in message for marker in QUOTES_USER_TEXT):
+            return record
+        if debug_content and logging.getLogger().isEnabledFor(logging.DEBUG):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return record
+        head, _, quoted = message.partition(": ")
+        record.msg, record.args = f"{head}: [{len(quoted)} characters of user text omitted]", None
+        return record
+
+    logging.setLogRecordFactory(guarded)
+
+
 def config_from_args(service: str, argv: list[str] | None = None) -> LyraConfig:
     """Parse `--config` (default: $LYRA_CONFIG) and load it, exiting with one clear line on error."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
@@ -33,10 +61,12 @@ def config_from_args(service: str, argv: list[str] | None = None) -> LyraConfig:
     if not args.config:
         parser.error("no config: pass --config or set LYRA_CONFIG")
     try:
-        return load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         log.critical("%s", exc)
         raise SystemExit(2) from None
+    guard_user_text(config.runtime.debug_content)
+    return config
 
 
 def physical_gpus(config: LyraConfig, service: str) -> list[int]:

@@ -186,7 +186,7 @@ class ServiceLoop:
         handler = self.table[type(msg)]
         started = time.perf_counter()
         if self.config.runtime.debug_content:  # development only: user text never reaches the logs otherwise
-            log.info("call %s content: %s", msg.id, content_of(msg))
+            log.debug("call %s content: %s", msg.id, content_of(msg))
         try:
             for item in handler(msg, call.cancel):
                 self._emit(item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 import threading
 import weakref
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from shared.backends.base import BackendError, Cancelled, LoadedModel, Specialis
 from shared.backends.diffusers_image import ImageSettings
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions
+from shared.process import guard_user_text
 from shared.tiny import flux as tiny_flux
 from shared.tiny import llava as tiny_llava
 from tests.models.tiny import cpu_context
@@ -70,6 +72,24 @@ def test_flux_draws_a_png_of_the_requested_size(flux: LoadedModel, width: int, h
     assert output.text == "".join(pieces)
     assert output.text.startswith("I drew: a red lighthouse. watercolor style")
     assert f"({width}x{height}, 2 steps, seed 7)" in output.text
+
+
+def test_flux_never_writes_the_prompt_to_the_log(flux: LoadedModel) -> None:
+    """diffusers quotes the part of a long prompt that CLIP and T5 cut; the guard every service installs drops it."""
+    factory, lines = logging.getLogRecordFactory(), []
+    listener = logging.Handler()
+    listener.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("diffusers").addHandler(listener)
+    guard_user_text(debug_content=False)
+    try:
+        run(flux, [ChatTurn(role="user", content="a red lighthouse " + "my secret diary " * 300)],
+            options=GenerationOptions(width=32, height=32, steps=1, seed=1))
+    finally:
+        logging.setLogRecordFactory(factory)
+        logging.getLogger("diffusers").removeHandler(listener)
+    quoted = [line for line in lines if "was truncated" in line]
+    assert quoted and all("characters of user text omitted" in line for line in quoted)
+    assert not any("secret" in line for line in lines)
 
 
 def test_flux_rounds_sizes_down_and_refuses_too_large(flux: LoadedModel) -> None:
