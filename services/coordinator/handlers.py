@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from queue import SimpleQueue
 
-from services.coordinator.intake import SlowIntake
+from services.coordinator.intake import QuietLog, SlowIntake
 from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
@@ -29,26 +28,6 @@ from shared.stack_secret import matches
 from shared.transport import Received
 
 log = logging.getLogger(__name__)
-
-
-class QuietLog:
-    """Warnings that a flood could repeat thousands of times a second: at most one line a second, with a count."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 1.0) -> None:
-        self.logger = logger
-        self.every_s = every_s
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def warning(self, text: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return
-        if self.suppressed:
-            text += f" (and {self.suppressed} more refusals in the last {self.every_s:g}s)"
-        self.suppressed, self.next_at = 0, now + self.every_s
-        self.logger.warning(text, *args)
 
 
 def bad_image(config: LyraConfig, msg: ChatRequest) -> BadImage | None:

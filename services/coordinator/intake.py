@@ -95,3 +95,23 @@ class ClientPacer:
         self.last_sweep = now
         for peer in [p for p, b in self.buckets.items() if now - b.at > IDLE_PEER_S]:
             del self.buckets[peer]
+
+
+class QuietLog:
+    """Warnings that a flood could repeat thousands of times a second: at most one line a second, with a count."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 1.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warning(self, text: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            text += f" (and {self.suppressed} more refusals in the last {self.every_s:g}s)"
+        self.suppressed, self.next_at = 0, now + self.every_s
+        self.logger.warning(text, *args)

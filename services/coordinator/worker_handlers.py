@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from services.coordinator.intake import QuietLog
 from services.coordinator.ledger import VramLedger, split_estimate
 from services.coordinator.workers import WorkerRegistry
 from shared.config import LyraConfig
@@ -39,6 +40,7 @@ class WorkerHandlers:
         self.registry = registry
         self.ledger = ledger
         self.secret = secret  # None only with runtime.auth = "none"
+        self.strangers = QuietLog(log)  # a stranger's flood must not become a flood of log lines
         self.table: dict[type, Handler] = {RegisterRequest: self.register, HeartbeatEvent: self.heartbeat}
 
     def handle(self, got: Received) -> list[Message]:
@@ -53,7 +55,7 @@ class WorkerHandlers:
         if handler is not None:
             return handler(msg, got.peer, service)
         if service is None:
-            log.warning("%s from an unregistered connection refused", msg.type)  # type: ignore[attr-defined]
+            self.strangers.warning("%s from an unregistered connection refused", msg.type)  # type: ignore[attr-defined]
             return [self._register_first(msg)]
         self.registry.seen(service)
         if not self.registry.deliver(service, msg) and not isinstance(msg, WorkerError):
@@ -63,7 +65,8 @@ class WorkerHandlers:
     def _malformed(self, got: Received, service: str | None) -> list[Message]:
         assert got.error is not None
         if service is None:  # nobody we know: no call to fail, and no reason to answer a stranger
-            log.warning("malformed message from an unregistered connection dropped: %s", got.error.message)
+            self.strangers.warning("malformed message from an unregistered connection dropped: %s",
+                                   got.error.message)
             return []
         log.error("malformed message from %s: %s", service, got.error.message)
         self.registry.fail_service(service, f"{service} sent a malformed message ({got.error.message})")
