@@ -59,16 +59,27 @@ def stack_env(config: LyraConfig) -> dict[str, str]:
     return env
 
 
+def make_private(run_dir: Path, control_dir: Path) -> None:
+    """Owner-only run and control directories and logs, including logs an older stack left readable.
+
+    supervisord's umask makes new files 0600, but it appends to an existing log without changing its mode.
+    """
+    for directory in (run_dir, run_dir / "logs", control_dir):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+    for path in [*(run_dir / "logs").iterdir(), *control_dir.glob("*.log*")]:
+        if path.is_file():
+            os.chmod(path, 0o600)
+
+
 def up(config: LyraConfig, timeout_s: float, progress: Callable[[str], None]) -> StatusReply:
     """Start supervisord for `config`, wait until every service registered, record the stack."""
     if supervisord_pid() is not None:
         raise StackError(f"a stack is already running (supervisord pid {supervisord_pid()}); `lyra down` first")
     run_dir = config.run_dir()
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(run_dir, 0o700)
+    make_private(run_dir, CONTROL_DIR)
     if config.runtime.auth == "secret":
         create_secret(config.secret_path())  # a fresh one per stack: workers must present it to register
-    CONTROL_DIR.mkdir(exist_ok=True, mode=0o700)
     started = subprocess.run([_bin("supervisord"), "-c", str(SUPERVISORD_CONF)], env=stack_env(config),
                              capture_output=True, text=True, timeout=30)
     if started.returncode != 0:
