@@ -48,6 +48,9 @@ class RuntimeSettings(Section):
     # answered `busy` before it is decoded.
     client_max_msgs_per_s: float = Field(default=2000.0, gt=0)
     client_max_mb_per_s: float = Field(default=256.0, gt=0)
+    # Input the coordinator's socket may hold for one client connection before that client's sends block: the
+    # byte bound over max_message_mb gives the frames buffered (at least 2; 2 with the defaults).
+    client_queue_mb: float = Field(default=64.0, gt=0, le=4096)
     # Log user text (prompts, answers) at DEBUG, for development; off, logs carry ids, sizes and timings only.
     debug_content: bool = False
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
@@ -271,6 +274,10 @@ class LyraConfig(Section):
     def client_needs_secret(self) -> bool:
         """Whether client requests must carry the secret: on tcp any local user can reach the port."""
         return self.runtime.auth == "secret" and self.client_endpoint().startswith("tcp://")
+
+    def client_queue_frames(self) -> int:
+        """Frames zmq may hold per client connection: `client_queue_mb` over the largest frame, at least 2."""
+        return max(2, int(self.runtime.client_queue_mb * 1024 * 1024) // self.max_message_bytes())
 
     def max_message_bytes(self) -> int:
         """Largest frame any socket accepts."""

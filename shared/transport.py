@@ -187,12 +187,14 @@ def _configure(sock: zmq.Socket, max_bytes: int) -> None:
     sock.setsockopt(zmq.RCVHWM, 10_000)
 
 
-def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int, queued_per_peer: int = 10_000) -> Endpoint:
-    """A ROUTER socket bound at `endpoint` (coordinator side); `queued_per_peer` frames buffer each way."""
+def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int, queued_out: int = 10_000,
+                queued_in: int = 10_000) -> Endpoint:
+    """A ROUTER socket bound at `endpoint` (coordinator side); per peer, `queued_out` frames wait to be sent and
+    at most `queued_in` received frames wait to be read (then that peer's sends block)."""
     sock = ctx.socket(zmq.ROUTER)
     _configure(sock, max_bytes)
-    sock.setsockopt(zmq.SNDHWM, queued_per_peer)
-    sock.setsockopt(zmq.RCVHWM, queued_per_peer)
+    sock.setsockopt(zmq.SNDHWM, queued_out)
+    sock.setsockopt(zmq.RCVHWM, queued_in)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its name back
     prepare_endpoint(endpoint)

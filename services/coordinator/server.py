@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 HANDOFF = "inproc://lyra-coordinator-outbox"
 TICK_S = 0.1
+CLIENT_REPLY_FRAMES = 256  # replies waiting for one slow client
 DRAIN_SLICE_S = 0.05  # longest one socket is read in one pass of the loop
-CLIENT_QUEUE_FRAMES = 256
 DRAIN_GRACE_S = 2.0  # after drain_s, how long the cancelled running request gets to send its terminal event
 
 
@@ -88,9 +88,12 @@ class Coordinator:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         limit = self.config.max_message_bytes()
-        # A few hundred frames buffered per client: a client flooding faster than we read blocks in its own
-        # process instead of growing ours.
-        self.clients = transport.bind_router(self.ctx, self.config.client_endpoint(), limit, CLIENT_QUEUE_FRAMES)
+        # Input buffered per client is bounded in bytes (runtime.client_queue_mb): a client flooding faster than
+        # we read blocks in its own process instead of growing ours. A count alone (256 frames) let 300 frames
+        # of 8 MB take the coordinator to 1.1 GB. Replies get a few hundred frames: a stream must not stall.
+        self.clients = transport.bind_router(self.ctx, self.config.client_endpoint(), limit,
+                                             queued_out=CLIENT_REPLY_FRAMES,
+                                             queued_in=self.config.client_queue_frames())
         self.workers = transport.bind_router(self.ctx, self.config.worker_endpoint(), limit)
         self.inbox = transport.bind_handoff(self.ctx, HANDOFF)
         log.info("coordinator up: clients at %s, workers at %s", self.config.client_endpoint(),

@@ -206,3 +206,30 @@ def test_frames_slow_to_validate_do_not_starve_heartbeats(make_stack) -> None:
     assert len(codes) == 40 and set(codes) <= {"invalid_request", "busy"}
     assert "stopped heartbeating" not in (stack.dir / "coordinator.log").read_text()
     alive_and_serving(stack, pid)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_a_flood_of_large_frames_is_held_to_the_byte_bound(make_stack) -> None:
+    """150 frames of 4 MB from one client: the coordinator buffers client_queue_mb of them, not all 600 MB."""
+    stack = make_stack(runtime__max_message_mb=4.0, runtime__client_queue_mb=32.0)
+    pid = coordinator_pid(stack)
+    start, peak, done = rss_mb(pid), [0.0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_mb(pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    frame = msgpack.packb({"type": "status_request", "v": "1.2", "pad": b"x" * 4_000_000})  # refused once read
+    try:
+        flood(stack.endpoint, [frame] * 150)
+    finally:
+        done.set()
+        watcher.join(5)
+    assert peak[0] - start < 250, f"the coordinator grew from {start:.0f} MB to {peak[0]:.0f} MB"
+    alive_and_serving(stack, pid)
