@@ -15,7 +15,7 @@ from PIL import Image
 from shared import transport
 from shared.client import BadImageError
 from shared.messages import ChatRequest, ChatTurn, ErrorEvent, StatusRequest
-from tests.unit.test_fuzz_wire import dds_with_unknown_pixel_format, tiff
+from tests.unit.test_fuzz_wire import dds_with_unknown_pixel_format, tiff, tiff_with_float_strip_offsets
 
 
 def coordinator_pid(stack) -> int:
@@ -55,7 +55,8 @@ def test_list_typed_frames_and_an_element_bomb_on_both_sockets(make_stack) -> No
     alive_and_serving(stack, pid)
 
 
-@pytest.mark.parametrize("data", [dds_with_unknown_pixel_format(), tiff()], ids=["dds", "tiff"])
+@pytest.mark.parametrize("data", [dds_with_unknown_pixel_format(), tiff(), tiff_with_float_strip_offsets()],
+                         ids=["dds", "tiff", "mutated-tiff"])
 def test_unusual_image_formats_are_refused_and_the_stack_serves(make_stack, data: bytes) -> None:
     stack = make_stack()
     pid = coordinator_pid(stack)
