@@ -208,3 +208,15 @@ def test_mutated_files_through_every_decoder_give_a_typed_refusal_or_pass(origin
         check_image(bytes(mutated), ALL_DECODERS)
     except BadImage as exc:
         assert isinstance(exc.code, ErrorCode) and exc.message
+
+
+@FAST
+@given(st.binary(max_size=2048) | st.sampled_from([b"DDS ", b"II*\x00", b"MM\x00*", b"\x89PNG\r\n\x1a\n", b"GIF89a",
+                                                    b"BM", b"RIFF", b"\xff\xd8\xff"]).flatmap(
+    lambda magic: st.binary(max_size=512).map(lambda rest: magic + rest)))
+def test_any_bytes_through_every_decoder_give_a_typed_refusal_or_pass(data: bytes) -> None:
+    for limits in (LIMITS, ALL_DECODERS):
+        try:
+            check_image(data, limits)
+        except BadImage as exc:
+            assert isinstance(exc.code, ErrorCode)
