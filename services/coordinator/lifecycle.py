@@ -112,6 +112,7 @@ class JobLifecycle:
                           self.request_id, event.type, self.terminal.type)  # type: ignore[attr-defined]
                 return False
             self.terminal = event
+            # Count before sending: a client that reads status right after its terminal event sees the count.
+            self._on_end(outcome)
             self._send(event)
-        self._on_end(outcome)
         return True
