@@ -99,9 +99,9 @@ class WorkerHandlers:
     def _refusal(self, msg: RegisterRequest) -> ErrorEvent | None:
         """Why this registration is refused, or None."""
         if msg.service not in self.registry.workers:
-            log.warning("registration as unknown service %r (pid %d) refused", msg.service, msg.pid)
-            return ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request,
-                              message=f"unknown service {msg.service!r}")
+            name = msg.service[:64]  # a peer's string: never echoed or logged at any length
+            self.strangers.warning("registration as unknown service %r (pid %d) refused", name, msg.pid)
+            return ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request, message=f"unknown service {name!r}")
         if self.secret is not None and not matches(self.secret, msg.secret):
             log.warning("registration as %s (pid %d) refused: %s stack secret", msg.service, msg.pid,
                         "wrong" if msg.secret else "no")

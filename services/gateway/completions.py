@@ -7,7 +7,6 @@ model's token counts as its worker reports them (see `Turn.usage`).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -27,7 +26,7 @@ from services.gateway.openai_schema import (
     resolve_model,
     to_turns,
 )
-from services.gateway.state import Gateway, read_json, until_disconnect
+from services.gateway.state import ClientLeft, Gateway, read_json, unless_client_leaves
 from services.gateway.upstream import KEEPALIVE
 from shared.client import LyraError
 from shared.messages import (
@@ -147,7 +146,7 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
     turns, image = to_turns(req.messages)
     options = generation_options(req)
     if req.user:
-        log.info("chat request from user %r", req.user)
+        log.info("chat request from user %r", req.user[:64])  # an id the caller chose; never logged long
     events = gw.upstream.stream(gw.settings.keepalive_s, messages=turns, image=image, specialist=specialist,
                                 timeout_s=gw.settings.request_timeout_s, **options)
     turn = Turn(gw, req.model, options.get("max_new_tokens"), started)
@@ -179,21 +178,11 @@ async def _whole(gw: Gateway, turn: Turn, events: AsyncIterator[Any], request: R
                 parts.append(text)
         return turn.done.answer if turn.done is not None else "".join(parts)
 
-    collecting = asyncio.ensure_future(collect())
-    watching = asyncio.ensure_future(until_disconnect(request))
     try:
-        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-        if not collecting.done():  # the HTTP client went away: stop, which cancels the request upstream
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-            await events.aclose()
-            gw.count("chat", "disconnected", turn.specialist)
-    if watching.done() and not collecting.done():
+        answer = await unless_client_leaves(collect(), request, events)
+    except ClientLeft:
+        gw.count("chat", "disconnected", turn.specialist)
         return Response(status_code=499)
-    answer = collecting.result()  # raises the request's LyraError
-    await events.aclose()
     gw.metrics.e2e.labels("chat", turn.specialist).observe(time.perf_counter() - turn.started)
     gw.record_turn(time.perf_counter() - turn.started)
     gw.count("chat", "ok", turn.specialist)

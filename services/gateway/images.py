@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 
@@ -11,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.gateway.errors import GatewayError, invalid
 from services.gateway.openai_schema import ImageGenerationRequest, image_size, parse
-from services.gateway.state import Gateway, read_json, until_disconnect
+from services.gateway.state import ClientLeft, Gateway, read_json, unless_client_leaves
 from services.gateway.upstream import KEEPALIVE
 from shared.messages import DoneEvent
 
@@ -49,20 +48,11 @@ async def generate_image(gw: Gateway, request: Request) -> Response:
                 return event
         return None
 
-    collecting = asyncio.ensure_future(collect())
-    watching = asyncio.ensure_future(until_disconnect(request))
     try:
-        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-        if not collecting.done():  # the HTTP client went away: closing the stream cancels the request upstream
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-            gw.count("images", "disconnected", artist)
-        await events.aclose()
-    if not collecting.done() or collecting.cancelled():
+        done = await unless_client_leaves(collect(), request, events)
+    except ClientLeft:
+        gw.count("images", "disconnected", artist)
         return Response(status_code=499)
-    done = collecting.result()  # raises the request's LyraError
     if done is None or done.image is None:
         raise GatewayError(500, f"the artist {artist!r} finished without an image; see `lyra logs specialist_host`",
                            type="server_error", code="no_image")

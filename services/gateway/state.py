@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -13,6 +15,8 @@ from services.gateway.errors import GatewayError, invalid
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import Upstream
 from shared.config import GatewaySettings, LyraConfig
+
+T = TypeVar("T")
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -98,3 +102,27 @@ async def until_disconnect(request: Request) -> None:
     """Return when the HTTP client disconnects (the body must already be read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class ClientLeft(Exception):
+    """The HTTP client disconnected before the answer was ready (its request was cancelled upstream)."""
+
+
+async def unless_client_leaves(work: Awaitable[T], request: Request, events: AsyncIterator[Any]) -> T:
+    """The result of `work` (which consumes `events`), or ClientLeft once the HTTP client disconnects.
+
+    Either way `events` is closed at the end; closing it early is what cancels the request upstream.
+    """
+    collecting = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(until_disconnect(request))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+        await events.aclose()
+    if collecting.cancelled():
+        raise ClientLeft
+    return collecting.result()  # raises the request's LyraError

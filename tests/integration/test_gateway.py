@@ -158,6 +158,14 @@ def test_concurrent_async_clients_all_complete(served) -> None:
     assert [a.split()[4] for a in answers] == [str(i) for i in range(12)]
 
 
+def growth(before: dict, after: dict):
+    """How much a sample (by name and labels) grew between two scrapes."""
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    return grew
+
+
 def test_metrics_count_what_was_served(served) -> None:
     _, gateway = served
     before = _metrics(gateway)
@@ -167,10 +175,7 @@ def test_metrics_count_what_was_served(served) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     after = _metrics(gateway)
-
-    def grew(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    grew = growth(before, after)
 
     assert grew("lyra_requests_total", endpoint="chat", outcome="ok", specialist="pragmatist") == 3
     assert grew("lyra_requests_total", endpoint="chat", outcome="model_not_found", specialist="") == 1
@@ -345,10 +350,7 @@ def test_metrics_count_swaps_by_what_left_what_came_and_their_source(served) -> 
     client.chat.completions.create(model="lyra/philosopher", messages=[{"role": "user", "content": "why"}])
     client.chat.completions.create(model="lyra/pragmatist", messages=[{"role": "user", "content": "sum"}])
     after = _metrics(gateway)
-
-    def grew(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    grew = growth(before, after)
 
     # Fake specialists are not kept in a host weight cache: each swap loads from the "checkpoint".
     assert grew("lyra_swaps_total", unloaded="pragmatist", loaded="philosopher", source="checkpoint") == 1
