@@ -16,13 +16,14 @@ unanswered), raises `CoordinatorRestartedError` within about 5 s instead of wait
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import io
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from shared.messages import (
     StatusReply,
     StatusRequest,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 900.0
 SILENT_INTERVALS = 3.0  # keepalive intervals of silence after which the client checks on the coordinator
@@ -209,6 +212,29 @@ class CoordinatorWatch:
         return probe
 
 
+def _answer(request: Message, got: transport.Received, watch: CoordinatorWatch | None) -> Message | None:
+    """The received message when it answers `request`; None for a keepalive or another request's event."""
+    if got.error is not None:
+        raise InvalidRequestError(f"unreadable message from the coordinator: {got.error.message}",
+                                  code=got.error.code.value)
+    msg = got.message
+    if msg is not None and watch is not None:
+        watch.heard(msg)
+    if msg is None or msg.parent_id != request.id or isinstance(msg, ProgressEvent):
+        return None
+    return msg
+
+
+def _ends(msg: Message) -> bool:
+    """Whether `msg` is the last answer to its request."""
+    return isinstance(msg, (*TERMINAL_TYPES, StatusReply))
+
+
+def _timed_out(endpoint: str, limit: float) -> ClientTimeoutError:
+    return ClientTimeoutError(f"no answer from the coordinator at {endpoint} within {limit:g} s; "
+                              "is the stack up? (`lyra status`)", code="client_timeout")
+
+
 def find_stack() -> dict[str, Any]:
     """The running stack's record (endpoint, config, run dir), from $LYRA_ENDPOINT or the state file."""
     if os.environ.get("LYRA_ENDPOINT"):
@@ -282,18 +308,12 @@ class Client:
             if got is None:
                 if isinstance(request, ChatRequest):
                     transport.send(self.sock, CancelRequest(parent_id=request.id, secret=self.secret))
-                raise ClientTimeoutError(f"no answer from the coordinator at {self.endpoint} within {limit:g} s; "
-                                         "is the stack up? (`lyra status`)", code="client_timeout")
-            if got.error is not None:
-                raise InvalidRequestError(f"unreadable message from the coordinator: {got.error.message}",
-                                          code=got.error.code.value)
-            msg = got.message
-            if msg is not None and watch is not None:
-                watch.heard(msg)
-            if msg is None or msg.parent_id != request.id or isinstance(msg, ProgressEvent):
+                raise _timed_out(self.endpoint, limit)
+            msg = _answer(request, got, watch)
+            if msg is None:
                 continue  # a late event of an earlier request, or a keepalive
             yield msg
-            if isinstance(msg, TERMINAL_TYPES) or isinstance(msg, StatusReply):
+            if _ends(msg):
                 return
 
     def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
@@ -333,43 +353,161 @@ class Client:
         raise ClientTimeoutError("no status reply", code="client_timeout")
 
 
+IDLE = object()  # yielded by `AsyncClient.events` after `idle_s` without a message for its request
+_WAKE = object()  # a timer's nudge to an inbox: re-check the deadline and the coordinator watch
+
+
 class AsyncClient:
-    """asyncio twin of Client: `await chat(...)`, `async for event in stream(...)`."""
+    """asyncio twin of Client over zmq.asyncio: `await chat(...)`, `async for event in stream(...)`.
+
+    Any number of requests may be outstanding at once on one instance: they share one socket, and a reader
+    task hands each message to its request's inbox by `parent_id`. Use an instance from one event loop.
+    """
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 secret: str | None = None) -> None:
-        # zmq sockets must stay on one thread: the blocking client lives on a private one-thread executor.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lyra-client")
-        self._client = self._executor.submit(Client, endpoint, timeout_s, 64.0, secret).result()
+                 max_message_mb: float = 64.0, secret: str | None = None) -> None:
+        self.endpoint = endpoint or find_stack()["client_endpoint"]
+        self.timeout_s = timeout_s
+        self.secret = secret or _stack_secret(self.endpoint)
+        self.ctx = transport.new_async_context()
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024))
+        self._inboxes: dict[str, asyncio.Queue[Any]] = {}
+        self._reader: asyncio.Task[None] | None = None
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _read(self) -> None:
+        """The reader task: every incoming message to the inbox of the request it answers."""
+        while True:
+            got = await transport.recv_async(self.sock)
+            if got.error is not None:  # our coordinator only sends valid messages: every request must hear it
+                log.warning("unreadable message from the coordinator: %s", got.error.message)
+                for inbox in self._inboxes.values():
+                    inbox.put_nowait(got)
+                continue
+            assert got.message is not None
+            inbox = self._inboxes.get(got.message.parent_id or "")
+            if inbox is not None:
+                inbox.put_nowait(got)
 
-    async def stream(self, text: str | None = None, **kwargs: Any) -> AsyncIterator[Message]:
-        """Yield every event of one chat request; errors are raised as LyraError subclasses."""
-        events = await self._run(lambda: self._client.stream(text, **kwargs))
-        done = object()
+    def _inbox(self, *ids: str) -> asyncio.Queue[Any]:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name="lyra-client-reader")
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        for msg_id in ids:
+            self._inboxes[msg_id] = inbox
+        return inbox
+
+    async def events(self, request: Message, timeout_s: float | None = None,
+                     idle_s: float | None = None) -> AsyncIterator[Message | object]:
+        """Send `request` and yield every message answering it until a terminal one; `IDLE` after each
+        `idle_s` without one. Raises ClientTimeoutError (cancelling a chat request) past the timeout."""
+        loop = asyncio.get_running_loop()
+        limit = timeout_s if timeout_s is not None else self.timeout_s
+        deadline = loop.time() + limit
+        inbox = self._inbox(request.id)
+        ids = [request.id]
+        watch = CoordinatorWatch(request.id) if isinstance(request, ChatRequest) else None
+        transport.send(self.sock, request)
+        quiet_since = loop.time()
         try:
-            while (event := await self._run(next, events, done)) is not done:
-                yield event
+            while True:
+                wake_at = min(deadline, loop.time() + (watch.check_in_s() if watch else math.inf),
+                              quiet_since + idle_s if idle_s else math.inf)
+                got = await _next(inbox, loop, wake_at)
+                now = loop.time()
+                if got is _WAKE:
+                    if now >= deadline:
+                        if isinstance(request, ChatRequest):
+                            transport.send(self.sock, CancelRequest(parent_id=request.id, secret=self.secret))
+                        raise _timed_out(self.endpoint, limit)
+                    if watch is not None and watch.check_in_s() <= 0:
+                        probe = watch.overdue(self.secret)
+                        self._inboxes[probe.id] = inbox
+                        ids.append(probe.id)
+                        transport.send(self.sock, probe)
+                    if idle_s and now - quiet_since >= idle_s:
+                        quiet_since = now
+                        yield IDLE
+                    continue
+                msg = _answer(request, got, watch)
+                if msg is None:
+                    continue
+                quiet_since = now
+                yield msg
+                if _ends(msg):
+                    return
         finally:
-            await self._run(events.close)
+            for msg_id in ids:
+                self._inboxes.pop(msg_id, None)
+
+    async def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                     image: Any = None, specialist: str | None = None, timeout_s: float | None = None,
+                     idle_s: float | None = None, **options: Any) -> AsyncIterator[Message]:
+        """Yield every event of one chat request (and `IDLE` every `idle_s` of silence, when asked); the
+        last is a DoneEvent; errors are raised. Leaving the loop early cancels the request."""
+        request = build_request(text, messages, image, specialist, **options)
+        if self.secret:
+            request = request.model_copy(update={"secret": self.secret})
+        completed = False
+        try:
+            async with aclosing(self.events(request, timeout_s, idle_s)) as events:
+                async for event in events:
+                    if isinstance(event, ErrorEvent):
+                        completed = True
+                        raise error_from_event(event)
+                    completed = isinstance(event, DoneEvent)
+                    yield event  # type: ignore[misc]
+        finally:
+            if not completed and not self.sock.closed:  # the caller stopped early: free the pipeline
+                self.cancel(request.id)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the coordinator to cancel `request_id` (its remaining events are dropped)."""
+        transport.send(self.sock, CancelRequest(parent_id=request_id, secret=self.secret))
 
     async def chat(self, text: str | None = None, **kwargs: Any) -> DoneEvent:
         """Run one chat request and return its DoneEvent."""
-        return await self._run(lambda: self._client.chat(text, **kwargs))
+        done = None
+        async for event in self.stream(text, **kwargs):
+            if isinstance(event, DoneEvent):
+                done = event
+        assert done is not None
+        return done
 
-    async def status(self) -> StatusReply:
+    async def status(self, timeout_s: float = 5.0) -> StatusReply:
         """The coordinator's view of the stack."""
-        return await self._run(self._client.status)
+        async with aclosing(self.events(StatusRequest(secret=self.secret), timeout_s)) as replies:
+            async for reply in replies:
+                if isinstance(reply, ErrorEvent):
+                    raise error_from_event(reply)
+                assert isinstance(reply, StatusReply)
+                return reply
+        raise ClientTimeoutError("no status reply", code="client_timeout")
 
     async def close(self) -> None:
-        """Close the underlying client and its thread."""
-        await self._run(self._client.close)
-        self._executor.shutdown(wait=False)
+        """Stop the reader and close the socket; outstanding requests end with their timeouts."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self.close_socket()
+
+    def close_socket(self) -> None:
+        """Close the socket and context without the event loop (after it stopped); never blocks."""
+        self.sock.close()
+        self.ctx.term()
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _next(inbox: asyncio.Queue[Any], loop: asyncio.AbstractEventLoop, wake_at: float) -> Any:
+    """The inbox's next item, or `_WAKE` at `wake_at` if none came (one timer handle, no task per wait)."""
+    if not inbox.empty():
+        return inbox.get_nowait()
+    timer = loop.call_at(wake_at, inbox.put_nowait, _WAKE)
+    try:
+        return await inbox.get()
+    finally:
+        timer.cancel()

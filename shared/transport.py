@@ -7,6 +7,7 @@ a `WireError` carrying an `ErrorCode`; receiving never raises anything else, so 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -18,6 +19,7 @@ from typing import Any
 
 import msgpack
 import zmq
+import zmq.asyncio
 from pydantic import ValidationError
 
 from shared.messages import MESSAGE_ADAPTER, MESSAGE_TYPES, SCHEMA_MAJOR, ErrorCode, Message
@@ -220,7 +222,9 @@ def send(endpoint: Endpoint, message: Message, peer: bytes | None = None) -> boo
     """Send a message (to `peer` on a ROUTER). False when the peer is gone or the socket is full."""
     frames = [encode(message)] if peer is None else [peer, encode(message)]
     try:
-        endpoint.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        sent = endpoint.socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        if isinstance(sent, asyncio.Future):  # an asyncio socket answers a non-blocking send with a done future
+            sent.result()
         return True
     except zmq.ZMQError as exc:
         if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -248,7 +252,12 @@ def recv(endpoint: Endpoint, router: bool = False, admit: Callable[[bytes, int],
     `admit(peer, size)`, when given, is asked before the frame is decoded; a refused frame comes back as a
     `busy` WireError without being parsed (a client over its pace).
     """
-    frames = endpoint.socket.recv_multipart(flags=zmq.NOBLOCK)
+    return _received(endpoint.socket.recv_multipart(flags=zmq.NOBLOCK), endpoint.max_bytes, router, admit)
+
+
+def _received(frames: list[bytes], max_bytes: int, router: bool = False,
+              admit: Callable[[bytes, int], bool] | None = None) -> Received:
+    """What `recv` and `recv_async` make of one multipart message."""
     peer = frames[0] if router else None
     body = frames[1:] if router else frames
     if admit is not None and peer is not None and not admit(peer, sum(len(f) for f in body)):
@@ -257,7 +266,7 @@ def recv(endpoint: Endpoint, router: bool = False, admit: Callable[[bytes, int],
     if len(body) != 1:
         return Received(peer, None, WireError(ErrorCode.bad_message, f"expected one frame, got {len(body)}"))
     try:
-        return Received(peer, decode(body[0], endpoint.max_bytes), None)
+        return Received(peer, decode(body[0], max_bytes), None)
     except WireError as exc:
         return Received(peer, None, exc)
 
@@ -281,6 +290,16 @@ def recv_timeout(endpoint: Endpoint, timeout_s: float) -> Received | None:
 def new_context() -> zmq.Context:
     """A fresh zmq context (one per process or per client)."""
     return zmq.Context()
+
+
+def new_async_context() -> zmq.asyncio.Context:
+    """A zmq context whose sockets serve an asyncio event loop (`recv_async`; `send` works on them too)."""
+    return zmq.asyncio.Context()
+
+
+async def recv_async(endpoint: Endpoint) -> Received:
+    """Wait for one frame on a socket of `new_async_context()`; never raises for bad content."""
+    return _received(await endpoint.socket.recv_multipart(), endpoint.max_bytes)
 
 
 def raw_roundtrip_benchmark(n: int, payload: bytes) -> list[float]:
@@ -345,11 +364,18 @@ def recv_frames(endpoint: Endpoint) -> list[bytes]:
 
 
 def send_encoded(endpoint: Endpoint, payload: bytes, peer: bytes) -> bool:
-    """Send an already-encoded message to a ROUTER peer; False when the peer is gone."""
+    """Send an already-encoded message to a ROUTER peer; False when the peer is gone or its queue is full."""
+    return offer_encoded(endpoint, payload, peer) == "sent"
+
+
+def offer_encoded(endpoint: Endpoint, payload: bytes, peer: bytes) -> str:
+    """Try to send an already-encoded message to a ROUTER peer: "sent", "full" (its queue) or "gone"."""
     try:
         endpoint.socket.send_multipart([peer, payload], flags=zmq.NOBLOCK)
-        return True
+        return "sent"
     except zmq.ZMQError as exc:
-        if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-            return False
+        if exc.errno == zmq.EAGAIN:
+            return "full"
+        if exc.errno == zmq.EHOSTUNREACH:
+            return "gone"
         raise

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 
+from services.coordinator.backlog import RETRY_S, ReplyBacklog
 from services.coordinator.handlers import ClientHandlers
 from services.coordinator.intake import ClientPacer
 from services.coordinator.ledger import VramLedger
@@ -58,6 +59,7 @@ class Coordinator:
         runtime = config.runtime
         self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * 1e6)
         self.worker_handlers = WorkerHandlers(config, self.registry, self.ledger, secret)
+        self.backlog = ReplyBacklog(int(runtime.client_queue_mb * 1024 * 1024))
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
 
@@ -123,8 +125,11 @@ class Coordinator:
             if drain_until is not None and self._drained(now, drain_until):
                 self._flush_handoff()
                 return
-            for ep in transport.poll([self.clients, self.workers, self.inbox], TICK_S):
+            for ep in transport.poll([self.clients, self.workers, self.inbox], RETRY_S if self.backlog.pending()
+                                     else TICK_S):
                 self._drain(ep)
+            for request_id in self.backlog.retry(self.clients):
+                self._client_lost(request_id)
             if time.monotonic() - now > self.config.runtime.heartbeat_interval_s:
                 # This pass was long (a burst of large frames): heartbeats that arrived meanwhile wait unread in
                 # the worker socket, and must count before anyone is judged silent.
@@ -185,11 +190,15 @@ class Coordinator:
                             request_id.decode())
                 self.registry.unreachable(service, request_id.decode(), worker)
             return
-        if not transport.send_encoded(self.clients, payload, peer):
-            job = self.queue.find(request_id.decode())
-            if job is not None:
-                log.info("client of request %s is gone; cancelling it", job.id)
-                job.stop("the client disconnected")
+        if not self.backlog.send(self.clients, peer, request_id.decode(), payload):
+            self._client_lost(request_id.decode())
+
+    def _client_lost(self, request_id: str) -> None:
+        job = self.queue.find(request_id)
+        if job is not None and not job.cancel.is_set():
+            log.info("client of request %s is gone (or %g MB behind); cancelling it", job.id,
+                     self.config.runtime.client_queue_mb)
+            job.stop("the client disconnected")
 
     def _refuse_waiting(self) -> None:
         """SIGTERM: waiting requests end with shutting_down; the running one may finish within drain_s."""

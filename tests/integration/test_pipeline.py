@@ -11,6 +11,7 @@ from shared.client import BusyError, CancelledError, DeadlineError, WorkerDeadEr
 from shared.messages import (
     AcceptedEvent,
     DoneEvent,
+    ErrorEvent,
     RouteEvent,
     StageFinishedEvent,
     StageStartedEvent,
@@ -220,3 +221,40 @@ def test_over_budget_swap_is_refused_with_the_arithmetic_and_loads_nothing(make_
     host = next(s for s in status.services if s.service == "specialist_host")
     assert host.resident == ["pragmatist"]  # nothing unloaded, nothing loaded
     assert status.counters["swaps"] == 1 and status.counters["failed"] == 1
+
+
+
+def test_a_client_slower_than_its_stream_still_gets_every_token(make_stack) -> None:
+    # 3,000 voice pieces with no delay, to a client that keeps only 8 frames and reads nothing for 1.5 s:
+    # more than zmq and the kernel hold for it, so the rest wait in the coordinator (runtime.client_queue_mb)
+    # instead of the request being cancelled as if the client had left.
+    import zmq
+
+    from shared import transport
+    from shared.client import build_request
+
+    fast = {"token_delay_s": 0.0, "delay_s": 0.0}
+    stack = make_stack(voice__fake=fast, specialists__pragmatist__fake=fast)
+    prompt = " ".join(f"{i:04d}" + "x" * 60 for i in range(3000))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, 8)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(stack.endpoint)
+    client = transport.Endpoint(sock, 64 * 1024 * 1024)
+    try:
+        request = build_request(prompt, specialist="pragmatist", max_new_tokens=3100)
+        transport.send(client, request.model_copy(update={"secret": stack.secret}))
+        time.sleep(1.5)  # the whole answer is produced meanwhile
+        events = []
+        while not events or not isinstance(events[-1], (DoneEvent, ErrorEvent)):
+            got = transport.recv_timeout(client, 10)
+            assert got is not None and got.message is not None, got
+            events.append(got.message)
+    finally:
+        sock.close(0)
+        ctx.term()
+    done = events[-1]
+    assert isinstance(done, DoneEvent), done
+    pieces = [e.text for e in events if isinstance(e, TokenEvent) and e.stage == "voice"]
+    assert len(pieces) > 2000 and "".join(pieces) == done.answer
