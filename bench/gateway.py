@@ -3,7 +3,7 @@
     .venv/bin/python bench/gateway.py [--requests 200] [--tokens 500] [--clients 20] [--out FILE]
 
 Three measurements, each through the gateway (httpx, keep-alive) and through `shared.client.Client`
-against the same stack:
+against the same stack (latencies alternate the two paths call by call, so load drift hits both alike):
   per request  median latency of a short non-streaming turn (8 tokens): the difference is the gateway's cost
   per token    a streamed turn of ~`tokens` voice pieces: (gateway - client) / pieces
   throughput   requests/s with `clients` concurrent callers (each thread its own connection)
@@ -33,13 +33,15 @@ from tests.stackproc import StackProcesses
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
-def median_ms(fn: Callable[[], object], n: int) -> float:
-    samples = []
+def paired_median_ms(a: Callable[[], object], b: Callable[[], object], n: int) -> tuple[float, float]:
+    """Median ms of `a` and of `b`, called alternately so that a busy machine's drift hits both alike."""
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1000
+        for fn, out in ((a, samples[0]), (b, samples[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(samples[0]) * 1000, statistics.median(samples[1]) * 1000
 
 
 def throughput(call: Callable[[], object], clients: int, per_client: int) -> float:
@@ -90,11 +92,11 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
         for _ in range(20):  # warm up both paths (the first request loads the specialist)
             via_gateway()
             via_client()
-        client_ms, gateway_ms = median_ms(via_client, requests), median_ms(via_gateway, requests)
+        client_ms, gateway_ms = paired_median_ms(via_client, via_gateway, requests)
         voice_pieces = sum(isinstance(e, TokenEvent) and e.stage == "voice"
                            for e in lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2))
         runs = max(5, requests // 20)
-        client_stream_ms, gateway_stream_ms = median_ms(stream_client, runs), median_ms(stream_gateway, runs)
+        client_stream_ms, gateway_stream_ms = paired_median_ms(stream_client, stream_gateway, runs)
         assert pieces[0] == voice_pieces, (pieces[0], voice_pieces)
         lyra.close()
         http.close()

@@ -260,11 +260,11 @@ def _image_bytes(image: Any) -> bytes | None:
 
 
 def build_request(text: str | None = None, messages: list[dict[str, str]] | None = None, image: Any = None,
-                  specialist: str | None = None, **options: Any) -> ChatRequest:
-    """A validated ChatRequest from friendly arguments."""
+                  specialist: str | None = None, events: str = "all", **options: Any) -> ChatRequest:
+    """A validated ChatRequest from friendly arguments (`events="answer"`: see ChatRequest.events)."""
     turns = [ChatTurn(**m) for m in messages] if messages else None
     return ChatRequest(text=text, messages=turns, image=_image_bytes(image), specialist=specialist,
-                       options=GenerationOptions(**options))
+                       options=GenerationOptions(**options), events=events)
 
 
 class Client:
@@ -317,9 +317,11 @@ class Client:
                 return
 
     def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
-               specialist: str | None = None, timeout_s: float | None = None, **options: Any) -> Iterator[Message]:
-        """Yield every event of one chat request; the last is a DoneEvent; errors are raised."""
-        request = build_request(text, messages, image, specialist, **options)
+               specialist: str | None = None, timeout_s: float | None = None, events: str = "all",
+               **options: Any) -> Iterator[Message]:
+        """Yield every event of one chat request (`events="answer"`: no stage events, only the voice's
+        tokens); the last is a DoneEvent; errors are raised."""
+        request = build_request(text, messages, image, specialist, events, **options)
         if self.secret:
             request = request.model_copy(update={"secret": self.secret})
         completed = False
@@ -377,16 +379,19 @@ class AsyncClient:
     async def _read(self) -> None:
         """The reader task: every incoming message to the inbox of the request it answers."""
         while True:
-            got = await transport.recv_async(self.sock)
-            if got.error is not None:  # our coordinator only sends valid messages: every request must hear it
-                log.warning("unreadable message from the coordinator: %s", got.error.message)
-                for inbox in self._inboxes.values():
-                    inbox.put_nowait(got)
-                continue
-            assert got.message is not None
-            inbox = self._inboxes.get(got.message.parent_id or "")
-            if inbox is not None:
+            for got in await transport.recv_async(self.sock):
+                self._deliver(got)
+
+    def _deliver(self, got: transport.Received) -> None:
+        if got.error is not None:  # our coordinator only sends valid messages: every request must hear it
+            log.warning("unreadable message from the coordinator: %s", got.error.message)
+            for inbox in self._inboxes.values():
                 inbox.put_nowait(got)
+            return
+        assert got.message is not None
+        inbox = self._inboxes.get(got.message.parent_id or "")
+        if inbox is not None:
+            inbox.put_nowait(got)
 
     def _inbox(self, *ids: str) -> asyncio.Queue[Any]:
         if self._reader is None or self._reader.done():
@@ -441,10 +446,11 @@ class AsyncClient:
 
     async def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None,
                      image: Any = None, specialist: str | None = None, timeout_s: float | None = None,
-                     idle_s: float | None = None, **options: Any) -> AsyncIterator[Message]:
+                     idle_s: float | None = None, events: str = "all", **options: Any) -> AsyncIterator[Message]:
         """Yield every event of one chat request (and `IDLE` every `idle_s` of silence, when asked); the
-        last is a DoneEvent; errors are raised. Leaving the loop early cancels the request."""
-        request = build_request(text, messages, image, specialist, **options)
+        last is a DoneEvent; errors are raised. Leaving the loop early cancels the request. `events` as
+        in `Client.stream`."""
+        request = build_request(text, messages, image, specialist, events, **options)
         if self.secret:
             request = request.model_copy(update={"secret": self.secret})
         completed = False

@@ -152,6 +152,9 @@ class ChatRequest(Message):
     specialist: str | None = None  # force a specialist; skips the router
     options: GenerationOptions = GenerationOptions()
     secret: str | None = None  # the stack secret; required only on a tcp client endpoint
+    # "all": every event; "answer": no stage started/finished events and only the voice's tokens (what a
+    # caller that shows just the answer reads, at a third of the messages)
+    events: Literal["all", "answer"] = "all"
 
 
 class CancelRequest(Message):

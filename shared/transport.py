@@ -172,6 +172,7 @@ class Endpoint:
 
     socket: zmq.Socket
     max_bytes: int
+    plain: zmq.Socket | None = None  # a blocking-API shadow of an asyncio socket (see `recv_async`)
 
     def close(self) -> None:
         """Close without lingering: unsent messages to a dead peer must never block exit."""
@@ -297,9 +298,18 @@ def new_async_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
 
-async def recv_async(endpoint: Endpoint) -> Received:
-    """Wait for one frame on a socket of `new_async_context()`; never raises for bad content."""
-    return _received(await endpoint.socket.recv_multipart(), endpoint.max_bytes)
+async def recv_async(endpoint: Endpoint, most: int = 256) -> list[Received]:
+    """Wait for a frame on a socket of `new_async_context()`, then take the frames already waiting behind it
+    (up to `most`) without going back to the event loop; never raises for bad content."""
+    batch = [await endpoint.socket.recv_multipart()]
+    if endpoint.plain is None:  # the same socket without the asyncio machinery, for reads that cannot wait
+        endpoint.plain = zmq.Socket.shadow(endpoint.socket.underlying)
+    try:
+        while len(batch) < most:
+            batch.append(endpoint.plain.recv_multipart(flags=zmq.NOBLOCK))
+    except zmq.Again:
+        pass
+    return [_received(frames, endpoint.max_bytes) for frames in batch]
 
 
 def raw_roundtrip_benchmark(n: int, payload: bytes) -> list[float]:

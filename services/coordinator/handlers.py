@@ -59,7 +59,7 @@ class ClientHandlers:
     """Dispatch table for client messages; each handler returns the replies to send back at once."""
 
     def __init__(self, config: LyraConfig, queue: RequestQueue, registry: WorkerRegistry, ledger: VramLedger,
-                 pipeline: Pipeline, lifecycle: Callable[[str, bytes], JobLifecycle], instance: str,
+                 pipeline: Pipeline, lifecycle: Callable[[str, bytes, bool], JobLifecycle], instance: str,
                  secret: str | None = None, wake: Callable[[], None] | None = None) -> None:
         self.config = config
         self.queue = queue
@@ -135,7 +135,7 @@ class ClientHandlers:
             return [self._error(msg.id, image_problem.code, image_problem.message)]
         if self.queue.find(msg.id):
             return [self._error(msg.id, ErrorCode.invalid_request, f"request id {msg.id} is already queued")]
-        job = Job(request=msg, peer=peer, life=self.lifecycle(msg.id, peer))
+        job = Job(request=msg, peer=peer, life=self.lifecycle(msg.id, peer, msg.events == "answer"))
         try:
             position = self.queue.offer(job)
         except QueueFull:

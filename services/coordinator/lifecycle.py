@@ -38,8 +38,10 @@ Outcome = Callable[[str], None]  # told "completed", "cancelled" or "failed" onc
 class JobLifecycle:
     """Stage events, progress and the single terminal event of one accepted request."""
 
-    def __init__(self, request_id: str, send: Send, coordinator: str, on_end: Outcome = lambda _: None) -> None:
+    def __init__(self, request_id: str, send: Send, coordinator: str, on_end: Outcome = lambda _: None,
+                 answer_only: bool = False) -> None:
         self.request_id = request_id
+        self.answer_only = answer_only  # the client asked for events="answer": no stage events, voice tokens only
         self.coordinator = coordinator  # stamped on every event so the client notices a restarted coordinator
         self._send = send
         self._on_end = on_end
@@ -56,12 +58,14 @@ class JobLifecycle:
 
     def started(self, stage: str, service: str, model: str | None) -> None:
         self.stage = stage
-        self._emit(StageStartedEvent(parent_id=self.request_id, coordinator=self.coordinator, stage=stage,
-                                     service=service, model=model))
+        if not self.answer_only:
+            self._emit(StageStartedEvent(parent_id=self.request_id, coordinator=self.coordinator, stage=stage,
+                                         service=service, model=model))
 
     def finished(self, stage: str, service: str, seconds: float, model: str | None) -> None:
-        self._emit(StageFinishedEvent(parent_id=self.request_id, coordinator=self.coordinator, stage=stage,
-                                      service=service, seconds=seconds, model=model))
+        if not self.answer_only:
+            self._emit(StageFinishedEvent(parent_id=self.request_id, coordinator=self.coordinator, stage=stage,
+                                          service=service, seconds=seconds, model=model))
 
     def restarted(self, stage: str, service: str, attempt: int, reason: str) -> None:
         """The stage runs again: the client drops what it streamed so far."""
@@ -73,6 +77,8 @@ class JobLifecycle:
                               scores=scores, forced=forced))
 
     def token(self, text: str, stage: str) -> None:
+        if self.answer_only and stage != "voice":
+            return
         self._emit(TokenEvent(parent_id=self.request_id, coordinator=self.coordinator, text=text, stage=stage))
 
     def image(self, image: ImagePayload) -> None:

@@ -78,10 +78,10 @@ class Coordinator:
     def _send_to_client(self, peer: bytes, request_id: str, msg: Message) -> None:
         transport.send_frames(self._handoff(), [b"c", peer, request_id.encode(), transport.encode(msg)])
 
-    def _lifecycle(self, request_id: str, peer: bytes) -> JobLifecycle:
+    def _lifecycle(self, request_id: str, peer: bytes, answer_only: bool = False) -> JobLifecycle:
         """How an accepted request will talk to its client (the one place it can end)."""
         return JobLifecycle(request_id, lambda msg: self._send_to_client(peer, request_id, msg), self.instance,
-                            self.pipeline.counters.bump)
+                            self.pipeline.counters.bump, answer_only)
 
     # ------------------------------------------------------------ main loop
 

@@ -58,7 +58,7 @@ class Upstream:
         request_id: str | None = None
         finished = False
         try:
-            async with aclosing(self.client().stream(idle_s=keepalive_s, **request)) as events:
+            async with aclosing(self.client().stream(idle_s=keepalive_s, events="answer", **request)) as events:
                 async for event in events:
                     if isinstance(event, Message):
                         request_id = request_id or event.parent_id

@@ -258,3 +258,15 @@ def test_a_client_slower_than_its_stream_still_gets_every_token(make_stack) -> N
     assert isinstance(done, DoneEvent), done
     pieces = [e.text for e in events if isinstance(e, TokenEvent) and e.stage == "voice"]
     assert len(pieces) > 2000 and "".join(pieces) == done.answer
+
+
+def test_answer_only_events_leave_out_stages_and_the_specialists_tokens(make_stack) -> None:
+    stack = make_stack()
+    with stack.client() as client:
+        events = list(client.stream("how do I do math with code", events="answer"))
+    kinds = {type(e).__name__ for e in events}
+    assert kinds == {"AcceptedEvent", "RouteEvent", "TokenEvent", "DoneEvent"}, kinds
+    assert {e.stage for e in events if isinstance(e, TokenEvent)} == {"voice"}
+    done = events[-1]
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == done.answer
+    assert set(done.timings) >= {"route", "specialist", "voice"}  # the stage timings still travel in `done`
