@@ -3,7 +3,8 @@
     .venv/bin/python bench/gateway.py [--requests 200] [--tokens 500] [--clients 20] [--out FILE]
 
 Three measurements, each through the gateway (httpx, keep-alive) and through `shared.client.Client`
-against the same stack (latencies alternate the two paths call by call, so load drift hits both alike):
+against the same stack, both asking for the answer's events only (`events="answer"`, as the gateway
+does); latencies alternate the two paths call by call, so a busy machine's drift hits both alike:
   per request  median latency of a short non-streaming turn (8 tokens): the difference is the gateway's cost
   per token    a streamed turn of ~`tokens` voice pieces: (gateway - client) / pieces
   throughput   requests/s with `clients` concurrent callers (each thread its own connection)
@@ -78,7 +79,7 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
             assert http.post(url, json=short).status_code == 200
 
         def via_client() -> None:
-            lyra.chat("math code", specialist="pragmatist", max_new_tokens=8)
+            lyra.chat("math code", specialist="pragmatist", max_new_tokens=8, events="answer")
 
         pieces = [0]
 
@@ -87,7 +88,7 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
                 pieces[0] = sum(1 for line in r.iter_lines() if line.startswith('data: {"id"')) - 2
 
         def stream_client() -> None:
-            list(lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2))
+            list(lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2, events="answer"))
 
         for _ in range(20):  # warm up both paths (the first request loads the specialist)
             via_gateway()
@@ -111,7 +112,7 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
         def client_call() -> None:
             if not hasattr(local, "lyra"):
                 local.lyra = Client(stack.endpoint, timeout_s=120)
-            local.lyra.chat("math code", specialist="pragmatist", max_new_tokens=8)
+            local.lyra.chat("math code", specialist="pragmatist", max_new_tokens=8, events="answer")
 
         per_client = max(2, requests // clients)
         client_rps = throughput(client_call, clients, per_client)
