@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
+from services.coordinator.counters import Counters
+from services.coordinator.ledger import VramLedger
 from services.coordinator.requests import Job, Route
+from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError, WorkerRegistry
 from shared.config import LyraConfig
 from shared.messages import (
@@ -24,17 +24,13 @@ from shared.messages import (
     ClassifyReply,
     ClassifyRequest,
     ErrorCode,
-    LoadReply,
-    LoadRequest,
     Message,
     RouteLabel,
     RunSpecialistRequest,
     SpecialistReply,
-    SwapRecord,
     SynthesizeReply,
     SynthesizeRequest,
     TokenEvent,
-    UnloadRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -48,51 +44,19 @@ def conversation(job: Job) -> list[ChatTurn]:
         return list(job.request.messages)
     return [ChatTurn(role="user", content=job.request.text or "")]
 
-SWAP_RECORDS = 100  # swaps kept for status
-
-
-@dataclass
-class Counters:
-    """What `lyra status` reports about the pipeline's history."""
-
-    values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("requests", "completed", "failed", "cancelled", "swaps", "swaps_from_host_cache", "swaps_from_checkpoint",
-         "cache_hits", "preloads", "preload_hits", "wasted_preloads", "stage_reruns"), 0))
-    swaps: deque[SwapRecord] = field(default_factory=lambda: deque(maxlen=SWAP_RECORDS))
-
-    def swapped(self, unloaded: str | None, loaded: str, source: str | None, seconds: float) -> None:
-        """Count a swap and keep its record for status (and the gateway's metrics)."""
-        kind = source if source in ("host_cache", "checkpoint") else "unknown"
-        with self.lock:
-            self.values["swaps"] += 1
-            if kind != "unknown":
-                self.values[f"swaps_from_{kind}"] += 1
-            self.swaps.append(SwapRecord(seq=self.values["swaps"], unloaded=unloaded, loaded=loaded, source=kind,
-                                         seconds=round(seconds, 6)))
-
-    def swap_records(self) -> list[SwapRecord]:
-        with self.lock:
-            return list(self.swaps)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # bumped from the I/O and pipeline threads
-
-    def bump(self, name: str) -> None:
-        with self.lock:
-            self.values[name] = self.values.get(name, 0) + 1
-
-
 class Pipeline:
     """Executes jobs through the workers; each job ends through its lifecycle, exactly once."""
 
-    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger) -> None:
+    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger, residency: Residency,
+                 counters: Counters, on_voice_start: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.registry = registry
         self.ledger = ledger
-        self.counters = Counters()
+        self.residency = residency
+        self.counters = counters
         self.labels = [RouteLabel(name=n, description=e.description)
                        for n, e in config.specialists.items() if e.routable]
-        self.swap_lock = threading.Lock()  # one swap at a time: the pipeline's or the preloader's
-        self.preloaded: str | None = None  # a specialist loaded ahead of the request that needs it
-        self.on_voice_start: Callable[[], None] = lambda: None  # the prefetcher hooks in here
+        self.on_voice_start = on_voice_start  # the coordinator's prefetcher starts its work here
 
     def run(self, job: Job) -> None:
         """Run one job to its terminal event."""
@@ -183,11 +147,11 @@ class Pipeline:
         route = self._route(job, timings)
         specialist = route.specialist
         self._ensure_resident(job, specialist, timings)
-        deadlines = self.config.deadlines
+        deadlines, residency = self.config.deadlines, self.residency
         result = self._stage(job, timings, "specialist", "specialist_host", specialist,
                              lambda: RunSpecialistRequest(parent_id=job.id, model=specialist, messages=turns,
                                                           image=job.request.image, options=job.request.options),
-                             deadlines.specialist, before=lambda: self._restore_resident(job, specialist))
+                             deadlines.specialist, before=lambda: residency.restore(specialist, job.id, job.cancel))
         self._expect(result, SpecialistReply, "specialist_host")
         assert isinstance(result, SpecialistReply)
         if result.image is not None:
@@ -245,54 +209,11 @@ class Pipeline:
     def _ensure_resident(self, job: Job, specialist: str, timings: dict[str, float]) -> None:
         service = "specialist_host"
         self.registry.wait_up(service, self.config.runtime.heartbeat_timeout_s, job.cancel)
-        with self.swap_lock:
-            if self.registry.resident(service) == [specialist]:
-                self.counters.bump("preload_hits" if specialist == self.preloaded else "cache_hits")
-                self.preloaded = None
+        with self.residency.lock:
+            if self.residency.claim(specialist):
                 timings["load"] = 0.0
                 return
             job.life.started("load", service, specialist)
             timings["load"] = round(self._rerunning(
-                job, "load", service, lambda: self.swap_to(specialist, job.id, job.cancel)), 6)
+                job, "load", service, lambda: self.residency.swap_to(specialist, job.id, job.cancel)), 6)
         job.life.finished("load", service, timings["load"], specialist)
-
-    def _restore_resident(self, job: Job, specialist: str) -> None:
-        """Before re-running the specialist: a restarted host holds nothing, so load it again."""
-        with self.swap_lock:
-            if self.registry.resident("specialist_host") != [specialist]:
-                log.info("request %s: reloading %s into the restarted specialist host", job.id, specialist)
-                self.swap_to(specialist, job.id, job.cancel)
-
-    def swap_to(self, specialist: str, parent_id: str, cancel: threading.Event) -> float:
-        """Unload whatever is resident and load `specialist` if the ledger allows; returns seconds.
-
-        The caller holds `swap_lock`. Raises StageError(over_budget) with the arithmetic, loading nothing.
-        """
-        service = "specialist_host"
-        estimates = self.registry.estimate(service, specialist) or split_estimate(
-            self.config.specialists[specialist], self.config.gpus_of(service))
-        try:
-            self.ledger.check(service, specialist, estimates)
-        except OverBudget as exc:
-            raise StageError(ErrorCode.over_budget, str(exc), service) from None
-        begun = time.monotonic()
-        wait, deadline = self.config.runtime.heartbeat_timeout_s, self.config.deadlines.load
-        previous = self.registry.resident(service)
-        for name in previous:
-            self.registry.call_reply(service, UnloadRequest(parent_id=parent_id, model=name), deadline, cancel,
-                                     "load", wait)
-            self.ledger.set_resident(service, [], {})
-            if name == self.preloaded:
-                self.counters.bump("wasted_preloads")
-                self.preloaded = None
-        reply = self.registry.call_reply(service, LoadRequest(parent_id=parent_id, model=specialist), deadline,
-                                         cancel, "load", wait)
-        self._expect(reply, LoadReply, service)
-        assert isinstance(reply, LoadReply)
-        self.ledger.set_resident(service, reply.resident, estimates)
-        for warning in self.ledger.measure(service, reply.memory):
-            log.warning("estimate off by more than 10%%: %s", warning)
-        self.registry.set_resident(service, reply.resident, reply.placement)
-        seconds = time.monotonic() - begun
-        self.counters.swapped(previous[0] if previous else None, specialist, reply.source, seconds)
-        return seconds

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
-from services.coordinator.pipeline import Pipeline
-from services.coordinator.requests import RequestQueue
+from services.coordinator.requests import Job, RequestQueue
+from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError
 from shared.config import LyraConfig
 
@@ -22,15 +23,16 @@ log = logging.getLogger(__name__)
 class Prefetcher:
     """A background thread woken when a request's voice stage starts."""
 
-    def __init__(self, config: LyraConfig, pipeline: Pipeline, queue: RequestQueue) -> None:
+    def __init__(self, config: LyraConfig, queue: RequestQueue, residency: Residency,
+                 route_early: Callable[[Job], None]) -> None:
         self.config = config
-        self.pipeline = pipeline
         self.queue = queue
+        self.residency = residency
+        self.route_early = route_early  # decides a waiting job's specialist (the pipeline's routing)
         self.wake = threading.Event()
         self.idle = threading.Event()
         self.idle.set()
         self.stop = threading.Event()
-        pipeline.on_voice_start = self.kick
 
     def kick(self) -> None:
         """Start prefetching (called on the pipeline thread when voice starts)."""
@@ -58,7 +60,7 @@ class Prefetcher:
         for job in self.queue.peek(self.config.scheduling.lookahead):
             if job.route is None and not job.cancel.is_set():
                 try:
-                    self.pipeline.route_early(job)
+                    self.route_early(job)
                     log.info("request %s routed early to %s", job.id, job.route.specialist)  # type: ignore[union-attr]
                 except StageError as exc:
                     log.warning("early routing of %s failed (%s); it will route in its turn", job.id, exc.message)
@@ -67,17 +69,10 @@ class Prefetcher:
             self._preload()
 
     def _preload(self) -> None:
-        resident = self.pipeline.registry.resident("specialist_host")
-        upcoming = self.queue.upcoming(resident[0] if resident else None)
-        if upcoming is None or upcoming.route is None or resident == [upcoming.route.specialist]:
+        upcoming = self.queue.upcoming(self.residency.resident())
+        if upcoming is None or upcoming.route is None:
             return
         specialist = upcoming.route.specialist
-        with self.pipeline.swap_lock:
-            try:
-                seconds = self.pipeline.swap_to(specialist, upcoming.id, upcoming.cancel)
-            except StageError as exc:
-                log.info("no preload of %s: %s", specialist, exc.message)
-                return
-            self.pipeline.preloaded = specialist
-            self.pipeline.counters.bump("preloads")
-        log.info("preloaded %s for request %s in %.2fs", specialist, upcoming.id, seconds)
+        seconds = self.residency.preload(specialist, upcoming.id, upcoming.cancel)
+        if seconds is not None:
+            log.info("preloaded %s for request %s in %.2fs", specialist, upcoming.id, seconds)

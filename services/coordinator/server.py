@@ -15,6 +15,7 @@ import time
 import uuid
 
 from services.coordinator.backlog import RETRY_S, ReplyBacklog
+from services.coordinator.counters import Counters
 from services.coordinator.handlers import ClientHandlers
 from services.coordinator.intake import ClientPacer
 from services.coordinator.ledger import VramLedger
@@ -22,6 +23,7 @@ from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
 from services.coordinator.prefetch import Prefetcher
 from services.coordinator.requests import RequestQueue
+from services.coordinator.swap import Residency
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
 from shared import transport
@@ -49,8 +51,11 @@ class Coordinator:
         self.queue = RequestQueue(config.runtime.queue_size, config.scheduling.max_overtakes)
         self.ledger = VramLedger(config)
         self.registry = WorkerRegistry(WORKER_SERVICES, config.runtime.heartbeat_timeout_s, self._send_to_worker)
-        self.pipeline = Pipeline(config, self.registry, self.ledger)
-        self.prefetcher = Prefetcher(config, self.pipeline, self.queue)
+        self.counters = Counters()
+        self.residency = Residency(config, self.registry, self.ledger, self.counters)
+        self.pipeline = Pipeline(config, self.registry, self.ledger, self.residency, self.counters,
+                                 on_voice_start=lambda: self.prefetcher.kick())
+        self.prefetcher = Prefetcher(config, self.queue, self.residency, self.pipeline.route_early)
         secret = ensure_secret(config.secret_path()) if config.runtime.auth == "secret" else None
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
                                               self._lifecycle, self.instance,
@@ -58,7 +63,7 @@ class Coordinator:
                                               lambda: transport.send_frames(self._handoff(), [b"i", b"", b"", b""]))
         runtime = config.runtime
         self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * 1e6)
-        self.worker_handlers = WorkerHandlers(config, self.registry, self.ledger, secret)
+        self.worker_handlers = WorkerHandlers(config, self.registry, self.residency, secret)
         self.backlog = ReplyBacklog(int(runtime.client_queue_mb * 1024 * 1024))
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
@@ -81,7 +86,7 @@ class Coordinator:
     def _lifecycle(self, request_id: str, peer: bytes, answer_only: bool = False) -> JobLifecycle:
         """How an accepted request will talk to its client (the one place it can end)."""
         return JobLifecycle(request_id, lambda msg: self._send_to_client(peer, request_id, msg), self.instance,
-                            self.pipeline.counters.bump, answer_only)
+                            self.counters.bump, answer_only)
 
     # ------------------------------------------------------------ main loop
 
@@ -210,8 +215,7 @@ class Coordinator:
     def _pipeline_thread(self) -> None:
         while not self.stopping.is_set():
             self.prefetcher.wait_idle(self.config.deadlines.load + self.config.deadlines.route)
-            resident = self.registry.resident("specialist_host")
-            job = self.queue.take(timeout_s=TICK_S, resident=resident[0] if resident else None)
+            job = self.queue.take(timeout_s=TICK_S, resident=self.residency.resident())
             if job is None:
                 continue
             try:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 from services.coordinator.intake import QuietLog
-from services.coordinator.ledger import VramLedger, split_estimate
+from services.coordinator.swap import Residency
 from services.coordinator.workers import WorkerRegistry
 from shared.config import LyraConfig
 from shared.messages import (
@@ -35,10 +35,10 @@ Handler = Callable[[Message, bytes, "str | None"], list[Message]]
 class WorkerHandlers:
     """Dispatch table for worker messages; each handler returns the replies for the sending connection."""
 
-    def __init__(self, config: LyraConfig, registry: WorkerRegistry, ledger: VramLedger, secret: str | None) -> None:
+    def __init__(self, config: LyraConfig, registry: WorkerRegistry, residency: Residency, secret: str | None) -> None:
         self.config = config
         self.registry = registry
-        self.ledger = ledger
+        self.residency = residency
         self.secret = secret  # None only with runtime.auth = "none"
         self.strangers = QuietLog(log)  # a stranger's flood must not become a flood of log lines
         self.table: dict[type, Handler] = {RegisterRequest: self.register, HeartbeatEvent: self.heartbeat}
@@ -82,7 +82,7 @@ class WorkerHandlers:
         assert isinstance(msg, HeartbeatEvent)
         if service is None or not self.registry.heartbeat(service, msg):
             return [self._register_first(msg)]
-        self.ledger.measure(service, msg.memory)
+        self.residency.measured(service, msg.memory)
         return []
 
     def register(self, msg: Message, peer: bytes, service: str | None) -> list[Message]:
@@ -91,7 +91,7 @@ class WorkerHandlers:
         if problem is not None:
             return [problem]
         restarted = self.registry.register(msg, peer)
-        self._sync_ledger(msg)
+        self.residency.reported(msg.service, msg.resident, msg.memory)
         log.info("%s %s (pid %d, instance %s, resident %s)", msg.service,
                  "registered" if restarted else "re-registered", msg.pid, msg.instance, msg.resident or "nothing")
         return [RegisterReply(parent_id=msg.id, heartbeat_interval_s=self.config.runtime.heartbeat_interval_s)]
@@ -113,16 +113,3 @@ class WorkerHandlers:
             return ErrorEvent(parent_id=msg.id, code=ErrorCode.schema_version,
                               message=f"schema {msg.schema_version} refused: the coordinator speaks {SCHEMA_MAJOR}.x")
         return None
-
-    def _sync_ledger(self, msg: RegisterRequest) -> None:
-        entries = self.config.models_of(msg.service)
-        estimates: dict[int, int] = {}
-        for name in msg.resident:
-            if name in entries:
-                per_gpu = self.registry.estimate(msg.service, name) or split_estimate(
-                    entries[name], self.config.gpus_of(msg.service))
-                for gpu, size in per_gpu.items():
-                    estimates[gpu] = estimates.get(gpu, 0) + size
-        self.ledger.set_resident(msg.service, msg.resident, estimates)
-        for warning in self.ledger.measure(msg.service, msg.memory):
-            log.warning("estimate off by more than 10%%: %s", warning)

@@ -270,3 +270,13 @@ def test_answer_only_events_leave_out_stages_and_the_specialists_tokens(make_sta
     done = events[-1]
     assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == done.answer
     assert set(done.timings) >= {"route", "specialist", "voice"}  # the stage timings still travel in `done`
+
+
+def test_counters_tell_swaps_from_requests_that_found_their_model_loaded(make_stack) -> None:
+    stack = make_stack()
+    with stack.client() as client:
+        for name in ("pragmatist", "pragmatist", "philosopher"):
+            client.chat("hello", specialist=name, max_new_tokens=2)
+        status = client.status()
+    assert status.counters["swaps"] == 2 and status.counters["already_resident"] == 1
+    assert [(s.unloaded, s.loaded) for s in status.swaps] == [(None, "pragmatist"), ("pragmatist", "philosopher")]

@@ -8,10 +8,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.coordinator.counters import Counters
 from services.coordinator.ledger import GB, VramLedger
 from services.coordinator.lifecycle import JobLifecycle
-from services.coordinator.pipeline import Pipeline
 from services.coordinator.requests import Job, RequestQueue, Route
+from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError
 from shared.config import parse_config
 from shared.messages import ChatRequest, LoadReply, LoadRequest, MemoryReading, Message, UnloadRequest
@@ -99,14 +100,14 @@ def test_random_swaps_never_put_a_gpu_over_budget(sequence: list[str], sizes: li
     ledger.set_resident("voice", ["voice"], {0: 15 * GB, 1: 15 * GB})
     ledger.set_resident("router", ["router"], {0: 8 * GB})
     host = SimulatedHost(dict(zip(NAMES, sizes, strict=True)))
-    pipeline = Pipeline(config, host, ledger)  # type: ignore[arg-type]
+    residency = Residency(config, host, ledger, Counters())  # type: ignore[arg-type]
     refused = 0
     for specialist in sequence:
         if host.resident("specialist_host") == [specialist]:
             continue
         try:
-            with pipeline.swap_lock:
-                pipeline.swap_to(specialist, "p", threading.Event())
+            with residency.lock:
+                residency.swap_to(specialist, "p", threading.Event())
         except StageError as exc:
             refused += 1
             assert exc.code.value == "over_budget" and "GB" in exc.message
