@@ -12,7 +12,6 @@ reported, so every picture can be reproduced.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import importlib.util
 import io
 import logging
@@ -29,12 +28,12 @@ from diffusers.utils import deprecation_utils
 
 from shared.backends import memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, SpecialistOutput
+from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (and warns on the old name) in the release
 # that added this message; older releases know only `torch_dtype`.
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
@@ -97,8 +96,8 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     """Load the FLUX pipeline at `entry.path` onto this process's first GPU (relative cuda:0) or the CPU."""
     started = time.perf_counter()
     settings = checked_settings(entry)
-    gpus = [] if entry.device_map == "cpu" else _usable_gpus(entry, context)
-    dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpus else torch.float32)
+    gpus = [] if entry.device_map == "cpu" else pinned_gpus(entry, context)
+    dtype = torch_dtype(entry, bool(gpus))
     try:
         pipe = FluxPipeline.from_pretrained(entry.path, **{_DTYPE_KWARG: dtype}, **_quantization(entry, gpus, dtype))
     except (OSError, ValueError, ImportError, RuntimeError, TypeError) as exc:
@@ -144,14 +143,6 @@ def _quantization(entry: ModelEntry, gpus: list[int], dtype: torch.dtype) -> dic
     return {"quantization_config": PipelineQuantizationConfig(
         quant_backend="bitsandbytes_8bit" if eight else "bitsandbytes_4bit", quant_kwargs=kwargs,
         components_to_quantize=["transformer", "text_encoder_2"])}
-
-
-def _usable_gpus(entry: ModelEntry, context: LoadContext) -> list[int]:
-    """The physical GPUs this process may use ([] = CPU); an error when it is pinned to GPUs CUDA cannot see."""
-    if context.physical_gpus and not torch.cuda.is_available():
-        raise BackendError(f"model {entry.name!r}: the {context.service} service is pinned to GPUs "
-                           f"{context.physical_gpus} but CUDA is not available here (CPU-only torch or no driver)")
-    return list(context.physical_gpus)
 
 
 def _place(pipe: Any, settings: ImageSettings, on_gpu: bool, name: str) -> None:
@@ -212,9 +203,7 @@ class DiffusersImageModel(LoadedModel):
         if self.pipe is not None and self.settings.cpu_offload:
             self.pipe.remove_all_hooks()  # accelerate's hooks hold references to every component
         self.pipe = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
         logger.info("unloaded %s", self.entry.name)
 
     def run_specialist(self, messages: list[ChatTurn], image: bytes | None, options: GenerationOptions,

@@ -7,7 +7,6 @@ finds configuration problems without loading anything; `load` refuses to start o
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import threading
@@ -23,6 +22,7 @@ from shared.backends import hf_checks, memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
 from shared.backends.decode import DecodeEngine, Sampling
 from shared.backends.hf_checks import check_entry
+from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
 
@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HfCausalModel", "check_entry", "load", "render_template", "sampling_for"]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------- loading
@@ -67,10 +66,7 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
 
 
 def _usable_gpus(entry: ModelEntry, context: LoadContext) -> int:
-    wanted = len(context.physical_gpus)
-    if wanted and not torch.cuda.is_available():
-        raise BackendError(f"model {entry.name!r}: the {context.service} service is pinned to GPUs "
-                           f"{context.physical_gpus} but CUDA is not available here (CPU-only torch or no driver)")
+    wanted = len(pinned_gpus(entry, context))
     if wanted > torch.cuda.device_count() > 0:
         raise BackendError(f"model {entry.name!r}: expected {wanted} GPUs from CUDA_VISIBLE_DEVICES, "
                            f"CUDA shows {torch.cuda.device_count()}")
@@ -78,7 +74,7 @@ def _usable_gpus(entry: ModelEntry, context: LoadContext) -> int:
 
 
 def _model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
-    dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpu_count else torch.float32)
+    dtype = torch_dtype(entry, gpu_count > 0)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": _attention(entry, gpu_count > 0, dtype),
@@ -177,14 +173,7 @@ class HfCausalModel(TransformersModel):
         self.model = self.tokenizer = None
         if compiled:
             torch.compiler.reset()  # compiled graphs can keep parameters alive
-        gc.collect()
-        if torch.cuda.is_available():
-            # cuBLAS keeps a workspace per thread and stream (32 MiB on Hopper) inside torch's allocator;
-            # generation threads leave theirs behind. No public API frees them, hence the guarded lookup.
-            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-            if clear_workspaces is not None:
-                clear_workspaces()
-            torch.cuda.empty_cache()
+        release_memory()
         logger.info("unloaded %s", self.entry.name)
 
     def _require(self) -> tuple[Any, Any]:

@@ -8,7 +8,6 @@ model answers text-only. Image bytes (PNG/JPEG) are decoded with Pillow; unreada
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import threading
@@ -27,12 +26,12 @@ from transformers import (
 from shared.backends import placement
 from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput
 from shared.backends.hf_causal import TransformersModel, raise_if_cancelled, sampling_for
+from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import ModelEntry
 from shared.messages import ChatTurn, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------- loading
@@ -43,11 +42,8 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     started = time.perf_counter()
     if entry.kind != "vision_language":
         raise BackendError(f"model {entry.name!r}: hf_vision loads vision_language models, not {entry.kind}")
-    if context.physical_gpus and not torch.cuda.is_available():
-        raise BackendError(f"model {entry.name!r}: the {context.service} service is pinned to GPUs "
-                           f"{context.physical_gpus} but CUDA is not available here (CPU-only torch or no driver)")
     try:
-        kwargs = model_kwargs(entry, len(context.physical_gpus))
+        kwargs = model_kwargs(entry, len(pinned_gpus(entry, context)))
         processor = AutoProcessor.from_pretrained(entry.path)
         model = LlavaNextForConditionalGeneration.from_pretrained(entry.path, **kwargs)
     except placement.PlacementError as exc:
@@ -63,7 +59,7 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
 
 def model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
     """`from_pretrained` arguments: dtype, attention, device map, memory limits and quantization."""
-    dtype = _DTYPES[entry.dtype] if entry.dtype != "auto" else (torch.bfloat16 if gpu_count else torch.float32)
+    dtype = torch_dtype(entry, gpu_count > 0)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": "sdpa" if entry.attn_implementation == "auto" else entry.attn_implementation,
@@ -109,9 +105,7 @@ class HfVisionModel(TransformersModel):
         """Drop the model and processor and hand cached GPU blocks back to the driver."""
         self.drop_engine()
         self.model = self.processor = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
         logger.info("unloaded %s", self.entry.name)
 
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
