@@ -128,6 +128,12 @@ class ImageDefaults(Section):
     vae_slicing: bool = False  # decode a batch one image at a time: less peak memory for batches
     cpu_offload: bool = False  # components live in host RAM and visit the GPU in turn: far less VRAM, slower
 
+    @model_validator(mode="after")
+    def _within_limits(self) -> ImageDefaults:
+        if max(self.width, self.height) > self.max_side or self.steps > self.max_steps:
+            raise ValueError("image defaults exceed their own limits (width/height > max_side or steps > max_steps)")
+        return self
+
 
 class FakeBehaviour(Section):
     """Test-double switches for the `fake` backend (never used by a real model)."""

@@ -11,7 +11,6 @@ reported, so every picture can be reproduced.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import io
 import logging
@@ -29,7 +28,7 @@ from diffusers.utils import deprecation_utils
 from shared.backends import memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, SpecialistOutput
 from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
-from shared.config import ModelEntry
+from shared.config import ImageDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading
 
 logger = logging.getLogger(__name__)
@@ -38,44 +37,6 @@ logger = logging.getLogger(__name__)
 # that added this message; older releases know only `torch_dtype`.
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 _DESCRIBED_CHARS = 300  # longest prompt quoted back in the text that goes to the voice
-
-
-@dataclass(frozen=True)
-class ImageSettings:
-    """Per-model image defaults and memory switches (the entry's optional `image` table)."""
-
-    steps: int = 4  # denoising steps when the request sets none (FLUX.1-schnell is distilled for 1-4)
-    guidance: float = 0.0  # guidance scale; schnell ignores it, FLUX.1-dev wants ~3.5
-    width: int = 1024  # pixels when the request sets none
-    height: int = 1024
-    max_side: int = 2048  # largest width or height a request may ask for
-    max_steps: int = 50  # most steps a request may ask for
-    max_sequence_length: int = 256  # T5 prompt tokens (schnell: 256, dev: 512; the pipeline's limit is 512)
-    vae_tiling: bool = False  # decode in tiles: large images in less memory, slightly slower
-    vae_slicing: bool = False  # decode a batch one image at a time
-    cpu_offload: bool = False  # keep components in host RAM, move each to the GPU while it runs
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "width", "height", "max_side", "max_steps", "max_sequence_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"image.{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_sequence_length > 512:
-            raise ValueError(f"image.max_sequence_length is at most 512 for FLUX, got {self.max_sequence_length}")
-        if max(self.width, self.height) > self.max_side or self.steps > self.max_steps:
-            raise ValueError("image defaults exceed their own limits (width/height > max_side or steps > max_steps)")
-
-    @classmethod
-    def of(cls, entry: ModelEntry) -> ImageSettings:
-        """The settings in `entry.image` (a table or model, once config.py has it), else the defaults."""
-        table = getattr(entry, "image", None)
-        if table is None:
-            return cls()
-        values = table.model_dump() if hasattr(table, "model_dump") else dict(table)
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown image setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -110,7 +71,7 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     return loaded
 
 
-def checked_settings(entry: ModelEntry) -> ImageSettings:
+def checked_settings(entry: ModelEntry) -> ImageDefaults:
     """The entry's image settings; BackendError for anything this backend cannot honour."""
     if entry.kind != "image_generation":
         raise BackendError(f"model {entry.name!r}: the diffusers backend runs image_generation models, "
@@ -118,10 +79,7 @@ def checked_settings(entry: ModelEntry) -> ImageSettings:
     if entry.device_map not in ("", "cpu") or entry.max_memory:
         raise BackendError(f"model {entry.name!r}: the diffusers backend puts the whole pipeline on the service's "
                            "first GPU; remove device_map/max_memory and set image.cpu_offload if memory is short")
-    try:
-        return ImageSettings.of(entry)
-    except (TypeError, ValueError) as exc:
-        raise BackendError(f"model {entry.name!r}: {exc}") from exc
+    return entry.image
 
 
 def _quantization(entry: ModelEntry, gpus: list[int], dtype: torch.dtype) -> dict[str, Any]:
@@ -145,7 +103,7 @@ def _quantization(entry: ModelEntry, gpus: list[int], dtype: torch.dtype) -> dic
         components_to_quantize=["transformer", "text_encoder_2"])}
 
 
-def _place(pipe: Any, settings: ImageSettings, on_gpu: bool, name: str) -> None:
+def _place(pipe: Any, settings: ImageDefaults, on_gpu: bool, name: str) -> None:
     """Move the pipeline to relative cuda:0 (or keep it on the CPU) and apply the memory switches."""
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
@@ -165,7 +123,7 @@ def _place(pipe: Any, settings: ImageSettings, on_gpu: bool, name: str) -> None:
 class DiffusersImageModel(LoadedModel):
     """A FLUX pipeline resident in this process; draws one picture per specialist run."""
 
-    def __init__(self, entry: ModelEntry, pipe: Any, settings: ImageSettings, physical_gpus: list[int]) -> None:
+    def __init__(self, entry: ModelEntry, pipe: Any, settings: ImageDefaults, physical_gpus: list[int]) -> None:
         self.entry = entry
         self.pipe: Any = pipe
         self.settings = settings

@@ -9,15 +9,14 @@ import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from shared.backends import hf_vision
 from shared.backends.base import BackendError, Cancelled, LoadedModel, SpecialistOutput, load_model
-from shared.backends.diffusers_image import ImageSettings
-from shared.config import GenerationDefaults, ModelEntry
+from shared.backends.diffusers_image import checked_settings
+from shared.config import GenerationDefaults, ImageDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions
 from shared.process import guard_user_text
 from shared.tiny import flux as tiny_flux
@@ -176,13 +175,13 @@ def test_flux_refuses_what_it_cannot_honour(flux_dir: Path) -> None:
 
 
 def test_image_settings_come_from_the_entry_table() -> None:
-    assert ImageSettings.of(SimpleNamespace(image={"steps": 2, "cpu_offload": True})) == \
-        ImageSettings(steps=2, cpu_offload=True)
-    assert ImageSettings.of(SimpleNamespace()) == ImageSettings()
-    with pytest.raises(ValueError, match="unknown"):
-        ImageSettings.of(SimpleNamespace(image={"stpes": 2}))
+    entry = ModelEntry(name="artist", kind="image_generation", backend="diffusers", path="x",
+                       image={"steps": 2, "cpu_offload": True})
+    assert checked_settings(entry) == ImageDefaults(steps=2, cpu_offload=True)
+    with pytest.raises(ValueError, match="stpes"):
+        ModelEntry(name="artist", kind="image_generation", backend="diffusers", path="x", image={"stpes": 2})
     with pytest.raises(ValueError, match="max_side"):
-        ImageSettings(width=4096)
+        ImageDefaults(width=4096)
 
 
 # ---------------------------------------------------------------- LLaVA-NeXT
