@@ -23,7 +23,8 @@ SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets
 #      (where each load came from, how long it took) in status
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
-STAGES = ("route", "load", "specialist", "voice")
+Stage = Literal["route", "load", "specialist", "voice"]  # a request's stages, in order
+STAGES: tuple[Stage, ...] = ("route", "load", "specialist", "voice")
 
 
 def new_id() -> str:
@@ -186,14 +187,14 @@ class ProgressEvent(ClientBound):
 
     type: Literal["progress_event"] = "progress_event"
     position: int | None = None  # requests ahead of this one while it waits; None once it runs
-    stage: str | None = None  # the stage running now, once it runs
+    stage: Stage | None = None  # the stage running now, once it runs
 
 
 class StageStartedEvent(ClientBound):
     """A stage of the pipeline began."""
 
     type: Literal["stage_started_event"] = "stage_started_event"
-    stage: str  # one of STAGES
+    stage: Stage
     service: str
     model: str | None = None
 
@@ -202,7 +203,7 @@ class StageFinishedEvent(ClientBound):
     """A stage of the pipeline ended successfully."""
 
     type: Literal["stage_finished_event"] = "stage_finished_event"
-    stage: str
+    stage: Stage
     service: str
     seconds: float
     model: str | None = None
@@ -212,7 +213,7 @@ class StageRestartedEvent(ClientBound):
     """A stage's worker died or restarted; the stage runs again, so drop the text it streamed so far."""
 
     type: Literal["stage_restarted_event"] = "stage_restarted_event"
-    stage: str
+    stage: Stage
     service: str
     attempt: int  # 1 for the first re-run
     reason: str  # what happened to the worker
@@ -232,7 +233,7 @@ class TokenEvent(ClientBound):
 
     type: Literal["token_event"] = "token_event"
     text: str
-    stage: str = "voice"
+    stage: Literal["specialist", "voice"] = "voice"  # whose text: a specialist's or the voice's
 
 
 class ImageEvent(ClientBound):
@@ -265,7 +266,7 @@ class ErrorEvent(ClientBound):
     code: ErrorCode
     message: str  # a sentence a person can act on
     service: str | None = None  # the service at fault, when there is one
-    stage: str | None = None
+    stage: Stage | None = None
     queue_depth: int | None = None  # set on `busy`
 
 

@@ -22,6 +22,7 @@ from shared.messages import (
     Message,
     RegisterRequest,
     ServiceStatus,
+    Stage,
     TokenEvent,
     WorkerError,
 )
@@ -34,7 +35,7 @@ WAIT_STEP_S = 0.05
 class StageError(Exception):
     """A stage could not complete; becomes the request's terminal ErrorEvent."""
 
-    def __init__(self, code: ErrorCode, message: str, service: str | None = None, stage: str | None = None,
+    def __init__(self, code: ErrorCode, message: str, service: str | None = None, stage: Stage | None = None,
                  instance: str | None = None) -> None:
         super().__init__(message)
         self.code = code
