@@ -18,6 +18,7 @@ from shared.messages import DoneEvent, ImageEvent, RouteEvent, TokenEvent
 from shared.tiny import flux as tiny_flux
 from shared.tiny import llava as tiny_llava
 from tests.models import tiny
+from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
 from tests.stackproc import StackProcesses
 
 pytestmark = pytest.mark.models
@@ -47,6 +48,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcesses]:
         voice=llm(tiny.build_checkpoint("gemma3", root / "gemma3"), tokens=10, system_prompt="You are Lyra."),
         runtime__heartbeat_timeout_s=30.0, runtime__heartbeat_interval_s=0.5, weight_cache={"size_gb": 1.0},
         deadlines={"route": 60.0, "load": 120.0, "specialist": 60.0, "voice": 60.0},
+        **gateway_overrides(),
     )
     try:
         proc.start_all(timeout_s=180)
@@ -138,3 +140,26 @@ def test_a_stop_string_from_the_client_ends_the_specialist_reply(stack: StackPro
 def client_status(stack: StackProcesses) -> list:
     with stack.client(timeout_s=30) as client:
         return list(client.status().services)
+
+
+def test_the_gateway_reports_the_voice_models_real_token_counts(stack: StackProcesses) -> None:
+    import openai
+
+    gateway = GatewayProcess(stack)
+    try:
+        client = openai.OpenAI(base_url=f"{gateway.start()}/v1", api_key=KEY, max_retries=0, timeout=120)
+        chunks = list(client.chat.completions.create(
+            model="lyra/pragmatist", messages=[{"role": "user", "content": "how do I fix a bike"}], max_tokens=5,
+            stream=True, stream_options={"include_usage": True}))
+        whole = client.chat.completions.create(model="lyra/pragmatist", max_tokens=5,
+                                               messages=[{"role": "user", "content": "how do I fix a bike"}])
+    finally:
+        gateway.stop()
+    usage = chunks[-1].usage
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert usage is not None and usage.completion_tokens == 5 and usage.prompt_tokens > 10
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # greedy decoding: the whole answer is the streamed one, with the same counts
+    assert whole.choices[0].message.content == text and whole.usage.completion_tokens == 5
+    assert whole.usage.prompt_tokens == usage.prompt_tokens and whole.model == "lyra/pragmatist"
