@@ -50,6 +50,7 @@ class ModelShape:
     recurrent_layers: int = 0  # Mamba layers: fixed state, no KV cache
     recurrent_state_elements: int = 0  # per Mamba layer: d_inner * (d_state + d_conv)
     recurrent_scan_elements: int = 0  # per token, per Mamba layer in prefill: d_inner * d_state
+    attention_indices: tuple[int, ...] = ()  # which decoder layers attend (their KV lives where they are placed)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def shape_from_config(config: Any) -> ModelShape | None:
         vocab_size=getattr(text, "vocab_size", 0), num_heads=heads, attention_layers=attention,
         recurrent_layers=recurrent if d_inner else 0, recurrent_state_elements=d_inner * (d_state + d_conv),
         recurrent_scan_elements=d_inner * d_state,
+        attention_indices=tuple(i for i, kind in enumerate(types) if kind not in _RECURRENT_TYPES),
     )
 
 

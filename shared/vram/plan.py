@@ -23,8 +23,8 @@ from shared.vram.estimate import (
     cuda_context_bytes,
     estimate_model,
     parse_size,
-    split_across_gpus,
 )
+from shared.vram.layout import place_model
 from shared.vram.search import Alternative, search_alternatives
 
 SERVICE_OF_ROLE = {"router": "router", "voice": "voice", "specialist": "specialist_host"}
@@ -125,8 +125,14 @@ def _place(role: str, entry: ModelEntry, config: LyraConfig, taken: dict[int, in
     except (KeyError, ValueError, OSError) as exc:  # unknown architecture, no size source, unreadable files
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise ConfigError(f"{config.source}: {role} {entry.name!r}: {message}") from exc
-    return Placement(role, entry.name, estimate,
-                     split_across_gpus(estimate, gpus, entry.device_map, entry.max_memory, free))
+    return Placement(role, entry.name, estimate, _split_cached(entry.model_dump_json(), tuple(gpus),
+                                                               tuple(sorted(free.items()))))
+
+
+@lru_cache(maxsize=512)
+def _split_cached(entry_json: str, gpus: tuple[int, ...], free: tuple[tuple[int, int], ...]) -> GpuSplit:
+    entry = ModelEntry.model_validate_json(entry_json)
+    return place_model(entry, estimate_cached(entry), list(gpus), dict(free))
 
 
 def check_placement(role: str, entry: ModelEntry, config: LyraConfig) -> None:
