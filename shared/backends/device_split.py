@@ -124,7 +124,8 @@ def infer_device_map(model: torch.nn.Module, strategy: str, max_memory: Mapping[
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence accelerate's "Device 0 is not available" when planning for GPUs this machine lacks."""
-    loggers = [logging.getLogger(name) for name in ("accelerate.utils.modeling", "transformers.integrations.accelerate")]
+    names = ("accelerate.utils.modeling", "transformers.integrations.accelerate")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)

@@ -97,7 +97,9 @@ def loader_model(entry: ModelEntry) -> torch.nn.Module | None:
     from_files = location is not None and (location / "config.json").is_file() and entry.kind == "causal_lm"
     if not (entry.architecture or from_files):
         return None
-    return _meta_model("" if from_files else entry.architecture, str(location) if from_files else "", _dtype_name(entry))
+    if from_files:
+        return _meta_model("", str(location), _dtype_name(entry))
+    return _meta_model(entry.architecture, "", _dtype_name(entry))
 
 
 def _dtype_name(entry: ModelEntry) -> str:
