@@ -32,15 +32,21 @@ def place_model(entry: ModelEntry, estimate: MemoryEstimate, gpus: list[int],
     """Split `entry` over its process's physical `gpus` (`free`: what each has left when it loads)."""
     device_map = entry.device_map
     single = not device_map or (isinstance(device_map, str) and device_map not in STRATEGIES)
-    model = None if single or not gpus or estimate.source == "declared" else loader_model(entry)
-    if model is None:
+    key = None if single or not gpus or estimate.source == "declared" else model_key(entry)
+    if key is None:
         return split_across_gpus(estimate, gpus, device_map, entry.max_memory, free)
     if isinstance(device_map, str):
-        caps = _caps(entry, gpus, free)
-        layout = device_split.infer_device_map(model, device_map, caps, entry.quantization)
+        caps = tuple(_caps(entry, gpus, free).items())
+        layout = _strategy_layout(key, device_map, caps, entry.quantization)
     else:
         layout = resolve_device_map(device_map, len(gpus))
-    return _split(estimate, gpus, model, layout, entry)
+    return _split(estimate, gpus, _sizes(key, entry.quantization), layout)
+
+
+@lru_cache(maxsize=256)
+def _strategy_layout(key: ModelKey, strategy: str, caps: tuple[tuple[int | str, int], ...],
+                     quantization: str) -> dict[str, int | str]:
+    return device_split.infer_device_map(_meta_model(*key), strategy, dict(caps), quantization)
 
 
 def _caps(entry: ModelEntry, gpus: list[int], free: dict[int, int] | None) -> dict[int | str, int]:
@@ -50,9 +56,8 @@ def _caps(entry: ModelEntry, gpus: list[int], free: dict[int, int] | None) -> di
     return {i: max((free or {}).get(gpu, 10**15), 0) for i, gpu in enumerate(gpus)}
 
 
-def _split(estimate: MemoryEstimate, gpus: list[int], model: Any, layout: dict[str, int | str],
-           entry: ModelEntry) -> GpuSplit:
-    sizes = parameter_sizes(entry, model)
+def _split(estimate: MemoryEstimate, gpus: list[int], sizes: dict[str, float],
+           layout: dict[str, int | str]) -> GpuSplit:
     by_device = device_split.bytes_by_device(sizes, layout)
     scale = estimate.weights / max(sum(sizes.values()), 1)  # the estimate's source (headers, dtype) wins
     layers = device_split.layer_devices(layout, list(sizes))
@@ -78,19 +83,23 @@ def _share(layers: dict[int, Any], chosen: set[int], device: int) -> float:
 # ----------------------------------------------------------------------------- the model the loader builds
 
 
-def parameter_sizes(entry: ModelEntry, model: Any) -> dict[str, float]:
+@lru_cache(maxsize=32)
+def _sizes(key: ModelKey, quantization: str) -> dict[str, float]:
     """Loaded bytes of each parameter of the meta-device model, quantized as the loader quantizes it."""
     import torch
 
-    dtype = next(model.parameters()).dtype
+    model = _meta_model(*key)
+    dtype = getattr(torch, key[2])
     element = torch.empty((), dtype=dtype).element_size()
-    quantized = device_split.quantized_weights(model, entry.quantization)
-    return device_split.memory_bytes(model, entry.quantization, element, quantized,
-                                     device_split.fp32_tensors(model, dtype))
+    quantized = device_split.quantized_weights(model, quantization)
+    return device_split.memory_bytes(model, quantization, element, quantized, device_split.fp32_tensors(model, dtype))
 
 
-def loader_model(entry: ModelEntry) -> torch.nn.Module | None:
-    """The text model the transformers backend builds for `entry`, on the meta device; None when unknown."""
+ModelKey = tuple[str, str, str]  # (architecture, local checkpoint folder with config.json, dtype)
+
+
+def model_key(entry: ModelEntry) -> ModelKey | None:
+    """What identifies the text model the transformers backend builds for `entry`; None when unknown."""
     if entry.kind == "image_generation" or entry.backend != "transformers":
         return None
     location = locate_checkpoint(entry) if entry.path else None
@@ -98,8 +107,14 @@ def loader_model(entry: ModelEntry) -> torch.nn.Module | None:
     if not (entry.architecture or from_files):
         return None
     if from_files:
-        return _meta_model("", str(location), _dtype_name(entry))
-    return _meta_model(entry.architecture, "", _dtype_name(entry))
+        return ("", str(location), _dtype_name(entry))
+    return (entry.architecture, "", _dtype_name(entry))
+
+
+def loader_model(entry: ModelEntry) -> torch.nn.Module | None:
+    """The text model the transformers backend builds for `entry`, on the meta device; None when unknown."""
+    key = model_key(entry)
+    return None if key is None else _meta_model(*key)
 
 
 def _dtype_name(entry: ModelEntry) -> str:
