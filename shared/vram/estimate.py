@@ -92,6 +92,7 @@ class GpuSplit:
     per_gpu: dict[int, int]
     spilled: int = 0  # weight bytes beyond max_memory (accelerate would offload them to CPU/disk)
     notes: tuple[str, ...] = field(default=())
+    weights: dict[int, int] = field(default_factory=dict)  # weight bytes alone per GPU, where placed exactly
 
 
 # ----------------------------------------------------------------------------- arithmetic

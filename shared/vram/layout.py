@@ -62,17 +62,18 @@ def _split(estimate: MemoryEstimate, gpus: list[int], sizes: dict[str, float],
     scale = estimate.weights / max(sum(sizes.values()), 1)  # the estimate's source (headers, dtype) wins
     layers = device_split.layer_devices(layout, list(sizes))
     attention = set(estimate.attention_indices) & set(layers) or set(layers)
-    per_gpu, spilled = {}, 0.0
+    per_gpu, weight_bytes, spilled = {}, {}, 0.0
     for device, size in by_device.items():
         if not isinstance(device, int):
             spilled += size * scale
             continue
         weights = size * scale
+        weight_bytes[gpus[device]] = round(weights)
         kv = estimate.kv_cache * _share(layers, attention, device)
         state = estimate.recurrent_state * _share(layers, set(layers) - attention, device)
         per_gpu[gpus[device]] = round(weights + kv + state + FRAGMENTATION * (weights + kv)) + estimate.activations
     notes = (f"{spilled / GB:.1f} GB of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
-    return GpuSplit(per_gpu, round(spilled), notes)
+    return GpuSplit(per_gpu, round(spilled), notes, weight_bytes)
 
 
 def _share(layers: dict[int, Any], chosen: set[int], device: int) -> float:
