@@ -183,7 +183,8 @@ def test_jamba_gets_one_verdict_from_hub_style_headers_and_from_the_architecture
                "router": {}, "voice": {}, "specialists": {"philosopher": philosopher}}
         return make_plan(parse_config(raw))
 
-    from_headers, from_architecture = plan({"path": str(tmp_path)}), plan({"path": str(tmp_path / "absent"), "architecture": "jamba-v0.1"})
+    from_headers = plan({"path": str(tmp_path)})
+    from_architecture = plan({"path": str(tmp_path / "absent"), "architecture": "jamba-v0.1"})
     headers, architecture = (p.placements[-1].estimate for p in (from_headers, from_architecture))
     assert (headers.source, architecture.source) == ("safetensors headers", "meta-device architecture")
     assert headers.weights == pytest.approx(architecture.weights, rel=0.01)
