@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.backends import hf_checks, memory, placement
+from shared.backends import device_split, hf_checks, memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
 from shared.backends.decode import DecodeEngine, Sampling
 from shared.backends.hf_checks import check_entry
@@ -48,6 +48,8 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     file_args = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         kwargs = _model_kwargs(entry, gpu_count)
+        if kwargs["device_map"] in placement.STRATEGIES and not gguf_file:
+            kwargs["device_map"] = _strategy_map(entry, source, kwargs, context.physical_gpus)
         tokenizer = AutoTokenizer.from_pretrained(source, **file_args)
         model = AutoModelForCausalLM.from_pretrained(source, **file_args, **kwargs)
     except placement.PlacementError as exc:
@@ -89,6 +91,16 @@ def _model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
             BitsAndBytesConfig(load_in_8bit=True) if entry.quantization == "int8" else
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
     return kwargs
+
+
+def _strategy_map(entry: ModelEntry, source: str, kwargs: dict[str, Any],
+                  physical_gpus: list[int]) -> dict[str, int | str]:
+    """The explicit map for an accelerate strategy, from the function `lyra plan` places bytes with."""
+    layout = device_split.loader_device_map(AutoModelForCausalLM, source, kwargs["dtype"], kwargs["device_map"],
+                                            kwargs.pop("max_memory", None), entry.quantization)
+    logger.info("%s: %s split computed before loading: %s", entry.name, entry.device_map,
+                placement.summarize(layout, physical_gpus))
+    return layout
 
 
 def _attention(entry: ModelEntry, on_gpu: bool, dtype: torch.dtype) -> str:

@@ -77,6 +77,7 @@ class MemoryEstimate:
     context: int
     layers: int  # split granularity for multi-GPU placement
     notes: tuple[str, ...] = ()
+    attention_indices: tuple[int, ...] = ()  # decoder layers that keep a KV cache (placement puts it with them)
 
     @property
     def total(self) -> int:
@@ -91,6 +92,7 @@ class GpuSplit:
     per_gpu: dict[int, int]
     spilled: int = 0  # weight bytes beyond max_memory (accelerate would offload them to CPU/disk)
     notes: tuple[str, ...] = field(default=())
+    weights: dict[int, int] = field(default_factory=dict)  # weight bytes alone per GPU, where placed exactly
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -193,6 +195,7 @@ def estimate_model(entry: ModelEntry) -> MemoryEstimate:
         dtype=_dtype_label(entry, inventory, element), quantization=entry.quantization,
         context=entry.max_context, layers=shape.num_layers if shape and text_model else UNITS_WITHOUT_LAYERS,
         notes=_notes(entry, inventory, text_model),
+        attention_indices=shape.attention_indices if shape and text_model else (),
     )
 
 

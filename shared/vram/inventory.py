@@ -20,11 +20,13 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from shared.backends.device_split import QUANTIZED_COMPONENTS
 from shared.config import ModelEntry
 from shared.vram.architectures import build_config, build_on_meta, get_architecture
 
@@ -50,6 +52,7 @@ class ModelShape:
     recurrent_layers: int = 0  # Mamba layers: fixed state, no KV cache
     recurrent_state_elements: int = 0  # per Mamba layer: d_inner * (d_state + d_conv)
     recurrent_scan_elements: int = 0  # per token, per Mamba layer in prefill: d_inner * d_state
+    attention_indices: tuple[int, ...] = ()  # which decoder layers attend (their KV lives where they are placed)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def shape_from_config(config: Any) -> ModelShape | None:
         vocab_size=getattr(text, "vocab_size", 0), num_heads=heads, attention_layers=attention,
         recurrent_layers=recurrent if d_inner else 0, recurrent_state_elements=d_inner * (d_state + d_conv),
         recurrent_scan_elements=d_inner * d_state,
+        attention_indices=tuple(i for i, kind in enumerate(types) if kind not in _RECURRENT_TYPES),
     )
 
 
@@ -141,12 +145,16 @@ def _model_folders(directory: Path) -> list[Path]:
             if isinstance(value, list) and (directory / name).is_dir() and _weight_files(directory / name)]
 
 
-def _counts(tensors: list[tuple[str, tuple[int, ...]]], rows_axis: int) -> tuple[int, int, int]:
-    """(linear elements, linear rows, other elements) of named tensor shapes, classified by name."""
+def _counts(tensors: list[tuple[str, tuple[int, ...]]], rows_axis: int,
+            kept: Callable[[str], bool] = lambda name: False) -> tuple[int, int, int]:
+    """(linear elements, linear rows, other elements) of named tensor shapes, classified by name.
+
+    `kept` names the tensors the loader never quantizes whatever their shape.
+    """
     linear = rows = other = 0
     for name, shape in tensors:
         count = math.prod(shape)
-        if len(shape) == 2 and name.endswith(".weight") and not _NOT_LINEAR.search(name):
+        if len(shape) == 2 and name.endswith(".weight") and not _NOT_LINEAR.search(name) and not kept(name):
             linear, rows = linear + count, rows + shape[rows_axis]
         else:
             other += count
@@ -165,7 +173,8 @@ def inventory_from_safetensors(directory: Path) -> ParameterInventory:
                 stored += info["data_offsets"][1] - info["data_offsets"][0]
     if not tensors:
         raise FileNotFoundError(f"{directory}: no .safetensors weights found")
-    linear, rows, other = _counts(tensors, rows_axis=0)
+    pipeline = (directory / "model_index.json").is_file()
+    linear, rows, other = _counts(tensors, 0, _kept_by_pipeline(directory) if pipeline else lambda name: False)
     shape = None
     if (directory / "config.json").is_file() and not (directory / "model_index.json").is_file():
         from transformers import AutoConfig
@@ -173,6 +182,32 @@ def inventory_from_safetensors(directory: Path) -> ParameterInventory:
         shape = shape_from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     return ParameterInventory("safetensors headers", linear, rows, other, stored, stored / (linear + other),
                               shape, detail=", ".join(files))
+
+
+def _kept_by_pipeline(directory: Path) -> Callable[[str], bool]:
+    """For a diffusers pipeline: tensors outside the quantized components, or in a kept-in-fp32 module."""
+    keep = {folder.name: _keep_in_fp32_modules(folder) for folder in _model_folders(directory)}
+
+    def kept(name: str) -> bool:
+        folder, _, tensor = name.partition("/")
+        module = tensor.rsplit(".", 1)[0]
+        return folder not in QUANTIZED_COMPONENTS or any(
+            module == key or module.endswith(f".{key}") or module.startswith(f"{key}.") for key in keep.get(folder, ()))
+    return kept
+
+
+def _keep_in_fp32_modules(folder: Path) -> tuple[str, ...]:
+    """The `_keep_in_fp32_modules` of the class a component folder's config.json names (T5: "wo")."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return ()
+    raw = json.loads(config.read_text())
+    import diffusers
+    import transformers
+
+    names = [*(raw.get("architectures") or []), raw.get("_class_name")]
+    classes = [getattr(transformers, n, None) or getattr(diffusers, n, None) for n in names if isinstance(n, str)]
+    return tuple(next((list(c._keep_in_fp32_modules or []) for c in classes if c is not None), []))
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -215,25 +250,17 @@ def inventory_from_gguf(file: Path) -> ParameterInventory:
 # ----------------------------------------------------------------------------- meta device / count
 
 
-def _module_counts(module: Any) -> tuple[int, int, int]:
-    """(linear elements, linear rows, other elements) of a meta-device model, by module type."""
-    import torch
+def _module_counts(module: Any, library: str = "transformers", quantizable: bool = True) -> tuple[int, int, int]:
+    """(quantizable elements, their rows, other elements) of a meta-device model, by the loader's rules."""
+    from shared.backends.device_split import quantized_weights
 
-    skip: set[int] = set()
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    if head is not None:
-        skip.add(id(head))
-    seen: set[int] = set()
+    quantized = quantized_weights(module, "4bit", library) if quantizable else set()
     linear = rows = other = 0
-    for sub in module.modules():
-        for name, param in sub.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue  # tied weights count once
-            seen.add(id(param))
-            if type(sub) is torch.nn.Linear and name == "weight" and id(sub) not in skip:
-                linear, rows = linear + param.numel(), rows + param.shape[0]
-            else:
-                other += param.numel()
+    for name, param in module.named_parameters():  # tied weights are listed once
+        if name in quantized:
+            linear, rows = linear + param.numel(), rows + param.shape[0]
+        else:
+            other += param.numel()
     return linear, rows, other
 
 
@@ -243,8 +270,10 @@ def inventory_from_architecture(name: str) -> ParameterInventory:
     spec = get_architecture(name)
     linear = rows = other = 0
     parts = []
+    pipeline = any(c.library == "diffusers" for c in spec.components)
     for component in spec.components:
-        c_linear, c_rows, c_other = _module_counts(build_on_meta(component))
+        quantizable = not pipeline or component.name in QUANTIZED_COMPONENTS  # as the diffusers backend does
+        c_linear, c_rows, c_other = _module_counts(build_on_meta(component), component.library, quantizable)
         linear, rows, other = linear + c_linear, rows + c_rows, other + c_other
         parts.append(f"{component.name} {(c_linear + c_other) / 1e9:.2f}B")
     element = 4.0 if spec.torch_dtype == "float32" else 2.0
@@ -303,13 +332,40 @@ def _has_weights(directory: Path) -> bool:
     return any(_weight_files(folder) for folder in _model_folders(directory))
 
 
+def _as_loaded(entry: ModelEntry, location: Path, found: ParameterInventory) -> ParameterInventory:
+    """Header counts, with what bitsandbytes can quantize counted on the model transformers builds.
+
+    A checkpoint stores Jamba's experts per expert as 2-D weights, but transformers 5 loads them into
+    fused 3-D tensors that bitsandbytes does not quantize: what is quantizable depends on the loaded
+    model, not on the file. Without an architecture or a config.json the names decide.
+    """
+    if entry.kind == "image_generation" or entry.backend != "transformers":
+        return found
+    if (location / "config.json").is_file() and entry.kind == "causal_lm":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from shared.backends.device_split import meta_model_from_checkpoint
+
+        model = meta_model_from_checkpoint(AutoModelForCausalLM, str(location), torch.bfloat16, local_files_only=True)
+        linear, rows, _ = _module_counts(model)
+    elif entry.architecture:
+        loaded = inventory_from_architecture(entry.architecture)
+        linear, rows = loaded.linear_elements, loaded.linear_rows
+    else:
+        return found
+    linear = min(linear, found.total_elements)
+    return replace(found, linear_elements=linear, linear_rows=rows, other_elements=found.total_elements - linear,
+                   detail=f"{found.detail}; quantizable weights counted on the model transformers loads")
+
+
 def inventory_for(entry: ModelEntry) -> ParameterInventory:
     """The best inventory available for an entry: local files, else its architecture, else its parameter count."""
     location = locate_checkpoint(entry)
     if location is not None and location.suffix == ".gguf":
         return inventory_from_gguf(location)
     if location is not None and location.is_dir() and _model_folders(location) and _has_weights(location):
-        found = inventory_from_safetensors(location)
+        found = _as_loaded(entry, location, inventory_from_safetensors(location))
         if found.shape is None and entry.architecture and entry.kind != "image_generation":
             found = replace(found, shape=architecture_shape(entry.architecture))
         return found

@@ -23,8 +23,8 @@ from shared.vram.estimate import (
     cuda_context_bytes,
     estimate_model,
     parse_size,
-    split_across_gpus,
 )
+from shared.vram.layout import place_model
 from shared.vram.search import Alternative, search_alternatives
 
 SERVICE_OF_ROLE = {"router": "router", "voice": "voice", "specialist": "specialist_host"}
@@ -125,8 +125,15 @@ def _place(role: str, entry: ModelEntry, config: LyraConfig, taken: dict[int, in
     except (KeyError, ValueError, OSError) as exc:  # unknown architecture, no size source, unreadable files
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise ConfigError(f"{config.source}: {role} {entry.name!r}: {message}") from exc
-    return Placement(role, entry.name, estimate,
-                     split_across_gpus(estimate, gpus, entry.device_map, entry.max_memory, free))
+    uses_free = isinstance(entry.device_map, str) and entry.device_map and not entry.max_memory
+    return Placement(role, entry.name, estimate, _split_cached(entry.model_dump_json(), tuple(gpus),
+                                                               tuple(sorted(free.items())) if uses_free else ()))
+
+
+@lru_cache(maxsize=512)
+def _split_cached(entry_json: str, gpus: tuple[int, ...], free: tuple[tuple[int, int], ...]) -> GpuSplit:
+    entry = ModelEntry.model_validate_json(entry_json)
+    return place_model(entry, estimate_cached(entry), list(gpus), dict(free))
 
 
 def check_placement(role: str, entry: ModelEntry, config: LyraConfig) -> None:
@@ -223,23 +230,23 @@ def assess(config: LyraConfig) -> Plan:
     return Plan(config.source, gpus, (router, voice, *specialists), verdicts, tuple(problems))
 
 
-def specialist_fits(config: LyraConfig, specialist: str) -> tuple[bool, int]:
-    """(fits, least spare bytes on any GPU) for one specialist: the check alternatives are held to."""
+def specialist_fits(config: LyraConfig, specialist: str) -> tuple[bool, dict[int, int]]:
+    """(fits, spare bytes per GPU) for one specialist: the check alternatives are held to."""
     gpus, router, voice = _baseline(config)
     taken = {gpu.index: gpu.baseline for gpu in gpus}
     spec = _place("specialist", config.specialists[specialist], config, taken)
     verdict = _verdict(gpus, spec, router.split.spilled + voice.split.spilled)
-    spare = min((gpu.budget - verdict.peak[gpu.index] for gpu in gpus), default=0)
-    return verdict.fits and not _baseline_problems(gpus, router, voice), spare
+    spare = {gpu.index: gpu.budget - verdict.peak[gpu.index] for gpu in gpus}
+    fits = verdict.fits and not _baseline_problems(gpus, router, voice) and not max_memory_problems(config)
+    return fits, spare
 
 
 def voice_rebalance(config: LyraConfig) -> dict[str, str] | None:
     """A max_memory that fills the voice's GPUs not shared with the specialist host first, or None.
 
-    Each such GPU gets, for the voice's weights, what its budget leaves after CUDA contexts, the router's
-    share and the voice's activation working set, less the voice's KV/overhead in proportion (undoing
-    the 0.9 bitsandbytes factor and the one-layer reserve that `split_across_gpus` applies); the host's
-    GPUs, which must come last since "sequential" fills in order, may take what they have free.
+    With `device_map = "sequential"` each such GPU gets the largest max_memory (in 0.1 GB steps) under
+    which the voice's bytes there, placed by the loader's own split, still fit what its budget leaves
+    after CUDA contexts and the router; the host's GPUs, which come last, may take what they have free.
     """
     gpus, host = config.gpus_of("voice"), set(config.gpus_of("specialist_host"))
     lead = [gpu for gpu in gpus if gpu not in host]
@@ -247,18 +254,27 @@ def voice_rebalance(config: LyraConfig) -> dict[str, str] | None:
         return None
     contexts = cuda_context_bytes(config)
     router = _place("router", config.router, config, contexts)
-    voice = estimate_cached(config.voice)
-    weight_share = voice.weights / max(voice.weights + voice.kv_cache + voice.recurrent_state + voice.overhead, 1)
-    scale = 0.9 if voice.quantization != "none" else 1.0
     budgets = {g.index: int(g.budget_gb * GB) for g in config.gpus}
-    caps = {}
-    for relative, gpu in enumerate(gpus):
-        free = budgets[gpu] - contexts.get(gpu, 0) - router.split.per_gpu.get(gpu, 0)
-        if gpu in lead:
-            reserve = voice.weights / max(voice.layers, 1) if relative == 0 else 0
-            free = ((free - voice.activations) * weight_share + reserve) / scale
-        caps[str(relative)] = f"{max(int(free) // 10**8, 0) / 10:.1f}GB"
-    return caps
+    room = {gpu: budgets[gpu] - contexts.get(gpu, 0) - router.split.per_gpu.get(gpu, 0) for gpu in gpus}
+    tenths = {str(i): max(room[gpu] // 10**8, 0) for i, gpu in enumerate(gpus)}
+    for relative, gpu in enumerate(lead):
+        low, high = 0, tenths[str(relative)]
+        while low < high:  # the largest cap whose placed share still fits this GPU
+            middle = (low + high + 1) // 2
+            share = _voice_share(config, {**tenths, str(relative): middle}, gpu)
+            low, high = (middle, high) if share <= room[gpu] else (low, middle - 1)
+        tenths[str(relative)] = low
+    return _as_max_memory(tenths)
+
+
+def _as_max_memory(tenths: dict[str, int]) -> dict[str, str]:
+    return {key: f"{value / 10:.1f}GB" for key, value in tenths.items()}
+
+
+def _voice_share(config: LyraConfig, tenths: dict[str, int], gpu: int) -> int:
+    voice = config.voice.model_copy(update={"device_map": "sequential", "max_memory": _as_max_memory(tenths)})
+    split = _split_cached(voice.model_dump_json(), tuple(config.gpus_of("voice")), ())
+    return split.per_gpu.get(gpu, 0)
 
 
 def reparse(config: LyraConfig) -> LyraConfig:

@@ -20,7 +20,7 @@ QUANT_LEVEL = {"none": 0, "int8": 1, "4bit": 2}
 MAX_EVALUATIONS = 4000
 MIN_CONTEXT = 512
 
-FitCheck = Callable[[LyraConfig, str], tuple[bool, int]]  # (fits, least spare bytes on any GPU)
+FitCheck = Callable[[LyraConfig, str], tuple[bool, dict[int, int]]]  # (fits, spare bytes per GPU)
 Reparse = Callable[[LyraConfig], LyraConfig]
 Rebalance = Callable[[LyraConfig], dict[str, str] | None]  # voice max_memory, or None when not applicable
 
@@ -30,7 +30,7 @@ class Change:
     """One edit to the configuration."""
 
     target: str  # "router", "voice", a specialist's name, or a service ("router", "specialist_host")
-    field: str  # "quantization" | "max_context" | "gpus" | "rebalance"
+    field: str  # "quantization" | "max_context" | "device_map" | "gpus" | "rebalance"
     value: str | int | tuple[int, ...] | tuple[tuple[str, str], ...]
     cost: int
 
@@ -41,6 +41,8 @@ class Change:
         if self.field == "rebalance":
             caps = ", ".join(f'"{k}" = "{v}"' for k, v in self.value)  # type: ignore[misc]
             return f'{self.target}: device_map = "sequential", max_memory = {{{caps}}}'
+        if self.field == "device_map":
+            return f'{self.target}: device_map = "{self.value}"'
         return f"{self.target}: {self.field} = {self.value!r}"
 
     def covers(self, other: Change) -> bool:
@@ -59,7 +61,7 @@ class Alternative:
     """A verified set of changes under which the specialist fits."""
 
     changes: tuple[Change, ...]
-    headroom: int  # least spare bytes on any GPU with the changes applied
+    headroom: dict[int, int]  # spare bytes on each GPU whose load the changes alter (all GPUs if none does)
 
     @property
     def cost(self) -> int:
@@ -67,8 +69,9 @@ class Alternative:
         return sum(change.cost for change in self.changes)
 
     def describe(self) -> str:
-        """All changes on one line, with the headroom left."""
-        return "; ".join(change.describe() for change in self.changes) + f"  (headroom {self.headroom / 1e9:.1f} GB)"
+        """All changes on one line, with the headroom left on each GPU they change."""
+        room = ", ".join(f"GPU {gpu} {spare / 1e9:.1f} GB" for gpu, spare in sorted(self.headroom.items()))
+        return "; ".join(change.describe() for change in self.changes) + f"  (headroom {room})"
 
 
 def _entry_dimensions(config: LyraConfig, specialist: str) -> list[list[Change | None]]:
@@ -78,7 +81,9 @@ def _entry_dimensions(config: LyraConfig, specialist: str) -> list[list[Change |
         level = QUANT_LEVEL[entry.quantization]
         dims.append([None] + [Change(target, "quantization", q, lvl - level)
                               for q, lvl in QUANT_LEVEL.items() if lvl > level])
-    for target, entry in (("voice", config.voice), (specialist, spec)):
+    for target, entry, service in (("voice", config.voice, "voice"), (specialist, spec, "specialist_host")):
+        if len(config.gpus_of(service)) > 1 and entry.device_map != "sequential" and entry.kind != "image_generation":
+            dims.append([None, Change(target, "device_map", "sequential", 1)])
         if entry.kind != "image_generation":
             dims.append([None] + [Change(target, "max_context", entry.max_context // factor, cost)
                                   for factor, cost in ((2, 1), (4, 2)) if entry.max_context // factor >= MIN_CONTEXT])
@@ -129,6 +134,7 @@ def search_alternatives(config: LyraConfig, specialist: str, fits: FitCheck, rep
                         rebalance: Rebalance, limit: int = 3) -> tuple[Alternative, ...]:
     """Up to `limit` cheapest verified change sets under which `specialist` fits."""
     found: list[Alternative] = []
+    before = fits(config, specialist)[1]
     for evaluated, changes in enumerate(_candidates(config, specialist, rebalance)):
         if len(found) >= limit or evaluated >= MAX_EVALUATIONS:
             break
@@ -137,7 +143,8 @@ def search_alternatives(config: LyraConfig, specialist: str, fits: FitCheck, rep
         changed, resolved = apply_changes(config, changes, rebalance)
         if not fits(changed, specialist)[0]:
             continue
-        verified, headroom = fits(reparse(changed), specialist)
+        verified, spare = fits(reparse(changed), specialist)
         if verified:
-            found.append(Alternative(resolved, headroom))
+            altered = {gpu: room for gpu, room in spare.items() if room != before.get(gpu)}
+            found.append(Alternative(resolved, altered or spare))
     return tuple(found)

@@ -1,0 +1,189 @@
+"""What the loader will do with a model's parameters, decided once for the loader and for `lyra plan`.
+
+- `quantized_weights`: the weights bitsandbytes replaces, by the libraries' own rules: transformers converts
+  every plain `nn.Linear` except the modules `HfQuantizer.get_modules_to_not_convert` names (the output
+  head, tied weights, `_keep_in_fp32_modules` such as T5's `wo`); diffusers converts `nn.Linear` outside
+  its `_keep_in_fp32_modules`. Fused 3-D expert tensors are not Linear and stay in the compute dtype.
+- `memory_bytes`: each parameter's bytes once loaded (NF4: 0.5 byte + an fp32 absmax per 64 weights;
+  LLM.int8: 1 byte + an fp32 scale per output row; fp32 where the model keeps modules in fp32).
+- `infer_device_map`: for "auto"/"balanced"/"balanced_low_0"/"sequential", the map transformers'
+  `from_pretrained` computes (`transformers.integrations.accelerate._get_device_map`, the same call on a
+  meta-device model), sized the way transformers' bitsandbytes quantizers size it (0.5 byte per 4-bit
+  weight, 1 per int8 weight, max_memory x 0.9). bitsandbytes itself is never imported: its quantizer
+  needs CUDA kernels, and only these sizes are what it contributes to the map.
+
+The transformers backends load with the explicit map this returns, so a plan and a load cannot disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import torch
+
+# The FLUX pipeline components the diffusers backend quantizes (CLIP and the VAE stay in the compute dtype).
+QUANTIZED_COMPONENTS = ("transformer", "text_encoder_2")
+NF4_BLOCKSIZE = 64
+NF4_BYTES_PER_WEIGHT = 0.5 + 4 / NF4_BLOCKSIZE  # packed 4-bit + one fp32 absmax per block
+INT8_SCALE_BYTES_PER_ROW = 4  # fp32 SCB per output row
+SIZING_BYTES = {"int8": 1.0, "4bit": 0.5}  # what transformers' bnb quantizers report to accelerate per weight
+QUANTIZER_MEMORY_SHARE = 0.9  # bnb quantizers' adjust_max_memory
+
+Layout = dict[str, int | str]
+
+
+def quantized_weights(model: torch.nn.Module, quantization: str, library: str = "transformers") -> set[str]:
+    """Names of the weight tensors bitsandbytes will quantize when the loader loads `model`."""
+    if quantization == "none":
+        return set()
+    import torch
+
+    if library == "diffusers":
+        keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return {f"{name}.weight" for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and not _diffusers_skips(name, keep)}
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip)}
+
+
+def _diffusers_skips(name: str, keep: list[str]) -> bool:
+    return any(f"{key}." in name or key == name for key in keep)
+
+
+def fp32_tensors(model: torch.nn.Module, dtype: torch.dtype) -> set[str]:
+    """Parameters transformers keeps in float32 at this dtype (`_keep_in_fp32_modules`, and `_strict`)."""
+    if not hasattr(model, "_get_dtype_plan"):
+        return set()
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    patterns = list(model._get_dtype_plan(dtype))
+    if not patterns:
+        return set()
+    return {name for name, _ in model.named_parameters() if not should_convert_module(name.rsplit(".", 1)[0], patterns)}
+
+
+def memory_bytes(model: torch.nn.Module, quantization: str, element_bytes: float, quantized: set[str],
+                 fp32: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
+    """Bytes each parameter takes once loaded (tied parameters once)."""
+    sizes: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        count = param.numel()
+        if name in quantized and quantization == "4bit":
+            sizes[name] = count * NF4_BYTES_PER_WEIGHT
+        elif name in quantized and quantization == "int8":
+            sizes[name] = count + param.shape[0] * INT8_SCALE_BYTES_PER_ROW
+        else:
+            sizes[name] = count * (4 if name in fp32 else element_bytes)
+    return sizes
+
+
+class _SizingQuantizer:
+    """Stands in for transformers' bitsandbytes quantizer in the device-map computation (the same sizes)."""
+
+    def __init__(self, quantized: set[str], quantization: str) -> None:
+        self.quantized, self.size = quantized, SIZING_BYTES[quantization]
+
+    def param_element_size(self, model: Any, name: str, param: torch.Tensor) -> float:
+        return self.size if name in self.quantized else param.element_size()
+
+    def adjust_max_memory(self, max_memory: dict[Any, int]) -> dict[Any, float]:
+        return {key: value * QUANTIZER_MEMORY_SHARE for key, value in max_memory.items()}
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        """bitsandbytes' own check (no CPU offload when quantized) runs when the model really loads."""
+
+
+def infer_device_map(model: torch.nn.Module, strategy: str, max_memory: Mapping[int | str, int | str] | None,
+                     quantization: str = "none") -> Layout:
+    """The {module: device} map `from_pretrained(device_map=strategy, max_memory=...)` computes for `model`.
+
+    `model` is on the meta device in the dtype it will load in; max_memory None means what the visible GPUs
+    have free (transformers asks CUDA), as in `from_pretrained`.
+    """
+    from transformers.integrations.accelerate import _get_device_map
+
+    quantizer = None if quantization == "none" else _SizingQuantizer(quantized_weights(model, quantization),
+                                                                       quantization)
+    memory = None if max_memory is None else dict(max_memory)
+    with _quiet():
+        return dict(_get_device_map(model, strategy, memory, quantizer))
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence accelerate's "Device 0 is not available" when planning for GPUs this machine lacks."""
+    names = ("accelerate.utils.modeling", "transformers.integrations.accelerate")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def device_of(name: str, layout: Mapping[str, int | str]) -> int | str | None:
+    """The device a parameter lands on: the map's longest key that is the name or a module above it."""
+    parts = name.split(".")
+    for end in range(len(parts), -1, -1):
+        key = ".".join(parts[:end])
+        if key in layout:
+            return layout[key]
+    return None
+
+
+def bytes_by_device(sizes: Mapping[str, float], layout: Mapping[str, int | str]) -> dict[int | str, float]:
+    """Sum of `sizes` per device of `layout` (parameters the map does not place count under None)."""
+    total: dict[Any, float] = {}
+    for name, size in sizes.items():
+        device = device_of(name, layout)
+        total[device] = total.get(device, 0.0) + size
+    return total
+
+
+def layer_devices(layout: Mapping[str, int | str], names: list[str]) -> dict[int, int | str | None]:
+    """Device of each decoder layer (by index) of the first `layers.<i>` stack among `names`."""
+    stack = next((m["prefix"] for n in names if (m := _LAYER.match(n))), None)
+    if stack is None:
+        return {}
+    found: dict[int, int | str | None] = {}
+    for name in names:
+        match = _LAYER.match(name)
+        if match and match["prefix"] == stack and int(match["index"]) not in found:
+            found[int(match["index"])] = device_of(name, layout)
+    return found
+
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.")
+
+
+def meta_model_from_checkpoint(auto_class: Any, source: str, dtype: torch.dtype, **config_args: Any) -> torch.nn.Module:
+    """The model `auto_class.from_pretrained(source)` builds, on the meta device in `dtype` (no weights read)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, **config_args)
+    with torch.device("meta"):
+        model = auto_class.from_config(config)
+    return model.to(dtype)
+
+
+def loader_device_map(auto_class: Any, source: str, dtype: torch.dtype, strategy: str,
+                      max_memory: Mapping[int | str, int | str] | None, quantization: str) -> Layout:
+    """The explicit map a transformers backend loads `source` with, for an accelerate strategy."""
+    model = meta_model_from_checkpoint(auto_class, source, dtype)
+    return infer_device_map(model, strategy, max_memory, quantization)

@@ -1,0 +1,79 @@
+"""On CUDA: the plan's weight bytes per GPU against what a real load allocates, within 5%.
+
+Self-contained: builds a random-weight Llama-shaped checkpoint (~1.1B parameters, 2.2 GB in bf16) in a
+temporary folder and loads it through the production backend (`shared.backends.hf_causal.load`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from shared.backends.base import LoadContext
+from shared.config import parse_config
+from shared.vram.estimate import estimate_model
+from shared.vram.layout import place_model
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.models.tiny import build_tokenizer  # the tiny models' tokenizer, reused
+
+    folder = tmp_path_factory.mktemp("llama-1b")
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _load_and_measure(folder: Path, gpus: int, **model: object) -> tuple[dict[int, int], dict[int, int]]:
+    """(planned weight bytes, allocated bytes) per relative GPU for one load."""
+    import torch
+
+    from shared.backends import hf_causal
+
+    # Loaded as the router, which never decodes: no static KV cache, so the GPUs hold the weights alone.
+    entry = {"backend": "transformers", "path": str(folder), "dtype": "bfloat16", **model}
+    physical = list(range(gpus))
+    config = parse_config({"router": entry, "voice": {}, "specialists": {"a": {}},
+                           "gpus": [{"index": i, "budget_gb": 100} for i in physical],
+                           "services": {"router": {"gpus": physical}}})
+    before = {i: torch.cuda.memory_allocated(i) for i in physical}
+    estimate = estimate_model(config.router)
+    split = place_model(config.router, estimate, physical, dict.fromkeys(physical, 100 * 10**9))
+    loaded = hf_causal.load(config.router, LoadContext(service="router", physical_gpus=physical, config=config))
+    try:
+        used = {i: torch.cuda.memory_allocated(i) - before[i] for i in physical}
+    finally:
+        loaded.unload()
+    return split.weights or {0: estimate.weights}, used
+
+
+def test_a_4bit_load_allocates_what_the_plan_says(checkpoint: Path) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed on this machine: 4-bit loads cannot be measured")
+    planned, used = _load_and_measure(checkpoint, 1, quantization="4bit")
+    assert used[0] == pytest.approx(planned[0], rel=0.05), (planned, used)
+
+
+def test_an_auto_split_allocates_what_the_plan_says_on_each_gpu(checkpoint: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("an auto split needs two visible GPUs")
+    planned, used = _load_and_measure(checkpoint, 2, device_map="auto", max_memory={"0": "1GB", "1": "10GB"})
+    assert set(planned) == {0, 1}
+    for gpu in (0, 1):
+        assert used[gpu] == pytest.approx(planned[gpu], rel=0.05), (gpu, planned, used)
