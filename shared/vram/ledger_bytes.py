@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from shared.config import ModelEntry
-from shared.vram.estimate import estimate_model, split_across_gpus
+from shared.vram.estimate import estimate_model
+from shared.vram.tensor_parallel import voice_split
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +16,7 @@ def estimate_per_gpu(entry: ModelEntry, gpus: list[int]) -> dict[str, int]:
     if not gpus:
         return {}
     try:
-        split = split_across_gpus(estimate_model(entry), gpus, entry.device_map, entry.max_memory)
+        split = voice_split(estimate_model(entry), entry, gpus, entry.device_map, entry.max_memory)
     except Exception as exc:  # an estimate is advice: a missing file must not stop the worker
         log.warning("no memory estimate for %s (%s); the ledger falls back to memory_gb", entry.name, exc)
         return {}

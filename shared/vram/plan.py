@@ -23,9 +23,9 @@ from shared.vram.estimate import (
     cuda_context_bytes,
     estimate_model,
     parse_size,
-    split_across_gpus,
 )
 from shared.vram.search import Alternative, search_alternatives
+from shared.vram.tensor_parallel import voice_split
 
 SERVICE_OF_ROLE = {"router": "router", "voice": "voice", "specialist": "specialist_host"}
 
@@ -126,7 +126,7 @@ def _place(role: str, entry: ModelEntry, config: LyraConfig, taken: dict[int, in
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         raise ConfigError(f"{config.source}: {role} {entry.name!r}: {message}") from exc
     return Placement(role, entry.name, estimate,
-                     split_across_gpus(estimate, gpus, entry.device_map, entry.max_memory, free))
+                     voice_split(estimate, entry, gpus, entry.device_map, entry.max_memory, free))
 
 
 def check_placement(role: str, entry: ModelEntry, config: LyraConfig) -> None:
