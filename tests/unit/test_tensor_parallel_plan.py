@@ -65,3 +65,15 @@ def test_a_single_rank_is_the_whole_model() -> None:
     lyra = config("llama-3-8b", "tensor")
     estimate = estimate_model(lyra.voice)
     assert rank_bytes(estimate, lyra.voice, architecture_shape("llama-3-8b"), 1) == estimate.total
+
+
+def test_doctor_recommends_tensor_ranks_only_over_a_fast_peer_link() -> None:
+    from shared.backends.p2p import PeerLink, recommend, voice_parallel_check
+
+    assert recommend(PeerLink(0, 1, True, 370.0), "none")[0] == "tensor"
+    assert recommend(PeerLink(0, 1, True, 8.0), "none") == (
+        "pipeline", "GPUs 0 and 1: only 8 GB/s; tensor ranks would wait on every all-reduce")
+    assert recommend(PeerLink(0, 1, False, 40.0), "none")[0] == "pipeline"
+    assert recommend(PeerLink(0, 1, True, 370.0), "4bit")[0] == "pipeline"
+    status, _, detail, _ = voice_parallel_check(config("llama-3-8b", "tensor"), has_cuda=False)
+    assert status == "info" and "not measured" in detail
