@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,17 +195,30 @@ def _slice(view: Any, kind: str | None, bias: bool, shard: Shard) -> torch.Tenso
     return view[:]
 
 
-def random_rank_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights of the real shape, made on the rank's device (norms at one, biases at zero)."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+def random_rank_weights(model: nn.Module, shard: Shard, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights of the real shape, made on the rank's device: norms at one, biases at zero.
+
+    Each tensor is drawn whole from a generator seeded by its name and this rank keeps its slice, so every
+    split of the same seed (one GPU, two ranks, ...) holds the same model, one matrix at a time in memory.
+    """
+    kinds = {f"{name}.{part}": kind for name, _, kind in linear_layers(model) for part in ("weight", "bias")}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
-            elif name.endswith(".bias"):
+                continue
+            if name.endswith(".bias"):
                 param.zero_()
-            else:
-                param.normal_(0.0, std, generator=generator)
+                continue
+            kind = kinds.get(name)
+            shape = list(param.shape)
+            axis = {"column": 0, "row": 1}.get(kind or "")
+            if axis is not None:
+                shape[axis] *= shard.world
+            generator = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
+            whole = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(0.0, std, generator=generator)
+            param.copy_(whole if axis is None else whole.narrow(axis, shard.span(shape[axis]).start, param.shape[axis]))
+            del whole
     tie_embeddings(model)
 
 
