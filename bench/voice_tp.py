@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import statistics
 import sys
 import tempfile
@@ -92,10 +93,10 @@ def prompt_ids(device: Any, vocab: int) -> Any:
     return torch.arange(7, 7 + 24, device=device).remainder(vocab).view(1, -1)
 
 
-def dtype_of(device: str) -> Any:
+def dtype_of(device: str, precision: str = "") -> Any:
     import torch
 
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, precision) if precision else torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def weight_bytes(model: Any) -> int:
@@ -110,13 +111,14 @@ def streamed_bytes(model: Any) -> int:
 # ----------------------------------------------------------------------------- one GPU and pipeline
 
 
-def one_device(shape: str, device: str, tokens: int, max_context: int) -> dict:
+def one_device(shape: str, device: str, tokens: int, max_context: int, precision: str = "") -> dict:
     import torch
 
     from shared.backends.tensor_parallel import Shard, build_rank_model, random_rank_weights
 
     place = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
-    model = build_rank_model(model_config(shape), dtype_of(device), "sdpa", Shard(0, 1), place, lambda t: t)
+    model = build_rank_model(model_config(shape), dtype_of(device, precision), "sdpa", Shard(0, 1), place,
+                             lambda t: t)
     random_rank_weights(model, Shard(0, 1), SEED)
     engine = engine_for(model, max_context)
     prompt = prompt_ids(place, model.config.vocab_size)
@@ -174,7 +176,7 @@ def _moved(args: tuple, kwargs: dict, device: Any) -> tuple[tuple, dict]:
 
 
 def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str, all_reduce: str, tokens: int,
-                max_context: int, results: Any) -> None:
+                max_context: int, precision: str, results: Any) -> None:
     """One rank: its share with random weights; rank 0 times the decode, the other follows."""
     import torch
     import torch.distributed as dist
@@ -184,7 +186,7 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
 
     place = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
     group = join(rank, world, place, dist.FileStore(store_path, world))
-    shard, dtype = Shard(rank, world), dtype_of(device)
+    shard, dtype = Shard(rank, world), dtype_of(device, precision)
     try:
         reduce = make_reduce(all_reduce, place, dtype)
     except Exception as exc:  # symmetric memory needs P2P-capable GPUs and a recent PyTorch
@@ -198,26 +200,44 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
         engine._runner()  # every rank captures its graph together
     if rank != 0:
         follow(engine.runner, group)
+        results.put(rank_memory(rank, place))
         return
     prompt = prompt_ids(place, model.config.vocab_size)
     row = {"run": f"tensor x{world} ({all_reduce})", "engine": engine.describe(),
            "ms_per_token": ms_per_token(engine, prompt, tokens), "read_gb": streamed_bytes(model) / 1e9,
            "tokens": decode(engine, prompt, AGREE)}
-    if device == "cuda":
-        row["rank0_allocated_gb"] = torch.cuda.memory_allocated(place) / 1e9
-        row["rank0_reserved_gb"] = torch.cuda.memory_reserved(place) / 1e9
     group.command(STOP)
-    results.put(row)
+    results.put({**row, **rank_memory(0, place)})
 
 
-def tensor(shape: str, device: str, all_reduce: str, tokens: int, max_context: int, world: int = 2) -> dict:
+def rank_memory(rank: int, place: Any) -> dict:
+    """What a rank holds on its GPU after decoding (torch's allocator: allocated and reserved, GB)."""
+    import torch
+
+    if place.type != "cuda":
+        return {"rank": rank}
+    return {"rank": rank, "allocated_gb": torch.cuda.memory_allocated(place) / 1e9,
+            "reserved_gb": torch.cuda.memory_reserved(place) / 1e9}
+
+
+def tensor(shape: str, device: str, all_reduce: str, tokens: int, max_context: int, precision: str = "",
+           world: int = 2) -> dict:
+    """Rank 0's row, with every rank's memory under "ranks"."""
     import torch.multiprocessing as mp
 
     results = mp.get_context("spawn").Queue()
     with tempfile.TemporaryDirectory() as folder:
         mp.start_processes(tensor_rank, nprocs=world, start_method="spawn", args=(
-            world, f"{folder}/store", shape, device, all_reduce, tokens, max_context, results))
-    return results.get(timeout=60)
+            world, f"{folder}/store", shape, device, all_reduce, tokens, max_context, precision, results))
+    reported = []
+    while True:
+        try:
+            reported.append(results.get(timeout=5))
+        except queue.Empty:
+            break
+    row = next(r for r in reported if "run" in r)
+    row["ranks"] = sorted((r for r in reported if "rank" in r), key=lambda r: r["rank"])
+    return row
 
 
 # ----------------------------------------------------------------------------- the table
@@ -232,13 +252,13 @@ def bandwidth(device: str) -> float:
     return next((tb for key, tb in BANDWIDTH_TB_S.items() if key in name), 3.35) * 1e12
 
 
-def run_shape(shape: str, device: str, tokens: int, max_context: int) -> list[dict]:
+def run_shape(shape: str, device: str, tokens: int, max_context: int, runs: set[str]) -> list[dict]:
     rows = []
-    if shape != "70b":
+    if shape != "70b" and "one" in runs:
         rows.append(one_device(shape, device, tokens, max_context))
-    if device == "cuda":
+    if device == "cuda" and "pipeline" in runs:
         rows.append(pipeline(shape, tokens, max_context))
-    reductions = ("nccl", "symmetric") if device == "cuda" else ("nccl",)
+    reductions = [kind for kind in ("nccl", "symmetric") if kind in runs and (device == "cuda" or kind == "nccl")]
     rows += [tensor(shape, device, kind, tokens, max_context) for kind in reductions]
     whole = next((r["read_gb"] for r in rows if r["run"] != "one device" and "read_gb" in r and "tensor" not in
                   r["run"]), rows[0].get("read_gb", 0.0))
@@ -277,10 +297,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=4096)
+    parser.add_argument("--runs", default="one,pipeline,nccl,symmetric", help="which placements to time")
     args = parser.parse_args()
     rows = []
     for shape in args.shapes.split(","):
-        rows += run_shape(shape, args.device, args.tokens, min(args.max_context, 256 if shape == "tiny" else 1 << 20))
+        context = min(args.max_context, 256) if shape == "tiny" else args.max_context
+        rows += run_shape(shape, args.device, args.tokens, context, set(args.runs.split(",")))
         for row in rows:
             row.setdefault("shape", shape)
     print_table(rows)
