@@ -8,6 +8,7 @@ in one process: prefill logits, greedy replies, and a seeded sampled reply.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,23 +43,22 @@ def prefill_logits(model: hf_causal.HfCausalModel) -> torch.Tensor:
         return engine._runner().prefill({"input_ids": ids}).clone()
 
 
-def run_rank(rank: int, store_path: str, checkpoint: str, results: object) -> None:
-    """One rank: load its share, rank 0 answers and reports, the follower follows until told to stop."""
+def load_rank(rank: int, store_path: str, checkpoint: str) -> tuple:
     import torch.distributed as dist
 
-    from shared.backends.rank_runner import STOP, follow, join
+    from shared.backends.rank_runner import join
     from shared.backends.tensor_parallel import load_voice_rank
 
     group = join(rank, WORLD, torch.device("cpu"), dist.FileStore(store_path, WORLD))
-    model = load_voice_rank(tiny.entry("voice", checkpoint, parallel="tensor", ranks=WORLD), None, group)
-    if rank == 0:
-        logits = prefill_logits(model)
-        results.put((replies(model), logits.tolist(), model.engine_kind(), model.placement()))  # type: ignore[attr-defined]
-        group.command(STOP)
-    else:
-        assert model.engine is not None
-        follow(model.engine.runner, group)
-    dist.destroy_process_group()
+    return group, load_voice_rank(tiny.entry("voice", checkpoint, parallel="tensor", ranks=WORLD), None, group)
+
+
+def follower(store_path: str, checkpoint: str) -> None:
+    """Rank 1, in a process of its own: load its share, then follow rank 0 until told to stop."""
+    from shared.backends.rank_runner import follow
+
+    group, model = load_rank(1, store_path, checkpoint)
+    follow(model.engine.runner, group)
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +67,26 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    context = mp.get_context("spawn")
-    results = context.Queue()
+def two_ranks(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """Rank 0 in this process (torch is already imported here), rank 1 in a spawned one."""
+    import torch.distributed as dist
+
+    from shared.backends.rank_runner import STOP
+
     store = str(tmp_path_factory.mktemp("store") / "rendezvous")
-    mp.start_processes(run_rank, args=(store, str(checkpoint), results), nprocs=WORLD, start_method="spawn",
-                       join=True)
-    return results.get(timeout=60)
+    other = mp.get_context("spawn").Process(target=follower, args=(store, str(checkpoint)), daemon=True)
+    other.start()
+    try:
+        group, model = load_rank(0, store, str(checkpoint))
+        yield replies(model), prefill_logits(model), model.engine_kind(), model.placement()
+        group.command(STOP)
+        other.join(timeout=30)
+        assert other.exitcode == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if other.is_alive():
+            other.kill()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +96,7 @@ def one_process(checkpoint: Path) -> hf_causal.HfCausalModel:
 
 def test_ranks_compute_the_logits_of_the_whole_model(two_ranks: tuple, one_process: hf_causal.HfCausalModel) -> None:
     expected = prefill_logits(one_process)
-    torch.testing.assert_close(torch.tensor(two_ranks[1]), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two_ranks[1], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_ranks_give_the_same_replies_as_one_process(two_ranks: tuple, one_process: hf_causal.HfCausalModel) -> None:
