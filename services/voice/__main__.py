@@ -2,12 +2,14 @@
 
 import logging
 import os
+import sys
 
 from services.voice import ranks
 from services.voice.handlers import VoiceWorker
 from shared.process import run_worker
 
 if __name__ == "__main__":
+    ranks.pin_rank0_to_its_gpu(sys.argv[1:])
     code = run_worker("voice", VoiceWorker)
     if ranks.started():  # no interpreter teardown: process groups would wait on followers that die with us
         logging.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 from services.voice import ranks
 from shared.backends.base import LoadContext
@@ -42,6 +43,8 @@ class VoiceWorker(ResidentModelWorker):
     service = "voice"
 
     def __init__(self, context: LoadContext) -> None:
+        # Rank 0 of a tensor voice sees only its GPU; its context (estimates, ranks) names all of the voice's.
+        context = replace(context, physical_gpus=ranks.voice_gpus(context.physical_gpus))
         super().__init__(context, context.config.voice)
         self.followers: ranks.Followers | None = None
 

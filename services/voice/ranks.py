@@ -13,6 +13,7 @@ Followers publish their measured memory in the rendezvous store; rank 0 reports 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import logging
@@ -26,7 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 from shared.backends.base import BackendError
-from shared.config import ModelEntry
+from shared.config import ConfigError, ModelEntry, load_config
 from shared.messages import MemoryReading
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 STORE_TIMEOUT = timedelta(minutes=10)  # followers must load and join within this
 FOLLOWER_EXIT_CODE = 3
 PR_SET_PDEATHSIG = 1
+GPUS_VARIABLE = "LYRA_VOICE_GPUS"
 _started = threading.Event()
 
 
@@ -45,6 +47,30 @@ def world_size(entry: ModelEntry, physical_gpus: list[int]) -> int:
         raise BackendError(f"model {entry.name!r}: ranks = {entry.ranks} but the voice has GPUs {physical_gpus}; "
                            "one rank per GPU (set ranks = 0 or give it as many GPUs)")
     return entry.ranks or len(physical_gpus)
+
+
+def pin_rank0_to_its_gpu(argv: list[str]) -> None:
+    """Before torch starts: rank 0 of a tensor voice sees only its own GPU, so it makes no CUDA context on the
+    followers' GPUs (the plan counts one context per rank); the voice's whole GPU list moves to GPUS_VARIABLE.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if "," not in visible:
+        return
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", "-c", default=os.environ.get("LYRA_CONFIG", ""))
+    try:
+        config = load_config(parser.parse_known_args(argv)[0].config)
+    except (ConfigError, OSError):
+        return  # the worker's own start reports a bad config
+    if config.voice.parallel == "tensor":
+        os.environ[GPUS_VARIABLE] = visible
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0]
+
+
+def voice_gpus(visible: list[int]) -> list[int]:
+    """The voice's physical GPUs: all of them for a rank 0 pinned to its own, else what this process sees."""
+    pinned = os.environ.get(GPUS_VARIABLE, "")
+    return [int(gpu) for gpu in pinned.split(",") if gpu.strip().isdigit()] if pinned else visible
 
 
 def started() -> bool:
@@ -83,7 +109,7 @@ class Followers:
         return self.store
 
     def _spawn(self, rank: int, port: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
+        env = {name: value for name, value in os.environ.items() if name != GPUS_VARIABLE}
         if self.physical_gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(self.physical_gpus[rank])
         command = [sys.executable, "-m", "services.voice.rank", "--config", self.config_path, "--rank", str(rank),
