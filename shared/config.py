@@ -167,6 +167,11 @@ class ModelEntry(Section):
     # kernels, a slower first load); "eager" runs the same step eagerly. Without CUDA, or for a model split
     # over devices, all run eagerly; `lyra status` shows what runs and why.
     engine: Literal["graphs", "compiled", "eager"] = "graphs"
+    # Voice over several GPUs: "pipeline" places layers with device_map (the GPUs take turns); "tensor" runs
+    # one process per GPU, each holding its share of every layer (see shared.backends.tensor_parallel).
+    parallel: Literal["pipeline", "tensor"] = "pipeline"
+    ranks: int = Field(default=0, ge=0, le=16)  # tensor ranks; 0 = one per GPU of the service (CPU: set it)
+    all_reduce: Literal["nccl", "symmetric"] = "nccl"  # tensor ranks' all-reduce ("symmetric": CUDA P2P memory)
     description: str = ""  # what this specialist is for; the router scores it
     routable: bool = True  # offered to the router; false = reached only by the image rule or by forcing it
     system_prompt: str = ""

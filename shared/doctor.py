@@ -136,8 +136,10 @@ def runtime_checks(config: LyraConfig) -> list[Check]:
 def diagnose(config: LyraConfig) -> list[Check]:
     """Every check, in the order they are printed."""
     gpus, has_cuda = gpu_checks(config)
+    from shared.backends.p2p import voice_parallel_check  # imports torch only when the voice has GPUs
+
     return [*runtime_checks(config), *gpus, *attention_checks(has_cuda), *model_checks(config, has_cuda),
-            *placement_checks(config)]
+            Check(*voice_parallel_check(config, has_cuda)), *placement_checks(config)]
 
 
 def render(checks: list[Check]) -> str:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
+from services.voice import ranks
 from shared.backends.base import LoadContext
-from shared.messages import ChatTurn, Message, SynthesizeReply, SynthesizeRequest, TokenEvent, TokenUsage
+from shared.messages import (
+    ChatTurn,
+    MemoryReading,
+    Message,
+    SynthesizeReply,
+    SynthesizeRequest,
+    TokenEvent,
+    TokenUsage,
+)
 from shared.service import Handler, ResidentModelWorker
 
 HANDOFF = (
@@ -32,7 +43,41 @@ class VoiceWorker(ResidentModelWorker):
     service = "voice"
 
     def __init__(self, context: LoadContext) -> None:
+        # Rank 0 of a tensor voice sees only its GPU; its context (estimates, ranks) names all of the voice's.
+        context = replace(context, physical_gpus=ranks.voice_gpus(context.physical_gpus))
         super().__init__(context, context.config.voice)
+        self.followers: ranks.Followers | None = None
+
+    def startup(self) -> None:
+        """Load the voice: in this process, or as tensor-parallel ranks led by this process (rank 0)."""
+        if self.entry.parallel != "tensor":
+            return super().startup()
+        from shared.backends.rank_runner import join
+        from shared.backends.tensor_parallel import TensorParallelError, load_voice_rank, rank_problems
+
+        gpus = self.context.physical_gpus
+        world = ranks.world_size(self.entry, gpus)
+        if world < 2:
+            raise TensorParallelError("; ".join(rank_problems(self.entry, world, bool(gpus))))
+        self.followers = ranks.Followers(self.context.config.source, gpus, world)
+        group = join(0, world, ranks.rank_device(gpus), self.followers.start())
+        self.model = load_voice_rank(self.entry, gpus[0] if gpus else None, group)
+
+    def memory(self) -> list[MemoryReading]:
+        """Every rank's measured memory (each follower's as it last published it)."""
+        own = super().memory()
+        return ranks.merged(own + self.followers.readings()) if self.followers else own
+
+    def placement(self) -> dict[str, str]:
+        """Where the voice is; for tensor ranks, each rank's device and pid."""
+        where = super().placement()
+        if self.followers is None or self.model is None:
+            return where
+        gpus = self.context.physical_gpus
+        device = [f"gpu:{gpu}" for gpu in gpus] if gpus else ["cpu"] * self.followers.world
+        pids = [os.getpid(), *self.followers.pids()]
+        return {"parallel": f"tensor x{self.followers.world}", "engine": where.get("engine", ""),
+                **{f"rank{rank}": f"{device[rank]} pid {pid}" for rank, pid in enumerate(pids)}}
 
     def handlers(self) -> dict[type[Message], Handler]:
         return {SynthesizeRequest: self.synthesize}

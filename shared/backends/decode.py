@@ -218,7 +218,8 @@ def single_cuda_device(model: Any) -> bool:
 class DecodeEngine:
     """Decodes replies for one resident causal LM with the fastest runner its placement allows."""
 
-    def __init__(self, model: Any, tokenizer: Any, name: str, engine: str, max_context: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, name: str, engine: str, max_context: int,
+                 wrap: Any = None) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
         self.model = model
@@ -232,6 +233,7 @@ class DecodeEngine:
         self.lock = threading.Lock()
         self.last_usage: tuple[int, int, str] | None = None  # (prompt, completion tokens, finish reason)
         self.compiled: Any = None  # made once: it survives swaps (weights are its inputs, not constants)
+        self.wrap = wrap or (lambda runner: runner)  # e.g. tensor-parallel rank 0 announcing each step
 
     def _step_function(self) -> Any:
         if self.wanted != "compiled":
@@ -266,7 +268,7 @@ class DecodeEngine:
             runner = None
         if runner is None:
             started = time.perf_counter()
-            runner = self.runner = self._build()
+            runner = self.runner = self.wrap(self._build())
             logger.info("%s: decode engine %s ready in %.3fs", self.name, self.describe(),
                         time.perf_counter() - started)
         return runner

@@ -22,6 +22,7 @@ from shared.config import ModelEntry
 from shared.vram.architectures import build_on_meta, get_architecture
 from shared.vram.estimate import FRAGMENTATION, GB, GpuSplit, MemoryEstimate, parse_size, split_across_gpus
 from shared.vram.inventory import locate_checkpoint
+from shared.vram.tensor_parallel import voice_split
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
 
 def place_model(entry: ModelEntry, estimate: MemoryEstimate, gpus: list[int],
                 free: dict[int, int] | None = None) -> GpuSplit:
-    """Split `entry` over its process's physical `gpus` (`free`: what each has left when it loads)."""
+    """Split `entry` over its process's physical `gpus` (`free`: what each has left when it loads); tensor
+    ranks get one equal share per GPU."""
+    if entry.parallel == "tensor" and len(gpus) > 1:
+        return voice_split(estimate, entry, gpus, entry.device_map, entry.max_memory, free)
     device_map = entry.device_map
     single = not device_map or (isinstance(device_map, str) and device_map not in STRATEGIES)
     key = None if single or not gpus or estimate.source == "declared" else model_key(entry)

@@ -17,8 +17,8 @@ from shared.client import BadImageError
 from shared.messages import DoneEvent, ImageEvent, RouteEvent, TokenEvent
 from shared.tiny import flux as tiny_flux
 from shared.tiny import llava as tiny_llava
-from tests.models import tiny
 from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
+from tests.models import tiny
 from tests.stackproc import StackProcesses
 
 pytestmark = pytest.mark.models

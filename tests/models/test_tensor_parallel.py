@@ -1,0 +1,122 @@
+"""Tensor-parallel ranks on the CPU (gloo, two processes, tiny Llama): the same answers as one process.
+
+Each rank loads its share of the checkpoint through the production loader (`load_voice_rank`); rank 0
+decodes through the decode engine and the follower replays its commands. Compared with the whole model
+in one process: prefill logits, greedy replies, and a seeded sampled reply.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from shared.backends import hf_causal
+from shared.backends.tensor_parallel import Shard, TensorParallelError, split_problems
+from shared.messages import ChatTurn, GenerationOptions
+from tests.models import tiny
+
+pytestmark = pytest.mark.models
+
+PROMPTS = ["How do I fix a flat tyre?", "Is free will an illusion? Answer in one word."]
+SAMPLED = GenerationOptions(temperature=0.9, top_p=0.95, seed=7, max_new_tokens=12)
+WORLD = 2
+
+
+def replies(model: hf_causal.HfCausalModel) -> list[str]:
+    """Greedy replies to PROMPTS, then one seeded sampled reply."""
+    texts = []
+    for options in [*(GenerationOptions() for _ in PROMPTS), SAMPLED]:
+        prompt = PROMPTS[len(texts) % len(PROMPTS)]
+        texts.append("".join(model.generate([ChatTurn(role="user", content=prompt)], options, threading.Event())))
+    return texts
+
+
+def prefill_logits(model: hf_causal.HfCausalModel) -> torch.Tensor:
+    ids = torch.tensor([model._prompt_ids([{"role": "user", "content": PROMPTS[0]}])])
+    engine = model.decode_engine(model.tokenizer)
+    with torch.inference_mode():
+        return engine._runner().prefill({"input_ids": ids}).clone()
+
+
+def load_rank(rank: int, store_path: str, checkpoint: str) -> tuple:
+    import torch.distributed as dist
+
+    from shared.backends.rank_runner import join
+    from shared.backends.tensor_parallel import load_voice_rank
+
+    group = join(rank, WORLD, torch.device("cpu"), dist.FileStore(store_path, WORLD))
+    return group, load_voice_rank(tiny.entry("voice", checkpoint, parallel="tensor", ranks=WORLD), None, group)
+
+
+def follower(store_path: str, checkpoint: str) -> None:
+    """Rank 1, in a process of its own: load its share, then follow rank 0 until told to stop."""
+    from shared.backends.rank_runner import follow
+
+    group, model = load_rank(1, store_path, checkpoint)
+    follow(model.engine.runner, group)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_checkpoint("llama", tmp_path_factory.mktemp("tp") / "llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """Rank 0 in this process (torch is already imported here), rank 1 in a spawned one."""
+    import torch.distributed as dist
+
+    from shared.backends.rank_runner import STOP
+
+    store = str(tmp_path_factory.mktemp("store") / "rendezvous")
+    other = mp.get_context("spawn").Process(target=follower, args=(store, str(checkpoint)), daemon=True)
+    other.start()
+    try:
+        group, model = load_rank(0, store, str(checkpoint))
+        yield replies(model), prefill_logits(model), model.engine_kind(), model.placement()
+        group.command(STOP)
+        other.join(timeout=30)
+        assert other.exitcode == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if other.is_alive():
+            other.kill()
+
+
+@pytest.fixture(scope="module")
+def one_process(checkpoint: Path) -> hf_causal.HfCausalModel:
+    return hf_causal.load(tiny.entry("voice", checkpoint), tiny.cpu_context())
+
+
+def test_ranks_compute_the_logits_of_the_whole_model(two_ranks: tuple, one_process: hf_causal.HfCausalModel) -> None:
+    expected = prefill_logits(one_process)
+    torch.testing.assert_close(two_ranks[1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_give_the_same_replies_as_one_process(two_ranks: tuple, one_process: hf_causal.HfCausalModel) -> None:
+    expected = replies(one_process)
+    assert all(expected), "the tiny model should say something for every prompt"
+    assert two_ranks[0] == expected
+
+
+def test_rank_zero_says_how_it_decodes(two_ranks: tuple) -> None:
+    assert two_ranks[2] == "dynamic, tensor x2 (CPU)"
+    assert two_ranks[3]["model"] == "cpu (rank 0 of 2)"
+
+
+def test_shapes_that_do_not_split_evenly_are_refused_with_the_reason() -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=96, intermediate_size=200, num_attention_heads=6, num_key_value_heads=3)
+    problems = split_problems(config, 4)
+    assert any("num_attention_heads = 6" in p for p in problems)
+    assert any("num_key_value_heads = 3" in p for p in problems)
+    assert split_problems(config, 3) == ["intermediate_size = 200 is not divisible by 3 ranks"]
+    assert Shard(1, 4).span(8) == slice(2, 4)
+    assert issubclass(TensorParallelError, Exception)

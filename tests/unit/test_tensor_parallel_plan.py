@@ -1,0 +1,79 @@
+"""The plan's share of each tensor-parallel voice rank: split weights and KV, replicated embeddings."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.config import parse_config
+from shared.vram.estimate import GB, estimate_model
+from shared.vram.inventory import architecture_shape
+from shared.vram.ledger_bytes import estimate_per_gpu
+from shared.vram.plan import assess
+from shared.vram.tensor_parallel import rank_bytes, sharded_fraction
+
+
+def config(architecture: str, parallel: str, **voice: object):
+    return parse_config({
+        "gpus": [{"index": 0, "budget_gb": 140.0}, {"index": 1, "budget_gb": 140.0}],
+        "services": {"voice": {"gpus": [0, 1]}}, "router": {}, "specialists": {"pragmatist": {}},
+        "voice": {"backend": "transformers", "path": "meta-llama/x", "architecture": architecture,
+                  "dtype": "bfloat16", "parallel": parallel, "device_map": "" if parallel == "tensor" else "auto",
+                  **voice},
+    })
+
+
+def voice_split(plan):
+    return next(p for p in plan.placements if p.role == "voice")
+
+
+@pytest.mark.parametrize("architecture", ["llama-3-8b", "llama-3-70b"])
+def test_only_embeddings_and_head_stay_whole(architecture: str) -> None:
+    shape = architecture_shape(architecture)
+    assert shape is not None
+    parameters = estimate_model(config(architecture, "tensor").voice).parameters
+    replicated = 2 * shape.vocab_size * shape.hidden_size  # untied embeddings and LM head (norms ~0)
+    assert sharded_fraction(shape) == pytest.approx(1 - replicated / parameters, abs=1e-3)
+
+
+def test_each_rank_holds_half_the_layers_and_kv_plus_whole_embeddings() -> None:
+    plan = assess(config("llama-3-8b", "tensor"))
+    voice = voice_split(plan)
+    estimate = voice.estimate
+    assert set(voice.split.per_gpu) == {0, 1} and len(set(voice.split.per_gpu.values())) == 1
+    share = voice.split.per_gpu[0]
+    replicated = 2 * 128256 * 4096 * 2  # bytes of embeddings + head in bf16
+    low = (estimate.weights - replicated) / 2 + replicated + estimate.kv_cache / 2
+    assert low < share < low + estimate.activations + 0.05 * estimate.total
+    assert 9.0 * GB < share < 10.6 * GB  # 8B bf16: 14 GB split + 2.1 GB whole, KV 0.27 GB, graphs, headroom
+
+
+def test_pipeline_voice_is_placed_by_layers_as_before() -> None:
+    tensor = voice_split(assess(config("llama-3-8b", "tensor"))).split.per_gpu
+    pipeline = voice_split(assess(config("llama-3-8b", "pipeline"))).split.per_gpu
+    assert sum(pipeline.values()) < sum(tensor.values())  # pipeline holds one copy of the embeddings
+    assert pipeline != tensor
+
+
+def test_the_ledger_gets_the_plans_rank_share() -> None:
+    lyra = config("llama-3-70b", "tensor")
+    planned = voice_split(assess(lyra)).split.per_gpu
+    assert estimate_per_gpu(lyra.voice, [0, 1]) == {str(gpu): size for gpu, size in planned.items()}
+    assert 70 * GB < planned[0] < 80 * GB  # 141 GB of weights over two ranks, 4.2 GB of it whole on each
+
+
+def test_a_single_rank_is_the_whole_model() -> None:
+    lyra = config("llama-3-8b", "tensor")
+    estimate = estimate_model(lyra.voice)
+    assert rank_bytes(estimate, lyra.voice, architecture_shape("llama-3-8b"), 1) == estimate.total
+
+
+def test_doctor_recommends_tensor_ranks_only_over_a_fast_peer_link() -> None:
+    from shared.backends.p2p import PeerLink, recommend, voice_parallel_check
+
+    assert recommend(PeerLink(0, 1, True, 370.0), "none")[0] == "tensor"
+    assert recommend(PeerLink(0, 1, True, 8.0), "none") == (
+        "pipeline", "GPUs 0 and 1: only 8 GB/s; tensor ranks would wait on every all-reduce")
+    assert recommend(PeerLink(0, 1, False, 40.0), "none")[0] == "pipeline"
+    assert recommend(PeerLink(0, 1, True, 370.0), "4bit")[0] == "pipeline"
+    status, _, detail, _ = voice_parallel_check(config("llama-3-8b", "tensor"), has_cuda=False)
+    assert status == "info" and "not measured" in detail

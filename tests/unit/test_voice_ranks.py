@@ -1,0 +1,50 @@
+"""Rank bookkeeping of the tensor-parallel voice: how many ranks, which GPUs rank 0 sees, memory merged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from services.voice import ranks
+from shared.backends.base import BackendError
+from shared.config import parse_config
+from shared.messages import MemoryReading
+from tests.stackproc import fake_config, to_toml
+
+
+def voice(**fields: object):
+    return parse_config({"router": {}, "specialists": {"pragmatist": {}}, "voice": fields}).voice
+
+
+def test_tensor_ranks_are_one_per_gpu_unless_set_for_the_cpu() -> None:
+    assert ranks.world_size(voice(parallel="tensor"), [0, 1]) == 2
+    assert ranks.world_size(voice(parallel="tensor", ranks=2), []) == 2
+    assert ranks.world_size(voice(parallel="pipeline"), [0, 1]) == 1
+    with pytest.raises(BackendError, match="one rank per GPU"):
+        ranks.world_size(voice(parallel="tensor", ranks=4), [0, 1])
+
+
+@pytest.mark.parametrize("parallel, visible, pinned", [("tensor", "2", "2,3"), ("pipeline", "2,3", None)])
+def test_rank0_sees_only_its_gpu_and_still_knows_the_voices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             parallel: str, visible: str, pinned: str | None) -> None:
+    config = fake_config(tmp_path / "run")
+    config["voice"]["parallel"] = parallel
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.delenv(ranks.GPUS_VARIABLE, raising=False)
+    ranks.pin_rank0_to_its_gpu(["--config", str(tmp_path / "c.toml")])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
+    assert os.environ.get(ranks.GPUS_VARIABLE) == pinned
+    assert ranks.voice_gpus([int(g) for g in visible.split(",")]) == [2, 3]
+
+
+def test_cpu_ranks_add_up_and_gpu_ranks_stay_apart() -> None:
+    readings = [MemoryReading(device="cpu", allocated_bytes=5, reserved_bytes=5),
+                MemoryReading(device="cpu", allocated_bytes=7, reserved_bytes=7),
+                MemoryReading(device="gpu:0", allocated_bytes=3, reserved_bytes=4, nvml_used_bytes=6),
+                MemoryReading(device="gpu:1", allocated_bytes=3, reserved_bytes=4)]
+    merged = {r.device: r for r in ranks.merged(readings)}
+    assert merged["cpu"].allocated_bytes == 12 and merged["cpu"].reserved_bytes == 12
+    assert merged["gpu:0"].nvml_used_bytes == 6 and merged["gpu:1"].nvml_used_bytes is None
