@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from shared import transport
+from shared import stack_record, transport
 from shared.messages import (
     TERMINAL_TYPES,
     AcceptedEvent,
@@ -45,6 +44,7 @@ from shared.messages import (
 )
 
 DEFAULT_TIMEOUT_S = 900.0
+FIRST_ANSWER_S = 1.0  # silence after a send before the client checks that anyone serves the endpoint at all
 SILENT_INTERVALS = 3.0  # keepalive intervals of silence after which the client checks on the coordinator
 PROBE_INTERVALS = 1.5  # how long that check (a status request) may go unanswered
 
@@ -144,12 +144,6 @@ def pil_image(result: DoneEvent | ImagePayload) -> Any:
     return Image.open(io.BytesIO(payload.data))
 
 
-def state_file() -> Path:
-    """Where `lyra up` records the running stack, so clients find it from any directory."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "lyra" / "stack.json"
-
-
 def _stack_secret(endpoint: str) -> str | None:
     """The secret a tcp endpoint requires: $LYRA_SECRET, else the file `lyra up` recorded."""
     if not endpoint.startswith("tcp://"):
@@ -209,15 +203,17 @@ class CoordinatorWatch:
         return probe
 
 
-def find_stack() -> dict[str, Any]:
-    """The running stack's record (endpoint, config, run dir), from $LYRA_ENDPOINT or the state file."""
-    if os.environ.get("LYRA_ENDPOINT"):
+def find_stack(run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The live stack's record (endpoint, config, run dir): $LYRA_ENDPOINT, else see `stack_record.live_record`.
+
+    A record whose stack is gone is removed and reported at once (StackNotFoundError), never waited on.
+    """
+    if os.environ.get("LYRA_ENDPOINT") and run_dir is None:
         return {"client_endpoint": os.environ["LYRA_ENDPOINT"]}
     try:
-        return json.loads(state_file().read_text())
-    except (OSError, ValueError):
-        raise StackNotFoundError("no running Lyra stack found: start one with `lyra up -c CONFIG` "
-                                 "(or pass an endpoint / set LYRA_ENDPOINT)", code="not_running") from None
+        return stack_record.live_record(Path(run_dir) if run_dir is not None else None)
+    except stack_record.NoStack as exc:
+        raise StackNotFoundError(str(exc), code="not_running") from None
 
 
 def _image_bytes(image: Any) -> bytes | None:
@@ -269,9 +265,15 @@ class Client:
         deadline = time.monotonic() + limit
         transport.send(self.sock, request)
         watch = CoordinatorWatch(request.id) if isinstance(request, ChatRequest) else None
+        check_at = time.monotonic() + FIRST_ANSWER_S  # until the first answer: is anyone there?
         while True:
             left = deadline - time.monotonic()
             wait = min(left, watch.check_in_s()) if watch else left
+            if check_at is not None:
+                if time.monotonic() >= check_at:
+                    self._check_served()
+                    check_at = time.monotonic() + FIRST_ANSWER_S
+                wait = min(wait, max(0.0, check_at - time.monotonic()))
             # Always read what is already buffered (wait 0): a caller slow to consume its stream has
             # heard from the coordinator, however old `last_heard` looks.
             got = transport.recv_timeout(self.sock, max(0.0, wait)) if left > 0 else None
@@ -288,6 +290,7 @@ class Client:
                 raise InvalidRequestError(f"unreadable message from the coordinator: {got.error.message}",
                                           code=got.error.code.value)
             msg = got.message
+            check_at = None  # someone serves the endpoint
             if msg is not None and watch is not None:
                 watch.heard(msg)
             if msg is None or msg.parent_id != request.id or isinstance(msg, ProgressEvent):
@@ -295,6 +298,12 @@ class Client:
             yield msg
             if isinstance(msg, TERMINAL_TYPES) or isinstance(msg, StatusReply):
                 return
+
+    def _check_served(self) -> None:
+        """Raise StackNotFoundError when nothing serves the endpoint and no live stack will (a stale record)."""
+        reason = stack_record.endpoint_gone(self.endpoint)
+        if reason is not None:
+            raise StackNotFoundError(reason, code="not_running")
 
     def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
                specialist: str | None = None, timeout_s: float | None = None, **options: Any) -> Iterator[Message]:
