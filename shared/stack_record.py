@@ -195,6 +195,11 @@ def in_use(run_dir: Path, endpoints: list[str]) -> str | None:
         config = (_read(record_path(run_dir)) or {}).get("config", "?")
         return (f"run directory {run_dir} is in use by a live Lyra stack (supervisord pid {owner}, config {config}): "
                 f"stop it with `lyra down --run-dir {run_dir}`, or give this config its own runtime.run_dir")
+    return taken(endpoints)
+
+
+def taken(endpoints: list[str]) -> str | None:
+    """Why these endpoints cannot be bound: one already has a listener (named by pid where known); else None."""
     for endpoint in endpoints:
         pid = listener(endpoint)
         if pid is not None:
