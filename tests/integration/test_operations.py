@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.client import Client, StackNotFoundError
+from shared.client import Client, StackNotFoundError, find_stack
+from shared.stack import programs
 from tests.integration.test_supervisord import lyra, our_processes
 from tests.stackproc import ROOT, fake_config, to_toml
 
@@ -84,6 +85,16 @@ def test_up_with_a_crashing_worker_fails_fast_stops_everything_and_shows_its_log
     assert not (run_dir / "stack.json").exists()
 
 
+def lyra_async(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def finished(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out + err
+
+
 @pytest.mark.stack
 def test_two_stacks_side_by_side_and_a_shared_run_directory_refused(tmp_path: Path) -> None:
     run_a, run_b = tmp_path / "a", tmp_path / "b"
@@ -93,26 +104,29 @@ def test_two_stacks_side_by_side_and_a_shared_run_directory_refused(tmp_path: Pa
     same_endpoint = write_config(tmp_path / "c.toml", tmp_path / "c",
                                  runtime__client_endpoint=f"ipc://{run_a / 'client.sock'}")
     try:
-        assert lyra("up", "-c", str(config_a), "--timeout", "60").returncode == 0
-        assert lyra("up", "-c", str(config_b), "--timeout", "60").returncode == 0
+        ups = [lyra_async("up", "-c", str(config), "--timeout", "60") for config in (config_a, config_b)]
+        assert [finished(up)[0] for up in ups] == [0, 0]
         pid_a = int((run_a / "supervisord.pid").read_text())
+        pids = {}
         for run_dir, text in ((run_a, "how do I do math with code"), (run_b, "meaning of life")):
-            chat = lyra("chat", "--json", text, "--run-dir", str(run_dir))
-            assert chat.returncode == 0, chat.stderr
-        refused = lyra("up", "-c", str(same_dir), "--timeout", "60")
-        assert refused.returncode == 2
-        assert f"run directory {run_a} is in use by a live Lyra stack (supervisord pid {pid_a}" in refused.stderr
-        coordinator_a = json.loads(lyra("status", "--json", "--run-dir", str(run_a)).stdout)["services"]
-        refused = lyra("up", "-c", str(same_endpoint), "--timeout", "60")
-        assert refused.returncode == 2 and "client.sock is in use by pid" in refused.stderr, refused.stderr
+            with Client(find_stack(run_dir)["client_endpoint"], timeout_s=30) as client:
+                assert client.chat(text).answer
+                pids[run_dir] = {s.service: s.pid for s in client.status().services}
+        assert not set(pids[run_a].values()) & set(pids[run_b].values())  # two stacks, not one seen twice
+        refused = [lyra_async("up", "-c", str(config), "--timeout", "60") for config in (same_dir, same_endpoint)]
+        (code_dir, said_dir), (code_endpoint, said_endpoint) = (finished(proc) for proc in refused)
+        assert code_dir == 2
+        assert f"run directory {run_a} is in use by a live Lyra stack (supervisord pid {pid_a}" in said_dir
+        assert code_endpoint == 2
+        coordinator_a = next(p["pid"] for p in programs(run_a) if p["name"] == "coordinator")
+        assert f"client.sock is in use by pid {coordinator_a}" in said_endpoint, said_endpoint
         assert lyra("down", "--run-dir", str(run_a)).returncode == 0  # the first down leaves b alone
         assert not (run_a / "stack.json").exists() and (run_b / "stack.json").exists()
-        chat = lyra("chat", "--json", "meaning of life")  # the pointer still names b, started last
-        assert chat.returncode == 0 and json.loads(chat.stdout)["specialist"] == "philosopher", chat.stderr
-        assert coordinator_a  # a's status answered while it ran
+        with Client(timeout_s=30) as client:  # no endpoint given: the stack started last, b, still serves
+            assert client.chat("meaning of life").specialist == "philosopher"
     finally:
-        lyra("down", "--run-dir", str(run_a))
-        lyra("down", "--run-dir", str(run_b))
+        downs = [lyra_async("down", "--run-dir", str(run_dir)) for run_dir in (run_a, run_b)]
+        [finished(down) for down in downs]
     time.sleep(0.5)
     assert our_processes(run_a) == [] and our_processes(run_b) == []
 
@@ -125,7 +139,7 @@ def test_missing_image_is_one_line_and_no_traceback(tmp_path: Path) -> None:
 
 def test_chat_reads_a_long_prompt_from_stdin_and_from_a_file(make_stack, tmp_path: Path) -> None:
     stack = make_stack()
-    prompt = "how do I do math with code " + "word " * 40_000  # 200 KB: more than one argv string may hold
+    prompt = "how do I do math with code " + "word " * 27_000  # 135 KB: more than one argv string may hold
     piped = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "-", "--json", "--endpoint", stack.endpoint],
                            input=prompt, capture_output=True, text=True, timeout=60, cwd=ROOT,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
