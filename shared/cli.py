@@ -138,6 +138,9 @@ def print_summary(done: DoneEvent) -> None:
     print(f"route: {done.specialist}{' (forced)' if done.forced else ''}   scores: {scores}")
     order = ("queue", "route", "load", "specialist", "voice", "total")
     print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
+    for cut in done.truncated or []:
+        print(f"truncated: the {cut.stage} ({cut.model}) read only the last {cut.kept_tokens} of {cut.prompt_tokens} "
+              f"prompt tokens (max_context {cut.max_context}); the oldest text was dropped")
 
 
 def prompt_text(args: argparse.Namespace) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from shared.backends.base import LoadContext
+from shared.backends.base import LoadContext, truncation
 from shared.messages import ChatTurn, Message, SynthesizeReply, SynthesizeRequest, TokenEvent, TokenUsage
 from shared.service import Handler, ResidentModelWorker
 
@@ -47,4 +47,5 @@ class VoiceWorker(ResidentModelWorker):
         counted = self.model.last_usage()
         usage = TokenUsage(prompt_tokens=counted[0], completion_tokens=counted[1], finish_reason=counted[2]) \
             if counted else None
-        yield SynthesizeReply(parent_id=msg.id, text="".join(pieces), usage=usage)
+        yield SynthesizeReply(parent_id=msg.id, text="".join(pieces), usage=usage,
+                              truncated=truncation(self.model, "voice"))

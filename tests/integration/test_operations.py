@@ -149,3 +149,16 @@ def test_chat_reads_a_long_prompt_from_stdin_and_from_a_file(make_stack, tmp_pat
     filed = lyra("chat", "--file", str(tmp_path / "prompt.txt"), "--json", "--endpoint", stack.endpoint)
     assert filed.returncode == 0, filed.stderr
     assert json.loads(filed.stdout)["answer"] == json.loads(piped.stdout)["answer"]
+
+
+def test_a_prompt_cut_to_max_context_is_reported_in_done_and_by_the_cli(make_stack, tmp_path: Path) -> None:
+    stack = make_stack(voice__max_context=64)
+    (tmp_path / "long.txt").write_text("how do I do math with code " + "step " * 200)
+    chat = lyra("chat", "--file", str(tmp_path / "long.txt"), "--endpoint", stack.endpoint, "--max-new-tokens", "8")
+    assert chat.returncode == 0, chat.stderr
+    assert "truncated: the voice (voice) read only the last 56 of" in chat.stdout, chat.stdout
+    with Client(stack.endpoint, timeout_s=30) as client:
+        cut = client.chat("how do I do math with code " + "step " * 200, max_new_tokens=8).truncated
+        assert [(t.stage, t.kept_tokens, t.max_context) for t in cut] == [("voice", 56, 64)]
+        assert cut[0].prompt_tokens > 200
+        assert client.chat("how do I do math with code", max_new_tokens=8).truncated is None  # short: nothing cut
