@@ -57,7 +57,7 @@ class Counters:
 
     values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("requests", "completed", "failed", "cancelled", "swaps", "swaps_from_host_cache", "swaps_from_checkpoint",
-         "cache_hits", "preloads", "preload_hits", "wasted_preloads", "stage_reruns"), 0))
+         "already_resident", "preloads", "preload_hits", "wasted_preloads", "stage_reruns"), 0))
     swaps: deque[SwapRecord] = field(default_factory=lambda: deque(maxlen=SWAP_RECORDS))
 
     def swapped(self, unloaded: str | None, loaded: str, source: str | None, seconds: float) -> None:
@@ -248,7 +248,7 @@ class Pipeline:
         self.registry.wait_up(service, self.config.runtime.heartbeat_timeout_s, job.cancel)
         with self.swap_lock:
             if self.registry.resident(service) == [specialist]:
-                self.counters.bump("preload_hits" if specialist == self.preloaded else "cache_hits")
+                self.counters.bump("preload_hits" if specialist == self.preloaded else "already_resident")
                 self.preloaded = None
                 timings["load"] = 0.0
                 return

@@ -162,3 +162,16 @@ def test_a_prompt_cut_to_max_context_is_reported_in_done_and_by_the_cli(make_sta
         assert [(t.stage, t.kept_tokens, t.max_context) for t in cut] == [("voice", 56, 64)]
         assert cut[0].prompt_tokens > 200
         assert client.chat("how do I do math with code", max_new_tokens=8).truncated is None  # short: nothing cut
+
+
+def test_counters_say_what_they_count(make_stack) -> None:
+    stack = make_stack()
+    prompts = ["math code one", "math code two", "meaning of life", "math code three", "math code four"]
+    with stack.client() as client:
+        done = [client.chat(p) for p in prompts]
+        counters = client.status().counters
+    assert [d.specialist for d in done] == ["pragmatist"] * 2 + ["philosopher"] + ["pragmatist"] * 2
+    no_swap = sum(d.timings["load"] == 0.0 for d in done)
+    assert counters["already_resident"] == no_swap == len(prompts) - counters["swaps"]
+    assert counters["swaps_from_checkpoint"] == counters["swaps"] >= 3  # fakes have no host weight cache
+    assert counters["swaps_from_host_cache"] == 0 and "cache_hits" not in counters
