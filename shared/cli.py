@@ -81,7 +81,10 @@ def target_run_dir(args: argparse.Namespace) -> Path:
         return Path(args.run_dir)
     if getattr(args, "config", None):
         return load_config(args.config).run_dir()
-    return Path(find_stack()["run_dir"])
+    record = find_stack()
+    if "run_dir" not in record:
+        raise InputError("LYRA_ENDPOINT names an endpoint, not a stack: pass --run-dir or -c CONFIG")
+    return Path(record["run_dir"])
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -30,10 +30,13 @@ def supervisorctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]
 
 
 def our_processes(run_dir: Path) -> list[str]:
-    """Live (non-zombie) processes started for this stack."""
+    """Live (non-zombie) processes started for the stack of `run_dir` (other stacks may run meanwhile)."""
+    from shared.stack import supervisord_pid
+
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if (("services." in line and str(run_dir.parent) in line) or
-                                     ("supervisord.conf" in line and "supervisord " in line)) and " Z" not in line]
+    services = [line for line in out if "services." in line and str(run_dir.parent) in line and " Z" not in line]
+    pid = supervisord_pid(run_dir)
+    return services + ([f"supervisord {pid}"] if pid is not None else [])
 
 
 def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
