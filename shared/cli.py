@@ -23,6 +23,7 @@ from shared.messages import (
     TokenEvent,
 )
 
+
 class InputError(Exception):
     """What the user gave on the command line cannot be used (an unreadable file, no text); one line says why."""
 

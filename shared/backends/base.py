@@ -52,6 +52,7 @@ class LoadedModel(ABC):
     """One model resident in this process."""
 
     entry: ModelEntry
+    truncation: tuple[int, int] | None = None  # set by a backend that cut its last prompt to max_context
 
     @abstractmethod
     def memory(self) -> list[MemoryReading]:
@@ -79,7 +80,7 @@ class LoadedModel(ABC):
 
     def last_truncation(self) -> tuple[int, int] | None:
         """(prompt tokens, tokens kept) when the last reply's prompt was cut to max_context; None when it was not."""
-        return getattr(self, "truncation", None)
+        return self.truncation
 
     def engine_kind(self) -> str:
         """What decodes this model's text ("graphs", "static (eager)", ...); "" when it does not decode."""
