@@ -182,8 +182,8 @@ class CrashWatch:
                 self.starts.setdefault(name, set()).add(info["start"])
             runs = len(self.starts.get(name, ()))
             if info["statename"] == "FATAL" or runs >= CRASH_STARTS:
-                ended = info.get("spawnerr") or f"exit status {info.get('exitstatus')}"
-                return name, f"{name} keeps crashing ({runs} starts, {info['statename']}, last {ended})"
+                why = f": {info['spawnerr']}" if info.get("spawnerr") else ""
+                return name, f"{name} keeps crashing ({runs} starts, now {info['statename']}{why})"
         return None
 
 
