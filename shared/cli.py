@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared import stack
 from shared.cli_render import VoiceText, save_image
-from shared.client import Client, LyraError, find_stack
+from shared.client import Client, LyraError, StackNotFoundError, find_stack
 from shared.config import ConfigError, load_config
 from shared.messages import (
     DoneEvent,
@@ -22,6 +22,11 @@ from shared.messages import (
     StatusReply,
     TokenEvent,
 )
+
+
+class InputError(Exception):
+    """What the user gave on the command line cannot be used (an unreadable file, no text); one line says why."""
+
 
 GB = 1e9  # the planner's unit (accelerate's "47GB"): `lyra status` and `lyra plan` agree
 
@@ -65,26 +70,54 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.force:
             print("lyra: this config does not fit its GPUs (above); fix it or pass --force", file=sys.stderr)
             return 2
-    print(f"starting Lyra Runtime with {config.source} (logs in {config.run_dir() / 'logs'})", flush=True)
+    print(f"starting Lyra Runtime with {config.source} (run directory {config.run_dir()})", flush=True)
     status = stack.up(config, args.timeout, lambda line: print(f"  {line}", flush=True))
     print(render_status(status))
     return 0
 
 
+def target_run_dir(args: argparse.Namespace) -> Path:
+    """The run directory a command acts on: --run-dir, else -c CONFIG's, else the stack `lyra chat` would use."""
+    if getattr(args, "run_dir", None):
+        return Path(args.run_dir)
+    if getattr(args, "config", None):
+        return load_config(args.config).run_dir()
+    record = find_stack()
+    if "run_dir" not in record:
+        raise InputError("LYRA_ENDPOINT names an endpoint, not a stack: pass --run-dir or -c CONFIG")
+    return Path(record["run_dir"])
+
+
 def cmd_down(args: argparse.Namespace) -> int:
-    print("stopped" if stack.down(args.timeout) else "no stack was running")
+    try:
+        run_dir = target_run_dir(args)
+    except StackNotFoundError as exc:  # nothing live; a stale record was cleaned up on the way
+        print(f"no stack was running ({exc.message})")
+        return 0
+    print(f"stopped the stack in {run_dir}" if stack.down(run_dir, args.timeout) else "no stack was running")
     return 0
 
 
+def cmd_ctl(args: argparse.Namespace) -> int:
+    done = stack.supervisorctl(target_run_dir(args), *args.args)
+    print((done.stdout + done.stderr).rstrip())
+    return done.returncode
+
+
+def endpoint_of(args: argparse.Namespace) -> str:
+    """--endpoint, else the live stack's (--run-dir, $LYRA_RUN_DIR, the one started last, the default)."""
+    return args.endpoint or find_stack(args.run_dir)["client_endpoint"]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.endpoint) as client:
+    with Client(endpoint_of(args)) as client:
         status = client.status(timeout_s=args.timeout)
     print(status.model_dump_json(indent=2) if args.json else render_status(status))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    run_dir = Path(find_stack().get("run_dir", "")) if not args.run_dir else Path(args.run_dir)
+    run_dir = target_run_dir(args)
     log = run_dir / "logs" / f"{args.service}.log"
     if not log.exists():
         print(f"no log at {log}", file=sys.stderr)
@@ -109,16 +142,45 @@ def print_summary(done: DoneEvent) -> None:
     print(f"route: {done.specialist}{' (forced)' if done.forced else ''}   scores: {scores}")
     order = ("queue", "route", "load", "specialist", "voice", "total")
     print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
+    for cut in done.truncated or []:
+        print(f"truncated: the {cut.stage} ({cut.model}) read only the last {cut.kept_tokens} of {cut.prompt_tokens} "
+              f"prompt tokens (max_context {cut.max_context}); the oldest text was dropped")
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """The turn's text: the argument, `-` for stdin, or --file PATH (no argv length limit either way)."""
+    if args.file is not None and args.text is not None:
+        raise InputError("give the text as an argument or with --file, not both")
+    if args.file is not None:
+        text = sys.stdin.read() if args.file == "-" else read_input(args.file, "prompt file").decode(
+            "utf-8", errors="replace")
+    elif args.text is None:
+        raise InputError("no text: pass it as an argument, `-` to read stdin, or --file PATH")
+    else:
+        text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise InputError("the prompt is empty")
+    return text
+
+
+def read_input(path: str, what: str) -> bytes:
+    """A file the user named, or InputError with the reason in one line."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
                "stop": args.stop}
     options = {k: v for k, v in options.items() if v is not None}
+    text = prompt_text(args)
+    image = read_input(args.image, "image") if args.image else None
     done = None
     answer = VoiceText()
-    with Client(args.endpoint, timeout_s=args.timeout) as client:
-        for event in client.stream(args.text, image=args.image, specialist=args.specialist, **options):
+    with Client(endpoint_of(args), timeout_s=args.timeout) as client:
+        for event in client.stream(text, image=image, specialist=args.specialist, **options):
             if args.json:
                 done = event if isinstance(event, DoneEvent) else done
                 continue
@@ -203,6 +265,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, args.timeout, args.out)
 
 
+RUN_DIR_HELP = "the stack's run directory (default: $LYRA_RUN_DIR, else the stack started last)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lyra` argument parser."""
     parser = argparse.ArgumentParser(prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving")
@@ -212,16 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness (model loads)")
     p.add_argument("--force", action="store_true", help="start even when `lyra plan` says it does not fit")
     p.set_defaults(func=cmd_up)
-    p = sub.add_parser("down", help="stop every service")
+    p = sub.add_parser("down", help="stop every service of a stack (default: the one `lyra chat` uses)")
+    p.add_argument("-c", "--config", help="stop the stack of this config's run directory")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_down)
+    p = sub.add_parser("ctl", help="supervisorctl for a stack: `lyra ctl status`, `lyra ctl restart router`")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_ctl)
     p = sub.add_parser("status", help="services, resident models, per-GPU ledger, queue")
     p.add_argument("--json", action="store_true")
     p.add_argument("--endpoint")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("chat", help="send one turn; streams the answer")
-    p.add_argument("text")
+    p.add_argument("text", nargs="?", help="the turn's text; `-` reads it from stdin")
+    p.add_argument("--file", help="read the turn's text from this file (`-`: stdin)")
     p.add_argument("--specialist", help="force a specialist (skips the router)")
     p.add_argument("--image", help="attach an image file")
     p.add_argument("--out", help="directory to save a generated image in")
@@ -232,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="TEXT", help="end the reply before TEXT (repeatable)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--endpoint")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("plan", help="per-GPU memory plan of a config, computed from the checkpoints; exit 1 if it "
@@ -251,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice", "gateway"])
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("--run-dir")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
     p.set_defaults(func=cmd_logs)
     return parser
 
@@ -261,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, stack.StackError) as exc:
+    except (ConfigError, stack.StackError, InputError) as exc:
         print(f"lyra: {exc}", file=sys.stderr)
         return 2
     except LyraError as exc:

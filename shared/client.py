@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from shared import transport
+from shared import stack_record, transport
 from shared.messages import (
     TERMINAL_TYPES,
     AcceptedEvent,
@@ -48,6 +47,7 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 900.0
+FIRST_ANSWER_S = 1.0  # silence after a send before the client checks that anyone serves the endpoint at all
 SILENT_INTERVALS = 3.0  # keepalive intervals of silence after which the client checks on the coordinator
 PROBE_INTERVALS = 1.5  # how long that check (a status request) may go unanswered
 
@@ -147,12 +147,6 @@ def pil_image(result: DoneEvent | ImagePayload) -> Any:
     return Image.open(io.BytesIO(payload.data))
 
 
-def state_file() -> Path:
-    """Where `lyra up` records the running stack, so clients find it from any directory."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "lyra" / "stack.json"
-
-
 def _stack_secret(endpoint: str) -> str | None:
     """The secret a tcp endpoint requires: $LYRA_SECRET, else the file `lyra up` recorded."""
     if not endpoint.startswith("tcp://"):
@@ -235,15 +229,17 @@ def _timed_out(endpoint: str, limit: float) -> ClientTimeoutError:
                               "is the stack up? (`lyra status`)", code="client_timeout")
 
 
-def find_stack() -> dict[str, Any]:
-    """The running stack's record (endpoint, config, run dir), from $LYRA_ENDPOINT or the state file."""
-    if os.environ.get("LYRA_ENDPOINT"):
+def find_stack(run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The live stack's record (endpoint, config, run dir): $LYRA_ENDPOINT, else see `stack_record.live_record`.
+
+    A record whose stack is gone is removed and reported at once (StackNotFoundError), never waited on.
+    """
+    if os.environ.get("LYRA_ENDPOINT") and run_dir is None:
         return {"client_endpoint": os.environ["LYRA_ENDPOINT"]}
     try:
-        return json.loads(state_file().read_text())
-    except (OSError, ValueError):
-        raise StackNotFoundError("no running Lyra stack found: start one with `lyra up -c CONFIG` "
-                                 "(or pass an endpoint / set LYRA_ENDPOINT)", code="not_running") from None
+        return stack_record.live_record(Path(run_dir) if run_dir is not None else None)
+    except stack_record.NoStack as exc:
+        raise StackNotFoundError(str(exc), code="not_running") from None
 
 
 def _image_bytes(image: Any) -> bytes | None:
@@ -295,9 +291,15 @@ class Client:
         deadline = time.monotonic() + limit
         transport.send(self.sock, request)
         watch = CoordinatorWatch(request.id) if isinstance(request, ChatRequest) else None
+        check_at = time.monotonic() + FIRST_ANSWER_S  # until the first answer: is anyone there?
         while True:
             left = deadline - time.monotonic()
             wait = min(left, watch.check_in_s()) if watch else left
+            if check_at is not None:
+                if time.monotonic() >= check_at:
+                    self._check_served()
+                    check_at = time.monotonic() + FIRST_ANSWER_S
+                wait = min(wait, max(0.0, check_at - time.monotonic()))
             # Always read what is already buffered (wait 0): a caller slow to consume its stream has
             # heard from the coordinator, however old `last_heard` looks.
             got = transport.recv_timeout(self.sock, max(0.0, wait)) if left > 0 else None
@@ -309,12 +311,19 @@ class Client:
                 if isinstance(request, ChatRequest):
                     transport.send(self.sock, CancelRequest(parent_id=request.id, secret=self.secret))
                 raise _timed_out(self.endpoint, limit)
+            check_at = None  # someone serves the endpoint
             msg = _answer(request, got, watch)
             if msg is None:
                 continue  # a late event of an earlier request, or a keepalive
             yield msg
             if _ends(msg):
                 return
+
+    def _check_served(self) -> None:
+        """Raise StackNotFoundError when nothing serves the endpoint and no live stack will (a stale record)."""
+        reason = stack_record.endpoint_gone(self.endpoint)
+        if reason is not None:
+            raise StackNotFoundError(reason, code="not_running")
 
     def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
                specialist: str | None = None, timeout_s: float | None = None, events: str = "all",
@@ -413,13 +422,19 @@ class AsyncClient:
         watch = CoordinatorWatch(request.id) if isinstance(request, ChatRequest) else None
         transport.send(self.sock, request)
         quiet_since = loop.time()
+        check_at: float | None = quiet_since + FIRST_ANSWER_S  # until the first answer: is anyone there?
         try:
             while True:
                 wake_at = min(deadline, loop.time() + (watch.check_in_s() if watch else math.inf),
-                              quiet_since + idle_s if idle_s else math.inf)
+                              quiet_since + idle_s if idle_s else math.inf, check_at or math.inf)
                 got = await _next(inbox, loop, wake_at)
                 now = loop.time()
                 if got is _WAKE:
+                    if check_at is not None and now >= check_at:
+                        reason = stack_record.endpoint_gone(self.endpoint)
+                        if reason is not None:
+                            raise StackNotFoundError(reason, code="not_running")
+                        check_at = now + FIRST_ANSWER_S
                     if now >= deadline:
                         if isinstance(request, ChatRequest):
                             transport.send(self.sock, CancelRequest(parent_id=request.id, secret=self.secret))
@@ -433,6 +448,7 @@ class AsyncClient:
                         quiet_since = now
                         yield IDLE
                     continue
+                check_at = None  # someone serves the endpoint
                 msg = _answer(request, got, watch)
                 if msg is None:
                     continue

@@ -17,6 +17,12 @@ SERVICES = ("coordinator", "router", "specialist_host", "voice")
 WORKER_SERVICES = ("router", "specialist_host", "voice")
 
 
+def default_run_dir() -> Path:
+    """The run directory of a config that sets none: $XDG_RUNTIME_DIR/lyra, else /tmp/lyra-<uid>."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "lyra" if base else Path(f"/tmp/lyra-{os.getuid()}")
+
+
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or invalid; the message says where and why."""
 
@@ -266,8 +272,7 @@ class LyraConfig(Section):
         """The private run directory (sockets, logs)."""
         if self.runtime.run_dir:
             return Path(os.path.expanduser(self.runtime.run_dir))
-        base = os.environ.get("XDG_RUNTIME_DIR")
-        return Path(base) / "lyra" if base else Path(f"/tmp/lyra-{os.getuid()}")
+        return default_run_dir()
 
     def client_endpoint(self) -> str:
         """Where clients connect."""

@@ -76,8 +76,8 @@ def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-d
     print(f"Lyra Runtime demo on {Path(config.source).name}: starting the stack (first start loads the models)...",
           flush=True)
     began = time.monotonic()
+    stack.up(config, timeout_s, lambda line: print(f"  {line}", flush=True))  # stops what it started on failure
     try:
-        stack.up(config, timeout_s, lambda line: print(f"  {line}", flush=True))
         print(f"stack up in {time.monotonic() - began:.1f}s", flush=True)
         with Client(config.client_endpoint(), timeout_s=timeout_s) as client:
             results = converse(client, SCRIPT, Path(image_dir))
@@ -86,7 +86,7 @@ def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-d
         return 1
     finally:
         print("\nstopping the stack...", flush=True)
-        stack.down()
+        stack.down(config.run_dir())
     reached = sorted({r.specialist for r in results})
     print(f"specialists reached: {', '.join(reached)}; total {time.monotonic() - began:.1f}s")
     if len(reached) < 2:

@@ -16,11 +16,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2  # 1.1: image error codes, estimates in registration, tickets
+SCHEMA_MINOR = 3  # 1.1: image error codes, estimates in registration, tickets
 # 1.2: stage_restarted and progress events, the coordinator's instance id on client events, keepalive_s on
 #      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
 #      stop strings in generation options, token usage on the voice's reply and the done event, swap records
 #      (where each load came from, how long it took) in status
+# 1.3: `truncated` on the specialist's and voice's replies and on the done event (a prompt cut to max_context)
+#      and `events` ("all" | "answer") on chat requests
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 Stage = Literal["route", "load", "specialist", "voice"]  # a request's stages, in order
@@ -256,7 +258,8 @@ class DoneEvent(ClientBound):
     vram: list[GpuSnapshot] = []
     image: ImagePayload | None = None
     ticket: int | None = None
-    usage: TokenUsage | None = None  # the voice's token counts: what the answer cost  # the AcceptedEvent's ticket
+    usage: TokenUsage | None = None  # the voice's token counts: what the answer cost
+    truncated: list[Truncation] | None = None  # prompts cut to a model's max_context, per stage; None: nothing cut
 
 
 class ErrorEvent(ClientBound):
@@ -406,6 +409,7 @@ class SpecialistReply(Message):
     model: str
     text: str
     image: ImagePayload | None = None
+    truncated: Truncation | None = None  # set when the specialist's prompt was cut to fit its max_context
 
 
 class SynthesizeRequest(Message):
@@ -426,12 +430,23 @@ class TokenUsage(Frozen):
     finish_reason: Literal["stop", "length"] = "stop"  # "length": max_new_tokens cut the reply
 
 
+class Truncation(Frozen):
+    """A prompt cut from the left to fit the model's max_context (the newest turns are kept)."""
+
+    stage: Literal["specialist", "voice"]
+    model: str
+    prompt_tokens: int = Field(ge=0)  # the whole composed prompt
+    kept_tokens: int = Field(ge=0)  # what the model read: its last tokens
+    max_context: int = Field(ge=0)
+
+
 class SynthesizeReply(Message):
     """Voice's whole answer (its tokens were streamed before it)."""
 
     type: Literal["synthesize_reply"] = "synthesize_reply"
     text: str
     usage: TokenUsage | None = None  # the voice model's token counts, where its backend counts tokens
+    truncated: Truncation | None = None  # set when the voice's prompt was cut to fit its max_context
 
 
 class CancelCallRequest(Message):

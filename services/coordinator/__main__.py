@@ -1,7 +1,15 @@
 """`python -m services.coordinator`: the coordinator process (never imports torch)."""
 
+import logging
+
 from services.coordinator.server import run
 from shared.process import config_from_args
+from shared.stack_record import taken
 
 if __name__ == "__main__":
-    raise SystemExit(run(config_from_args("coordinator")))
+    config = config_from_args("coordinator")
+    busy = taken([config.client_endpoint(), config.worker_endpoint()])  # binding an ipc path would steal it
+    if busy is not None:
+        logging.getLogger("services.coordinator").critical("refusing to start: %s", busy)
+        raise SystemExit(2)
+    raise SystemExit(run(config))

@@ -164,7 +164,8 @@ class Pipeline:
         self._expect(spoken, SynthesizeReply, "voice")
         assert isinstance(spoken, SynthesizeReply)
         return {"answer": spoken.text, "specialist": specialist, "scores": route.scores, "forced": route.forced,
-                "specialist_output": result.text, "image": result.image, "usage": spoken.usage}
+                "specialist_output": result.text, "image": result.image, "usage": spoken.usage,
+                "truncated": [t for t in (result.truncated, spoken.truncated) if t is not None] or None}
 
     def route_early(self, job: Job) -> None:
         """Decide a waiting job's specialist ahead of its turn (no events; the job shows them later)."""

@@ -12,7 +12,14 @@ import threading
 import time
 from collections.abc import Iterator
 
-from shared.backends.base import BackendError, LoadContext, LoadedModel, SpecialistOutput, load_model
+from shared.backends.base import (
+    BackendError,
+    LoadContext,
+    LoadedModel,
+    SpecialistOutput,
+    load_model,
+    truncation,
+)
 from shared.config import ModelEntry
 from shared.messages import (
     ChatTurn,
@@ -146,7 +153,8 @@ class SpecialistHost(Worker):
             turns.insert(0, ChatTurn(role="system", content=model.entry.system_prompt))
         for item in model.run_specialist(turns, msg.image, msg.options, cancel):
             if isinstance(item, SpecialistOutput):
-                yield SpecialistReply(parent_id=msg.id, model=msg.model, text=item.text, image=item.image)
+                yield SpecialistReply(parent_id=msg.id, model=msg.model, text=item.text, image=item.image,
+                                      truncated=truncation(model, "specialist"))
                 return
             yield TokenEvent(parent_id=msg.id, text=item, stage="specialist")
         raise BackendError(f"specialist {msg.model!r} ended without a result")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from services.voice import ranks
-from shared.backends.base import LoadContext
+from shared.backends.base import LoadContext, truncation
 from shared.messages import (
     ChatTurn,
     MemoryReading,
@@ -92,4 +92,5 @@ class VoiceWorker(ResidentModelWorker):
         counted = self.model.last_usage()
         usage = TokenUsage(prompt_tokens=counted[0], completion_tokens=counted[1], finish_reason=counted[2]) \
             if counted else None
-        yield SynthesizeReply(parent_id=msg.id, text="".join(pieces), usage=usage)
+        yield SynthesizeReply(parent_id=msg.id, text="".join(pieces), usage=usage,
+                              truncated=truncation(self.model, "voice"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import LyraConfig, ModelEntry
-from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel
+from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel, Truncation
 
 
 class BackendError(Exception):
@@ -52,6 +52,7 @@ class LoadedModel(ABC):
     """One model resident in this process."""
 
     entry: ModelEntry
+    truncation: tuple[int, int] | None = None  # set by a backend that cut its last prompt to max_context
 
     @abstractmethod
     def memory(self) -> list[MemoryReading]:
@@ -76,6 +77,10 @@ class LoadedModel(ABC):
     def last_usage(self) -> tuple[int, int, str] | None:
         """(prompt tokens, completion tokens, "stop" or "length") of the last reply; None when not counted."""
         return None
+
+    def last_truncation(self) -> tuple[int, int] | None:
+        """(prompt tokens, tokens kept) when the last reply's prompt was cut to max_context; None when it was not."""
+        return self.truncation
 
     def engine_kind(self) -> str:
         """What decodes this model's text ("graphs", "static (eager)", ...); "" when it does not decode."""
@@ -111,6 +116,15 @@ class LoadedModel(ABC):
     def specialist_output(self, text: str, image: bytes | None) -> SpecialistOutput:
         """The result of a streamed specialist run (a backend may attach more than the text)."""
         return SpecialistOutput(text=text)
+
+
+def truncation(model: LoadedModel, stage: str) -> Truncation | None:
+    """How the model's last prompt was cut to max_context, for the reply to the coordinator; None if it was not."""
+    cut = model.last_truncation()
+    if cut is None:
+        return None
+    return Truncation(stage=stage, model=model.entry.name, prompt_tokens=cut[0], kept_tokens=cut[1],
+                      max_context=model.entry.max_context)
 
 
 VISION_BACKEND = "shared.backends.hf_vision:load"  # transformers + kind "vision_language"

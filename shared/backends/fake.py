@@ -42,6 +42,7 @@ class FakeModel(LoadedModel):
         self.entry = entry
         self.context = context
         self.usage: tuple[int, int, str] | None = None
+        self.truncation: tuple[int, int] | None = None
         self._misbehave("load", [])
         time.sleep(entry.fake.load_s)
 
@@ -106,13 +107,16 @@ class FakeModel(LoadedModel):
         digest = hashlib.sha256(_last_user(messages).encode()).hexdigest()[:8]
         words = [f"[{self.entry.name}]", *_last_user(messages).split()[:limit], f"#{digest}"]
         prompt = sum(len(turn.content.split()) for turn in messages)  # the double's "tokens" are words
+        keep = self.entry.max_context - min(limit, self.entry.max_context // 2)  # as the transformers backend
+        self.truncation = (prompt, keep) if prompt > keep else None
+        prompt = min(prompt, keep)
         for i, word in enumerate(words[:limit]):
             self._sleep(self.entry.fake.token_delay_s, cancel)
             self.usage = (prompt, i + 1, "length" if i + 1 == limit else "stop")
             yield word if i == 0 else " " + word
 
     def last_usage(self) -> tuple[int, int, str] | None:
-        """Words read and written by the last reply (this double's tokens)."""
+        """Words read (after the cut to max_context) and written by the last reply (this double's tokens)."""
         return self.usage
 
     def specialist_output(self, text: str, image: bytes | None) -> SpecialistOutput:

@@ -278,12 +278,14 @@ class HfCausalModel(TransformersModel):
     def _fit_context(self, ids: list[int], max_new: int) -> tuple[list[int], int]:
         """Cut the prompt from the left so prompt + reply fit max_context (the reply gets at most half)."""
         limit = self.entry.max_context
+        self.truncation = None
         if len(ids) + max_new <= limit:
             return ids, max_new
         keep = limit - min(max_new, limit // 2)
         if len(ids) > keep:
             logger.warning("%s: prompt of %d tokens truncated to its last %d (max_context %d)", self.entry.name,
                            len(ids), keep, limit)
+            self.truncation = (len(ids), keep)  # reported to the client in the done event
             ids = ids[-keep:]
         return ids, min(max_new, limit - len(ids))
 

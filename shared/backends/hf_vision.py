@@ -148,10 +148,14 @@ class HfVisionModel(TransformersModel):
         if not last_user:
             raise BackendError("the vision model needs a user message to answer, and the turn has none")
         limit = self.entry.max_context - min(max_new, self.entry.max_context // 2)
+        self.truncation = whole = None
         for attempt in (messages, system + last_user):
             inputs = self._inputs(attempt, picture)
             if inputs["input_ids"].shape[1] <= limit:
+                if whole is not None:  # reported to the client in the done event
+                    self.truncation = (whole, int(inputs["input_ids"].shape[1]))
                 return inputs
+            whole = int(inputs["input_ids"].shape[1])
             logger.warning("%s: prompt of %d tokens over max_context %d; keeping only the system and last user turn",
                            self.entry.name, inputs["input_ids"].shape[1], self.entry.max_context)
         raise BackendError(f"the question and image take {inputs['input_ids'].shape[1]} tokens, more than this "

@@ -310,12 +310,9 @@ def test_lyra_up_starts_the_gateway_and_supervisorctl_restarts_it(tmp_path, monk
     import json
     import re
 
-    from shared.stack import supervisord_pid
-    from tests.integration.test_supervisord import lyra, supervisorctl
+    from tests.integration.test_supervisord import lyra
     from tests.stackproc import fake_config, to_toml
 
-    if supervisord_pid() is not None:
-        pytest.skip("a Lyra stack is already running from this checkout (`lyra down` first)")
     monkeypatch.setenv("LYRA_TEST_GATEWAY_KEY", KEY)  # `lyra up` hands its environment to the gateway
     config = tmp_path / "dev.toml"
     config.write_text(to_toml({**fake_config(tmp_path / "run"), **gateway_overrides()}))
@@ -325,7 +322,7 @@ def test_lyra_up_starts_the_gateway_and_supervisorctl_restarts_it(tmp_path, monk
         url = re.search(r"gateway up at (http://\S+)/v1", up.stdout).group(1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=20)
         assert client.chat.completions.create(model="lyra", messages=[{"role": "user", "content": "hi"}]).choices
-        assert supervisorctl("restart", "gateway").returncode == 0
+        assert lyra("ctl", "restart", "gateway").returncode == 0
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -23,27 +23,26 @@ def lyra(*args: str, cwd: Path | None = None, timeout: float = 120) -> subproces
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def supervisorctl(*args: str) -> subprocess.CompletedProcess[str]:
+def supervisorctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     bin_dir = Path(sys.executable).parent
     return subprocess.run([str(bin_dir / "supervisorctl"), "-c", "supervisord.conf", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "LYRA_RUN_DIR": str(run_dir)})
 
 
 def our_processes(run_dir: Path) -> list[str]:
-    """Live (non-zombie) processes started for this stack."""
+    """Live (non-zombie) processes started for the stack of `run_dir` (other stacks may run meanwhile)."""
+    from shared.stack import supervisord_pid
+
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if (("services." in line and str(run_dir.parent) in line) or
-                                     ("supervisord.conf" in line and "supervisord " in line)) and " Z" not in line]
+    services = [line for line in out if "services." in line and str(run_dir.parent) in line and " Z" not in line]
+    pid = supervisord_pid(run_dir)
+    return services + ([f"supervisord {pid}"] if pid is not None else [])
 
 
 def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = tmp_path / "dev.toml"
     config.write_text(to_toml(fake_config(run_dir)))
-    from shared.stack import supervisord_pid
-
-    if supervisord_pid() is not None:  # never stop a stack someone is using from this checkout
-        pytest.skip("a Lyra stack is already running from this checkout (`lyra down` first)")
     try:
         up = lyra("up", "-c", str(config), "--timeout", "60")
         assert up.returncode == 0, up.stdout + up.stderr
@@ -53,7 +52,7 @@ def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
         assert "route: pragmatist" in chat.stdout and "timings:" in chat.stdout
         for service in ("router", "specialist_host", "voice", "coordinator"):
             before = json.loads(lyra("status", "--json").stdout)
-            restarted = supervisorctl("restart", service)
+            restarted = supervisorctl(run_dir, "restart", service)
             assert restarted.returncode == 0, restarted.stdout + restarted.stderr
             _wait_all_up(service, before)
             again = lyra("chat", "--json", "meaning of life", cwd=tmp_path)

@@ -136,6 +136,10 @@ def test_long_prompts_are_cut_from_the_left(tiny_checkpoints: dict[str, Path],
         scores = loaded.classify(long_turn, LABELS, TEMPLATE, threading.Event())
     assert "truncated to its last 40" in caplog.text  # 48 - 8 new tokens
     assert "dropped" in caplog.text and pieces
+    whole, kept = loaded.last_truncation()  # what the worker reports in its reply and the done event carries
+    assert kept == 40 and whole > 200
+    run(loaded, GenerationOptions(temperature=0.0, max_new_tokens=8), [ChatTurn(role="user", content="hi")])
+    assert loaded.last_truncation() is None
     assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
     loaded.unload()
 

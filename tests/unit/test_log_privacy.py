@@ -71,14 +71,14 @@ def test_other_records_pass_untouched(diffusers_log) -> None:
 def test_lyra_up_makes_logs_an_older_stack_left_readable_owner_only(tmp_path) -> None:
     from shared.stack import make_private
 
-    run_dir, control = tmp_path / "run", tmp_path / "control"
+    run_dir = tmp_path / "run"
     (run_dir / "logs").mkdir(parents=True, mode=0o755)
-    control.mkdir(mode=0o755)
-    for path in (run_dir / "logs" / "voice.log", run_dir / "logs" / "voice.log.1", control / "supervisord.log"):
+    run_dir.chmod(0o755)
+    for path in (run_dir / "logs" / "voice.log", run_dir / "logs" / "voice.log.1", run_dir / "supervisord.log"):
         path.write_text("request ids and timings")
         path.chmod(0o644)
-    make_private(run_dir, control)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in [run_dir, run_dir / "logs", control,
-                                                        *(run_dir / "logs").iterdir(), control / "supervisord.log"]}
-    assert modes == {"run": 0o700, "logs": 0o700, "control": 0o700, "voice.log": 0o600, "voice.log.1": 0o600,
+    make_private(run_dir)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [run_dir, run_dir / "logs", *(run_dir / "logs").iterdir(),
+                                                        run_dir / "supervisord.log"]}
+    assert modes == {"run": 0o700, "logs": 0o700, "voice.log": 0o600, "voice.log.1": 0o600,
                      "supervisord.log": 0o600}
