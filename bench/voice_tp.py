@@ -146,7 +146,8 @@ def pipeline(shape: str, tokens: int, max_context: int) -> dict:
     for module in [*layers[half:], model.model.norm, model.lm_head]:
         module.to_empty(device=second)
     _restore_buffers(model.model.rotary_emb, first)
-    layers[half].register_forward_pre_hook(lambda _m, args, kwargs: _moved(args, kwargs, second), with_kwargs=True)
+    for layer in layers[half:]:  # the model hands every layer its cos/sin and mask from GPU 0, as accelerate's hooks
+        layer.register_forward_pre_hook(lambda _m, args, kwargs: _moved(args, kwargs, second), with_kwargs=True)
     random_rank_weights(model, Shard(0, 1), SEED)
     model.eval()
     engine = engine_for(model, max_context)
@@ -236,7 +237,9 @@ def tensor(shape: str, device: str, all_reduce: str, tokens: int, max_context: i
         except queue.Empty:
             break
     row = next(r for r in reported if "run" in r)
-    row["ranks"] = sorted((r for r in reported if "rank" in r), key=lambda r: r["rank"])
+    memory = ("rank", "allocated_gb", "reserved_gb")  # rank 0's row carries its own memory too: copy, never nest
+    row["ranks"] = sorted(({k: r[k] for k in memory if k in r} for r in reported if "rank" in r),
+                          key=lambda r: r["rank"])
     return row
 
 
