@@ -1,6 +1,6 @@
 """The voice on two GPUs: one GPU vs pipeline placement vs tensor ranks, ms/token beside the HBM floor.
 
-    python bench/voice_tp.py --out DIR [--shapes 8b,70b] [--tokens 128] [--max-context 4096]
+    python bench/voice_tp.py --out DIR [--shapes 8b,70b] [--tokens 128] [--max-context 4096] [--engine compiled]
     python bench/voice_tp.py --out DIR --shapes tiny --device cpu      # a smoke run of the same code (gloo)
 
 Random weights of the real shape (Llama-3-8B, Llama-3-70B; bf16 on GPUs) are made directly on each device,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import statistics
 import sys
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 REPEATS = 3
+ENGINE_ENV = "LYRA_BENCH_ENGINE"
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -59,7 +61,8 @@ def model_config(shape: str) -> Any:
 def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
     from shared.backends.decode import DecodeEngine
 
-    engine = DecodeEngine(model, SimpleNamespace(eos_token_id=None), "voice", "graphs", max_context, wrap=wrap)
+    kind = os.environ.get(ENGINE_ENV, "graphs")  # an environment variable: the spawned ranks read it too
+    engine = DecodeEngine(model, SimpleNamespace(eos_token_id=None), "voice", kind, max_context, wrap=wrap)
     engine.eos = set()  # random weights: never stop early, every run makes the same number of tokens
     return engine
 
@@ -301,7 +304,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=4096)
     parser.add_argument("--runs", default="one,pipeline,nccl,symmetric", help="which placements to time")
+    parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "eager"],
+                        help="the decode engine of every run (compiled: torch.compile before graph capture)")
     args = parser.parse_args()
+    os.environ[ENGINE_ENV] = args.engine
     rows = []
     for shape in args.shapes.split(","):
         context = min(args.max_context, 256) if shape == "tiny" else args.max_context
