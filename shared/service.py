@@ -197,7 +197,7 @@ class ServiceLoop:
             self._error(msg, ErrorCode.cancelled, "the call was cancelled")
         except BackendError as exc:
             log.error("call %s (%s) failed: %s", msg.id, msg.type, exc)  # type: ignore[attr-defined]
-            self._error(msg, ErrorCode.worker_error, str(exc))
+            self._error(msg, exc.code, str(exc))
         except Exception as exc:  # a bug in a handler must not take the worker down
             log.error("call %s crashed:\n%s", msg.id, traceback.format_exc())
             self._error(msg, ErrorCode.internal, f"{type(exc).__name__}: {exc} (see the {self.worker.service} log)")
