@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from shared import transport
+from shared import keys, transport
 from shared.messages import (
     TERMINAL_TYPES,
     AcceptedEvent,
@@ -47,6 +47,7 @@ from shared.messages import (
 DEFAULT_TIMEOUT_S = 900.0
 SILENT_INTERVALS = 3.0  # keepalive intervals of silence after which the client checks on the coordinator
 PROBE_INTERVALS = 1.5  # how long that check (a status request) may go unanswered
+HANDSHAKE_CHECK_S = 0.2  # on tcp, how often a waiting client looks for a refused handshake
 
 
 class LyraError(Exception):
@@ -162,6 +163,32 @@ def _stack_secret(endpoint: str) -> str | None:
         return None
 
 
+def _curve_keys(endpoint: str) -> transport.CurveKeys | None:
+    """This client's Curve identity for a tcp endpoint, when key files are found: $LYRA_KEYS_DIR, else the
+    keys_dir of the config in $LYRA_CONFIG or of the stack `lyra up` recorded, else the default keys_dir.
+    The pair is `$LYRA_CLIENT_KEY` (default "client") and the coordinator's public key beside it."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    directory = Path(os.environ["LYRA_KEYS_DIR"]) if os.environ.get("LYRA_KEYS_DIR") else _configured_keys_dir()
+    name = os.environ.get("LYRA_CLIENT_KEY", keys.DEFAULT_CLIENT)
+    if not (directory / f"{name}.key_secret").exists():
+        return None  # no keys here: a Curve coordinator will refuse us, and _events says so
+    try:
+        return keys.identity(directory, name)
+    except keys.KeyFileError as exc:
+        raise UnauthorizedError(f"cannot use this client's Curve keys: {exc}", code="unauthorized") from None
+
+
+def _configured_keys_dir() -> Path:
+    from shared.config import ConfigError, default_keys_dir, load_config
+
+    try:
+        source = os.environ.get("LYRA_CONFIG") or find_stack().get("config")
+        return load_config(source).keys_dir() if source else default_keys_dir()
+    except (LyraError, ConfigError):
+        return default_keys_dir()
+
+
 class CoordinatorWatch:
     """Ends a chat request whose coordinator restarted or went silent, instead of waiting for the timeout."""
 
@@ -245,12 +272,17 @@ class Client:
     """Blocking client; one request at a time per instance (use one instance per thread)."""
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_message_mb: float = 64.0, secret: str | None = None) -> None:
+                 max_message_mb: float = 64.0, secret: str | None = None,
+                 curve: transport.CurveKeys | None = None) -> None:
         self.endpoint = endpoint or find_stack()["client_endpoint"]
         self.timeout_s = timeout_s
         self.secret = secret or _stack_secret(self.endpoint)  # sent only where required: tcp endpoints
+        curve = curve or _curve_keys(self.endpoint)
         self.ctx = transport.new_context()
-        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024))
+        # On tcp a refused handshake (Curve keys) is watched for, so the caller hears it, not a timeout.
+        self.watched = self.endpoint.startswith("tcp://")
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024),
+                                             curve=curve, watch=self.watched)
 
     def close(self) -> None:
         """Close the socket and context (never blocks)."""
@@ -274,7 +306,11 @@ class Client:
             wait = min(left, watch.check_in_s()) if watch else left
             # Always read what is already buffered (wait 0): a caller slow to consume its stream has
             # heard from the coordinator, however old `last_heard` looks.
+            if self.watched:
+                wait = min(wait, HANDSHAKE_CHECK_S)
             got = transport.recv_timeout(self.sock, max(0.0, wait)) if left > 0 else None
+            if got is None and self.watched:
+                self._raise_if_refused()
             if got is None and time.monotonic() < deadline:
                 if watch is not None and watch.check_in_s() <= 0:
                     transport.send(self.sock, watch.overdue(self.secret))
@@ -295,6 +331,15 @@ class Client:
             yield msg
             if isinstance(msg, TERMINAL_TYPES) or isinstance(msg, StatusReply):
                 return
+
+    def _raise_if_refused(self) -> None:
+        """UnauthorizedError when the coordinator refused our Curve handshake (a key it does not list, or none)."""
+        refused = transport.handshake_failures(self.sock)
+        if refused:
+            raise UnauthorizedError(f"the coordinator at {self.endpoint} refused this client's connection: "
+                                    f"{refused[-1]}; a Curve stack admits the client keys in its keys_dir's "
+                                    "authorized/clients/ (`lyra keys`; $LYRA_KEYS_DIR points a client at its keys)",
+                                    code=ErrorCode.unauthorized.value)
 
     def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
                specialist: str | None = None, timeout_s: float | None = None, **options: Any) -> Iterator[Message]:

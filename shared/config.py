@@ -325,10 +325,7 @@ class LyraConfig(Section):
 
     def keys_dir(self) -> Path:
         """Where `lyra keys` writes, and every process reads, the CurveZMQ key files."""
-        if self.runtime.keys_dir:
-            return Path(os.path.expanduser(self.runtime.keys_dir))
-        base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-        return Path(base) / "lyra" / "keys"
+        return Path(os.path.expanduser(self.runtime.keys_dir)) if self.runtime.keys_dir else default_keys_dir()
 
     def client_queue_frames(self) -> int:
         """Frames zmq may hold per client connection: `client_queue_mb` over the largest frame, at least 2."""
@@ -347,6 +344,11 @@ class LyraConfig(Section):
         if service == "specialist_host":
             return dict(self.specialists)
         raise KeyError(service)
+
+
+def default_keys_dir() -> Path:
+    """$XDG_CONFIG_HOME/lyra/keys (~/.config/lyra/keys): where Curve keys live unless runtime.keys_dir says."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")) / "lyra" / "keys"
 
 
 def _named(raw: dict[str, Any]) -> dict[str, Any]:

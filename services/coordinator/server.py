@@ -15,7 +15,7 @@ import time
 import uuid
 
 from services.coordinator.handlers import ClientHandlers
-from services.coordinator.intake import ClientPacer
+from services.coordinator.intake import ClientPacer, QuietLog
 from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
@@ -23,7 +23,7 @@ from services.coordinator.prefetch import Prefetcher
 from services.coordinator.requests import RequestQueue
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
-from shared import transport
+from shared import keys, transport
 from shared.config import WORKER_SERVICES, LyraConfig
 from shared.messages import ErrorCode, Message
 from shared.stack_secret import SecretError, ensure_secret
@@ -51,13 +51,21 @@ class Coordinator:
         self.pipeline = Pipeline(config, self.registry, self.ledger)
         self.prefetcher = Prefetcher(config, self.pipeline, self.queue)
         secret = ensure_secret(config.secret_path()) if config.runtime.auth == "secret" else None
+        # With Curve, keys say who may connect; the secret file never leaves this host, so a socket under Curve
+        # does not ask for it.
+        self.curve = keys.identity(config.keys_dir(), keys.COORDINATOR, server=True) if config.runtime.curve \
+            else None
+        self.gate = transport.KeyGate(self.ctx, keys.coordinator_gate(config), keys.fingerprint) if self.curve \
+            else None
+        self.handshakes = QuietLog(log, every_s=5.0)
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
                                               self._lifecycle, self.instance,
                                               secret if config.client_needs_secret() else None,
                                               lambda: transport.send_frames(self._handoff(), [b"i", b"", b"", b""]))
         runtime = config.runtime
         self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * 1e6)
-        self.worker_handlers = WorkerHandlers(config, self.registry, self.ledger, secret)
+        self.worker_handlers = WorkerHandlers(config, self.registry, self.ledger,
+                                              None if config.curve_on(config.worker_endpoint()) else secret)
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
 
@@ -93,8 +101,10 @@ class Coordinator:
         # of 8 MB take the coordinator to 1.1 GB. Replies get a few hundred frames: a stream must not stall.
         self.clients = transport.bind_router(self.ctx, self.config.client_endpoint(), limit,
                                              queued_out=CLIENT_REPLY_FRAMES,
-                                             queued_in=self.config.client_queue_frames())
-        self.workers = transport.bind_router(self.ctx, self.config.worker_endpoint(), limit)
+                                             queued_in=self.config.client_queue_frames(),
+                                             **self._curve_of(self.config.client_endpoint(), "clients"))
+        self.workers = transport.bind_router(self.ctx, self.config.worker_endpoint(), limit,
+                                             **self._curve_of(self.config.worker_endpoint(), "workers"))
         self.inbox = transport.bind_handoff(self.ctx, HANDOFF)
         log.info("coordinator up: clients at %s, workers at %s", self.config.client_endpoint(),
                  self.config.worker_endpoint())
@@ -109,8 +119,21 @@ class Coordinator:
             pipeline.join(timeout=2)
             for ep in (self.clients, self.workers, self.inbox, *self.handoff_sockets):
                 ep.close()
+            if self.gate is not None:
+                self.gate.stop()
             self.ctx.term()
         return 0
+
+    def _curve_of(self, endpoint: str, domain: str) -> dict[str, object]:
+        """bind_router's Curve arguments for one of our endpoints (none unless Curve protects it)."""
+        return {"curve": self.curve, "zap_domain": domain} if self.config.curve_on(endpoint) else {}
+
+    def _log_refused_handshakes(self) -> None:
+        """A peer without a key (or with the wrong coordinator key) never reaches ZAP: its failure shows here."""
+        for domain, ep in (("client", self.clients), ("worker", self.workers)):
+            for why in transport.handshake_failures(ep):
+                self.handshakes.warning("refused a %s connection at %s: %s", domain, ep.socket.last_endpoint
+                                        .decode(), why)
 
     def _loop(self, pipeline: threading.Thread) -> None:
         drain_until: float | None = None
@@ -125,6 +148,7 @@ class Coordinator:
                 return
             for ep in transport.poll([self.clients, self.workers, self.inbox], TICK_S):
                 self._drain(ep)
+            self._log_refused_handshakes()
             if time.monotonic() - now > self.config.runtime.heartbeat_interval_s:
                 # This pass was long (a burst of large frames): heartbeats that arrived meanwhile wait unread in
                 # the worker socket, and must count before anyone is judged silent.
@@ -232,7 +256,7 @@ def run(config: LyraConfig) -> int:
     """Entry point used by `python -m services.coordinator`."""
     try:
         coordinator = Coordinator(config)
-    except SecretError as exc:  # an exposed or unreadable secret: refuse to serve rather than trust it
+    except (SecretError, keys.KeyFileError) as exc:  # an exposed or missing secret or key: refuse to serve
         log.critical("coordinator cannot start: %s", exc)
         return 2
     log.info("coordinator starting (pid %d, instance %s, config %s)", os.getpid(), coordinator.instance,
