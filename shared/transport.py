@@ -382,17 +382,25 @@ def new_context() -> zmq.Context:
     return zmq.Context()
 
 
-def raw_roundtrip_benchmark(n: int, payload: bytes) -> list[float]:
-    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo over ipc, for bench comparisons."""
+def raw_roundtrip_benchmark(n: int, payload: bytes, kind: str = "ipc") -> list[float]:
+    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo, for bench comparisons: over ipc, tcp on
+    loopback, or tcp with CurveZMQ (`kind` = "ipc", "tcp" or "curve"; Curve without a ZAP handler here)."""
     import tempfile
     import threading
     import time
 
     ctx = zmq.Context()
-    path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
-    server = ctx.socket(zmq.ROUTER)
-    server.bind(path)
-    client = ctx.socket(zmq.DEALER)
+    server, client = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    if kind == "curve":
+        server_public, server_secret = zmq.curve_keypair()
+        server.curve_server, server.curve_secretkey, server.curve_publickey = True, server_secret, server_public
+        client.curve_publickey, client.curve_secretkey = zmq.curve_keypair()
+        client.curve_serverkey = server_public
+    if kind == "ipc":
+        path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
+        server.bind(path)
+    else:
+        path = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
     client.connect(path)
 
     def echo() -> None:
