@@ -25,6 +25,7 @@ from pathlib import Path
 
 from shared import transport
 from shared.config import WORKER_SERVICES, LyraConfig, default_keys_dir
+from shared.stack_secret import read_owner_only
 
 COORDINATOR = "coordinator"
 DEFAULT_CLIENT = "client"
@@ -85,16 +86,7 @@ def make_keys(directory: Path, clients: tuple[str, ...] = (DEFAULT_CLIENT,), for
 
 
 def _read(path: Path) -> dict[str, bytes]:
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except FileNotFoundError:
-        raise KeyFileError(f"no key file {path}: make keys with `lyra keys` and copy this host's files") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read the key file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"the key file {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
-                           f"`chmod 600 {path}`")
+    text = read_owner_only(path, "key file", "make keys with `lyra keys` and copy this host's files", KeyFileError)
     found = {kind: value.encode() for kind, value in _KEY_LINE.findall(text)}
     if "public" not in found:
         raise KeyFileError(f"{path} holds no CURVE public key; make it again with `lyra keys`")

@@ -25,14 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from shared.backends.base import (
-    BackendError,
-    Cancelled,
-    LoadContext,
-    LoadedModel,
-    generation_settings,
-    render_template,
-)
+from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, generation_settings, render_template
 from shared.config import ModelEntry, RemoteSettings
 from shared.messages import ChatTurn, ErrorCode, GenerationOptions, MemoryReading, RouteLabel
 
