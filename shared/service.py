@@ -225,7 +225,7 @@ class ServiceLoop:
         self.worker.startup()
         sock = transport.connect_dealer(
             self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.identity,
-            curve=curve,
+            curve=curve, watch=self.config.worker_endpoint().startswith("tcp://"),  # a refusal is logged here too
         )
         job_thread = threading.Thread(target=self._job_thread, name="job", daemon=True)
         job_thread.start()

@@ -244,11 +244,12 @@ class CurveKeys:
 
 
 KeyList = Callable[[], dict[bytes, str]]  # public key (z85) -> name, read afresh on each handshake
+# A peer without Curve meeting a Curve socket shows up as PROTOCOL or NO_DETAIL, depending on timing.
+MISMATCH = "the handshake failed: one side has no Curve key, or the keys do not belong together (coordinator.key?)"
 HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the key was refused (it is not in the coordinator's authorized keys)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed (one side uses Curve and the other does not, or "
-                                         "the keys do not belong together)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed (wrong coordinator public key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: MISMATCH,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: MISMATCH,
 }
 
 

@@ -11,9 +11,6 @@ import pytest
 
 from shared import keys, transport
 from shared.client import Client, UnauthorizedError
-from shared.messages import RegisterRequest
-
-LIMIT = 16 * 1024 * 1024
 
 
 def _free_port() -> int:
@@ -98,22 +95,17 @@ def test_a_worker_with_a_wrong_key_is_refused_on_both_sides(curve_stack, tmp_pat
     finally:
         intruder.kill()
         intruder.wait(timeout=10)
-    # A stranger without any key gets no further: it cannot even hand the coordinator a registration.
-    ctx = transport.new_context()
-    stranger = transport.connect_dealer(ctx, _worker_endpoint(curve_stack), LIMIT, watch=True)
+    # A worker with no key at all (its config lacks `curve = true`) is refused too, and both sides say so.
+    keyless = curve_stack.dir / "keyless.toml"
+    keyless.write_text(curve_stack.config_path.read_text().replace("curve = true", "curve = false"))
+    intruder = curve_stack.spawn("voice", keyless, "keyless-voice.log")
     try:
-        transport.send(stranger, RegisterRequest(service="voice", pid=1, instance="x", backend="fake",
-                                                       capabilities=["voice"], resident=["voice"]))
-        assert transport.recv_timeout(stranger, 1.0) is None
-        assert transport.handshake_failures(stranger)
+        _wait_for(curve_stack.dir / "keyless-voice.log", "one side has no Curve key")
+        _wait_for(curve_stack.dir / "coordinator.log", "refused a worker connection")
     finally:
-        stranger.close()
-        ctx.term()
+        intruder.kill()
+        intruder.wait(timeout=10)
     with _client(curve_stack) as client:
         assert client.chat("how to cook rice").answer.startswith("[voice]")
 
 
-def _worker_endpoint(stack) -> str:
-    from shared.config import load_config
-
-    return load_config(stack.config_path).worker_endpoint()
