@@ -164,29 +164,33 @@ def _stack_secret(endpoint: str) -> str | None:
 
 
 def _curve_keys(endpoint: str) -> transport.CurveKeys | None:
-    """This client's Curve identity for a tcp endpoint, when key files are found: $LYRA_KEYS_DIR, else the
-    keys_dir of the config in $LYRA_CONFIG or of the stack `lyra up` recorded, else the default keys_dir.
-    The pair is `$LYRA_CLIENT_KEY` (default "client") and the coordinator's public key beside it."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    directory = Path(os.environ["LYRA_KEYS_DIR"]) if os.environ.get("LYRA_KEYS_DIR") else _configured_keys_dir()
+    """This client's Curve identity for a tcp endpoint, when key files are found: in $LYRA_KEYS_DIR, else in the
+    keys_dir of the config in $LYRA_CONFIG or of the stack `lyra up` recorded (when that config puts Curve on
+    the endpoint), else in the default keys_dir. The pair is `$LYRA_CLIENT_KEY` (default "client") and the
+    coordinator's public key beside it."""
+    directory = _keys_dir_for(endpoint) if endpoint.startswith("tcp://") else None
     name = os.environ.get("LYRA_CLIENT_KEY", keys.DEFAULT_CLIENT)
-    if not (directory / f"{name}.key_secret").exists():
-        return None  # no keys here: a Curve coordinator will refuse us, and _events says so
+    if directory is None or not (directory / f"{name}.key_secret").exists():
+        return None  # no keys: a Curve coordinator refuses us, and _events says so at once
     try:
         return keys.identity(directory, name)
     except keys.KeyFileError as exc:
         raise UnauthorizedError(f"cannot use this client's Curve keys: {exc}", code="unauthorized") from None
 
 
-def _configured_keys_dir() -> Path:
+def _keys_dir_for(endpoint: str) -> Path | None:
     from shared.config import ConfigError, default_keys_dir, load_config
 
+    if os.environ.get("LYRA_KEYS_DIR"):
+        return Path(os.environ["LYRA_KEYS_DIR"])
     try:
         source = os.environ.get("LYRA_CONFIG") or find_stack().get("config")
-        return load_config(source).keys_dir() if source else default_keys_dir()
+        config = load_config(source) if source else None
     except (LyraError, ConfigError):
+        config = None
+    if config is None:
         return default_keys_dir()
+    return config.keys_dir() if config.curve_on(endpoint) else None
 
 
 class CoordinatorWatch:

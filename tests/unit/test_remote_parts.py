@@ -121,3 +121,21 @@ def test_each_http_status_has_its_typed_error(status: int, kind: type, code: Err
     error = remote.status_error(settings, response, "the voice reply")
     assert type(error) is kind and error.code == code
     assert "http://h:8000/v1" in str(error) and "the server's sentence" in str(error)
+
+
+def test_a_client_finds_its_curve_keys_only_where_curve_is_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.client import _curve_keys
+    from tests.stackproc import to_toml
+
+    directory = tmp_path / "keys"
+    keys.make_keys(directory)
+    endpoint = "tcp://127.0.0.1:5600"
+    monkeypatch.setenv("LYRA_KEYS_DIR", str(directory))
+    assert _curve_keys(endpoint) == keys.identity(directory, "client") and _curve_keys("ipc:///x.sock") is None
+    monkeypatch.delenv("LYRA_KEYS_DIR")
+    for curve, expected in ((True, keys.identity(directory, "client")), (False, None)):
+        config = tmp_path / f"curve-{curve}.toml"
+        config.write_text(to_toml(fake_config(tmp_path, runtime__client_endpoint=endpoint, runtime__curve=curve,
+                                              runtime__keys_dir=str(directory))))
+        monkeypatch.setenv("LYRA_CONFIG", str(config))
+        assert _curve_keys(endpoint) == expected  # a stack without Curve never gets a Curve handshake
