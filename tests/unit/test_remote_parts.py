@@ -139,3 +139,17 @@ def test_a_client_finds_its_curve_keys_only_where_curve_is_on(tmp_path: Path, mo
                                               runtime__keys_dir=str(directory))))
         monkeypatch.setenv("LYRA_CONFIG", str(config))
         assert _curve_keys(endpoint) == expected  # a stack without Curve never gets a Curve handshake
+
+
+def test_doctor_says_where_a_remote_model_runs_and_misses_its_key(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.doctor import model_checks
+
+    voice = {**VOICE, "remote": {**VOICE["remote"], "api_key_env": "LYRA_TEST_NO_SUCH_KEY"}}
+    monkeypatch.delenv("LYRA_TEST_NO_SUCH_KEY", raising=False)
+    config = parse_config(fake_config(tmp_path, voice=voice, services__voice__gpus=[]))
+    check = next(c for c in model_checks(config, has_cuda=False) if c.name == "model voice")
+    assert check.status == "fail" and "LYRA_TEST_NO_SUCH_KEY" in check.detail
+    monkeypatch.setenv("LYRA_TEST_NO_SUCH_KEY", "k")
+    check = next(c for c in model_checks(config, has_cuda=False) if c.name == "model voice")
+    assert check.status == "pass" and "remote at http://10.0.0.7:8000/v1" in check.detail
