@@ -232,3 +232,20 @@ def test_a_forced_specialist_and_the_voice_on_a_real_openai_compatible_server(tr
     assert done.type == "done_event" and done.specialist == "pragmatist" and done.answer.strip()
     assert len(tokens) > 1 and "".join(t.text for t in tokens) == done.answer  # streamed as the server sent it
     assert done.usage is not None and 0 < done.usage.completion_tokens <= 6  # the server's own count
+
+
+@pytest.mark.smollm2
+def test_a_remote_router_falls_back_to_the_named_label_without_logprobs(transformers_serve) -> None:
+    base_url, model_id = transformers_serve
+    router = load_model(ModelEntry(name="router", backend="openai", remote={"base_url": base_url, "model": model_id}),
+                        LoadContext("router", [], None))  # type: ignore[arg-type]
+    labels = [RouteLabel(name="pragmatist", description="practical tasks"),
+              RouteLabel(name="philosopher", description="meaning and ethics")]
+    try:
+        scores = router.classify([ChatTurn(role="user", content="Why be kind?")], labels,
+                                 "Specialists:\n{labels}\nMessage: {text}\nAnswer with one specialist's name.",
+                                 threading.Event())
+        assert set(scores) == {"pragmatist", "philosopher"} and abs(sum(scores.values()) - 1) < 1e-9
+        assert router.logprobs_offered is False  # transformers serve ignores `logprobs`: routed by the reply
+    finally:
+        router.unload()
