@@ -108,6 +108,7 @@ class ServicePlacement(Section):
     """Which physical GPUs a worker process is pinned to (empty = CPU only)."""
 
     gpus: list[int] = []
+    external: bool = False  # started on another host (over tcp + Curve); `lyra up` starts it not here, waits for it
 
 
 class GenerationDefaults(Section):
@@ -292,6 +293,11 @@ class LyraConfig(Section):
         """Physical GPU indices a worker service is pinned to."""
         placement = self.services.get(service)
         return list(placement.gpus) if placement else []
+
+    def runs_elsewhere(self, service: str) -> bool:
+        """Whether another host runs this worker service (`lyra up` does not start it here)."""
+        placement = self.services.get(service)
+        return bool(placement and placement.external)
 
     def run_dir(self) -> Path:
         """The private run directory (sockets, logs)."""

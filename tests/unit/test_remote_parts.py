@@ -153,3 +153,12 @@ def test_doctor_says_where_a_remote_model_runs_and_misses_its_key(tmp_path: Path
     monkeypatch.setenv("LYRA_TEST_NO_SUCH_KEY", "k")
     check = next(c for c in model_checks(config, has_cuda=False) if c.name == "model voice")
     assert check.status == "pass" and "remote at http://10.0.0.7:8000/v1" in check.detail
+
+
+def test_lyra_up_leaves_a_service_another_host_runs_to_that_host(tmp_path: Path) -> None:
+    from shared.stack import stack_env
+
+    config = parse_config(fake_config(tmp_path, services__specialist_host={"gpus": [1], "external": True}))
+    env = stack_env(config)
+    assert (env["LYRA_AUTOSTART_ROUTER"], env["LYRA_AUTOSTART_SPECIALIST_HOST"], env["LYRA_AUTOSTART_VOICE"]) == (
+        "true", "false", "true")
