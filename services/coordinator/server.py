@@ -15,7 +15,7 @@ import time
 import uuid
 
 from services.coordinator.handlers import ClientHandlers
-from services.coordinator.intake import ClientPacer, QuietLog
+from services.coordinator.intake import ClientPacer
 from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
@@ -57,7 +57,7 @@ class Coordinator:
             else None
         self.gate = transport.KeyGate(self.ctx, keys.coordinator_gate(config), keys.fingerprint) if self.curve \
             else None
-        self.handshakes = QuietLog(log, every_s=5.0)
+        self.handshakes_logged: dict[tuple[str, str], float] = {}  # (socket, reason) -> when last logged
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
                                               self._lifecycle, self.instance,
                                               secret if config.client_needs_secret() else None,
@@ -132,8 +132,10 @@ class Coordinator:
         """A peer without a key (or with the wrong coordinator key) never reaches ZAP: its failure shows here."""
         for domain, ep in (("client", self.clients), ("worker", self.workers)):
             for why in transport.handshake_failures(ep):
-                self.handshakes.warning("refused a %s connection at %s: %s", domain, ep.socket.last_endpoint
-                                        .decode(), why)
+                now = time.monotonic()  # a refused peer retries every second: one line per reason a second
+                if now - self.handshakes_logged.get((domain, why), -1.0) >= 1.0:
+                    self.handshakes_logged[(domain, why)] = now
+                    log.warning("refused a %s connection at %s: %s", domain, ep.socket.last_endpoint.decode(), why)
 
     def _loop(self, pipeline: threading.Thread) -> None:
         drain_until: float | None = None

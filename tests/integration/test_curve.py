@@ -81,30 +81,30 @@ def test_a_client_with_no_key_or_an_unlisted_key_is_refused_and_logged(curve_sta
         assert client.chat("meaning of life").answer.startswith("[voice]")
 
 
+def _refused_voice(stack, name: str, config_text: str, worker_says: str, coordinator_says: str) -> None:
+    """Start a second voice process on `config_text`; both it and the coordinator must log its refusal."""
+    config = stack.dir / f"{name}.toml"
+    config.write_text(config_text)
+    intruder = stack.spawn("voice", config, f"{name}-voice.log")
+    try:
+        _wait_for(stack.dir / f"{name}-voice.log", worker_says)
+        _wait_for(stack.dir / "coordinator.log", coordinator_says)
+    finally:
+        intruder.kill()
+        intruder.wait(timeout=10)
+
+
 def test_a_worker_with_a_wrong_key_is_refused_on_both_sides(curve_stack, tmp_path: Path) -> None:
     # A real worker process whose key pair the coordinator does not list (keys_dir points at other keys).
     other = tmp_path / "other"
     keys.make_keys(other)
     (other / "coordinator.key").write_text((curve_stack.key_dir / "coordinator.key").read_text())
-    wrong = curve_stack.dir / "wrong.toml"
-    wrong.write_text(curve_stack.config_path.read_text().replace(str(curve_stack.key_dir), str(other)))
-    intruder = curve_stack.spawn("voice", wrong, "wrong-voice.log")
-    try:
-        _wait_for(curve_stack.dir / "wrong-voice.log", "refused this worker's connection")
-        _wait_for(curve_stack.dir / "coordinator.log", "is not in authorized/workers/")
-    finally:
-        intruder.kill()
-        intruder.wait(timeout=10)
+    text = curve_stack.config_path.read_text()
+    _refused_voice(curve_stack, "wrong", text.replace(str(curve_stack.key_dir), str(other)),
+                   "refused this worker's connection", "is not in authorized/workers/")
     # A worker with no key at all (its config lacks `curve = true`) is refused too, and both sides say so.
-    keyless = curve_stack.dir / "keyless.toml"
-    keyless.write_text(curve_stack.config_path.read_text().replace("curve = true", "curve = false"))
-    intruder = curve_stack.spawn("voice", keyless, "keyless-voice.log")
-    try:
-        _wait_for(curve_stack.dir / "keyless-voice.log", "one side has no Curve key")
-        _wait_for(curve_stack.dir / "coordinator.log", "refused a worker connection")
-    finally:
-        intruder.kill()
-        intruder.wait(timeout=10)
+    _refused_voice(curve_stack, "keyless", text.replace("curve = true", "curve = false"),
+                   "one side has no Curve key", "the handshake failed: one side has no Curve key")
     with _client(curve_stack) as client:
         assert client.chat("how to cook rice").answer.startswith("[voice]")
 
