@@ -7,6 +7,7 @@ import stat
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shared import keys, transport
@@ -29,17 +30,20 @@ def _wait_for(path: Path, text: str, timeout_s: float = 10.0) -> str:
     raise AssertionError(f"{text!r} not in {path.name} within {timeout_s} s:\n{log[-3000:]}")
 
 
-@pytest.fixture
-def curve_stack(make_stack, tmp_path: Path):
-    key_dir = tmp_path / "keys"
+def _curve_stack(make_stack, key_dir: Path, **overrides: object):
     keys.make_keys(key_dir)
     stack = make_stack(start=False, runtime__curve=True, runtime__keys_dir=str(key_dir),
                        runtime__client_endpoint=f"tcp://127.0.0.1:{_free_port()}",
-                       runtime__worker_endpoint=f"tcp://127.0.0.1:{_free_port()}")
+                       runtime__worker_endpoint=f"tcp://127.0.0.1:{_free_port()}", **overrides)
     stack.key_dir = key_dir
     stack.curve = keys.identity(key_dir, "client")
     stack.start_all()
     return stack
+
+
+@pytest.fixture
+def curve_stack(make_stack, tmp_path: Path):
+    return _curve_stack(make_stack, tmp_path / "keys")
 
 
 def _client(stack, name: str | None = "client", timeout_s: float = 10.0) -> Client:
@@ -109,3 +113,18 @@ def test_a_worker_with_a_wrong_key_is_refused_on_both_sides(curve_stack, tmp_pat
         assert client.chat("how to cook rice").answer.startswith("[voice]")
 
 
+
+
+def test_the_gateway_reaches_a_curve_coordinator_with_the_configs_client_key(make_stack, tmp_path: Path) -> None:
+    from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
+
+    stack = _curve_stack(make_stack, tmp_path / "keys", **gateway_overrides())
+    gateway = GatewayProcess(stack)
+    try:
+        url = gateway.start()
+        reply = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                           json={"model": "lyra", "messages": [{"role": "user", "content": "how to fix a bike"}]})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"].startswith("[voice]")
+    finally:
+        gateway.stop()
