@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.backends import openai_remote
+from shared.backends import openai_remote, openai_wire
 from shared.backends.base import BackendError, Cancelled, LoadContext, load_model
 from shared.client import LyraError, WorkerDeadError
 from shared.config import ModelEntry
@@ -74,7 +74,7 @@ def test_streams_piece_by_piece_with_the_servers_usage(double: RemoteDouble) -> 
 def test_a_wrong_key_is_refused_with_401_naming_the_variable_not_the_key(double: RemoteDouble,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "not-the-key")
-    with pytest.raises(openai_remote.RemoteKeyRefused, match="401") as err:
+    with pytest.raises(openai_wire.RemoteKeyRefused, match="401") as err:
         load(double.base_url)
     assert KEY_ENV in str(err.value) and "not-the-key" not in str(err.value)
     monkeypatch.delenv(KEY_ENV)
@@ -90,7 +90,7 @@ def test_429_is_retried_with_back_off_then_busy_when_it_persists(double: RemoteD
         assert double.seen["ratelimit"] == 3  # two 429s, then served
         double.seen = {}
         model.settings = model.settings.model_copy(update={"retries": 1})
-        with pytest.raises(openai_remote.RemoteBusy, match="429") as err:
+        with pytest.raises(openai_wire.RemoteBusy, match="429") as err:
             list(model.generate(HELLO, GenerationOptions(), threading.Event()))
         assert err.value.code == ErrorCode.busy and double.base_url in str(err.value)
     finally:
@@ -103,7 +103,7 @@ def test_5xx_maps_to_worker_error_and_503_is_retried(double: RemoteDouble) -> No
     try:
         assert "".join(model.generate(HELLO, GenerationOptions(), threading.Event())).startswith("one")
         model.settings = model.settings.model_copy(update={"model": "broken"})
-        with pytest.raises(openai_remote.RemoteServerError, match=r"500.*device-side assert") as err:
+        with pytest.raises(openai_wire.RemoteServerError, match=r"500.*device-side assert") as err:
             list(model.generate(HELLO, GenerationOptions(), threading.Event()))
         assert err.value.code == ErrorCode.worker_error
     finally:
@@ -114,7 +114,7 @@ def test_a_stream_cut_midway_is_a_worker_error_naming_the_url(double: RemoteDoub
     model = load(double.base_url, "cut")
     got: list[str] = []
     try:
-        with pytest.raises(openai_remote.RemoteStreamCut) as err:
+        with pytest.raises(openai_wire.RemoteStreamCut) as err:
             for piece in model.generate(HELLO, GenerationOptions(), threading.Event()):
                 got.append(piece)
         assert got == ["one", " two"] and double.base_url in str(err.value)
@@ -127,7 +127,7 @@ def test_a_silent_server_times_out_and_a_cancel_aborts_at_once(double: RemoteDou
     model = load(double.base_url, "silent", read_timeout_s=0.5)
     try:
         started = time.monotonic()
-        with pytest.raises(openai_remote.RemoteTimeout, match=r"sent nothing for 0\.5 s"):
+        with pytest.raises(openai_wire.RemoteTimeout, match=r"sent nothing for 0\.5 s"):
             list(model.generate(HELLO, GenerationOptions(), threading.Event()))
         assert time.monotonic() - started < 5
         model.settings = model.settings.model_copy(update={"read_timeout_s": 60.0})
@@ -143,10 +143,10 @@ def test_a_silent_server_times_out_and_a_cancel_aborts_at_once(double: RemoteDou
 
 def test_a_server_that_is_down_is_unreachable_and_an_unknown_model_is_named(double: RemoteDouble) -> None:
     url = closed_port_url()
-    with pytest.raises(openai_remote.RemoteUnreachable, match="unreachable") as err:
+    with pytest.raises(openai_wire.RemoteUnreachable, match="unreachable") as err:
         load(url)
     assert url in str(err.value) and err.value.code == ErrorCode.worker_missing
-    with pytest.raises(openai_remote.RemoteModelMissing, match="offers: echo"):
+    with pytest.raises(openai_wire.RemoteModelMissing, match="offers: echo"):
         load(double.base_url, "llama-9000")
 
 

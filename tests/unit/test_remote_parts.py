@@ -12,6 +12,7 @@ import pytest
 
 from shared import keys
 from shared.backends import openai_remote as remote
+from shared.backends import openai_wire as wire
 from shared.config import ConfigError, RemoteSettings, parse_config
 from shared.messages import ErrorCode
 from shared.vram.plan import make_plan, render_table
@@ -78,19 +79,19 @@ def test_lyra_keys_writes_private_files_that_load_and_refuses_shared_ones(tmp_pa
 
 
 def test_sse_lines_give_pieces_usage_and_endings() -> None:
-    state = remote.ReplyState()
-    assert remote.parse_sse_line(": keep-alive", state, "u") is None
-    assert remote.parse_sse_line('data: {"choices": [{"delta": {"content": "Hi"}}]}', state, "u") == "Hi"
+    state = wire.ReplyState()
+    assert wire.parse_sse_line(": keep-alive", state, "u") is None
+    assert wire.parse_sse_line('data: {"choices": [{"delta": {"content": "Hi"}}]}', state, "u") == "Hi"
     line = 'data: {"choices": [{"delta": {}, "finish_reason": "length"}], "usage": {"prompt_tokens": 4, ' \
            '"completion_tokens": 2}}'
-    assert remote.parse_sse_line(line, state, "u") is None
+    assert wire.parse_sse_line(line, state, "u") is None
     assert (state.finish_reason, state.prompt_tokens, state.completion_tokens) == ("length", 4, 2)
-    remote.parse_sse_line("data: [DONE]", state, "u")
+    wire.parse_sse_line("data: [DONE]", state, "u")
     assert state.done
-    with pytest.raises(remote.RemoteServerError, match="failed mid-stream: out of memory"):
-        remote.parse_sse_line('data: {"error": {"message": "out of memory"}}', state, "http://h/v1")
-    with pytest.raises(remote.RemoteStreamCut, match="not JSON"):
-        remote.parse_sse_line("data: {trunc", state, "http://h/v1")
+    with pytest.raises(wire.RemoteServerError, match="failed mid-stream: out of memory"):
+        wire.parse_sse_line('data: {"error": {"message": "out of memory"}}', state, "http://h/v1")
+    with pytest.raises(wire.RemoteStreamCut, match="not JSON"):
+        wire.parse_sse_line("data: {trunc", state, "http://h/v1")
 
 
 def test_label_scores_from_logprobs_and_from_a_named_label() -> None:
@@ -105,20 +106,20 @@ def test_label_scores_from_logprobs_and_from_a_named_label() -> None:
 
 def test_back_off_doubles_is_capped_and_honours_retry_after() -> None:
     settings = RemoteSettings(base_url="http://h/v1", model="m", backoff_s=0.5, max_backoff_s=3.0)
-    assert [remote.backoff_s(settings, n, None) for n in range(4)] == [0.5, 1.0, 2.0, 3.0]
-    assert remote.backoff_s(settings, 0, "2") == 2.0 and remote.backoff_s(settings, 0, "120") == 3.0
-    assert remote.backoff_s(settings, 1, "Wed, 21 Oct 2015 07:28:00 GMT") == 1.0
+    assert [wire.backoff_s(settings, n, None) for n in range(4)] == [0.5, 1.0, 2.0, 3.0]
+    assert wire.backoff_s(settings, 0, "2") == 2.0 and wire.backoff_s(settings, 0, "120") == 3.0
+    assert wire.backoff_s(settings, 1, "Wed, 21 Oct 2015 07:28:00 GMT") == 1.0
 
 
 @pytest.mark.parametrize(("status", "kind", "code"), [
-    (401, remote.RemoteKeyRefused, ErrorCode.worker_error), (403, remote.RemoteKeyRefused, ErrorCode.worker_error),
-    (404, remote.RemoteModelMissing, ErrorCode.worker_error), (429, remote.RemoteBusy, ErrorCode.busy),
-    (500, remote.RemoteServerError, ErrorCode.worker_error), (400, remote.RemoteServerError, ErrorCode.worker_error),
+    (401, wire.RemoteKeyRefused, ErrorCode.worker_error), (403, wire.RemoteKeyRefused, ErrorCode.worker_error),
+    (404, wire.RemoteModelMissing, ErrorCode.worker_error), (429, wire.RemoteBusy, ErrorCode.busy),
+    (500, wire.RemoteServerError, ErrorCode.worker_error), (400, wire.RemoteServerError, ErrorCode.worker_error),
 ])
 def test_each_http_status_has_its_typed_error(status: int, kind: type, code: ErrorCode) -> None:
     settings = RemoteSettings(base_url="http://h:8000/v1", model="m", api_key_env="K")
     response = httpx.Response(status, json={"error": {"message": "the server's sentence"}})
-    error = remote.status_error(settings, response, "the voice reply")
+    error = wire.status_error(settings, response, "the voice reply")
     assert type(error) is kind and error.code == code
     assert "http://h:8000/v1" in str(error) and "the server's sentence" in str(error)
 
