@@ -4,7 +4,9 @@
 
 Every request does route -> specialist -> voice against fake workers that answer at once, so the
 latency is the runtime's own cost: validation, queueing, three worker round trips and the client's
-event stream. The raw number is a bare DEALER/ROUTER echo of a small msgpack map over ipc.
+event stream. It runs with every socket over ipc, over tcp on loopback, and over tcp with CurveZMQ (keys
+and ZAP as `lyra keys` sets them up), in the same run (`--transports`). The raw number is a bare
+DEALER/ROUTER echo of a small msgpack map over the same transport: the cost of one hop.
 
 Recovery (default heartbeats: 1 s interval, 5 s timeout), each trial with a request in its voice stage:
 the time from a coordinator SIGKILL (restarted at once, as supervisord does) to the client's
@@ -17,15 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.client import CoordinatorRestartedError
+from shared.keys import identity, make_keys
 from shared.messages import StageFinishedEvent, StageRestartedEvent, TokenEvent
 from shared.transport import raw_roundtrip_benchmark
 from tests.stackproc import StackProcesses
@@ -39,46 +45,84 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(requests: int, clients: int) -> None:
-    raw = raw_roundtrip_benchmark(2000, b"x" * 64)
+TRANSPORTS = ("ipc", "tcp", "curve")  # the default ipc run dir; tcp on loopback; tcp with CurveZMQ and ZAP
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _stack(kind: str, clients: int) -> StackProcesses:
+    """The zero-delay dev stack whose client and worker sockets use `kind`."""
     fake = {"token_delay_s": 0.0, "delay_s": 0.0}
+    wire: dict[str, object] = {}
+    if kind != "ipc":
+        wire = {"runtime__client_endpoint": f"tcp://127.0.0.1:{_free_port()}",
+                "runtime__worker_endpoint": f"tcp://127.0.0.1:{_free_port()}"}
+    keys_dir = Path(tempfile.mkdtemp(prefix="lyra-bench-keys-")) / "keys"
+    if kind == "curve":
+        make_keys(keys_dir)
+        wire |= {"runtime__curve": True, "runtime__keys_dir": str(keys_dir)}
     stack = StackProcesses(router__fake=fake, voice__fake=fake, voice__generation={"max_new_tokens": 8},
                            specialists__pragmatist__fake=fake, specialists__philosopher__fake=fake,
-                           runtime__queue_size=4 * clients + 8)
-    try:
-        stack.start_all()
+                           runtime__queue_size=4 * clients + 8, **wire)
+    stack.curve = identity(keys_dir, "client") if kind == "curve" else None
+    return stack
+
+
+def _batch(stack: StackProcesses, requests: int, clients: int) -> list[float]:
+    """Latencies of `requests` chats sent by `clients` threads at once."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
         with stack.client() as client:
-            for _ in range(20):  # warm up; the first request also loads the specialist
+            for _ in range(requests // clients):
+                t0 = time.perf_counter()
                 client.chat("math code", max_new_tokens=8)
-        latencies: list[float] = []
-        lock = threading.Lock()
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
 
-        def worker(n: int) -> None:
-            with stack.client() as client:
-                for _ in range(requests // clients):
-                    t0 = time.perf_counter()
-                    client.chat("math code", max_new_tokens=8)
-                    with lock:
-                        latencies.append(time.perf_counter() - t0)
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+
+def run(requests: int, clients: int, kinds: tuple[str, ...], rounds: int = 5) -> None:
+    """Every transport in the same run, in interleaved rounds (this shared VM drifts between minutes)."""
+    raw = {kind: raw_roundtrip_benchmark(2000, b"x" * 64, kind) for kind in kinds}
+    stacks = {kind: _stack(kind, clients) for kind in kinds}
+    latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
+    wall = dict.fromkeys(kinds, 0.0)
+    try:
+        for stack in stacks.values():
+            stack.start_all()
+            _batch(stack, 20, 1)  # warm up; the first request also loads the specialist
+        for _ in range(rounds):
+            for kind, stack in stacks.items():
+                start = time.perf_counter()
+                latencies[kind] += _batch(stack, max(clients, requests // rounds), clients)
+                wall[kind] += time.perf_counter() - start
     finally:
-        stack.stop()
+        for stack in stacks.values():
+            stack.stop()
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"raw pyzmq DEALER<->ROUTER round trip (ipc, 64 B): median {statistics.median(raw) * 1e6:.0f} us, "
-          f"p99 {percentile(raw, 0.99) * 1e6:.0f} us")
-    print(f"Lyra request (route + specialist + voice, 8 tokens streamed, {clients} client(s)): "
-          f"median {statistics.median(latencies) * 1e3:.2f} ms, p99 {percentile(latencies, 0.99) * 1e3:.2f} ms")
-    print(f"throughput: {len(latencies) / wall:.1f} requests/s over {len(latencies)} requests")
-    print(f"added latency per request vs one raw round trip: "
-          f"{(statistics.median(latencies) - statistics.median(raw)) * 1e3:.2f} ms median")
+    print(f"{'transport':<10}{'raw round trip':>16}{'request median':>16}{'p99':>10}{'req/s':>8}  "
+          f"(route + specialist + voice, 8 tokens streamed, {clients} client(s))")
+    for kind in kinds:
+        mine = latencies[kind]
+        print(f"{kind:<10}{statistics.median(raw[kind]) * 1e6:>13.0f} us{statistics.median(mine) * 1e3:>13.2f} ms"
+              f"{percentile(mine, 0.99) * 1e3:>7.2f} ms{len(mine) / wall[kind]:>8.1f}")
+    base = statistics.median(latencies[kinds[0]])
+    for kind in kinds[1:]:
+        print(f"{kind} vs {kinds[0]}: {(statistics.median(latencies[kind]) - base) * 1e3:+.2f} ms per request, "
+              f"{(statistics.median(raw[kind]) - statistics.median(raw[kinds[0]])) * 1e6:+.0f} us per raw hop")
 
 
 def _trial(stack: StackProcesses, act: Callable[[], None]) -> tuple[float, dict[str, float], BaseException | None]:
@@ -153,7 +197,8 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--recovery", type=int, default=5, help="trials of each recovery measurement (0 = skip)")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated: ipc, tcp, curve")
     args = parser.parse_args()
-    run(args.requests, args.clients)
+    run(args.requests, args.clients, tuple(args.transports.split(",")))
     if args.recovery:
         recovery(args.recovery)

@@ -267,6 +267,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 RUN_DIR_HELP = "the stack's run directory (default: $LYRA_RUN_DIR, else the stack started last)"
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from shared.keys import keys_command
+
+    return keys_command(args.config, args.dir, tuple(args.client or ()), args.force)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lyra` argument parser."""
@@ -321,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lyra-demo-images", help="directory for the images the artist makes")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("keys", help="make CurveZMQ key files: the coordinator's, one per worker, one per client")
+    p.add_argument("-c", "--config", help="write to this config's runtime.keys_dir (default ~/.config/lyra/keys)")
+    p.add_argument("--dir", help="write here instead")
+    p.add_argument("--client", action="append", metavar="NAME", help="a client key pair to make (repeatable; "
+                   "default: one named client)")
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p.set_defaults(func=cmd_keys)
     p = sub.add_parser("logs", help="print a service's log")
     p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice", "gateway"])
     p.add_argument("-n", "--lines", type=int, default=50)

@@ -26,7 +26,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from shared import stack_record, transport
+from shared import keys, stack_record, transport
 from shared.messages import (
     TERMINAL_TYPES,
     AcceptedEvent,
@@ -50,6 +50,7 @@ DEFAULT_TIMEOUT_S = 900.0
 FIRST_ANSWER_S = 1.0  # silence after a send before the client checks that anyone serves the endpoint at all
 SILENT_INTERVALS = 3.0  # keepalive intervals of silence after which the client checks on the coordinator
 PROBE_INTERVALS = 1.5  # how long that check (a status request) may go unanswered
+HANDSHAKE_CHECK_S = 0.2  # on tcp, how often a waiting client looks for a refused handshake
 
 
 class LyraError(Exception):
@@ -159,6 +160,36 @@ def _stack_secret(endpoint: str) -> str | None:
         return None
 
 
+def _curve_keys(endpoint: str) -> transport.CurveKeys | None:
+    """This client's Curve identity for a tcp endpoint, when key files are found: in $LYRA_KEYS_DIR, else in the
+    keys_dir of the config in $LYRA_CONFIG or of the stack `lyra up` recorded (when that config puts Curve on
+    the endpoint), else in the default keys_dir. The pair is `$LYRA_CLIENT_KEY` (default "client") and the
+    coordinator's public key beside it."""
+    directory = _keys_dir_for(endpoint) if endpoint.startswith("tcp://") else None
+    name = os.environ.get("LYRA_CLIENT_KEY", keys.DEFAULT_CLIENT)
+    if directory is None or not (directory / f"{name}.key_secret").exists():
+        return None  # no keys: a Curve coordinator refuses us, and _events says so at once
+    try:
+        return keys.identity(directory, name)
+    except keys.KeyFileError as exc:
+        raise UnauthorizedError(f"cannot use this client's Curve keys: {exc}", code="unauthorized") from None
+
+
+def _keys_dir_for(endpoint: str) -> Path | None:
+    from shared.config import ConfigError, default_keys_dir, load_config
+
+    if os.environ.get("LYRA_KEYS_DIR"):
+        return Path(os.environ["LYRA_KEYS_DIR"])
+    try:
+        source = os.environ.get("LYRA_CONFIG") or find_stack().get("config")
+        config = load_config(source) if source else None
+    except (LyraError, ConfigError):
+        config = None
+    if config is None:
+        return default_keys_dir()
+    return config.keys_dir() if config.curve_on(endpoint) else None
+
+
 class CoordinatorWatch:
     """Ends a chat request whose coordinator restarted or went silent, instead of waiting for the timeout."""
 
@@ -229,6 +260,16 @@ def _timed_out(endpoint: str, limit: float) -> ClientTimeoutError:
                               "is the stack up? (`lyra status`)", code="client_timeout")
 
 
+def _raise_if_refused(sock: transport.Endpoint, endpoint: str) -> None:
+    """UnauthorizedError when the coordinator refused our Curve handshake (a key it does not list, or none)."""
+    refused = transport.handshake_failures(sock)
+    if refused:
+        raise UnauthorizedError(f"the coordinator at {endpoint} refused this client's connection: "
+                                f"{refused[-1]}; a Curve stack admits the client keys in its keys_dir's "
+                                "authorized/clients/ (`lyra keys`; $LYRA_KEYS_DIR points a client at its keys)",
+                                code=ErrorCode.unauthorized.value)
+
+
 def find_stack(run_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The live stack's record (endpoint, config, run dir): $LYRA_ENDPOINT, else see `stack_record.live_record`.
 
@@ -267,12 +308,17 @@ class Client:
     """Blocking client; one request at a time per instance (use one instance per thread)."""
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_message_mb: float = 64.0, secret: str | None = None) -> None:
+                 max_message_mb: float = 64.0, secret: str | None = None,
+                 curve: transport.CurveKeys | None = None) -> None:
         self.endpoint = endpoint or find_stack()["client_endpoint"]
         self.timeout_s = timeout_s
         self.secret = secret or _stack_secret(self.endpoint)  # sent only where required: tcp endpoints
+        curve = curve or _curve_keys(self.endpoint)
         self.ctx = transport.new_context()
-        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024))
+        # On tcp a refused handshake (Curve keys) is watched for, so the caller hears it, not a timeout.
+        self.watched = self.endpoint.startswith("tcp://")
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024),
+                                             curve=curve, watch=self.watched)
 
     def close(self) -> None:
         """Close the socket and context (never blocks)."""
@@ -302,7 +348,11 @@ class Client:
                 wait = min(wait, max(0.0, check_at - time.monotonic()))
             # Always read what is already buffered (wait 0): a caller slow to consume its stream has
             # heard from the coordinator, however old `last_heard` looks.
+            if self.watched:
+                wait = min(wait, HANDSHAKE_CHECK_S)
             got = transport.recv_timeout(self.sock, max(0.0, wait)) if left > 0 else None
+            if got is None and self.watched:
+                self._raise_if_refused()
             if got is None and time.monotonic() < deadline:
                 if watch is not None and watch.check_in_s() <= 0:
                     transport.send(self.sock, watch.overdue(self.secret))
@@ -324,6 +374,9 @@ class Client:
         reason = stack_record.endpoint_gone(self.endpoint)
         if reason is not None:
             raise StackNotFoundError(reason, code="not_running")
+
+    def _raise_if_refused(self) -> None:
+        _raise_if_refused(self.sock, self.endpoint)
 
     def stream(self, text: str | None = None, *, messages: list[dict[str, str]] | None = None, image: Any = None,
                specialist: str | None = None, timeout_s: float | None = None, events: str = "all",
@@ -376,12 +429,15 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_message_mb: float = 64.0, secret: str | None = None) -> None:
+                 max_message_mb: float = 64.0, secret: str | None = None,
+                 curve: transport.CurveKeys | None = None) -> None:
         self.endpoint = endpoint or find_stack()["client_endpoint"]
         self.timeout_s = timeout_s
         self.secret = secret or _stack_secret(self.endpoint)
         self.ctx = transport.new_async_context()
-        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024))
+        self.watched = self.endpoint.startswith("tcp://")  # a refused Curve handshake is heard, as in Client
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024),
+                                             curve=curve or _curve_keys(self.endpoint), watch=self.watched)
         self._inboxes: dict[str, asyncio.Queue[Any]] = {}
         self._reader: asyncio.Task[None] | None = None
 
@@ -431,6 +487,7 @@ class AsyncClient:
                 now = loop.time()
                 if got is _WAKE:
                     if check_at is not None and now >= check_at:
+                        _raise_if_refused(self.sock, self.endpoint)
                         reason = stack_record.endpoint_gone(self.endpoint)
                         if reason is not None:
                             raise StackNotFoundError(reason, code="not_running")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+NETWORK_HEARTBEAT_TIMEOUT_S = 10.0  # heartbeat_timeout_s's default when workers connect over a network
 SERVICES = ("coordinator", "router", "specialist_host", "voice")
 WORKER_SERVICES = ("router", "specialist_host", "voice")
 
@@ -63,6 +64,11 @@ class RuntimeSettings(Section):
     heartbeat_timeout_s: float = Field(default=5.0, gt=0, le=600)
     cancel_grace_s: float = Field(default=10.0, gt=0, le=3600)  # a worker that ignores a cancel this long exits
     drain_s: float = Field(default=8.0, gt=0, le=600)  # SIGTERM drain; below supervisord's stopwaitsecs
+    # CurveZMQ on every tcp endpoint: traffic encrypted, and the coordinator accepts only the workers and clients
+    # whose public keys sit in <keys_dir>/authorized/ (`lyra keys` makes them). Required for a non-loopback tcp
+    # endpoint; with Curve the keys replace the stack secret on that socket (a remote host never sees the file).
+    curve: bool = False
+    keys_dir: str = ""  # default: $XDG_CONFIG_HOME/lyra/keys (~/.config/lyra/keys); mode 0700, files 0600
 
     @model_validator(mode="after")
     def _heartbeat_order(self) -> RuntimeSettings:
@@ -108,6 +114,7 @@ class ServicePlacement(Section):
     """Which physical GPUs a worker process is pinned to (empty = CPU only)."""
 
     gpus: list[int] = []
+    external: bool = False  # started on another host (over tcp + Curve); `lyra up` starts it not here, waits for it
 
 
 class GenerationDefaults(Section):
@@ -152,12 +159,35 @@ class FakeBehaviour(Section):
     triggers: bool = False  # honour "[[fake:<action>:<service>]]" markers in the user's text (tests)
 
 
+class RemoteSettings(Section):
+    """Where a `backend = "openai"` model runs: any OpenAI-compatible server (vLLM, SGLang, TGI, Ollama, ...)."""
+
+    base_url: str = ""  # e.g. "http://10.0.0.7:8000/v1"
+    model: str = ""  # the model id the server serves (its GET /v1/models lists it)
+    api_key_env: str = ""  # the NAME of the environment variable holding the Bearer key; never the key itself
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    read_timeout_s: float = Field(default=120.0, gt=0, le=3600)  # longest silence between two bytes of a reply
+    retries: int = Field(default=3, ge=0, le=20)  # re-sends after a 429, 502, 503 or 504, with back-off
+    backoff_s: float = Field(default=0.5, ge=0, le=60)  # first back-off (doubled each time; Retry-After wins)
+    max_backoff_s: float = Field(default=8.0, ge=0, le=600)
+    # Router only: score labels from the server's token logprobs ("auto": when the server returns them, else
+    # ask for the label name and read it from the reply), or always ("on") or never ("off").
+    logprobs: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} must start with http:// or https://")
+        return value.rstrip("/")
+
+
 class ModelEntry(Section):
     """One model: where its weights are, how to load it, how to prompt it."""
 
     name: str = ""  # filled from the table key
     kind: Literal["causal_lm", "image_generation", "vision_language"] = "causal_lm"
-    backend: Literal["fake", "transformers", "diffusers"] = "fake"
+    backend: Literal["fake", "transformers", "diffusers", "openai"] = "fake"
     path: str = ""  # Hugging Face id or local directory (or a GGUF file's directory)
     gguf_file: str = ""  # file name inside `path` for GGUF checkpoints
     embedded: Literal["", "smollm2", "tiny-flux", "tiny-llava"] = ""  # a checkpoint shipped or generated locally
@@ -187,9 +217,17 @@ class ModelEntry(Section):
     architecture: str = ""  # known architecture name for planning without files (see shared.vram)
     parameters_b: float = Field(default=0.0, ge=0)  # parameter count in billions, for planning without files
     fake: FakeBehaviour = FakeBehaviour()
+    remote: RemoteSettings = RemoteSettings()  # backend = "openai": the server that runs this model
 
     @model_validator(mode="after")
     def _needs_weights(self) -> ModelEntry:
+        if self.backend == "openai":
+            if not (self.remote.base_url and self.remote.model):
+                raise ValueError(f"model {self.name!r} uses backend 'openai' but sets no remote.base_url or "
+                                 "remote.model")
+            if self.kind != "causal_lm":
+                raise ValueError(f"model {self.name!r}: backend 'openai' serves text models (causal_lm) only")
+            return self
         if self.backend != "fake" and not (self.path or self.embedded):
             raise ValueError(f"model {self.name!r} uses backend {self.backend!r} but sets neither path nor embedded")
         return self
@@ -259,6 +297,11 @@ class LyraConfig(Section):
                     raise ValueError(f"services.{service}.gpus: GPU {gpu} is not declared in [[gpus]]")
         if self.routing.image_specialist and self.routing.image_specialist not in self.specialists:
             raise ValueError(f"routing.image_specialist: {self.routing.image_specialist!r} is not a specialist")
+        for service in WORKER_SERVICES:
+            models = self.models_of(service).values()
+            if self.gpus_of(service) and all(entry.backend == "openai" for entry in models):
+                raise ValueError(f"services.{service}.gpus: every model of {service} runs remotely (backend "
+                                 "'openai'); pin it to no GPU (it needs none here)")
         return self
 
     # ------------------------------------------------------------ derived values
@@ -267,6 +310,11 @@ class LyraConfig(Section):
         """Physical GPU indices a worker service is pinned to."""
         placement = self.services.get(service)
         return list(placement.gpus) if placement else []
+
+    def runs_elsewhere(self, service: str) -> bool:
+        """Whether another host runs this worker service (`lyra up` does not start it here)."""
+        placement = self.services.get(service)
+        return bool(placement and placement.external)
 
     def run_dir(self) -> Path:
         """The private run directory (sockets, logs)."""
@@ -288,8 +336,18 @@ class LyraConfig(Section):
             self.run_dir() / "stack.secret")
 
     def client_needs_secret(self) -> bool:
-        """Whether client requests must carry the secret: on tcp any local user can reach the port."""
-        return self.runtime.auth == "secret" and self.client_endpoint().startswith("tcp://")
+        """Whether client requests must carry the secret: on tcp any local user can reach the port (unless Curve
+        keys already say who may connect)."""
+        endpoint = self.client_endpoint()
+        return self.runtime.auth == "secret" and endpoint.startswith("tcp://") and not self.curve_on(endpoint)
+
+    def curve_on(self, endpoint: str) -> bool:
+        """Whether `endpoint` is protected by CurveZMQ (runtime.curve applies to tcp endpoints)."""
+        return self.runtime.curve and endpoint.startswith("tcp://")
+
+    def keys_dir(self) -> Path:
+        """Where `lyra keys` writes, and every process reads, the CurveZMQ key files."""
+        return Path(os.path.expanduser(self.runtime.keys_dir)) if self.runtime.keys_dir else default_keys_dir()
 
     def client_queue_frames(self) -> int:
         """Frames zmq may hold per client connection: `client_queue_mb` over the largest frame, at least 2."""
@@ -310,6 +368,11 @@ class LyraConfig(Section):
         raise KeyError(service)
 
 
+def default_keys_dir() -> Path:
+    """$XDG_CONFIG_HOME/lyra/keys (~/.config/lyra/keys): where Curve keys live unless runtime.keys_dir says."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")) / "lyra" / "keys"
+
+
 def _named(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill each model table's `name` from where it sits in the file."""
     raw = dict(raw)
@@ -318,6 +381,16 @@ def _named(raw: dict[str, Any]) -> dict[str, Any]:
             raw[key] = {"name": key, **raw[key]}
     if isinstance(raw.get("router"), dict):  # the router scores labels in one forward pass: it never decodes
         raw["router"]["engine"] = "eager"
+        if raw["router"].get("backend") == "openai" and isinstance(raw.get("routing", {}), dict):
+            # A remote router that answers by generation gives one-hot scores, which calibration would distort;
+            # it stays on only when the operator asks for it (sensible with a server that returns logprobs).
+            raw["routing"] = {"calibrate": False, **raw.get("routing", {})}
+    runtime = raw.get("runtime")
+    if isinstance(runtime, dict) and str(runtime.get("worker_endpoint", "")).startswith("tcp://") and \
+            not _loopback(str(runtime["worker_endpoint"])):
+        # Across a network a worker may go quiet for a few seconds (a congested link, a long GC pause on a big
+        # host) without being dead: unless the operator chose, allow 10 s of silence instead of 5.
+        raw["runtime"] = {"heartbeat_timeout_s": NETWORK_HEARTBEAT_TIMEOUT_S, **runtime}
     if isinstance(raw.get("specialists"), dict):
         raw["specialists"] = {
             name: ({**entry, "name": name} if isinstance(entry, dict) else entry)
@@ -341,6 +414,9 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
 
 def _check_endpoints(config: LyraConfig) -> None:
     endpoints = (("client_endpoint", config.client_endpoint()), ("worker_endpoint", config.worker_endpoint()))
+    if config.runtime.curve and not any(endpoint.startswith("tcp://") for _, endpoint in endpoints):
+        raise ConfigError(f"{config.source}: runtime.curve: Curve protects tcp endpoints, and both endpoints are "
+                          "ipc (their 0700 run directory protects them); remove `curve = true` or use tcp")
     for field, endpoint in endpoints:
         if endpoint.startswith("tcp://") and config.runtime.auth == "none":
             raise ConfigError(
@@ -348,13 +424,21 @@ def _check_endpoints(config: LyraConfig) -> None:
                 "port, loopback included, is open to every local user; remove `auth = \"none\"` so workers and "
                 f"clients must present the stack secret ({config.secret_path()})"
             )
-        if endpoint.startswith("tcp://") and not config.runtime.allow_remote:
-            host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise ConfigError(
-                    f"{config.source}: runtime.{field}: {endpoint} is not loopback; "
-                    "set runtime.allow_remote = true to expose it deliberately"
-                )
+        if endpoint.startswith("tcp://") and not config.runtime.allow_remote and not _loopback(endpoint):
+            raise ConfigError(
+                f"{config.source}: runtime.{field}: {endpoint} is not loopback; "
+                "set runtime.allow_remote = true to expose it deliberately"
+            )
+        if endpoint.startswith("tcp://") and not _loopback(endpoint) and not config.runtime.curve:
+            raise ConfigError(
+                f"{config.source}: runtime.{field}: {endpoint} reaches beyond this machine, which needs CurveZMQ: "
+                f"set runtime.curve = true and make keys with `lyra keys -c {config.source}`"
+            )
+
+
+def _loopback(endpoint: str) -> bool:
+    """Whether a tcp endpoint binds or connects to this machine only."""
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
 
 
 def load_config(path: str | os.PathLike[str]) -> LyraConfig:

@@ -97,8 +97,12 @@ def model_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
         elif entry.backend == "diffusers" and entry.quantization != "none" and not (
                 has_cuda and _installed("bitsandbytes")):
             problems = [f"quantization = {entry.quantization!r} needs a CUDA GPU and bitsandbytes"]
+        if entry.backend == "openai" and entry.remote.api_key_env and not os.environ.get(entry.remote.api_key_env):
+            problems = [f"remote.api_key_env names ${entry.remote.api_key_env}, which is not set here"]
+        ready = f"remote at {entry.remote.base_url} (its worker checks GET /v1/models at load)" \
+            if entry.backend == "openai" else f"{entry.backend} backend ready"
         status = "fail" if problems else "pass"
-        checks.append(Check(status, f"model {entry.name}", "; ".join(problems) or f"{entry.backend} backend ready"))
+        checks.append(Check(status, f"model {entry.name}", "; ".join(problems) or ready))
     return checks
 
 

@@ -20,9 +20,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from shared import transport
+from shared import keys, transport
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, WireGarbage, load_model
 from shared.config import LyraConfig, ModelEntry
+from shared.keys import KeyFileError
 from shared.messages import (
     CancelCallRequest,
     ErrorCode,
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05
 GARBAGE = b"\xc1\xff not msgpack \x00"
 REGISTER_RETRY_S = 1.0
+REFUSAL_LOG_EVERY = 30  # a refused worker retries about once a second
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class ServiceLoop:
         self.current: Call | None = None
         self.stopping = threading.Event()
         self.registered = False
+        self.refusals = 0  # failed Curve handshakes with the coordinator
 
     # ------------------------------------------------------------ job thread
 
@@ -197,7 +200,7 @@ class ServiceLoop:
             self._error(msg, ErrorCode.cancelled, "the call was cancelled")
         except BackendError as exc:
             log.error("call %s (%s) failed: %s", msg.id, msg.type, exc)  # type: ignore[attr-defined]
-            self._error(msg, ErrorCode.worker_error, str(exc))
+            self._error(msg, exc.code, str(exc))
         except Exception as exc:  # a bug in a handler must not take the worker down
             log.error("call %s crashed:\n%s", msg.id, traceback.format_exc())
             self._error(msg, ErrorCode.internal, f"{type(exc).__name__}: {exc} (see the {self.worker.service} log)")
@@ -214,9 +217,15 @@ class ServiceLoop:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         self.estimates = self.worker.estimates()
+        try:
+            curve = self._curve_keys()
+        except KeyFileError as exc:
+            log.critical("cannot connect to the coordinator under Curve: %s", exc)
+            return 2
         self.worker.startup()
         sock = transport.connect_dealer(
-            self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.identity
+            self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.identity,
+            curve=curve, watch=self.config.worker_endpoint().startswith("tcp://"),  # a refusal is logged here too
         )
         job_thread = threading.Thread(target=self._job_thread, name="job", daemon=True)
         job_thread.start()
@@ -229,6 +238,21 @@ class ServiceLoop:
             self.outbox.close()
             if not job_thread.is_alive():
                 self.ctx.term()
+
+    def _curve_keys(self) -> transport.CurveKeys | None:
+        """This service's Curve identity when the worker endpoint is under Curve (from <keys_dir>)."""
+        if not self.config.curve_on(self.config.worker_endpoint()):
+            return None
+        return keys.identity(self.config.keys_dir(), self.worker.service)
+
+    def _refused_handshakes(self, sock: transport.Endpoint) -> None:
+        """Log the coordinator's refusals of our key: the first, then one in every REFUSAL_LOG_EVERY retries."""
+        for why in transport.handshake_failures(sock):
+            self.refusals += 1
+            if self.refusals % REFUSAL_LOG_EVERY == 1:
+                log.error("the coordinator at %s refused this worker's connection (%d time(s)): %s; is %s.key in "
+                          "its authorized/workers/, and coordinator.key the coordinator's?", self.config
+                          .worker_endpoint(), self.refusals, why, self.worker.service)
 
     def _loop(self, sock: transport.Endpoint) -> int:
         interval = self.config.runtime.heartbeat_interval_s
@@ -250,6 +274,7 @@ class ServiceLoop:
                 next_beat = now + interval
             self._watchdog(now)
             ready = transport.poll([sock, self.outbox], POLL_S)
+            self._refused_handshakes(sock)
             if self.outbox in ready:
                 self._flush(sock)
             if sock in ready:
@@ -334,8 +359,8 @@ class ServiceLoop:
 
     def _secret(self) -> str | None:
         """The stack secret, read afresh for every registration attempt (a new `lyra up` writes a new one)."""
-        if self.config.runtime.auth == "none":
-            return None
+        if self.config.runtime.auth == "none" or self.config.curve_on(self.config.worker_endpoint()):
+            return None  # under Curve our key proves who we are; the secret file stays on the coordinator's host
         try:
             return read_secret(self.config.secret_path())
         except SecretError as exc:

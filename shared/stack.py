@@ -69,6 +69,8 @@ def stack_env(config: LyraConfig) -> dict[str, str]:
     env.update(
         LYRA_CONFIG=config.source, LYRA_RUN_DIR=str(config.run_dir()), LYRA_PYTHON=sys.executable,
         **{f"LYRA_GPUS_{s.upper()}": ",".join(str(g) for g in config.gpus_of(s)) for s in WORKER_SERVICES},
+        # A service another host runs (services.<name>.external) is not started here; `lyra up` waits for it.
+        **{f"LYRA_AUTOSTART_{s.upper()}": str(not config.runs_elsewhere(s)).lower() for s in WORKER_SERVICES},
     )
     return env
 

@@ -36,18 +36,27 @@ def create_secret(path: Path) -> str:
     return token
 
 
-def read_secret(path: Path) -> str:
-    """The secret in `path`; SecretError when it is missing, empty or readable by anyone but its owner."""
+def read_owner_only(path: Path, what: str, missing: str, error: type[Exception]) -> str:
+    """The text of `path`, which must be readable by its owner alone; `error` with a sentence otherwise.
+
+    `what` names the file in the sentences ("the stack secret"); `missing` says how to make one.
+    """
     try:
         mode = path.stat().st_mode
-        token = path.read_text().strip()
+        text = path.read_text()
     except FileNotFoundError:
-        raise SecretError(f"no stack secret at {path}: start the stack with `lyra up`") from None
+        raise error(f"no {what} at {path}: {missing}") from None
     except OSError as exc:
-        raise SecretError(f"cannot read the stack secret at {path}: {exc.strerror}") from None
+        raise error(f"cannot read {what} at {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(f"the stack secret {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
-                          f"`chmod 600 {path}` or restart the stack with `lyra up`")
+        raise error(f"{what} {path} is readable by others (mode {stat.S_IMODE(mode):o}); `chmod 600 {path}` "
+                    f"or {missing}")
+    return text
+
+
+def read_secret(path: Path) -> str:
+    """The secret in `path`; SecretError when it is missing, empty or readable by anyone but its owner."""
+    token = read_owner_only(path, "stack secret", "start the stack with `lyra up`", SecretError).strip()
     if not token:
         raise SecretError(f"the stack secret {path} is empty: restart the stack with `lyra up`")
     return token

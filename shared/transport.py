@@ -11,8 +11,9 @@ import asyncio
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -168,14 +169,18 @@ def prepare_endpoint(endpoint: str) -> None:
 
 @dataclass
 class Endpoint:
-    """A socket plus the limits it enforces."""
+    """A socket plus the limits it enforces (and, on Curve sockets, a monitor that reports failed handshakes)."""
 
     socket: zmq.Socket
     max_bytes: int
+    monitor: zmq.Socket | None = None
     plain: zmq.Socket | None = None  # a blocking-API shadow of an asyncio socket (see `recv_async`)
 
     def close(self) -> None:
         """Close without lingering: unsent messages to a dead peer must never block exit."""
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
         self.socket.close(linger=0)
 
     @property
@@ -191,11 +196,13 @@ def _configure(sock: zmq.Socket, max_bytes: int) -> None:
 
 
 def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int, queued_out: int = 10_000,
-                queued_in: int = 10_000) -> Endpoint:
+                queued_in: int = 10_000, curve: CurveKeys | None = None, zap_domain: str = "") -> Endpoint:
     """A ROUTER socket bound at `endpoint` (coordinator side); per peer, `queued_out` frames wait to be sent and
-    at most `queued_in` received frames wait to be read (then that peer's sends block)."""
+    at most `queued_in` received frames wait to be read (then that peer's sends block). With `curve` it is a
+    CurveZMQ server whose peers the running `KeyGate` admits under `zap_domain`."""
     sock = ctx.socket(zmq.ROUTER)
     _configure(sock, max_bytes)
+    monitor = _curve_server(sock, curve, zap_domain) if curve is not None else None
     sock.setsockopt(zmq.SNDHWM, queued_out)
     sock.setsockopt(zmq.RCVHWM, queued_in)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises instead of vanishing
@@ -204,19 +211,117 @@ def bind_router(ctx: zmq.Context, endpoint: str, max_bytes: int, queued_out: int
     sock.bind(endpoint)
     if endpoint.startswith("ipc://"):
         os.chmod(endpoint[len("ipc://"):], 0o600)  # owner only, whatever the umask
-    return Endpoint(sock, max_bytes)
+    return Endpoint(sock, max_bytes, monitor)
 
 
-def connect_dealer(ctx: zmq.Context, endpoint: str, max_bytes: int, identity: str | None = None) -> Endpoint:
-    """A DEALER socket connected to `endpoint` (worker or client side)."""
+def connect_dealer(ctx: zmq.Context, endpoint: str, max_bytes: int, identity: str | None = None,
+                   curve: CurveKeys | None = None, watch: bool = False) -> Endpoint:
+    """A DEALER socket connected to `endpoint` (worker or client side); a Curve client with `curve`. With
+    `curve` or `watch`, failed handshakes are reported by `handshake_failures`."""
     sock = ctx.socket(zmq.DEALER)
     _configure(sock, max_bytes)
     if identity:
         sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if curve is not None:
+        if curve.server_public is None:
+            raise ValueError("a Curve client needs the server's public key")
+        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = curve.secret, curve.public, \
+            curve.server_public
+    monitor = _watch_handshakes(sock) if curve is not None or watch else None
     sock.connect(endpoint)
-    return Endpoint(sock, max_bytes)
+    return Endpoint(sock, max_bytes, monitor)
+
+
+# ---------------------------------------------------------------- CurveZMQ
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """One side's CurveZMQ identity (z85 keys): its pair, and on the connecting side the server's public key."""
+
+    public: bytes
+    secret: bytes = field(repr=False)  # never printed, never logged
+    server_public: bytes | None = None
+
+
+KeyList = Callable[[], dict[bytes, str]]  # public key (z85) -> name, read afresh on each handshake
+# A peer without Curve meeting a Curve socket shows up as PROTOCOL or NO_DETAIL, depending on timing.
+MISMATCH = "the handshake failed: one side has no Curve key, or the keys do not belong together (coordinator.key?)"
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the key was refused (it is not in the coordinator's authorized keys)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: MISMATCH,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: MISMATCH,
+}
+
+
+def curve_keypair() -> tuple[bytes, bytes]:
+    """A fresh CurveZMQ (public, secret) pair, z85-encoded."""
+    return zmq.curve_keypair()
+
+
+def _curve_server(sock: zmq.Socket, keys: CurveKeys, zap_domain: str) -> zmq.Socket:
+    sock.curve_server = True
+    sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
+    sock.setsockopt(zmq.ZAP_DOMAIN, zap_domain.encode())
+    return _watch_handshakes(sock)
+
+
+def _watch_handshakes(sock: zmq.Socket) -> zmq.Socket:
+    events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    monitor = sock.get_monitor_socket(events)
+    monitor.setsockopt(zmq.LINGER, 0)
+    return monitor
+
+
+def handshake_failures(endpoint: Endpoint) -> list[str]:
+    """Failed handshakes reported since the last call, one sentence each ([] for unwatched sockets)."""
+    found: list[str] = []
+    monitor = endpoint.monitor
+    if monitor is None:
+        return found
+    if isinstance(monitor, zmq.asyncio.Socket):  # an asyncio client's monitor: read it without the event loop
+        monitor = zmq.Socket.shadow(monitor.underlying)
+    while monitor.poll(0):
+        frames = monitor.recv_multipart(flags=zmq.NOBLOCK)
+        event = int.from_bytes(frames[0][:2], sys.byteorder) if frames and len(frames[0]) >= 2 else 0
+        found.append(HANDSHAKE_FAILURES.get(event, f"handshake event {event}"))
+    return found
+
+
+class KeyGate:
+    """The coordinator's ZAP handler: admits a Curve peer only when its public key is listed for the socket's
+    domain; every refusal is logged (by fingerprint and domain, never the key)."""
+
+    def __init__(self, ctx: zmq.Context, domains: dict[str, KeyList], fingerprint: Callable[[bytes], str]) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.authenticator = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
+        self.authenticator.start()
+        for domain, keys in domains.items():
+            self.authenticator.configure_curve_callback(domain, _Admission(domain, keys, fingerprint))
+
+    def stop(self) -> None:
+        """Stop the ZAP thread (after the sockets it guards are closed)."""
+        self.authenticator.stop()
+
+
+class _Admission:
+    """pyzmq's credentials provider for one ZAP domain."""
+
+    def __init__(self, domain: str, keys: KeyList, fingerprint: Callable[[bytes], str]) -> None:
+        self.domain, self.keys, self.fingerprint = domain, keys, fingerprint
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        name = self.keys().get(key)
+        if name is None:
+            log.warning("refused a connection on the %s socket: its Curve public key (fingerprint %s) is not in "
+                        "authorized/%s/", self.domain, self.fingerprint(key), self.domain)
+            return False
+        log.debug("admitted %s key %r on the %s socket", self.domain, name, self.domain)
+        return True
 
 
 def send(endpoint: Endpoint, message: Message, peer: bytes | None = None) -> bool:
@@ -312,17 +417,25 @@ async def recv_async(endpoint: Endpoint, most: int = 256) -> list[Received]:
     return [_received(frames, endpoint.max_bytes) for frames in batch]
 
 
-def raw_roundtrip_benchmark(n: int, payload: bytes) -> list[float]:
-    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo over ipc, for bench comparisons."""
+def raw_roundtrip_benchmark(n: int, payload: bytes, kind: str = "ipc") -> list[float]:
+    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo, for bench comparisons: over ipc, tcp on
+    loopback, or tcp with CurveZMQ (`kind` = "ipc", "tcp" or "curve"; Curve without a ZAP handler here)."""
     import tempfile
     import threading
     import time
 
     ctx = zmq.Context()
-    path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
-    server = ctx.socket(zmq.ROUTER)
-    server.bind(path)
-    client = ctx.socket(zmq.DEALER)
+    server, client = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    if kind == "curve":
+        server_public, server_secret = zmq.curve_keypair()
+        server.curve_server, server.curve_secretkey, server.curve_publickey = True, server_secret, server_public
+        client.curve_publickey, client.curve_secretkey = zmq.curve_keypair()
+        client.curve_serverkey = server_public
+    if kind == "ipc":
+        path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
+        server.bind(path)
+    else:
+        path = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
     client.connect(path)
 
     def echo() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.client import Client, LyraError
 from shared.stack_secret import create_secret
+from shared.transport import CurveKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("coordinator", "router", "specialist_host", "voice")
@@ -89,13 +90,18 @@ class StackProcesses:
         self.endpoint = config["runtime"].get("client_endpoint") or f"ipc://{self.run_dir / 'client.sock'}"
         self.worker_endpoint = f"ipc://{self.run_dir / 'workers.sock'}"
         self.secret = create_secret(self.run_dir / "stack.secret")  # as `lyra up` does
+        self.curve: CurveKeys | None = None  # the client's keys when the stack runs under Curve
 
     def start(self, service: str) -> None:
-        log = (self.dir / f"{service}.log").open("ab")
-        env = {**os.environ, "LYRA_CONFIG": str(self.config_path), "PYTHONUNBUFFERED": "1"}
+        self.procs[service] = self.spawn(service, self.config_path, f"{service}.log")
+
+    def spawn(self, service: str, config_path: Path, log_name: str) -> subprocess.Popen[bytes]:
+        """One service process on `config_path`, logging to `log_name` in the stack's directory."""
+        log = (self.dir / log_name).open("ab")
+        env = {**os.environ, "LYRA_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        self.procs[service] = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env,
-                                               stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
 
     def start_all(self, timeout_s: float = 30.0) -> None:
         for service in SERVICES:
@@ -122,7 +128,7 @@ class StackProcesses:
         proc.wait(timeout=10)
 
     def client(self, timeout_s: float = 20.0) -> Client:
-        return Client(self.endpoint, timeout_s=timeout_s, secret=self.secret)
+        return Client(self.endpoint, timeout_s=timeout_s, secret=self.secret, curve=self.curve)
 
     def logs(self) -> str:
         files = sorted(self.dir.glob("*.log"))

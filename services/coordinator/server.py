@@ -26,7 +26,7 @@ from services.coordinator.requests import RequestQueue
 from services.coordinator.swap import Residency
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
-from shared import transport
+from shared import keys, transport
 from shared.config import WORKER_SERVICES, LyraConfig
 from shared.messages import ErrorCode, Message
 from shared.stack_secret import SecretError, ensure_secret
@@ -57,13 +57,21 @@ class Coordinator:
                                  on_voice_start=lambda: self.prefetcher.kick())
         self.prefetcher = Prefetcher(config, self.queue, self.residency, self.pipeline.route_early)
         secret = ensure_secret(config.secret_path()) if config.runtime.auth == "secret" else None
+        # With Curve, keys say who may connect; the secret file never leaves this host, so a socket under Curve
+        # does not ask for it.
+        self.curve = keys.identity(config.keys_dir(), keys.COORDINATOR, server=True) if config.runtime.curve \
+            else None
+        self.gate = transport.KeyGate(self.ctx, keys.coordinator_gate(config), keys.fingerprint) if self.curve \
+            else None
+        self.handshakes_logged: dict[tuple[str, str], float] = {}  # (socket, reason) -> when last logged
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
                                               self._lifecycle, self.instance,
                                               secret if config.client_needs_secret() else None,
                                               lambda: transport.send_frames(self._handoff(), [b"i", b"", b"", b""]))
         runtime = config.runtime
         self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * 1e6)
-        self.worker_handlers = WorkerHandlers(config, self.registry, self.residency, secret)
+        self.worker_handlers = WorkerHandlers(config, self.registry, self.residency,
+                                              None if config.curve_on(config.worker_endpoint()) else secret)
         self.backlog = ReplyBacklog(int(runtime.client_queue_mb * 1024 * 1024))
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
@@ -100,8 +108,10 @@ class Coordinator:
         # of 8 MB take the coordinator to 1.1 GB. Replies get a few hundred frames: a stream must not stall.
         self.clients = transport.bind_router(self.ctx, self.config.client_endpoint(), limit,
                                              queued_out=CLIENT_REPLY_FRAMES,
-                                             queued_in=self.config.client_queue_frames())
-        self.workers = transport.bind_router(self.ctx, self.config.worker_endpoint(), limit)
+                                             queued_in=self.config.client_queue_frames(),
+                                             **self._curve_of(self.config.client_endpoint(), "clients"))
+        self.workers = transport.bind_router(self.ctx, self.config.worker_endpoint(), limit,
+                                             **self._curve_of(self.config.worker_endpoint(), "workers"))
         self.inbox = transport.bind_handoff(self.ctx, HANDOFF)
         log.info("coordinator up: clients at %s, workers at %s", self.config.client_endpoint(),
                  self.config.worker_endpoint())
@@ -116,8 +126,23 @@ class Coordinator:
             pipeline.join(timeout=2)
             for ep in (self.clients, self.workers, self.inbox, *self.handoff_sockets):
                 ep.close()
+            if self.gate is not None:
+                self.gate.stop()
             self.ctx.term()
         return 0
+
+    def _curve_of(self, endpoint: str, domain: str) -> dict[str, object]:
+        """bind_router's Curve arguments for one of our endpoints (none unless Curve protects it)."""
+        return {"curve": self.curve, "zap_domain": domain} if self.config.curve_on(endpoint) else {}
+
+    def _log_refused_handshakes(self) -> None:
+        """A peer without a key (or with the wrong coordinator key) never reaches ZAP: its failure shows here."""
+        for domain, ep in (("client", self.clients), ("worker", self.workers)):
+            for why in transport.handshake_failures(ep):
+                now = time.monotonic()  # a refused peer retries every second: one line per reason a second
+                if now - self.handshakes_logged.get((domain, why), -1.0) >= 1.0:
+                    self.handshakes_logged[(domain, why)] = now
+                    log.warning("refused a %s connection at %s: %s", domain, ep.socket.last_endpoint.decode(), why)
 
     def _loop(self, pipeline: threading.Thread) -> None:
         drain_until: float | None = None
@@ -135,6 +160,7 @@ class Coordinator:
                 self._drain(ep)
             for request_id in self.backlog.retry(self.clients):
                 self._client_lost(request_id)
+            self._log_refused_handshakes()
             if time.monotonic() - now > self.config.runtime.heartbeat_interval_s:
                 # This pass was long (a burst of large frames): heartbeats that arrived meanwhile wait unread in
                 # the worker socket, and must count before anyone is judged silent.
@@ -245,7 +271,7 @@ def run(config: LyraConfig) -> int:
     """Entry point used by `python -m services.coordinator`."""
     try:
         coordinator = Coordinator(config)
-    except SecretError as exc:  # an exposed or unreadable secret: refuse to serve rather than trust it
+    except (SecretError, keys.KeyFileError) as exc:  # an exposed or missing secret or key: refuse to serve
         log.critical("coordinator cannot start: %s", exc)
         return 2
     log.info("coordinator starting (pid %d, instance %s, config %s)", os.getpid(), coordinator.instance,

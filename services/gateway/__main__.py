@@ -33,6 +33,7 @@ def run(config_path: str) -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests get runtime.drain_s to finish."""
     try:
         config = load_config(config_path)
+        os.environ["LYRA_CONFIG"] = config.source  # its coordinator clients find this config's Curve keys
         gw = Gateway(config)
         sock = bind(config.gateway.host, config.gateway.port)
     except (ConfigError, GatewayConfigError, OSError) as exc:

@@ -8,6 +8,7 @@ one model. Real backends (transformers, diffusers) and the `fake` test double si
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -15,12 +16,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from shared.config import LyraConfig, ModelEntry
-from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel, Truncation
+from shared.config import GenerationDefaults, LyraConfig, ModelEntry
+from shared.messages import (
+    ChatTurn,
+    ErrorCode,
+    GenerationOptions,
+    ImagePayload,
+    MemoryReading,
+    RouteLabel,
+    Truncation,
+)
 
 
 class BackendError(Exception):
     """A model could not be loaded or run; the message is shown to the user."""
+
+    code = ErrorCode.worker_error  # what the worker puts on the wire (a remote server's 429 is `busy`)
 
 
 class Cancelled(Exception):
@@ -126,12 +137,25 @@ def truncation(model: LoadedModel, stage: str) -> Truncation | None:
     return Truncation(stage=stage, model=model.entry.name, prompt_tokens=cut[0], kept_tokens=cut[1],
                       max_context=model.entry.max_context)
 
+def render_template(template: str, labels: str, text: str) -> str:
+    """Fill {labels} and {text} in one pass: other braces stay as written, inserted text is never re-read."""
+    values = {"labels": labels, "text": text}
+    return re.sub(r"\{(labels|text)\}", lambda match: values[match.group(1)], template)
+
+
+def generation_settings(defaults: GenerationDefaults, options: GenerationOptions) -> dict[str, Any]:
+    """The model's generation defaults with every option the request sets laid over them."""
+    fields = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+    return {name: getattr(defaults, name) if getattr(options, name) is None else getattr(options, name)
+            for name in fields}
+
 
 VISION_BACKEND = "shared.backends.hf_vision:load"  # transformers + kind "vision_language"
 BACKENDS: dict[str, str] = {
     "fake": "shared.backends.fake:load",
     "transformers": "shared.backends.hf_causal:load",
     "diffusers": "shared.backends.diffusers_image:load",
+    "openai": "shared.backends.openai_remote:load",  # any OpenAI-compatible server; no local weights
 }
 
 

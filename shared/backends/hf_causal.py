@@ -8,7 +8,6 @@ finds configuration problems without loading anything; `load` refuses to start o
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.backends import device_split, hf_checks, memory, placement
-from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
+from shared.backends.base import (
+    BackendError,
+    Cancelled,
+    LoadContext,
+    LoadedModel,
+    generation_settings,
+    render_template,
+)
 from shared.backends.decode import DecodeEngine, Sampling
 from shared.backends.hf_checks import check_entry
 from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
@@ -290,17 +296,9 @@ class HfCausalModel(TransformersModel):
         return ids, min(max_new, limit - len(ids))
 
 
-def render_template(template: str, labels: str, text: str) -> str:
-    """Fill {labels} and {text} in one pass: other braces stay as written, inserted text is never re-read."""
-    values = {"labels": labels, "text": text}
-    return re.sub(r"\{(labels|text)\}", lambda match: values[match.group(1)], template)
-
-
 def sampling_for(defaults: GenerationDefaults, options: GenerationOptions) -> Sampling:
     """The model's generation defaults with every option the request sets laid over them."""
-    fields = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
-    merged = {name: getattr(defaults, name) if getattr(options, name) is None else getattr(options, name)
-              for name in fields}
+    merged = generation_settings(defaults, options)
     return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())})
 
 

@@ -175,8 +175,15 @@ def decode_graph_bytes(entry: ModelEntry, shape: ModelShape) -> int:
 # ----------------------------------------------------------------------------- one model
 
 
+REMOTE_SOURCE = "remote (openai backend)"
+
+
 def estimate_model(entry: ModelEntry) -> MemoryEstimate:
     """Estimate one configured model without loading it; a declared `memory_gb` overrides everything."""
+    if entry.backend == "openai":  # served elsewhere: nothing of it is resident here
+        return MemoryEstimate(entry.name, REMOTE_SOURCE, 0, 0, 0, 0, 0, 0, entry.dtype, entry.quantization,
+                              entry.max_context, UNITS_WITHOUT_LAYERS,
+                              (f"runs at {entry.remote.base_url} as {entry.remote.model}: no local VRAM",))
     if entry.memory_gb or (entry.backend == "fake" and not (entry.architecture or entry.parameters_b)):
         note = f"memory_gb = {entry.memory_gb} declared in the config" if entry.memory_gb else "fake backend"
         return MemoryEstimate(entry.name, "declared", 0, int(entry.memory_gb * GB), 0, 0, 0, 0, entry.dtype,

@@ -17,6 +17,7 @@ from functools import lru_cache
 from shared.config import ConfigError, LyraConfig, ModelEntry, parse_config
 from shared.vram.estimate import (
     GB,
+    REMOTE_SOURCE,
     UNITS_WITHOUT_LAYERS,
     GpuSplit,
     MemoryEstimate,
@@ -345,8 +346,13 @@ def _model_rows(plan: Plan) -> list[str]:
         context = "-" if e.kv_cache == 0 and e.layers == UNITS_WITHOUT_LAYERS else str(e.context)
         rows.append(f"{p.name:<13}{p.role:<11}{e.source:<26}{e.dtype:<16}{e.quantization:<6}{context:>7}"
                     f"{e.parameters / 1e9:>7.1f}B{_num(e.weights):>9}{_num(e.kv_cache):>6}{_num(e.activations):>6}"
-                    f"{_num(e.recurrent_state + e.overhead):>7}{_num(e.total):>8}  {per_gpu or 'CPU'}{spill}")
+                    f"{_num(e.recurrent_state + e.overhead):>7}{_num(e.total):>8}  {_where(e, per_gpu)}{spill}")
     return rows
+
+
+def _where(estimate: MemoryEstimate, per_gpu: str) -> str:
+    """Where a model's bytes land: per GPU, the CPU, or another machine (a remote model says which)."""
+    return estimate.notes[0] if estimate.source == REMOTE_SOURCE else per_gpu or "CPU"
 
 
 def _verdict_rows(v: Verdict) -> list[str]:

@@ -45,9 +45,12 @@ def test_tcp_endpoints_must_be_loopback_unless_allowed(tmp_path: Path) -> None:
         parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://0.0.0.0:5555"))
     ok = parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://127.0.0.1:5555"))
     assert ok.client_endpoint() == "tcp://127.0.0.1:5555"
+    with pytest.raises(ConfigError, match="needs CurveZMQ"):  # beyond loopback only with Curve keys
+        parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://0.0.0.0:5555", runtime__allow_remote=True))
     exposed = parse_config(fake_config(tmp_path, runtime__client_endpoint="tcp://0.0.0.0:5555",
-                                       runtime__allow_remote=True))
-    assert exposed.runtime.allow_remote
+                                       runtime__allow_remote=True, runtime__curve=True))
+    assert exposed.runtime.allow_remote and exposed.curve_on(exposed.client_endpoint())
+    assert not exposed.client_needs_secret()  # the keys say who may connect
 
 
 def test_auth_none_is_refused_on_tcp_endpoints_loopback_included(tmp_path) -> None:
