@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from shared import stack
-from shared.cli_render import VoiceText, save_image
+from shared.cli_render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError, find_stack
 from shared.config import ConfigError, load_config
 from shared.messages import (
@@ -106,7 +106,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def print_summary(done: DoneEvent) -> None:
     """Route, scores and timings after an answer."""
     scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
-    print(f"route: {done.specialist}{' (forced)' if done.forced else ''}   scores: {scores}")
+    print(f"route: {done.specialist}{route_note(done)}   scores: {scores}")
     order = ("queue", "route", "load", "specialist", "voice", "total")
     print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
 
@@ -203,6 +203,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, args.timeout, args.out)
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from shared.route_report import run_route
+
+    return run_route(load_config(args.config), args.text, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lyra` argument parser."""
     parser = argparse.ArgumentParser(prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving")
@@ -247,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lyra-demo-images", help="directory for the images the artist makes")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("route", help="how the router scores a turn (scores, nearest examples); no stack needed")
+    p.add_argument("text", nargs="+", help="one or more turns to route")
+    p.add_argument("-c", "--config", default=str(stack.ROOT / "configs" / "default.toml"))
+    p.add_argument("--json", action="store_true", help="one JSON object per turn")
+    p.set_defaults(func=cmd_route)
     p = sub.add_parser("logs", help="print a service's log")
     p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice", "gateway"])
     p.add_argument("-n", "--lines", type=int, default=50)

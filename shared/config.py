@@ -112,6 +112,12 @@ class GenerationDefaults(Section):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] = Field(default=[], max_length=8)  # the reply ends before the first of these strings
+    # Divide the logit of every token the reply already holds by this (1 = off); 1.1-1.3 stops small models'
+    # loops ("a kettle, a kettle, and a kettle"). The prompt's tokens are not penalised: the voice must restate.
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=3.0)
+    # When max_new_tokens runs out mid-sentence, decode up to this many more tokens to reach the sentence's end
+    # (0 = cut exactly at max_new_tokens).
+    finish_sentence_tokens: int = Field(default=0, ge=0, le=1024)
 
 
 class ImageDefaults(Section):
@@ -162,6 +168,9 @@ class ModelEntry(Section):
     # over devices, all run eagerly; `lyra status` shows what runs and why.
     engine: Literal["graphs", "compiled", "eager"] = "graphs"
     description: str = ""  # what this specialist is for; the router scores it
+    # Example prompts this specialist should get; the router embeds them once and routes by similarity to them.
+    examples: list[str] = Field(default=[], max_length=10_000)
+    examples_file: str = ""  # more examples, one a line (`#` comments), relative to the config file
     routable: bool = True  # offered to the router; false = reached only by the image rule or by forcing it
     system_prompt: str = ""
     generation: GenerationDefaults = GenerationDefaults()
@@ -193,6 +202,14 @@ class RouterSettings(Section):
     # put most practical prompts on the one-token "artist"; calibrated it routed 8 of 11 test prompts
     # right instead of 5).
     calibrate: bool = True
+    # With examples: a turn's score per specialist is example_weight x (similarity to its examples, as a
+    # probability) + (1 - example_weight) x (label score). Specialists without examples get their label score.
+    example_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    example_k: int = Field(default=3, ge=1, le=100)  # nearest examples per specialist whose similarity counts
+    example_temperature: float = Field(default=0.02, gt=0.0, le=10.0)  # softmax temperature over similarities
+    # A turn whose best combined score is below min_confidence goes to `fallback` (0 = never).
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
+    fallback: str = ""
 
 
 class GatewaySettings(Section):
@@ -242,6 +259,7 @@ class LyraConfig(Section):
                     raise ValueError(f"services.{service}.gpus: GPU {gpu} is not declared in [[gpus]]")
         if self.routing.image_specialist and self.routing.image_specialist not in self.specialists:
             raise ValueError(f"routing.image_specialist: {self.routing.image_specialist!r} is not a specialist")
+        _check_fallback(self.routing, self.specialists)
         return self
 
     # ------------------------------------------------------------ derived values
@@ -294,6 +312,38 @@ class LyraConfig(Section):
         raise KeyError(service)
 
 
+def _check_fallback(routing: RouterSettings, specialists: dict[str, ModelEntry]) -> None:
+    """The fallback is a specialist the router may pick, and a threshold needs one."""
+    if routing.fallback and routing.fallback not in specialists:
+        raise ValueError(f"routing.fallback: {routing.fallback!r} is not a specialist")
+    if routing.fallback and not specialists[routing.fallback].routable:
+        raise ValueError(f"routing.fallback: {routing.fallback!r} has routable = false")
+    if routing.min_confidence > 0 and not routing.fallback:
+        raise ValueError("routing.min_confidence needs routing.fallback: the specialist for uncertain turns")
+
+
+def read_examples(path: Path) -> list[str]:
+    """Example prompts from a file: one a line; blank lines and lines starting with `#` are skipped."""
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _with_example_files(config: LyraConfig) -> LyraConfig:
+    """Each specialist's `examples_file` read (relative to the config file) and added to its `examples`."""
+    base = Path(config.source).parent if config.source.startswith("/") else Path.cwd()
+    changed = {}
+    for name, entry in config.specialists.items():
+        if not entry.examples_file:
+            continue
+        file = base / os.path.expanduser(entry.examples_file)
+        try:
+            more = read_examples(file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config.source}: specialists.{name}.examples_file: cannot read {file}: {exc}") from None
+        changed[name] = entry.model_copy(update={"examples": [*entry.examples, *more]})
+    return config.model_copy(update={"specialists": {**config.specialists, **changed}}) if changed else config
+
+
 def _named(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill each model table's `name` from where it sits in the file."""
     raw = dict(raw)
@@ -320,7 +370,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
         raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
     _check_endpoints(config)
-    return config
+    return _with_example_files(config)
 
 
 def _check_endpoints(config: LyraConfig) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from shared import stack
-from shared.cli_render import VoiceText, save_image
+from shared.cli_render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError
 from shared.config import load_config
 from shared.messages import DoneEvent, ImageEvent, StageRestartedEvent, TokenEvent
@@ -63,7 +63,7 @@ def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Pa
         for path in saved:
             print(f"\n  image saved: {path}", end="", file=out)
         t = done.timings
-        print(f"\n  route: {done.specialist}{' (image rule)' if done.forced else ''} ({_scores(done)})", file=out)
+        print(f"\n  route: {done.specialist}{route_note(done)} ({_scores(done)})", file=out)
         print("  timings: " + "  ".join(f"{k} {t[k]:.2f}s" for k in ("route", "load", "specialist", "voice", "total")
                                         if k in t), file=out, flush=True)
         results.append(done)

