@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.backends import hf_checks, memory, placement
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel
-from shared.backends.decode import DecodeEngine, Sampling
+from shared.backends.decode import DecodeEngine, Sampling, _output_cache, cache_keyword
 from shared.backends.hf_checks import check_entry
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
@@ -240,22 +240,33 @@ class HfCausalModel(TransformersModel):
         return ids[max(0, len(ids) + label_room - self.entry.max_context):]
 
     def _label_log_probs(self, prefix: list[int], label_ids: list[list[int]]) -> torch.Tensor:
-        """log P(label | prefix) per label, all labels in one right-padded forward pass."""
+        """log P(label | prefix) per label: the shared prefix runs once, then every label's tokens on its cache.
+
+        The prefix's last logits score each label's first token; the labels' other tokens run as one
+        right-padded batch on copies of the prefix's KV cache, so a turn costs one pass over the prompt.
+        """
         model, _ = self._require()
-        longest = max(map(len, label_ids))
-        rows = [prefix + ids + [self.pad_id] * (longest - len(ids)) for ids in label_ids]
-        masks = [[1] * (len(prefix) + len(ids)) + [0] * (longest - len(ids)) for ids in label_ids]
         device = model.get_input_embeddings().weight.device
         with torch.inference_mode():
-            # Right padding keeps every real token at its unpadded position; the prefix is shared, so the
-            # label tokens start at the same column in every row and only the last longest+1 logits matter.
-            logits = model(input_ids=torch.tensor(rows, device=device), use_cache=False,
-                           attention_mask=torch.tensor(masks, device=device), logits_to_keep=longest + 1).logits
-        log_probs = torch.log_softmax(logits[:, :longest].double().cpu(), dim=-1)
-        targets = torch.tensor([ids + [0] * (longest - len(ids)) for ids in label_ids])
-        picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        real = torch.tensor([[1.0] * len(ids) + [0.0] * (longest - len(ids)) for ids in label_ids], dtype=torch.double)
-        return (picked * real).sum(dim=-1)
+            output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(output.logits[0, -1].double().cpu(), dim=-1)
+            scores = [float(first[ids[0]]) for ids in label_ids]
+            rest = [ids[1:] for ids in label_ids]
+            longest = max(map(len, rest))
+            if longest == 0:
+                return torch.tensor(scores, dtype=torch.double)
+            cache = _output_cache(output)
+            cache.batch_repeat_interleave(len(rest))
+            rows = [ids[:-1] + [self.pad_id] * (longest - len(ids) + 1) if ids else [self.pad_id] * longest
+                    for ids in label_ids]
+            masks = [[1] * len(prefix) + [1] * (len(ids) - 1) + [0] * (longest - len(ids) + 1) for ids in label_ids]
+            # Right padding keeps every real token at its unpadded position after the shared prefix.
+            logits = model(input_ids=torch.tensor(rows, device=device), use_cache=True, **{cache_keyword(model): cache},
+                           attention_mask=torch.tensor(masks, device=device)).logits
+            log_probs = torch.log_softmax(logits.double().cpu(), dim=-1)
+            for row, ids in enumerate(rest):
+                scores[row] += sum(float(log_probs[row, at, token]) for at, token in enumerate(ids))
+        return torch.tensor(scores, dtype=torch.double)
 
     # ------------------------------------------------------------ embed
 
