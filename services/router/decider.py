@@ -57,7 +57,7 @@ class RouteDecider:
                 texts += entry.examples
         if texts:
             vectors = self.model.embed(texts, cancel)
-            self.index = scoring.ExampleIndex(tuple(owners), tuple(texts), tuple(map(tuple, vectors)))
+            self.index = scoring.ExampleIndex.build(owners, texts, vectors)
         log.info("router ready: %d example(s) of %d specialist(s) embedded in %.2f s", len(texts), len(set(owners)),
                  time.perf_counter() - started)
 
@@ -72,25 +72,31 @@ class RouteDecider:
     def decide(self, messages: list[ChatTurn], labels: list[RouteLabel],
                cancel: threading.Event) -> tuple[str, dict[str, float], bool, RouteEvidence]:
         """(specialist, combined scores, whether the fallback took it, the evidence) for the turn."""
+        return self.decide_texts([last_user_text(messages)], labels, cancel)[0]
+
+    def decide_texts(self, texts: list[str], labels: list[RouteLabel],
+                     cancel: threading.Event) -> list[tuple[str, dict[str, float], bool, RouteEvidence]]:
+        """`decide` for several turns at once: the turns are embedded in batches (tests, benchmarks)."""
+        names = [label.name for label in labels]
+        uses_examples = self.index is not None and bool(self.index.owners() & set(names))
+        vectors = self.model.embed(texts, cancel) if uses_examples else [None] * len(texts)
+        return [self._decide(text, labels, vector, cancel) for text, vector in zip(texts, vectors, strict=True)]
+
+    def _decide(self, text: str, labels: list[RouteLabel], vector: list[float] | None,
+                cancel: threading.Event) -> tuple[str, dict[str, float], bool, RouteEvidence]:
         routing = self.config.routing
-        label_scores = self.model.classify(messages, labels, routing.prompt_template, cancel)
+        label_scores = self.model.classify([ChatTurn(role="user", content=text)], labels, routing.prompt_template,
+                                           cancel)
         if routing.calibrate:
             label_scores = calibrated(label_scores, self._prior(labels, cancel))
-        example_scores, nearest = self._examples(messages, [label.name for label in labels], cancel)
+        example_scores, nearest = ({}, []) if vector is None or self.index is None else scoring.example_scores(
+            self.index, vector, [label.name for label in labels], routing.example_k, routing.example_temperature)
         scores = scoring.combine(label_scores, example_scores, routing.example_weight)
-        fallback_ok = routing.fallback in scores
-        chosen, fell_back = scoring.decide(scores, routing.min_confidence, routing.fallback if fallback_ok else "")
+        fallback = routing.fallback if routing.fallback in scores else ""
+        chosen, fell_back = scoring.decide(scores, routing.min_confidence, fallback)
         evidence = RouteEvidence(label_scores=label_scores, example_scores=example_scores, nearest=nearest,
                                  best=max(scores, key=scores.__getitem__), min_confidence=routing.min_confidence)
         return chosen, scores, fell_back, evidence
-
-    def _examples(self, messages: list[ChatTurn], names: list[str],
-                  cancel: threading.Event) -> tuple[dict[str, float], list]:
-        if self.index is None or not self.index.owners() & set(names):
-            return {}, []
-        vector = self.model.embed([last_user_text(messages)], cancel)[0]
-        routing = self.config.routing
-        return scoring.example_scores(self.index, vector, names, routing.example_k, routing.example_temperature)
 
     def _prior(self, labels: list[RouteLabel], cancel: threading.Event) -> dict[str, float]:
         """Mean log-probability of each label for content-free messages, cached per label set."""

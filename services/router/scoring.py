@@ -17,19 +17,40 @@ NEAREST_SHOWN = 3  # examples reported per decision
 
 @dataclass(frozen=True)
 class ExampleIndex:
-    """Every configured example prompt with its unit embedding, embedded once at startup."""
+    """Every configured example prompt with its embedding, embedded once at startup.
+
+    Vectors are compared after subtracting the examples' mean: a causal LM's pooled hidden states share a
+    large common direction (the chat template, the model's own bias), which otherwise makes every prompt
+    look alike to every other (cosine similarities all near 1).
+    """
 
     specialists: tuple[str, ...]  # per example: whose it is
     texts: tuple[str, ...]
-    vectors: tuple[tuple[float, ...], ...]  # unit length, one per example
+    vectors: tuple[tuple[float, ...], ...]  # centred, unit length, one per example
+    center: tuple[float, ...]  # the mean of the examples' raw vectors
+
+    @classmethod
+    def build(cls, specialists: Sequence[str], texts: Sequence[str],
+              vectors: Sequence[Sequence[float]]) -> ExampleIndex:
+        """Centre the raw vectors on their mean and scale them to unit length."""
+        center = tuple(sum(column) / len(vectors) for column in zip(*vectors, strict=True))
+        rows = tuple(_centred(vector, center) for vector in vectors)
+        return cls(tuple(specialists), tuple(texts), rows, center)
 
     def owners(self) -> set[str]:
         """Specialists that have at least one example."""
         return set(self.specialists)
 
     def similarities(self, vector: Sequence[float]) -> list[float]:
-        """Cosine similarity of `vector` (unit length) to every example."""
-        return [sum(a * b for a, b in zip(row, vector, strict=True)) for row in self.vectors]
+        """Cosine similarity of a raw `vector`, centred like the examples, to every example."""
+        query = _centred(vector, self.center)
+        return [sum(a * b for a, b in zip(row, query, strict=True)) for row in self.vectors]
+
+
+def _centred(vector: Sequence[float], center: Sequence[float]) -> tuple[float, ...]:
+    shifted = [v - c for v, c in zip(vector, center, strict=True)]
+    norm = math.sqrt(sum(v * v for v in shifted)) or 1.0
+    return tuple(v / norm for v in shifted)
 
 
 def example_scores(index: ExampleIndex, vector: Sequence[float], candidates: Sequence[str], k: int,

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -309,10 +309,16 @@ class HfCausalModel(TransformersModel):
         raise_if_cancelled(cancel, self.entry.name)
         model, tokenizer = self._require()
         sampling = sampling_for(self.entry.generation, options)
+        # The sentence grace applies to the configured budget only: a client's max_new_tokens is a hard bound.
+        grace = self.entry.generation.finish_sentence_tokens if options.max_new_tokens is None else 0
         ids, max_new = self._fit_context(self._prompt_ids([{"role": t.role, "content": t.content} for t in messages]),
-                                         sampling.max_new_tokens)
+                                         sampling.max_new_tokens + grace)
         inputs = {"input_ids": torch.tensor([ids], device=model.get_input_embeddings().weight.device)}
-        yield from self.decode_engine(tokenizer).stream(inputs, replace(sampling, max_new_tokens=max_new), cancel)
+        engine = self.decode_engine(tokenizer)
+        pieces = engine.stream(inputs, replace(sampling, max_new_tokens=max_new), cancel)
+        if grace:
+            pieces = finish_sentence(pieces, lambda: engine.last_usage[1] if engine.last_usage else 0, max_new - grace)
+        yield from pieces
 
     def _fit_context(self, ids: list[int], max_new: int) -> tuple[list[int], int]:
         """Cut the prompt from the left so prompt + reply fit max_context (the reply gets at most half)."""
@@ -338,7 +344,29 @@ def sampling_for(defaults: GenerationDefaults, options: GenerationOptions) -> Sa
     fields = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
     merged = {name: getattr(defaults, name) if getattr(options, name) is None else getattr(options, name)
               for name in fields}
-    return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())})
+    return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())},
+                    repetition_penalty=defaults.repetition_penalty)
+
+
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def finish_sentence(pieces: Iterator[str], made: Callable[[], int], budget: int) -> Iterator[str]:
+    """Pass the reply through; once `budget` tokens are made, end it at the next sentence end.
+
+    `pieces` may run past the budget (the grace tokens); the reply stops at the first ".", "!" or "?"
+    (closing quotes and brackets kept) that follows the budget, so it ends on a whole sentence.
+    """
+    for piece in pieces:
+        if made() <= budget:
+            yield piece
+            continue
+        end = SENTENCE_END.search(piece)
+        if end is None:
+            yield piece
+            continue
+        yield piece[:end.end()]
+        return
 
 
 def raise_if_cancelled(cancel: threading.Event, name: str) -> None:

@@ -24,7 +24,8 @@ def unit(*values: float) -> tuple[float, ...]:
     return tuple(v / norm for v in values)
 
 
-INDEX = scoring.ExampleIndex(("a", "a", "b"), ("a one", "a two", "b one"), (unit(1, 0), unit(1, 0.2), unit(0, 1)))
+INDEX = scoring.ExampleIndex(("a", "a", "b"), ("a one", "a two", "b one"), (unit(1, 0), unit(1, 0.2), unit(0, 1)),
+                             (0.0, 0.0))
 
 
 def test_example_scores_favour_the_nearest_examples_and_name_them() -> None:
@@ -32,6 +33,12 @@ def test_example_scores_favour_the_nearest_examples_and_name_them() -> None:
     assert scores["a"] > 0.99 and sum(scores.values()) == pytest.approx(1.0)
     assert [n.text for n in nearest] == ["a two", "a one", "b one"]
     assert nearest[0].similarity > nearest[2].similarity
+
+
+def test_the_index_compares_vectors_around_the_examples_mean() -> None:
+    index = scoring.ExampleIndex.build(["a", "b"], ["x", "y"], [(10.0, 1.0), (10.0, -1.0)])
+    assert index.center == (10.0, 0.0)
+    assert index.similarities((10.0, 0.5)) == pytest.approx([1.0, -1.0])  # raw cosines would both be ~1
 
 
 def test_example_scores_ignore_specialists_not_offered() -> None:
