@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from services.router.decider import RouteDecider, config_labels
 
@@ -33,7 +34,8 @@ class Evaluation:
         """The confusion matrix (rows: the label, columns: where the router sent it) and the misses."""
         columns = sorted({c for row in self.confusion.values() for c in row} | set(self.confusion))
         lines = [f"{'true/routed':<14}" + "".join(f"{c:>13}" for c in columns)]
-        lines += [f"{name:<14}" + "".join(f"{row.get(c, 0):>13}" for c in columns) for name, row in self.confusion.items()]
+        lines += [f"{name:<14}" + "".join(f"{row.get(c, 0):>13}" for c in columns)
+                  for name, row in self.confusion.items()]
         lines.append(f"accuracy {self.accuracy:.3f} ({self.fallbacks} by fallback)")
         lines += [f"  miss: {truth} -> {routed}: {text}" for text, truth, routed in self.wrong]
         return "\n".join(lines)

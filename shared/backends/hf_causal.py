@@ -283,7 +283,7 @@ class HfCausalModel(TransformersModel):
         return vectors
 
     def _embed_batch(self, texts: list[str]) -> list[list[float]]:
-        model, tokenizer = self._require()
+        model, _ = self._require()
         rows = [self._prompt_ids([{"role": "user", "content": text}])[-EMBED_TOKENS:] for text in texts]
         longest = max(map(len, rows))
         device = model.get_input_embeddings().weight.device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.messages import DoneEvent, RouteEvent
 
+
 def png() -> bytes:
     import io
 

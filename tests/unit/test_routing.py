@@ -127,8 +127,8 @@ def test_a_router_without_examples_decides_by_labels(tmp_path: Path) -> None:
 def test_examples_outvote_the_labels_and_are_reported(tmp_path: Path) -> None:
     decider = fake_decider(tmp_path, specialists__pragmatist__examples=["what is the meaning of this error"],
                            specialists__philosopher__examples=["why are we here"])
-    chosen, scores, _, evidence = decider.decide(turn("meaning of this error message"),
-                                                 config_labels(decider.config), threading.Event())
+    chosen, _, _, evidence = decider.decide(turn("meaning of this error message"),
+                                            config_labels(decider.config), threading.Event())
     assert evidence.label_scores["philosopher"] > evidence.label_scores["pragmatist"]  # "meaning" matches its label
     assert chosen == "pragmatist" and evidence.example_scores["pragmatist"] > 0.9
     assert evidence.nearest[0].text == "what is the meaning of this error"
