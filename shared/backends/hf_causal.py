@@ -256,7 +256,10 @@ class HfCausalModel(TransformersModel):
             if longest == 0:
                 return torch.tensor(scores, dtype=torch.double)
             cache = _output_cache(output)
-            cache.batch_repeat_interleave(len(rest))
+            try:
+                cache.batch_repeat_interleave(len(rest))
+            except (AttributeError, NotImplementedError):  # e.g. Jamba's Mamba layers: score the labels whole
+                return self._label_log_probs_uncached(prefix, label_ids)
             rows = [ids[:-1] + [self.pad_id] * (longest - len(ids) + 1) if ids else [self.pad_id] * longest
                     for ids in label_ids]
             masks = [[1] * len(prefix) + [1] * (len(ids) - 1) + [0] * (longest - len(ids) + 1) for ids in label_ids]
@@ -267,6 +270,22 @@ class HfCausalModel(TransformersModel):
             for row, ids in enumerate(rest):
                 scores[row] += sum(float(log_probs[row, at, token]) for at, token in enumerate(ids))
         return torch.tensor(scores, dtype=torch.double)
+
+    def _label_log_probs_uncached(self, prefix: list[int], label_ids: list[list[int]]) -> torch.Tensor:
+        """log P(label | prefix) per label, prompt and label together in one right-padded row per label."""
+        model, _ = self._require()
+        longest = max(map(len, label_ids))
+        rows = [prefix + ids + [self.pad_id] * (longest - len(ids)) for ids in label_ids]
+        masks = [[1] * (len(prefix) + len(ids)) + [0] * (longest - len(ids)) for ids in label_ids]
+        device = model.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor(rows, device=device), use_cache=False,
+                           attention_mask=torch.tensor(masks, device=device), logits_to_keep=longest + 1).logits
+        log_probs = torch.log_softmax(logits[:, :longest].double().cpu(), dim=-1)
+        targets = torch.tensor([ids + [0] * (longest - len(ids)) for ids in label_ids])
+        picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        real = torch.tensor([[1.0] * len(ids) + [0.0] * (longest - len(ids)) for ids in label_ids], dtype=torch.double)
+        return (picked * real).sum(dim=-1)
 
     # ------------------------------------------------------------ embed
 
