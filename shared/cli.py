@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from shared import stack
-from shared.cli_render import VoiceText, save_image
+from shared.cli_render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError, StackNotFoundError, find_stack
 from shared.config import ConfigError, load_config
 from shared.messages import (
@@ -139,7 +139,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def print_summary(done: DoneEvent) -> None:
     """Route, scores and timings after an answer."""
     scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
-    print(f"route: {done.specialist}{' (forced)' if done.forced else ''}   scores: {scores}")
+    print(f"route: {done.specialist}{route_note(done)}   scores: {scores}")
     order = ("queue", "route", "load", "specialist", "voice", "total")
     print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
     for cut in done.truncated or []:
@@ -267,10 +267,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 RUN_DIR_HELP = "the stack's run directory (default: $LYRA_RUN_DIR, else the stack started last)"
 
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from shared.keys import keys_command
 
     return keys_command(args.config, args.dir, tuple(args.client or ()), args.force)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from shared.route_report import run_route
+
+    return run_route(load_config(args.config), args.text, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: one named client)")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("route", help="how the router scores a turn (scores, nearest examples); no stack needed")
+    p.add_argument("text", nargs="+", help="one or more turns to route")
+    p.add_argument("-c", "--config", default=str(stack.ROOT / "configs" / "default.toml"))
+    p.add_argument("--json", action="store_true", help="one JSON object per turn")
+    p.set_defaults(func=cmd_route)
     p = sub.add_parser("logs", help="print a service's log")
     p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice", "gateway"])
     p.add_argument("-n", "--lines", type=int, default=50)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.messages import ImageEvent, Message, StageRestartedEvent, TokenEvent
+from shared.messages import DoneEvent, ImageEvent, Message, StageRestartedEvent, TokenEvent
 
 
 def save_image(event: ImageEvent, out_dir: str) -> Path:
@@ -37,3 +37,10 @@ class VoiceText:
             note = "; the answer so far is dropped" if dropped else ""
             return f"\n[{event.service} restarted mid-answer{note}: starting over]\n"
         return ""
+
+
+def route_note(done: DoneEvent) -> str:
+    """How the specialist was chosen, after its name: "" when the router chose it outright."""
+    kind = done.route_kind or ("forced" if done.forced else "routed")
+    notes = {"forced": " (forced)", "image_rule": " (image rule)"}
+    return notes.get(kind, " (fallback: the router was unsure)" if done.fallback else "")

@@ -125,6 +125,12 @@ class GenerationDefaults(Section):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] = Field(default=[], max_length=8)  # the reply ends before the first of these strings
+    # Divide the logit of every token the reply already holds by this (1 = off); 1.1-1.3 stops small models'
+    # loops ("a kettle, a kettle, and a kettle"). The prompt's tokens are not penalised: the voice must restate.
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=3.0)
+    # When max_new_tokens runs out mid-sentence, decode up to this many more tokens to reach the sentence's end
+    # (0 = cut exactly at max_new_tokens).
+    finish_sentence_tokens: int = Field(default=0, ge=0, le=1024)
 
 
 class ImageDefaults(Section):
@@ -209,6 +215,9 @@ class ModelEntry(Section):
     ranks: int = Field(default=0, ge=0, le=16)  # tensor ranks; 0 = one per GPU of the service (CPU: set it)
     all_reduce: Literal["nccl", "symmetric"] = "nccl"  # tensor ranks' all-reduce ("symmetric": CUDA P2P memory)
     description: str = ""  # what this specialist is for; the router scores it
+    # Example prompts this specialist should get; the router embeds them once and routes by similarity to them.
+    examples: list[str] = Field(default=[], max_length=10_000)
+    examples_file: str = ""  # more examples, one a line (`#` comments), relative to the config file
     routable: bool = True  # offered to the router; false = reached only by the image rule or by forcing it
     system_prompt: str = ""
     generation: GenerationDefaults = GenerationDefaults()
@@ -248,6 +257,16 @@ class RouterSettings(Section):
     # put most practical prompts on the one-token "artist"; calibrated it routed 8 of 11 test prompts
     # right instead of 5).
     calibrate: bool = True
+    # With examples: a turn's score per specialist is example_weight x (similarity to its examples, as a
+    # probability) + (1 - example_weight) x (label score). Specialists without examples get their label score.
+    # Measured on SmolLM2-135M (tests/data/routing_heldout.toml): the nearest example alone (k = 1) routed 96.8%
+    # of the held-out prompts right, the calibrated labels alone about half.
+    example_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    example_k: int = Field(default=1, ge=1, le=100)  # nearest examples per specialist whose similarity counts
+    example_temperature: float = Field(default=0.05, gt=0.0, le=10.0)  # softmax temperature over similarities
+    # A turn whose best combined score is below min_confidence goes to `fallback` (0 = never).
+    min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
+    fallback: str = ""
 
 
 class GatewaySettings(Section):
@@ -302,6 +321,7 @@ class LyraConfig(Section):
             if self.gpus_of(service) and all(entry.backend == "openai" for entry in models):
                 raise ValueError(f"services.{service}.gpus: every model of {service} runs remotely (backend "
                                  "'openai'); pin it to no GPU (it needs none here)")
+        _check_fallback(self.routing, self.specialists)
         return self
 
     # ------------------------------------------------------------ derived values
@@ -373,6 +393,38 @@ def default_keys_dir() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")) / "lyra" / "keys"
 
 
+def _check_fallback(routing: RouterSettings, specialists: dict[str, ModelEntry]) -> None:
+    """The fallback is a specialist the router may pick, and a threshold needs one."""
+    if routing.fallback and routing.fallback not in specialists:
+        raise ValueError(f"routing.fallback: {routing.fallback!r} is not a specialist")
+    if routing.fallback and not specialists[routing.fallback].routable:
+        raise ValueError(f"routing.fallback: {routing.fallback!r} has routable = false")
+    if routing.min_confidence > 0 and not routing.fallback:
+        raise ValueError("routing.min_confidence needs routing.fallback: the specialist for uncertain turns")
+
+
+def read_examples(path: Path) -> list[str]:
+    """Example prompts from a file: one a line; blank lines and lines starting with `#` are skipped."""
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _with_example_files(config: LyraConfig) -> LyraConfig:
+    """Each specialist's `examples_file` read (relative to the config file) and added to its `examples`."""
+    base = Path(config.source).parent if config.source.startswith("/") else Path.cwd()
+    changed = {}
+    for name, entry in config.specialists.items():
+        if not entry.examples_file:
+            continue
+        file = base / os.path.expanduser(entry.examples_file)
+        try:
+            more = read_examples(file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config.source}: specialists.{name}.examples_file: cannot read {file}: {exc}") from None
+        changed[name] = entry.model_copy(update={"examples": [*entry.examples, *more]})
+    return config.model_copy(update={"specialists": {**config.specialists, **changed}}) if changed else config
+
+
 def _named(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill each model table's `name` from where it sits in the file."""
     raw = dict(raw)
@@ -409,7 +461,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
         raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
     _check_endpoints(config)
-    return config
+    return _with_example_files(config)
 
 
 def _check_endpoints(config: LyraConfig) -> None:

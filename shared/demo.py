@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
 from shared import stack
-from shared.cli_render import VoiceText, save_image
+from shared.cli_render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError
 from shared.config import load_config
 from shared.messages import DoneEvent, ImageEvent, StageRestartedEvent, TokenEvent
@@ -38,6 +40,29 @@ def sample_picture() -> bytes:
     return buf.getvalue()
 
 
+def answer_problems(answer: str) -> list[str]:
+    """What makes an answer look broken: cut off mid-sentence, a line said twice, a phrase looping."""
+    problems = []
+    text = answer.strip()
+    if text and not re.search(r"([.!?:;]|```)[\"')\]*_\s]*$", text):
+        problems.append(f"cut off: ...{text[-40:]!r}")
+    lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 10]
+    problems += [f"repeated line: {line[:60]!r}" for line, n in Counter(lines).items() if n > 1]
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    problems += [f"repeated phrase: {' '.join(gram)!r} x{n}" for gram, n in grams.items() if n > 1]
+    pairs = Counter(tuple(words[i:i + 2]) for i in range(len(words) - 1))
+    problems += [f"looping: {' '.join(pair)!r} x{n}" for pair, n in pairs.items() if n > 2 and len(set(pair)) > 1
+                 and _within(words, pair, 12)]
+    return problems
+
+
+def _within(words: list[str], pair: tuple[str, ...], span: int) -> bool:
+    """Whether `pair` occurs three times within `span` words (a loop, not a common phrase)."""
+    starts = [i for i in range(len(words) - 1) if tuple(words[i:i + 2]) == pair]
+    return any(starts[j + 2] - starts[j] <= span for j in range(len(starts) - 2))
+
+
 def _scores(done: DoneEvent) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
 
@@ -63,9 +88,11 @@ def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Pa
         for path in saved:
             print(f"\n  image saved: {path}", end="", file=out)
         t = done.timings
-        print(f"\n  route: {done.specialist}{' (image rule)' if done.forced else ''} ({_scores(done)})", file=out)
+        print(f"\n  route: {done.specialist}{route_note(done)} ({_scores(done)})", file=out)
         print("  timings: " + "  ".join(f"{k} {t[k]:.2f}s" for k in ("route", "load", "specialist", "voice", "total")
                                         if k in t), file=out, flush=True)
+        for problem in answer_problems(done.answer):
+            print(f"  check: {problem}", file=out, flush=True)
         results.append(done)
     return results
 

@@ -21,8 +21,8 @@ SCHEMA_MINOR = 3  # 1.1: image error codes, estimates in registration, tickets
 #      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
 #      stop strings in generation options, token usage on the voice's reply and the done event, swap records
 #      (where each load came from, how long it took) in status
-# 1.3: `truncated` on the specialist's and voice's replies and on the done event (a prompt cut to max_context)
-#      and `events` ("all" | "answer") on chat requests
+# 1.3: `truncated` on the specialist's and voice's replies and on the done event (a prompt cut to max_context),
+#      `events` ("all" | "answer") on chat requests, the route's kind, fallback and evidence
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 Stage = Literal["route", "load", "specialist", "voice"]  # a request's stages, in order
@@ -126,6 +126,27 @@ class RouteLabel(Frozen):
     description: str
 
 
+RouteKind = Literal["routed", "forced", "image_rule"]  # the router chose / the client chose / the turn had an image
+
+
+class NearestExample(Frozen):
+    """A configured example prompt close to the turn."""
+
+    specialist: str
+    text: str
+    similarity: float  # cosine similarity of the two embeddings, -1 to 1
+
+
+class RouteEvidence(Frozen):
+    """What the router's decision rests on: each source of scores, and the examples nearest the turn."""
+
+    label_scores: dict[str, float] = {}  # scoring the label names and descriptions (calibrated), sums to 1
+    example_scores: dict[str, float] = {}  # similarity to each specialist's examples as probabilities; {} = none
+    nearest: list[NearestExample] = []  # the closest examples, most similar first
+    best: str = ""  # the highest combined score, whether or not it cleared min_confidence
+    min_confidence: float = 0.0
+
+
 class ImagePayload(Frozen):
     """An image travelling as msgpack binary."""
 
@@ -226,8 +247,11 @@ class RouteEvent(ClientBound):
 
     type: Literal["route_event"] = "route_event"
     specialist: str
-    scores: dict[str, float]
-    forced: bool = False
+    scores: dict[str, float]  # the combined score per specialist (what the decision compared)
+    forced: bool = False  # the client chose the specialist
+    kind: RouteKind = "routed"
+    fallback: bool = False  # the best score was below routing.min_confidence: routing.fallback got the turn
+    evidence: RouteEvidence | None = None  # for kind "routed"
 
 
 class TokenEvent(ClientBound):
@@ -252,7 +276,9 @@ class DoneEvent(ClientBound):
     answer: str
     specialist: str
     scores: dict[str, float]
-    forced: bool = False
+    forced: bool = False  # the client chose the specialist
+    route_kind: RouteKind | None = None  # as on the RouteEvent
+    fallback: bool = False  # as on the RouteEvent
     specialist_output: str = ""
     timings: dict[str, float]  # seconds per stage, plus "queue" and "total"
     vram: list[GpuSnapshot] = []
@@ -354,6 +380,8 @@ class ClassifyReply(Message):
     type: Literal["classify_reply"] = "classify_reply"
     specialist: str
     scores: dict[str, float]
+    fallback: bool = False  # no score reached routing.min_confidence; `specialist` is routing.fallback
+    evidence: RouteEvidence | None = None
 
 
 class LoadRequest(Message):

@@ -23,6 +23,8 @@ from shared.messages import (
     Message,
     ProgressEvent,
     RouteEvent,
+    RouteEvidence,
+    RouteKind,
     StageFinishedEvent,
     StageRestartedEvent,
     StageStartedEvent,
@@ -72,9 +74,10 @@ class JobLifecycle:
         self._emit(StageRestartedEvent(parent_id=self.request_id, coordinator=self.coordinator, stage=stage,
                                        service=service, attempt=attempt, reason=reason))
 
-    def route(self, specialist: str, scores: dict[str, float], forced: bool) -> None:
+    def route(self, specialist: str, scores: dict[str, float], kind: RouteKind, fallback: bool = False,
+              evidence: RouteEvidence | None = None) -> None:
         self._emit(RouteEvent(parent_id=self.request_id, coordinator=self.coordinator, specialist=specialist,
-                              scores=scores, forced=forced))
+                              scores=scores, forced=kind == "forced", kind=kind, fallback=fallback, evidence=evidence))
 
     def token(self, text: str, stage: str) -> None:
         if self.answer_only and stage != "voice":

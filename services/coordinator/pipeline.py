@@ -163,7 +163,8 @@ class Pipeline:
                              deadlines.voice)
         self._expect(spoken, SynthesizeReply, "voice")
         assert isinstance(spoken, SynthesizeReply)
-        return {"answer": spoken.text, "specialist": specialist, "scores": route.scores, "forced": route.forced,
+        return {"answer": spoken.text, "specialist": specialist, "scores": route.scores,
+                "forced": route.kind == "forced", "route_kind": route.kind, "fallback": route.fallback,
                 "specialist_output": result.text, "image": result.image, "usage": spoken.usage,
                 "truncated": [t for t in (result.truncated, spoken.truncated) if t is not None] or None}
 
@@ -177,7 +178,8 @@ class Pipeline:
             self.config.routing.image_specialist if job.request.image is not None else "")
         if not forced:
             return None
-        return Route(forced, {name: float(name == forced) for name in self.config.specialists}, True)
+        kind = "forced" if job.request.specialist else "image_rule"
+        return Route(forced, {name: float(name == forced) for name in self.config.specialists}, True, kind)
 
     def _classify(self, job: Job, cancel: threading.Event) -> tuple[Route, float]:
         begun = time.monotonic()
@@ -188,7 +190,8 @@ class Pipeline:
         assert isinstance(reply, ClassifyReply)
         if reply.specialist not in self.config.specialists:
             raise StageError(ErrorCode.worker_error, f"router chose unknown specialist {reply.specialist!r}", "router")
-        return Route(reply.specialist, reply.scores, False), time.monotonic() - begun
+        return Route(reply.specialist, reply.scores, False, "routed", reply.fallback, reply.evidence), \
+            time.monotonic() - begun
 
     def _route(self, job: Job, timings: dict[str, float]) -> Route:
         route = job.route or self._forced_route(job)
@@ -204,7 +207,7 @@ class Pipeline:
         else:
             timings["route"] = 0.0
         job.route = route
-        job.life.route(route.specialist, route.scores, route.forced)
+        job.life.route(route.specialist, route.scores, route.kind, route.fallback, route.evidence)  # type: ignore[arg-type]
         return route
 
     def _ensure_resident(self, job: Job, specialist: str, timings: dict[str, float]) -> None:

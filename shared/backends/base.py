@@ -110,6 +110,10 @@ class LoadedModel(ABC):
         """Probability per label name (summing to 1) that the conversation belongs to it."""
         raise BackendError(f"model {self.entry.name!r} ({self.entry.kind}) cannot classify")
 
+    def embed(self, texts: list[str], cancel: threading.Event) -> list[list[float]]:
+        """One unit-length vector per text, for routing by similarity to example prompts."""
+        raise BackendError(f"model {self.entry.name!r} ({self.entry.kind}) cannot embed text")
+
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
                  cancel: threading.Event) -> Iterator[str]:
         """Stream the reply to a fully composed conversation, piece by piece."""

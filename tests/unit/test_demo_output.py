@@ -41,3 +41,27 @@ def test_status_speaks_the_planners_gb_and_its_columns_never_run_together() -> N
     text = render_status(status)
     assert "diffusers,transformers  philosopher" in text  # at least two spaces between columns
     assert "47.00" in text  # 47 GB in the config is 47.00 here, as in `lyra plan`
+
+
+def test_the_demo_check_finds_cut_off_and_repeated_answers() -> None:
+    from shared.demo import answer_problems
+
+    assert answer_problems("I boil the water first. Then I pour it over the leaves.") == []
+    assert answer_problems("Here it is:\n```python\ndef f(s):\n    return s[::-1]\n```") == []
+    assert answer_problems("I think the meaning of life is") == ["cut off: ...'I think the meaning of life is'"]
+    looping = answer_problems("You need a kettle, a kettle, and a kettle.")
+    assert looping == ["looping: 'a kettle' x3"]
+    twice = answer_problems("Fill the kettle with water now.\nFill the kettle with water now.")
+    assert twice[0] == "repeated line: 'Fill the kettle with water now.'" and "repeated phrase" in twice[1]
+
+
+def test_the_demo_prints_each_problem_under_its_turn(tmp_path: Path) -> None:
+    class CutOff(ScriptedClient):
+        def stream(self, text: str, image: bytes | None = None):
+            yield DoneEvent(parent_id="r2", answer="The answer is that we", specialist="philosopher",
+                            scores={"philosopher": 1.0}, timings={"total": 0.5}, route_kind="routed", fallback=True)
+
+    out = io.StringIO()
+    converse(CutOff(), (("Why?", False),), tmp_path, out)
+    assert "  route: philosopher (fallback: the router was unsure) (philosopher 1.00)" in out.getvalue()
+    assert "  check: cut off: ...'The answer is that we'" in out.getvalue()
