@@ -59,6 +59,12 @@ def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: in
     }
 
 
+def _attention_blocks(layers: int, attending: int) -> list[dict[str, Any]]:
+    """DeciLM-style `block_configs` where `attending` of `layers` blocks have attention, spread evenly."""
+    skip = layers - attending
+    return [{"attention": {"no_op": (i + 1) * skip // layers > i * skip // layers}} for i in range(layers)]
+
+
 _MISTRAL_7B = {
     "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
@@ -139,12 +145,13 @@ _SPECS = (
     ArchitectureSpec(
         "llama-3.3-nemotron-super-49b",
         # Intermediate size chosen so 80 Llama layers + embeddings reach the published 49.9B.
-        (Component("model", "transformers", "LlamaForCausalLM", _llama(8192, 18176, 80, 64, 8), 49.9),),
+        (Component("model", "transformers", "LlamaForCausalLM",
+                   _llama(8192, 18176, 80, 64, 8, block_configs=_attention_blocks(80, attending=49)), 49.9),),
         notes=(
-            "APPROXIMATION: the real checkpoint (DeciLM, NAS-pruned from Llama-3.3-70B) has heterogeneous "
-            "blocks (some attention-free layers, varying FFN widths). Modelled as a uniform 80-layer Llama "
-            "with every layer attending, so weights match the published 49.9B and the KV cache is an "
-            "upper bound."
+            "APPROXIMATION of the weights: the real checkpoint (DeciLM, NAS-pruned from Llama-3.3-70B) has "
+            "heterogeneous blocks (varying FFN widths). Modelled as 80 Llama layers whose sizes reach the "
+            "published 49.9B. The KV cache is exact in size: 49 of the 80 blocks attend (the others have "
+            "no attention, as the checkpoint's block_configs say); which blocks those are is spread evenly."
         ),
         aliases=("nemotron-super-49b",),
     ),

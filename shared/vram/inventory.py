@@ -36,6 +36,7 @@ SAFETENSORS_BYTES = {
 }
 ASSUMED_LINEAR_FRACTION = 0.9  # for a bare parameter count only
 _NOT_LINEAR = re.compile(r"embed|lm_head|\bwte\b|\bwpe\b|(^|[./])shared\.|token_embd|norm|(^|[./])output\.weight$")
+_NO_ATTENTION = "no_attention"  # a DeciLM block without attention (no KV cache)
 _RECURRENT_TYPES = {"linear_attention", "mamba"}
 
 
@@ -88,10 +89,14 @@ def shape_from_config(config: Any) -> ModelShape | None:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     types = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    for i, block in enumerate(getattr(text, "block_configs", None) or []):  # DeciLM (Nemotron): blocks may not attend
+        attention = (block.get("attention") if isinstance(block, dict) else getattr(block, "attention", None)) or {}
+        if isinstance(attention, dict) and (attention.get("no_op") or attention.get("replace_with_linear")):
+            types[i] = _NO_ATTENTION
     window = getattr(text, "sliding_window", None) or 0
     attention = tuple(
         (kv_heads, head_dim, window if kind == "sliding_attention" else 0)
-        for kind in types if kind not in _RECURRENT_TYPES
+        for kind in types if kind not in _RECURRENT_TYPES and kind != _NO_ATTENTION
     )
     recurrent = sum(1 for kind in types if kind in _RECURRENT_TYPES)
     d_inner = getattr(text, "mamba_expand", 0) * hidden
@@ -101,7 +106,8 @@ def shape_from_config(config: Any) -> ModelShape | None:
         vocab_size=getattr(text, "vocab_size", 0), num_heads=heads, attention_layers=attention,
         recurrent_layers=recurrent if d_inner else 0, recurrent_state_elements=d_inner * (d_state + d_conv),
         recurrent_scan_elements=d_inner * d_state,
-        attention_indices=tuple(i for i, kind in enumerate(types) if kind not in _RECURRENT_TYPES),
+        attention_indices=tuple(i for i, kind in enumerate(types) if kind not in _RECURRENT_TYPES and
+                                kind != _NO_ATTENTION),
     )
 
 
@@ -236,9 +242,20 @@ def _gguf_shape(reader: Any, tensors: list[tuple[str, tuple[int, ...]]]) -> Mode
 
 
 def inventory_from_gguf(file: Path) -> ParameterInventory:
-    """Inventory of a GGUF file from its metadata. transformers dequantizes GGUF on load (float32 for "auto")."""
+    """Inventory of a GGUF file from its metadata. transformers dequantizes GGUF on load (float32 for "auto").
+
+    Read once per file version: gguf's reader parses every metadata field (a 49k-token vocabulary takes
+    seconds), and one file often serves several roles (the embedded default is router, voice and more).
+    """
+    stat = file.stat()
+    return _gguf_inventory(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _gguf_inventory(path: str, _mtime_ns: int, _size: int) -> ParameterInventory:
     import gguf
 
+    file = Path(path)
     reader = gguf.GGUFReader(file)
     tensors = [(t.name, tuple(int(d) for d in t.shape)) for t in reader.tensors]
     linear, rows, other = _counts(tensors, rows_axis=-1)  # GGUF lists dimensions innermost first

@@ -228,3 +228,15 @@ def test_the_decode_graph_pool_is_planned_only_where_a_graph_is_captured() -> No
     config = parse_config({"router": {"backend": "transformers", "path": "x", "engine": "graphs"}, "voice": {},
                            "specialists": {"a": {}}})
     assert config.router.engine == "eager"  # the router never decodes
+
+
+def test_nemotron_kv_cache_counts_only_the_blocks_that_attend() -> None:
+    from shared.config import ModelEntry
+    from shared.vram.estimate import estimate_model
+    from shared.vram.inventory import inventory_for
+
+    entry = ModelEntry(name="n", architecture="llama-3.3-nemotron-super-49b", max_context=8192)
+    shape = inventory_for(entry).shape
+    assert shape is not None and shape.num_layers == 80 and len(shape.attention_layers) == 49
+    # 49 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes per token
+    assert estimate_model(entry).kv_cache == 8192 * 49 * 8 * 128 * 2 * 2
