@@ -93,7 +93,7 @@ def test_artist_returns_a_png_of_the_requested_size(stack: StackProcesses) -> No
 def test_an_image_turn_goes_to_perception_and_gets_an_answer(stack: StackProcesses) -> None:
     with stack.client(timeout_s=120) as client:
         done = client.chat("What is shown in this image?", image=png(40, 30))
-    assert done.specialist == "perception" and done.forced
+    assert done.specialist == "perception" and done.route_kind == "image_rule" and not done.forced
     assert done.specialist_output.strip() and done.answer
 
 

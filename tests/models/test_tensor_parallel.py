@@ -55,10 +55,15 @@ def load_rank(rank: int, store_path: str, checkpoint: str) -> tuple:
 
 def follower(store_path: str, checkpoint: str) -> None:
     """Rank 1, in a process of its own: load its share, then follow rank 0 until told to stop."""
+    import torch.distributed as dist
+
     from shared.backends.rank_runner import follow
 
     group, model = load_rank(1, store_path, checkpoint)
-    follow(model.engine.runner, group)
+    try:
+        follow(model.engine.runner, group)
+    finally:  # leave the groups before the interpreter exits: gloo may abort in its destructors otherwise
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,11 @@ QUESTION = "How do I fix a flat tyre?"
 PERSONA = "You are Lyra."
 
 
-ENDPOINT: dict[str, str] = {}  # this stack's client endpoint: the per-user stack record may be another's
+ENDPOINT: dict[str, str] = {}  # this stack's client endpoint and run directory (the stack `lyra` commands mean)
 
 
 def lyra(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"LYRA_ENDPOINT": ENDPOINT["url"]} if ENDPOINT else {})}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"LYRA_RUN_DIR": ENDPOINT["run_dir"]} if ENDPOINT else {})}
     return subprocess.run([*LYRA, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
@@ -87,10 +87,6 @@ def chat(endpoint: str, secret_file: Path) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    from shared.stack import supervisord_pid
-
-    if supervisord_pid() is not None:  # never stop a stack someone is using from this checkout
-        pytest.skip("a Lyra stack is already running from this checkout (`lyra down` first)")
     root = tmp_path_factory.mktemp("voice-tp")
     checkpoint = tiny.build_checkpoint("llama", root / "llama", seed=5)
     config = fake_config(root / "run", gpus=[], services={}, runtime__stage_retries=0,
@@ -102,6 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     path = root / "config.toml"
     path.write_text(to_toml(config))
     ENDPOINT["url"] = f"ipc://{root / 'run' / 'client.sock'}"
+    ENDPOINT["run_dir"] = str(root / "run")
     try:
         up = lyra("up", "-c", str(path), "--timeout", "150", timeout=180)
         assert up.returncode == 0, up.stdout + up.stderr + lyra("logs", "voice", "-n", "80").stdout
@@ -134,7 +131,7 @@ def test_one_voice_worker_with_both_ranks_answers_as_one_process(stack: dict) ->
 
 def test_restart_voice_replaces_every_rank(stack: dict) -> None:
     before = rank_pids(status())
-    restarted = supervisorctl("restart", "voice")
+    restarted = supervisorctl(Path(ENDPOINT["run_dir"]), "restart", "voice")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     wait_for(lambda: voice_of(status())["state"] == "up" and rank_pids(status())[0] != before[0], 120,
              "the voice to come back")
