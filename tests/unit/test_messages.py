@@ -85,7 +85,7 @@ def test_messages_are_frozen_and_forbid_unknown_fields() -> None:
     (msgpack.packb({"type": "chat_request", "v": "1.0", "text": 5}), m.ErrorCode.bad_message),
     (msgpack.packb({"type": "accepted_event", "v": "1.0", "position": "first", "queue_depth": 0}),
      m.ErrorCode.bad_message),
-])
+], ids=["unknown-type", "major-version", "garbage", "truncated", "array", "wrong-field-type", "wrong-event-field"])
 def test_bad_frames_are_refused_with_a_typed_error(frame: bytes, code: m.ErrorCode) -> None:
     with pytest.raises(WireError) as err:
         decode(frame)
