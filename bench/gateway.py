@@ -5,7 +5,8 @@
 Three measurements, each through the gateway (httpx, keep-alive) and through `shared.client.Client`
 against the same stack, both asking for the answer's events only (`events="answer"`, as the gateway
 does); latencies alternate the two paths call by call, so a busy machine's drift hits both alike:
-  per request  median latency of a short non-streaming turn (8 tokens): the difference is the gateway's cost
+  per request  median latency of a short non-streaming turn (8 tokens): the difference is the gateway's cost,
+               through httpx and through the stdlib's http.client (the HTTP client's own share differs by ~1 ms)
   per token    a streamed turn of ~`tokens` voice pieces: (gateway - client) / pieces
   throughput   requests/s with `clients` concurrent callers (each thread its own connection)
 """
@@ -13,6 +14,7 @@ does); latencies alternate the two paths call by call, so a busy machine's drift
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -34,15 +36,15 @@ from tests.stackproc import StackProcesses
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
-def paired_median_ms(a: Callable[[], object], b: Callable[[], object], n: int) -> tuple[float, float]:
-    """Median ms of `a` and of `b`, called alternately so that a busy machine's drift hits both alike."""
-    samples: tuple[list[float], list[float]] = ([], [])
+def paired_median_ms(*fns: Callable[[], object], n: int) -> list[float]:
+    """Median ms of each of `fns`, called in turn so that a busy machine's drift hits them alike."""
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(n):
-        for fn, out in ((a, samples[0]), (b, samples[1])):
+        for fn, out in zip(fns, samples, strict=True):
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
-    return statistics.median(samples[0]) * 1000, statistics.median(samples[1]) * 1000
+    return [statistics.median(s) * 1000 for s in samples]
 
 
 def throughput(call: Callable[[], object], clients: int, per_client: int) -> float:
@@ -72,11 +74,22 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
     try:
         stack.start_all()
         url = gateway.start() + "/v1/chat/completions"
-        http = httpx.Client(headers=HEADERS, timeout=60)
+        web = httpx.Client(headers=HEADERS, timeout=60)
         lyra = Client(stack.endpoint, timeout_s=60)
 
         def via_gateway() -> None:
-            assert http.post(url, json=short).status_code == 200
+            assert web.post(url, json=short).status_code == 200
+
+        host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+        plain = http.client.HTTPConnection(host, int(port), timeout=60)  # the stdlib's: far less client-side work
+        body = json.dumps(short)
+
+        def via_gateway_plain() -> None:
+            plain.request("POST", "/v1/chat/completions", body=body,
+                          headers={**HEADERS, "Content-Type": "application/json"})
+            answer = plain.getresponse()
+            answer.read()
+            assert answer.status == 200
 
         def via_client() -> None:
             lyra.chat("math code", specialist="pragmatist", max_new_tokens=8, events="answer")
@@ -84,23 +97,25 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
         pieces = [0]
 
         def stream_gateway() -> None:
-            with http.stream("POST", url, json=streamed) as r:
+            with web.stream("POST", url, json=streamed) as r:
                 pieces[0] = sum(1 for line in r.iter_lines() if line.startswith('data: {"id"')) - 2
 
         def stream_client() -> None:
             list(lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2, events="answer"))
 
-        for _ in range(20):  # warm up both paths (the first request loads the specialist)
+        for _ in range(20):  # warm up every path (the first request loads the specialist)
             via_gateway()
+            via_gateway_plain()
             via_client()
-        client_ms, gateway_ms = paired_median_ms(via_client, via_gateway, requests)
+        client_ms, gateway_ms, plain_ms = paired_median_ms(via_client, via_gateway, via_gateway_plain, n=requests)
         voice_pieces = sum(isinstance(e, TokenEvent) and e.stage == "voice"
                            for e in lyra.stream(long_prompt, specialist="pragmatist", max_new_tokens=tokens + 2))
         runs = max(5, requests // 20)
-        client_stream_ms, gateway_stream_ms = paired_median_ms(stream_client, stream_gateway, runs)
+        client_stream_ms, gateway_stream_ms = paired_median_ms(stream_client, stream_gateway, n=runs)
         assert pieces[0] == voice_pieces, (pieces[0], voice_pieces)
         lyra.close()
-        http.close()
+        web.close()
+        plain.close()
 
         local = threading.local()
 
@@ -122,8 +137,9 @@ def run(requests: int, tokens: int, clients: int) -> dict[str, object]:
         stack.stop()
     return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "request_ms": {"client": round(client_ms, 3), "gateway": round(gateway_ms, 3),
-                       "added": round(gateway_ms - client_ms, 3)},
+        "request_ms": {"client": round(client_ms, 3), "gateway_httpx": round(gateway_ms, 3),
+                       "added_httpx": round(gateway_ms - client_ms, 3), "gateway_stdlib": round(plain_ms, 3),
+                       "added_stdlib": round(plain_ms - client_ms, 3)},
         "stream": {"pieces": voice_pieces, "client_ms": round(client_stream_ms, 3),
                    "gateway_ms": round(gateway_stream_ms, 3),
                    "added_per_token_ms": round((gateway_stream_ms - client_stream_ms) / voice_pieces, 4)},
