@@ -104,8 +104,8 @@ def test_two_stacks_side_by_side_and_a_shared_run_directory_refused(tmp_path: Pa
     same_endpoint = write_config(tmp_path / "c.toml", tmp_path / "c",
                                  runtime__client_endpoint=f"ipc://{run_a / 'client.sock'}")
     try:
-        ups = [lyra_async("up", "-c", str(config), "--timeout", "60") for config in (config_a, config_b)]
-        assert [finished(up)[0] for up in ups] == [0, 0]
+        for config in (config_a, config_b):  # one after the other: b is the stack started last
+            assert finished(lyra_async("up", "-c", str(config), "--timeout", "60"))[0] == 0
         pid_a = int((run_a / "supervisord.pid").read_text())
         pids = {}
         for run_dir, text in ((run_a, "how do I do math with code"), (run_b, "meaning of life")):
