@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shared.config import LyraConfig, ModelEntry
 from shared.vram.architectures import get_architecture
@@ -119,6 +119,15 @@ def weight_bytes(inventory: ParameterInventory, element_bytes: float, quantizati
     return math.ceil(linear + rest)
 
 
+def offloaded_weight_bytes(inventory: ParameterInventory, element_bytes: float, quantization: str,
+                           dtype: str) -> int:
+    """With image.cpu_offload the components live in host RAM and visit the GPU one at a time (accelerate's
+    model offload): the GPU holds the largest component's weights, never two at once."""
+    return max(weight_bytes(replace(inventory, linear_elements=linear, linear_rows=rows, other_elements=other,
+                                    stored_bytes=0), element_bytes, quantization, dtype)
+               for _, linear, rows, other in inventory.components)
+
+
 def kv_cache_bytes(shape: ModelShape | None, context: int, element_bytes: int) -> int:
     """K and V for `context` tokens at batch 1 (sliding-window layers keep only their window)."""
     if shape is None:
@@ -194,6 +203,8 @@ def estimate_model(entry: ModelEntry) -> MemoryEstimate:
     shape = inventory.shape
     weights = weight_bytes(inventory, element, entry.quantization, entry.dtype)
     text_model = entry.kind != "image_generation"
+    if not text_model and entry.image.cpu_offload and inventory.components:
+        weights = offloaded_weight_bytes(inventory, element, entry.quantization, entry.dtype)
     kv = kv_cache_bytes(shape, entry.max_context, compute) if text_model else 0
     return MemoryEstimate(
         model=entry.name, source=inventory.source, parameters=inventory.total_elements, weights=weights,
@@ -209,6 +220,9 @@ def estimate_model(entry: ModelEntry) -> MemoryEstimate:
 def _notes(entry: ModelEntry, inventory: ParameterInventory, text_model: bool) -> tuple[str, ...]:
     """What the operator should know about how this estimate was made."""
     notes = [inventory.detail] if inventory.detail else []
+    if not text_model and entry.image.cpu_offload and inventory.components:
+        notes.append("image.cpu_offload: components wait in host RAM and visit the GPU one at a time; the GPU "
+                     "holds the largest one")
     if text_model and inventory.shape is None:
         notes.append("model shape unknown: KV cache and activations not estimated (set `architecture`)")
     if entry.quantization != "none" and inventory.other_elements > 0.5 * inventory.total_elements:

@@ -68,6 +68,8 @@ class ParameterInventory:
     auto_element_bytes: float  # bytes per element for dtype = "auto"
     shape: ModelShape | None
     detail: str = ""
+    # A pipeline's components: (name, linear, rows, other) each, counted like the totals; () for one model
+    components: tuple[tuple[str, int, int, int], ...] = ()
 
     @property
     def total_elements(self) -> int:
@@ -180,14 +182,17 @@ def inventory_from_safetensors(directory: Path) -> ParameterInventory:
     if not tensors:
         raise FileNotFoundError(f"{directory}: no .safetensors weights found")
     pipeline = (directory / "model_index.json").is_file()
-    linear, rows, other = _counts(tensors, 0, _kept_by_pipeline(directory) if pipeline else lambda name: False)
+    kept = _kept_by_pipeline(directory) if pipeline else lambda name: False
+    linear, rows, other = _counts(tensors, 0, kept)
+    components = tuple((folder, *_counts([t for t in tensors if t[0].split("/")[0] == folder], 0, kept))
+                       for folder in sorted({name.split("/")[0] for name, _ in tensors})) if pipeline else ()
     shape = None
     if (directory / "config.json").is_file() and not (directory / "model_index.json").is_file():
         from transformers import AutoConfig
 
         shape = shape_from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     return ParameterInventory("safetensors headers", linear, rows, other, stored, stored / (linear + other),
-                              shape, detail=", ".join(files))
+                              shape, detail=", ".join(files), components=components)
 
 
 def _kept_by_pipeline(directory: Path) -> Callable[[str], bool]:
@@ -288,14 +293,17 @@ def inventory_from_architecture(name: str) -> ParameterInventory:
     linear = rows = other = 0
     parts = []
     pipeline = any(c.library == "diffusers" for c in spec.components)
+    counted = []
     for component in spec.components:
         quantizable = not pipeline or component.name in QUANTIZED_COMPONENTS  # as the diffusers backend does
         c_linear, c_rows, c_other = _module_counts(build_on_meta(component), component.library, quantizable)
         linear, rows, other = linear + c_linear, rows + c_rows, other + c_other
+        counted.append((component.name, c_linear, c_rows, c_other))
         parts.append(f"{component.name} {(c_linear + c_other) / 1e9:.2f}B")
     element = 4.0 if spec.torch_dtype == "float32" else 2.0
     return ParameterInventory("meta-device architecture", linear, rows, other, 0, element,
-                              architecture_shape(spec.name), detail=f"{spec.name}: " + ", ".join(parts))
+                              architecture_shape(spec.name), detail=f"{spec.name}: " + ", ".join(parts),
+                              components=tuple(counted) if pipeline else ())
 
 
 def inventory_from_parameter_count(parameters_b: float, shape: ModelShape | None = None) -> ParameterInventory:

@@ -251,3 +251,18 @@ def test_llava_unload_frees_the_model(llava_entry: ModelEntry) -> None:
     model.unload()
     gc.collect()
     assert weights() is None
+
+
+def test_the_plan_of_an_offloaded_pipeline_folder_holds_its_largest_component(flux_dir: Path) -> None:
+    from shared.vram.estimate import estimate_model
+    from shared.vram.inventory import inventory_for
+
+    def artist(offload: bool) -> ModelEntry:
+        return ModelEntry(name="artist", kind="image_generation", backend="diffusers", path=str(flux_dir),
+                          dtype="float32", image={"cpu_offload": offload})
+
+    parts = inventory_for(artist(True)).components
+    assert {name for name, *_ in parts} >= {"transformer", "text_encoder", "text_encoder_2", "vae"}
+    largest = max(linear + other for _, linear, _, other in parts)
+    assert estimate_model(artist(True)).weights == largest * 4  # float32: 4 bytes an element
+    assert estimate_model(artist(False)).weights > estimate_model(artist(True)).weights

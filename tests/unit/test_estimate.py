@@ -240,3 +240,20 @@ def test_nemotron_kv_cache_counts_only_the_blocks_that_attend() -> None:
     assert shape is not None and shape.num_layers == 80 and len(shape.attention_layers) == 49
     # 49 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes per token
     assert estimate_model(entry).kv_cache == 8192 * 49 * 8 * 128 * 2 * 2
+
+
+def test_cpu_offload_keeps_only_the_largest_pipeline_component_on_the_gpu() -> None:
+    from shared.config import ModelEntry
+    from shared.vram.estimate import estimate_model
+
+    def flux(offload: bool, quantization: str = "none") -> ModelEntry:
+        return ModelEntry(name="artist", kind="image_generation", backend="diffusers", path="/nonexistent/flux",
+                          architecture="flux.1-schnell", quantization=quantization, image={"cpu_offload": offload})
+
+    whole, offloaded = estimate_model(flux(False)), estimate_model(flux(True))
+    # bf16: transformer 11.9B params = 23.8 GB; T5-XXL (9.5 GB), CLIP and the VAE wait in host RAM
+    assert 33.0e9 < whole.weights < 34.5e9 and 23.5e9 < offloaded.weights < 24.0e9
+    assert offloaded.activations == whole.activations  # the working set still runs on the GPU
+    assert any("cpu_offload" in note for note in offloaded.notes)
+    # int8: the largest component is the quantized transformer (about 1 byte a weight)
+    assert 11.5e9 < estimate_model(flux(True, "int8")).weights < 12.5e9
