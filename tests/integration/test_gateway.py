@@ -36,6 +36,11 @@ def served() -> Iterator[tuple[StackProcesses, GatewayProcess]]:
                                  "memory_gb": 10.0, "fake": dict(FAKE)},
         routing={"image_specialist": "perception"},
         **gateway_overrides())
+    yield from _serving(stack)
+
+
+def _serving(stack: StackProcesses) -> Iterator[tuple[StackProcesses, GatewayProcess]]:
+    """Start the stack and a gateway in front of it; stop both afterwards."""
     gateway = GatewayProcess(stack)
     try:
         stack.start_all()
@@ -211,14 +216,7 @@ def tight() -> Iterator[tuple[StackProcesses, GatewayProcess]]:
                                "backend": "fake", "kind": "image_generation", "routable": False, "memory_gb": 10.0,
                                "fake": {"delay_s": 1.5}},
                            **gateway_overrides())
-    gateway = GatewayProcess(stack)
-    try:
-        stack.start_all()
-        gateway.start()
-        yield stack, gateway
-    finally:
-        gateway.stop()
-        stack.stop()
+    yield from _serving(stack)
 
 
 def _counters(stack: StackProcesses) -> dict[str, int]:
