@@ -304,7 +304,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=4096)
     parser.add_argument("--runs", default="one,pipeline,nccl,symmetric", help="which placements to time")
-    parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "eager"],
+    parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
     args = parser.parse_args()
     os.environ[ENGINE_ENV] = args.engine

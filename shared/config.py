@@ -208,7 +208,7 @@ class ModelEntry(Section):
     # CUDA graph over a static KV cache; "compiled" also compiles the step with torch.compile first (fused
     # kernels, a slower first load); "eager" runs the same step eagerly. Without CUDA, or for a model split
     # over devices, all run eagerly; `lyra status` shows what runs and why.
-    engine: Literal["graphs", "compiled", "eager"] = "graphs"
+    engine: Literal["graphs", "compiled", "fused", "eager"] = "graphs"
     # Voice over several GPUs: "pipeline" places layers with device_map (the GPUs take turns); "tensor" runs
     # one process per GPU, each holding its share of every layer (see shared.backends.tensor_parallel).
     parallel: Literal["pipeline", "tensor"] = "pipeline"

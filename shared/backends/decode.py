@@ -31,10 +31,11 @@ import torch
 from shared.backends.attention import use_grouped_decode
 from shared.backends.base import Cancelled
 from shared.backends.detokenize import IncrementalText
+from shared.backends.fused_decode import FusedStep
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("graphs", "compiled", "eager")
+ENGINES = ("graphs", "compiled", "fused", "eager")
 BATCH = 4  # tokens per host read: one event and one detokenization per batch, never per token
 WARMUP_STEPS = 2  # eager steps before capture (cuBLAS and allocator state settle on a side stream)
 
@@ -239,13 +240,30 @@ class DecodeEngine:
         self.lock = threading.Lock()
         self.last_usage: tuple[int, int, str] | None = None  # (prompt, completion tokens, finish reason)
         self.compiled: Any = None  # made once: it survives swaps (weights are its inputs, not constants)
+        self.fused: FusedStep | None = None  # the fused engine's step; re-bound to the weights on each build
+        self.fallback = ""  # why the fused step does not run this model (it is then compiled as transformers' step)
         self.wrap = wrap or (lambda runner: runner)  # e.g. tensor-parallel rank 0 announcing each step
 
     def _step_function(self) -> Any:
-        if self.wanted != "compiled":
+        if self.wanted == "fused" and not self.fallback:
+            try:
+                return self._fused_step()
+            except ValueError as exc:
+                self.fallback = f"fused step unsupported: {exc}"
+                logger.warning("%s: %s; decoding with the compiled engine", self.name, self.fallback)
+        if self.wanted not in ("compiled", "fused"):
             return None
         if self.compiled is None:
             self.compiled = torch.compile(decode_step, dynamic=False)
+        return self.compiled
+
+    def _fused_step(self) -> Any:
+        if self.fused is None:
+            self.fused = FusedStep(self.model, self.max_context)
+            # Compiled once; its tensors are inputs, so a re-bind after a swap replays the same code.
+            self.compiled = torch.compile(self.fused.__call__, dynamic=False)
+        else:
+            self.fused.bind(self.model)
         return self.compiled
 
     def describe(self) -> str:
@@ -290,10 +308,12 @@ class DecodeEngine:
                     self.reason = f"split over devices; {exc}"
             return DynamicRunner(self.model)
         try:
-            graphs = self.wanted in ("graphs", "compiled")
+            graphs = self.wanted in ("graphs", "compiled", "fused")
             runner = StaticRunner(self.model, self.max_context, graphs=graphs, step_function=self._step_function())
-            runner.kind = "compiled graphs" if self.wanted == "compiled" else runner.kind
-            self.reason = "" if graphs else "eager"
+            compiled = self.wanted in ("compiled", "fused")
+            runner.kind = f"{'fused' if self.fused and not self.fallback else 'compiled'} graphs" if compiled \
+                else runner.kind
+            self.reason = self.fallback if self.wanted == "fused" else "" if graphs else "eager"
             return runner
         except UnsupportedModel as exc:
             self.reason = str(exc)

@@ -27,6 +27,7 @@ from torch import nn
 
 from shared.backends.base import BackendError
 from shared.backends.decode import DecodeEngine
+from shared.backends.fused_decode import REDUCE_ATTRIBUTE
 from shared.backends.hf_causal import HfCausalModel, _attention
 from shared.backends.hf_checks import check_entry, checkpoint_source
 from shared.backends.rank_runner import LeadRunner, RankGroup
@@ -110,6 +111,7 @@ def build_rank_model(config: Any, dtype: torch.dtype, attn: str, shard: Shard, d
             linear.register_forward_hook(lambda _module, _inputs, output: reduce(output))
     model.to_empty(device=device)
     _restore_buffers(model, device)
+    setattr(model, REDUCE_ATTRIBUTE, reduce)  # the fused decode step sums the same outputs itself
     model.eval()
     return model
 

@@ -1,0 +1,181 @@
+"""A one-token decode step written for Llama-family models, for the `fused` engine.
+
+transformers' forward is general: for one decode token it rebuilds the attention mask and the rotary
+angles, runs q, k and v (and gate and up) as separate matrix products, and spends a dozen small kernels
+per norm and per rotary. On a GPU a decode step is bound by how many kernels run, not by the bytes they
+read, once the weights are shared by two ranks (bench/voice_tp.py). This step reads the same weights
+with fewer, larger kernels:
+- q/k/v and gate/up are each one matrix product: the projections' weights are laid side by side in one
+  tensor, in place (the modules keep views of it, so prefill and the host weight cache still see them);
+- the rotary angles are a table made once for every position of the static cache;
+- grouped-query attention is two small matmuls over the cache as it is (no copied KV heads), masked by
+  position;
+- it is compiled, so inductor fuses each norm, rotary and residual into one kernel, and then replayed
+  from a CUDA graph like every static step.
+
+The step reads and writes transformers' own static cache, so prefill stays the model's own forward.
+Tensor-parallel ranks sum their partial outputs with the model's all-reduce after o_proj and down_proj.
+Architectures it does not know (extra norms, other MLPs) keep the general step: `problems()` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
+REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
+
+
+def problems(model: Any) -> list[str]:
+    """Why the fused step cannot run `model` ([] = it can)."""
+    config = model.config
+    found = []
+    if getattr(config, "model_type", "") not in FAMILIES:
+        found.append(f"model type {getattr(config, 'model_type', '?')!r} is not one of {', '.join(FAMILIES)}")
+        return found
+    if getattr(config, "hidden_act", "silu") != "silu":
+        found.append(f"activation {config.hidden_act!r} (the step knows silu)")
+    layer = model.model.layers[0]
+    needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    names = {name for name, _ in layer.named_modules()}
+    missing = [name for name in needed if name not in names]
+    if missing:
+        found.append(f"decoder layers lack {', '.join(missing)}")
+    return found
+
+
+def side_by_side(linears: Sequence[nn.Linear], attribute: str = "weight") -> torch.Tensor | None:
+    """One tensor holding the linears' `attribute`s stacked by rows; the modules keep views of it.
+
+    Already stacked (a previous build, same storage, consecutive): that tensor, no copy. Else the rows are
+    copied once into a new tensor and each module's parameter becomes a view of its block.
+    """
+    parts = [getattr(linear, attribute) for linear in linears]
+    if any(part is None for part in parts):
+        return None
+    first = parts[0]
+    rows = sum(part.shape[0] for part in parts)
+    shape = (rows, *first.shape[1:])
+    if _consecutive(parts):
+        return first.as_strided(shape, first.stride(), first.storage_offset())
+    stacked = torch.cat([part.detach() for part in parts])
+    start = 0
+    for linear, part in zip(linears, parts, strict=True):
+        setattr(linear, attribute, nn.Parameter(stacked[start:start + part.shape[0]], requires_grad=False))
+        start += part.shape[0]
+    return stacked
+
+
+def _consecutive(parts: Sequence[torch.Tensor]) -> bool:
+    storage = parts[0].untyped_storage().data_ptr()
+    offset = parts[0].storage_offset()
+    for part in parts:
+        if not part.is_contiguous() or part.untyped_storage().data_ptr() != storage or part.storage_offset() != offset:
+            return False
+        offset += part.numel()
+    return True
+
+
+class FusedLayer:
+    """One decoder layer's tensors, as the step reads them."""
+
+    def __init__(self, layer: Any) -> None:
+        attention, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.qkv = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.qkv_bias = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj], "bias")
+        self.output = attention.o_proj.weight
+        self.output_bias = attention.o_proj.bias
+        self.gate_up = side_by_side([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj.weight
+        self.q_rows = attention.q_proj.weight.shape[0]
+        self.kv_rows = attention.k_proj.weight.shape[0]
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+
+
+class FusedStep:
+    """The decode step of a Llama-family model over transformers' static cache; call it like `decode_step`."""
+
+    def __init__(self, model: Any, max_len: int) -> None:
+        found = problems(model)
+        if found:
+            raise ValueError("; ".join(found))
+        self.max_len = max_len
+        self.bind(model)
+
+    def bind(self, model: Any) -> None:
+        """Read the model's tensors where they are now (again after the weights moved: a swap)."""
+        config = model.config
+        inner = model.model
+        max_len = self.max_len
+        self.layers = [FusedLayer(layer) for layer in inner.layers]
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.head = model.get_output_embeddings().weight
+        self.eps = float(config.rms_norm_eps)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = float(inner.layers[0].self_attn.scaling)
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, REDUCE_ATTRIBUTE, None)
+        self.cos, self.sin = self._rotary_table(inner, max_len)
+        self.positions = torch.arange(max_len, device=self.embed.device)
+
+    def _rotary_table(self, inner: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for every cache position, [max_len, head_dim], exactly as the model's rotary makes them."""
+        positions = torch.arange(max_len, device=self.embed.device).view(1, -1)
+        probe = torch.zeros((), dtype=self.embed.dtype, device=self.embed.device)
+        cos, sin = inner.rotary_emb(probe, positions)
+        return cos[0].contiguous(), sin[0].contiguous()
+
+    def __call__(self, model: Any, token: torch.Tensor, mask: torch.Tensor, cache: Any, keyword: str) -> torch.Tensor:
+        """Logits [1, vocab] for `token` at the cache's position; writes its K/V and advances the cache."""
+        position = cache.layers[0].cumulative_length
+        cos = self.cos.index_select(0, position.view(1))  # [1, head_dim]
+        sin = self.sin.index_select(0, position.view(1))
+        visible = (self.positions <= position).view(1, 1, -1)  # [1, 1, max_len]
+        hidden = self.embed.index_select(0, token.view(1))  # [1, hidden]
+        for layer, cached in zip(self.layers, cache.layers, strict=True):
+            hidden = hidden + self._attend(layer, self._norm(hidden, layer.input_norm), cached, position, cos, sin,
+                                           visible)
+            hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
+        torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
+        return torch.matmul(self._norm(hidden, self.final_norm), self.head.t())
+
+    def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm in float32, as the model's own norm."""
+        wide = hidden.float()
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * wide.to(hidden.dtype)
+
+    def _attend(self, layer: FusedLayer, hidden: torch.Tensor, cached: Any, position: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        qkv = nn.functional.linear(hidden, layer.qkv, layer.qkv_bias)
+        query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
+        dim = self.head_dim
+        query = _rotate(query.view(-1, dim), cos, sin)  # [heads, dim]
+        key = _rotate(key.view(-1, dim), cos, sin)  # [kv heads, dim]
+        cached.keys.index_copy_(2, position.view(1), key.view(1, -1, 1, dim))
+        cached.values.index_copy_(2, position.view(1), value.view(1, -1, 1, dim))
+        keys, values = cached.keys[0], cached.values[0]  # [kv heads, max_len, dim]
+        grouped = query.view(keys.shape[0], -1, dim)  # head h reads KV head h // (heads / kv heads)
+        scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * self.scaling  # [kv, group, max_len]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        attended = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [kv, group, dim]
+        out = nn.functional.linear(attended.reshape(1, -1), layer.output, layer.output_bias)  # bias: rank 0's only
+        return self.reduce(out) if self.reduce is not None else out
+
+    def _mlp(self, layer: FusedLayer, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.matmul(hidden, layer.gate_up.t()).split(layer.intermediate, dim=-1)
+        out = torch.matmul(nn.functional.silu(gate) * up, layer.down.t())
+        return self.reduce(out) if self.reduce is not None else out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of [heads, dim] rows (the half-split layout transformers uses)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin

@@ -1,0 +1,111 @@
+"""The fused decode step computes what transformers' own step does, alone and as two tensor-parallel ranks.
+
+Run eagerly on the CPU (the engine captures and compiles it only on a GPU): greedy tokens and logits over
+a static cache after a real prefill, for Llama and Qwen2 (q/k/v biases) tiny shapes, and across two gloo
+ranks whose all-reduces the step issues itself.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+from shared.backends.decode import DecodeEngine, StaticRunner
+from shared.backends.fused_decode import FusedStep, problems
+from shared.backends.tensor_parallel import Shard, build_rank_model, nccl_reduce, random_rank_weights
+from tests.models import tiny
+
+pytestmark = pytest.mark.models
+
+CONTEXT = 64
+PROMPT = list(range(3, 14))
+STEPS = 12
+SEED = 5
+
+
+def config_of(kind: type) -> object:
+    return kind(**tiny._common(tiny.build_tokenizer()))
+
+
+def rank_model(kind: type, shard: Shard, reduce: object = None) -> torch.nn.Module:
+    model = build_rank_model(config_of(kind), torch.float32, "sdpa", shard, torch.device("cpu"),
+                             reduce or (lambda t: t))
+    random_rank_weights(model, shard, SEED, std=0.2)  # large enough that greedy tokens differ step to step
+    return model
+
+
+def greedy(model: torch.nn.Module, step: object = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens after a prefill of PROMPT, and the last step's logits."""
+    with torch.inference_mode():
+        runner = StaticRunner(model, CONTEXT, graphs=False, step_function=step)
+        logits = runner.prefill({"input_ids": torch.tensor([PROMPT])})
+        tokens = []
+        for _ in range(STEPS):
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            logits = runner.step(token)
+        return tokens, logits.clone()
+
+
+@pytest.mark.parametrize("kind", [LlamaConfig, Qwen2Config])
+def test_fused_step_equals_the_models_own_step(kind: type) -> None:
+    model = rank_model(kind, Shard(0, 1))
+    expected_tokens, expected_logits = greedy(model)
+    with torch.inference_mode():
+        step = FusedStep(model, CONTEXT)
+    tokens, logits = greedy(model, step)
+    assert tokens == expected_tokens and len(set(tokens)) > 2
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_projections_are_laid_side_by_side_in_place() -> None:
+    model = rank_model(LlamaConfig, Shard(0, 1))
+    before = sum(p.numel() for p in model.parameters())
+    attention = model.model.layers[0].self_attn
+    with torch.inference_mode():
+        first = FusedStep(model, CONTEXT).layers[0].qkv
+        again = FusedStep(model, CONTEXT).layers[0].qkv  # a second build finds them stacked and copies nothing
+    assert first.data_ptr() == again.data_ptr() == attention.q_proj.weight.data_ptr()
+    assert attention.k_proj.weight.data_ptr() == first[attention.q_proj.weight.shape[0]:].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+
+
+@pytest.mark.parametrize("kind,reason", [(Qwen3Config, "qwen3"), (Gemma3TextConfig, "gemma3_text")])
+def test_other_architectures_are_named_and_keep_the_general_step(kind: type, reason: str) -> None:
+    config = config_of(kind)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    assert any(reason in problem for problem in problems(model))
+    engine = DecodeEngine(model, tiny.build_tokenizer(), "voice", "fused", CONTEXT)
+    with pytest.raises(ValueError, match=reason):
+        engine._fused_step()
+
+
+def rank_tokens(rank: int, store: str, results: object) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    try:
+        model = rank_model(LlamaConfig, Shard(rank, 2), nccl_reduce())
+        with torch.inference_mode():
+            step = FusedStep(model, CONTEXT)
+        tokens, logits = greedy(model, step)
+        results.put((rank, tokens, logits.tolist()))  # plain lists: the process ends
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_the_fused_step_decode_as_one_process() -> None:
+    expected_tokens, expected_logits = greedy(rank_model(LlamaConfig, Shard(0, 1)))
+    results = mp.get_context("spawn").Queue()
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(rank_tokens, nprocs=2, start_method="spawn", args=(f"{folder}/store", results))
+    reported = sorted((results.get(timeout=30) for _ in range(2)), key=lambda item: item[0])
+    for _rank, tokens, logits in reported:
+        assert tokens == expected_tokens
+        torch.testing.assert_close(torch.tensor(logits), expected_logits, rtol=1e-4, atol=1e-4)
