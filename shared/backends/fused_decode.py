@@ -49,26 +49,30 @@ def problems(model: Any) -> list[str]:
     return found
 
 
-def side_by_side(linears: Sequence[nn.Linear], attribute: str = "weight") -> torch.Tensor | None:
+def side_by_side(linears: Sequence[nn.Linear], attribute: str = "weight", copy: bool = True) -> torch.Tensor | None:
     """One tensor holding the linears' `attribute`s stacked by rows; the modules keep views of it.
 
-    Already stacked (a previous build, same storage, consecutive): that tensor, no copy. Else the rows are
-    copied once into a new tensor and each module's parameter becomes a view of its block.
+    Already stacked (a previous build, or the host weight cache's buffer laid them out in a row): that
+    tensor, no copy. Else, with `copy`, the rows are copied once into a new tensor and each module's
+    parameter becomes a view of its block; without, None (the step then multiplies them one by one).
     """
     parts = [getattr(linear, attribute) for linear in linears]
     if any(part is None for part in parts):
         return None
     first = parts[0]
-    rows = sum(part.shape[0] for part in parts)
-    shape = (rows, *first.shape[1:])
-    if _consecutive(parts):
-        return first.as_strided(shape, first.stride(), first.storage_offset())
-    stacked = torch.cat([part.detach() for part in parts])
-    start = 0
-    for linear, part in zip(linears, parts, strict=True):
-        setattr(linear, attribute, nn.Parameter(stacked[start:start + part.shape[0]], requires_grad=False))
-        start += part.shape[0]
-    return stacked
+    shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+    # Outside inference mode: parameters made in it could never again be viewed or moved by the host cache.
+    with torch.inference_mode(False), torch.no_grad():
+        if _consecutive(parts):
+            return first.as_strided(shape, first.stride(), first.storage_offset())
+        if not copy:
+            return None
+        stacked = torch.cat([part.detach() for part in parts])
+        start = 0
+        for linear, part in zip(linears, parts, strict=True):
+            setattr(linear, attribute, nn.Parameter(stacked[start:start + part.shape[0]], requires_grad=False))
+            start += part.shape[0]
+        return stacked
 
 
 def _consecutive(parts: Sequence[torch.Tensor]) -> bool:
@@ -82,17 +86,24 @@ def _consecutive(parts: Sequence[torch.Tensor]) -> bool:
 
 
 class FusedLayer:
-    """One decoder layer's tensors, as the step reads them."""
+    """One decoder layer's tensors, as the step reads them.
 
-    def __init__(self, layer: Any) -> None:
+    Stacking copies only on the first build (`copy`): after a swap the weights live in the host weight
+    cache's buffer, and a copy there would hold the layer twice; unstacked projections run one by one.
+    """
+
+    def __init__(self, layer: Any, copy: bool) -> None:
         attention, mlp = layer.self_attn, layer.mlp
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         self.input_norm = layer.input_layernorm.weight
         self.post_norm = layer.post_attention_layernorm.weight
-        self.qkv = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.qkv_bias = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj], "bias")
+        self.qkv = side_by_side(projections, copy=copy)
+        self.qkv_bias = side_by_side(projections, "bias", copy=copy)
+        self.qkv_parts = [(linear.weight, linear.bias) for linear in projections]
         self.output = attention.o_proj.weight
         self.output_bias = attention.o_proj.bias
-        self.gate_up = side_by_side([mlp.gate_proj, mlp.up_proj])
+        self.gate_up = side_by_side([mlp.gate_proj, mlp.up_proj], copy=copy)
+        self.gate, self.up = mlp.gate_proj.weight, mlp.up_proj.weight
         self.down = mlp.down_proj.weight
         self.q_rows = attention.q_proj.weight.shape[0]
         self.kv_rows = attention.k_proj.weight.shape[0]
@@ -107,14 +118,14 @@ class FusedStep:
         if found:
             raise ValueError("; ".join(found))
         self.max_len = max_len
-        self.bind(model)
+        self.bind(model, copy=True)
 
-    def bind(self, model: Any) -> None:
+    def bind(self, model: Any, copy: bool = False) -> None:
         """Read the model's tensors where they are now (again after the weights moved: a swap)."""
         config = model.config
         inner = model.model
         max_len = self.max_len
-        self.layers = [FusedLayer(layer) for layer in inner.layers]
+        self.layers = [FusedLayer(layer, copy) for layer in inner.layers]
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.head = model.get_output_embeddings().weight
@@ -124,6 +135,11 @@ class FusedStep:
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, REDUCE_ATTRIBUTE, None)
         self.cos, self.sin = self._rotary_table(inner, max_len)
         self.positions = torch.arange(max_len, device=self.embed.device)
+
+    def unbind(self) -> None:
+        """Drop every reference to the model's tensors (they are leaving the device)."""
+        self.layers, self.embed, self.final_norm, self.head = [], None, None, None
+        self.cos = self.sin = self.positions = None
 
     def _rotary_table(self, inner: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for every cache position, [max_len, head_dim], exactly as the model's rotary makes them."""
@@ -154,8 +170,11 @@ class FusedStep:
 
     def _attend(self, layer: FusedLayer, hidden: torch.Tensor, cached: Any, position: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        qkv = nn.functional.linear(hidden, layer.qkv, layer.qkv_bias)
-        query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
+        if layer.qkv is not None and (layer.qkv_bias is not None or layer.qkv_parts[0][1] is None):
+            qkv = nn.functional.linear(hidden, layer.qkv, layer.qkv_bias)
+            query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
+        else:
+            query, key, value = (nn.functional.linear(hidden, weight, bias) for weight, bias in layer.qkv_parts)
         dim = self.head_dim
         query = _rotate(query.view(-1, dim), cos, sin)  # [heads, dim]
         key = _rotate(key.view(-1, dim), cos, sin)  # [kv heads, dim]
@@ -170,7 +189,10 @@ class FusedStep:
         return self.reduce(out) if self.reduce is not None else out
 
     def _mlp(self, layer: FusedLayer, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = torch.matmul(hidden, layer.gate_up.t()).split(layer.intermediate, dim=-1)
+        if layer.gate_up is not None:
+            gate, up = torch.matmul(hidden, layer.gate_up.t()).split(layer.intermediate, dim=-1)
+        else:
+            gate, up = torch.matmul(hidden, layer.gate.t()), torch.matmul(hidden, layer.up.t())
         out = torch.matmul(nn.functional.silu(gate) * up, layer.down.t())
         return self.reduce(out) if self.reduce is not None else out
 

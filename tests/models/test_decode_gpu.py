@@ -44,10 +44,10 @@ def engine_ids(model: hf_causal.HfCausalModel, ids: torch.Tensor) -> list[int]:
         return [token for batch in batches for token in batch]
 
 
-@pytest.mark.parametrize("engine", ["graphs", "eager"])
+@pytest.mark.parametrize("engine", ["graphs", "fused", "eager"])
 def test_engine_equals_generate_before_and_after_a_cache_swap(engine: str, tiny_checkpoints: dict[str, Path]) -> None:
     model = loaded(tiny_checkpoints, engine)
-    assert model.engine_kind() == ("graphs" if engine == "graphs" else "static (eager)")
+    assert model.engine_kind() == {"graphs": "graphs", "fused": "fused graphs", "eager": "static (eager)"}[engine]
     ids = prompt(model)
     expected = generate_ids(model, ids)
     model.model.set_attn_implementation("sdpa")  # transformers' own attention agrees with the grouped decode
@@ -59,8 +59,10 @@ def test_engine_equals_generate_before_and_after_a_cache_swap(engine: str, tiny_
     copy, _ = cache.admit("gpu", model.torch_modules())
     assert copy is not None
     for _ in range(2):
+        resident = torch.cuda.memory_allocated(0)
         copy.to_host()
         model.release_device_memory()
+        assert resident - torch.cuda.memory_allocated(0) >= 0.9 * copy.nbytes  # no engine keeps the weights
         copy.to_device(torch.device("cuda", 0))
         model.prepare()
         assert engine_ids(model, ids) == expected

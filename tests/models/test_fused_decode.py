@@ -109,3 +109,21 @@ def test_two_ranks_with_the_fused_step_decode_as_one_process() -> None:
     for _rank, tokens, logits in reported:
         assert tokens == expected_tokens
         torch.testing.assert_close(torch.tensor(logits), expected_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_step_follows_the_weights_through_the_host_cache() -> None:
+    from shared.backends.weight_cache import HostWeightCache
+
+    model = rank_model(LlamaConfig, Shard(0, 1))
+    expected = greedy(model)[0]
+    with torch.inference_mode():  # as the engine builds it: the first build stacks the projections
+        step = FusedStep(model, CONTEXT)
+    copy, _ = HostWeightCache(1 << 30).admit("voice", {"model": model})
+    assert copy is not None
+    for _ in range(2):
+        copy.to_host()
+        step.unbind()
+        copy.to_device(torch.device("cpu"))
+        with torch.inference_mode():
+            step.bind(model)
+        assert greedy(model, step)[0] == expected
