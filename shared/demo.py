@@ -16,6 +16,8 @@ from shared.config import load_config
 from shared.messages import DoneEvent, ImageEvent, StageRestartedEvent, TokenEvent
 
 DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
+FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
+LIST_NUMBER_LAST = re.compile(r"(?:^|\n)[ \t]*\d+[.)]$")  # the answer ends on the number of a list item
 
 SCRIPT: tuple[tuple[str, bool], ...] = (  # (prompt, attach a picture)
     ("How do I fix a flat tyre?", False),
@@ -41,11 +43,14 @@ def sample_picture() -> bytes:
 
 
 def answer_problems(answer: str) -> list[str]:
-    """What makes an answer look broken: cut off mid-sentence, a line said twice, a phrase looping."""
+    """What makes an answer look broken: cut off mid-sentence or at a list number, a code fence left open,
+    a line said twice, a phrase looping."""
     problems = []
     text = answer.strip()
-    if text and not re.search(r"([.!?:;]|```)[\"')\]*_\s]*$", text):
+    if text and (not re.search(r"([.!?:;]|```)[\"')\]*_\s]*$", text) or LIST_NUMBER_LAST.search(text)):
         problems.append(f"cut off: ...{text[-40:]!r}")
+    if len(FENCE.findall(text)) % 2:
+        problems.append("unclosed code fence")
     lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 10]
     problems += [f"repeated line: {line[:60]!r}" for line, n in Counter(lines).items() if n > 1]
     words = re.findall(r"\w+", text.lower())

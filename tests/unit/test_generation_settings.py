@@ -63,7 +63,7 @@ def test_a_fence_open_when_the_model_ends_its_reply_is_closed() -> None:
 class Vocabulary:
     """A tokenizer of five tokens, as `penalisable_tokens` reads it."""
 
-    texts = [" kettle", ".", " 391", "\n", "Été"]
+    texts = (" kettle", ".", " 391", "\n", "Été")
 
     def __len__(self) -> int:
         return len(self.texts)
