@@ -260,9 +260,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from shared.demo import run_demo
+    from shared.demo import QUICK_SCRIPT, SCRIPT, run_demo
 
-    return run_demo(args.config, args.timeout, args.out)
+    return run_demo(args.config, args.timeout, args.out, QUICK_SCRIPT if args.quick else SCRIPT)
 
 
 RUN_DIR_HELP = "the stack's run directory (default: $LYRA_RUN_DIR, else the stack started last)"
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start the embedded default, hold a short scripted conversation, stop")
     p.add_argument("-c", "--config", help="config to demo (default: configs/default.toml)")
     p.add_argument("--out", default="lyra-demo-images", help="directory for the images the artist makes")
+    p.add_argument("--quick", action="store_true", help="four turns, one for each specialist, instead of six")
     p.add_argument("--timeout", type=float, default=600.0)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("keys", help="make CurveZMQ key files: the coordinator's, one per worker, one per client")

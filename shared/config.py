@@ -127,6 +127,7 @@ class GenerationDefaults(Section):
     stop: list[str] = Field(default=[], max_length=8)  # the reply ends before the first of these strings
     # Divide the logit of every token the reply already holds by this (1 = off); 1.1-1.3 stops small models'
     # loops ("a kettle, a kettle, and a kettle"). The prompt's tokens are not penalised: the voice must restate.
+    # Tokens without a letter (punctuation, digits, whitespace) never are: a penalised "." ends replies mid-sentence.
     repetition_penalty: float = Field(default=1.0, ge=1.0, le=3.0)
     # When max_new_tokens runs out mid-sentence, decode up to this many more tokens to reach the sentence's end
     # (0 = cut exactly at max_new_tokens).

@@ -16,6 +16,8 @@ from shared.config import load_config
 from shared.messages import DoneEvent, ImageEvent, StageRestartedEvent, TokenEvent
 
 DEFAULT_CONFIG = stack.ROOT / "configs" / "default.toml"
+FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
+LIST_NUMBER_LAST = re.compile(r"(?:^|\n)[ \t]*\d+[.)]$")  # the answer ends on the number of a list item
 
 SCRIPT: tuple[tuple[str, bool], ...] = (  # (prompt, attach a picture)
     ("How do I fix a flat tyre?", False),
@@ -25,6 +27,10 @@ SCRIPT: tuple[tuple[str, bool], ...] = (  # (prompt, attach a picture)
     ("Draw a picture of a lighthouse at sunset.", False),
     ("What is in this picture?", True),
 )
+# `lyra demo --quick`: one turn for each specialist (pragmatist, philosopher, artist, perception).
+QUICK_SCRIPT = tuple(turn for turn in SCRIPT if turn[0] in (
+    "How do I fix a flat tyre?", "Is free will an illusion?", "Draw a picture of a lighthouse at sunset.",
+    "What is in this picture?"))
 
 
 def sample_picture() -> bytes:
@@ -41,11 +47,14 @@ def sample_picture() -> bytes:
 
 
 def answer_problems(answer: str) -> list[str]:
-    """What makes an answer look broken: cut off mid-sentence, a line said twice, a phrase looping."""
+    """What makes an answer look broken: cut off mid-sentence or at a list number, a code fence left open,
+    a line said twice, a phrase looping."""
     problems = []
     text = answer.strip()
-    if text and not re.search(r"([.!?:;]|```)[\"')\]*_\s]*$", text):
+    if text and (not re.search(r"([.!?:;]|```)[\"')\]*_\s]*$", text) or LIST_NUMBER_LAST.search(text)):
         problems.append(f"cut off: ...{text[-40:]!r}")
+    if len(FENCE.findall(text)) % 2:
+        problems.append("unclosed code fence")
     lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 10]
     problems += [f"repeated line: {line[:60]!r}" for line, n in Counter(lines).items() if n > 1]
     words = re.findall(r"\w+", text.lower())
@@ -97,7 +106,8 @@ def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Pa
     return results
 
 
-def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-demo-images") -> int:
+def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-demo-images",
+             script: tuple[tuple[str, bool], ...] = SCRIPT) -> int:
     """The whole demo; returns the exit status."""
     config = load_config(config_path or DEFAULT_CONFIG)
     print(f"Lyra Runtime demo on {Path(config.source).name}: starting the stack (first start loads the models)...",
@@ -107,7 +117,7 @@ def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-d
     try:
         print(f"stack up in {time.monotonic() - began:.1f}s", flush=True)
         with Client(config.client_endpoint(), timeout_s=timeout_s) as client:
-            results = converse(client, SCRIPT, Path(image_dir))
+            results = converse(client, script, Path(image_dir))
     except LyraError as exc:
         print(f"\ndemo failed: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
@@ -115,7 +125,9 @@ def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-d
         print("\nstopping the stack...", flush=True)
         stack.down(config.run_dir())
     reached = sorted({r.specialist for r in results})
-    print(f"specialists reached: {', '.join(reached)}; total {time.monotonic() - began:.1f}s")
+    flagged = sum(bool(answer_problems(r.answer)) for r in results)
+    print(f"specialists reached: {', '.join(reached)}; answers flagged: {flagged} of {len(results)}; "
+          f"total {time.monotonic() - began:.1f}s")
     if len(reached) < 2:
         print("demo failed: the router sent every turn to one specialist", file=sys.stderr)
         return 1

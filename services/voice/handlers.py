@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
 from services.voice import ranks
+from services.voice.notes import unreadable
 from shared.backends.base import LoadContext, truncation
 from shared.messages import (
     ChatTurn,
@@ -20,19 +22,32 @@ from shared.messages import (
 )
 from shared.service import Handler, ResidentModelWorker
 
+logger = logging.getLogger(__name__)
+
 HANDOFF = (
     "{persona}\n\nYour {specialist} specialist prepared these notes for your answer:\n{output}\n\n"
     "Answer the user's last message yourself, in first person, using the notes."
 )
+# Unreadable output is never shown to the voice: a small voice "explains" gibberish with invented content.
+# The notes say instead what is known, as a plain statement: SmolLM2-135M restates a statement in its notes
+# but ignores an instruction not to guess, and echoes counts ("24 of 24 characters") oddly, so the reason
+# goes to the log only.
+UNREADABLE_NOTES = "The {specialist} specialist's answer could not be read. Nothing is known about what it found."
 
 
 def compose_voice_prompt(system_prompt: str, msg: SynthesizeRequest) -> list[ChatTurn]:
     """Persona and the specialist's notes as the system turn, then the conversation as it was.
 
     The notes go into the system turn rather than the user's: small models then answer the user's
-    question instead of replying to the notes.
+    question instead of replying to the notes. Output that is not readable text (`notes.unreadable`) is
+    replaced by a sentence saying so.
     """
     notes = msg.specialist_output.strip() or "(none)"
+    reason = unreadable(notes)
+    if reason is not None:
+        logger.info("%s: the %s specialist's output is not readable (%s); the voice is told only that",
+                    msg.id, msg.specialist, reason)
+        notes = UNREADABLE_NOTES.format(specialist=msg.specialist)
     system = HANDOFF.format(persona=system_prompt, specialist=msg.specialist, output=notes).strip()
     return [ChatTurn(role="system", content=system), *(t for t in msg.messages if t.role != "system")]
 

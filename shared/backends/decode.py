@@ -60,6 +60,19 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def penalisable_tokens(tokenizer: Any, vocab: int) -> torch.Tensor:
+    """[vocab] bool: the tokens a repetition penalty may touch, those whose text holds a letter.
+
+    Punctuation, digits, whitespace and symbols are never penalised: a penalised "." lost to the unpenalised
+    end-of-reply token, so replies ended mid-sentence, and penalised digits change arithmetic ("391").
+    Ids past the tokenizer's vocabulary (padded embedding rows) count as words.
+    """
+    known = min(len(tokenizer), vocab)
+    texts = tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=False)
+    wordy = [any(ch.isalpha() for ch in text) for text in texts] + [True] * (vocab - known)
+    return torch.tensor(wordy, dtype=torch.bool)
+
+
 def pick_token(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """The next token id ([1], on the logits' device) from last-position logits [1, vocab]; no host sync."""
     if sampling.temperature <= 0:
@@ -245,6 +258,7 @@ class DecodeEngine:
         self.compiled: Any = None  # made once: it survives swaps (weights are its inputs, not constants)
         self.fused: FusedStep | None = None  # the fused engine's step; re-bound to the weights on each build
         self.fallback = ""  # why the fused step does not run this model (it is then compiled as transformers' step)
+        self.penalisable: torch.Tensor | None = None  # [vocab] bool, made on the first penalised reply
         self.wrap = wrap or (lambda runner: runner)  # e.g. tensor-parallel rank 0 announcing each step
 
     def _step_function(self) -> Any:
@@ -366,6 +380,7 @@ class DecodeEngine:
         chosen = torch.empty(total, dtype=torch.long, pin_memory=on_gpu)
         penalty = sampling.repetition_penalty
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device) if penalty != 1.0 else None
+        penalisable = self._penalisable(logits.shape[-1], device) if seen is not None else None
         queued: list[tuple[int, int, Any]] = []  # (first, end, event) of batches the GPU may still be making
         start = 0
         for index in range(total):
@@ -374,8 +389,8 @@ class DecodeEngine:
             if seen is not None:  # on the device, no host sync: the graph-replayed step is unaffected
                 logits = penalise_repeats(logits, seen, penalty)
             token = pick_token(logits, sampling)
-            if seen is not None:
-                seen.index_fill_(0, token.view(-1), True)
+            if seen is not None and penalisable is not None:  # a token without a letter is never marked
+                seen.scatter_(0, token.view(-1), penalisable.gather(0, token.view(-1)))
             chosen[index:index + 1].copy_(token, non_blocking=on_gpu)
             last = index + 1 == total
             if (index + 1) % BATCH == 0 or last:
@@ -396,6 +411,15 @@ class DecodeEngine:
                     return
             if not last:
                 logits = runner.step(token)
+
+
+    def _penalisable(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The tokens the repetition penalty may touch, on `device` (built once per engine)."""
+        if self.penalisable is None or self.penalisable.shape[0] != vocab:
+            self.penalisable = penalisable_tokens(self.tokenizer, vocab)
+        if self.penalisable.device != device:
+            self.penalisable = self.penalisable.to(device)
+        return self.penalisable
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

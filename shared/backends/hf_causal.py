@@ -8,10 +8,9 @@ finds configuration problems without loading anything; `load` refuses to start o
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -28,6 +27,7 @@ from shared.backends.base import (
     render_template,
 )
 from shared.backends.decode import DecodeEngine, Sampling, _output_cache, cache_keyword
+from shared.backends.endings import finish_sentence
 from shared.backends.hf_checks import check_entry
 from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import GenerationDefaults, ModelEntry
@@ -344,7 +344,8 @@ class HfCausalModel(TransformersModel):
         engine = self.decode_engine(tokenizer)
         pieces = engine.stream(inputs, replace(sampling, max_new_tokens=max_new), cancel)
         if grace:
-            pieces = finish_sentence(pieces, lambda: engine.last_usage[1] if engine.last_usage else 0, max_new - grace)
+            pieces = finish_sentence(pieces, lambda: engine.last_usage[1] if engine.last_usage else 0,
+                                     max_new - grace, max_new)
         yield from pieces
 
     def _fit_context(self, ids: list[int], max_new: int) -> tuple[list[int], int]:
@@ -367,27 +368,6 @@ def sampling_for(defaults: GenerationDefaults, options: GenerationOptions) -> Sa
     merged = generation_settings(defaults, options)
     return Sampling(**{**merged, "stop": tuple(merged["stop"] or ())},
                     repetition_penalty=defaults.repetition_penalty)
-
-
-SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
-
-
-def finish_sentence(pieces: Iterator[str], made: Callable[[], int], budget: int) -> Iterator[str]:
-    """Pass the reply through; once `budget` tokens are made, end it at the next sentence end.
-
-    `pieces` may run past the budget (the grace tokens); the reply stops at the first ".", "!" or "?"
-    (closing quotes and brackets kept) that follows the budget, so it ends on a whole sentence.
-    """
-    for piece in pieces:
-        if made() <= budget:
-            yield piece
-            continue
-        end = SENTENCE_END.search(piece)
-        if end is None:
-            yield piece
-            continue
-        yield piece[:end.end()]
-        return
 
 
 def raise_if_cancelled(cancel: threading.Event, name: str) -> None:

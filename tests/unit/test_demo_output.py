@@ -49,6 +49,8 @@ def test_the_demo_check_finds_cut_off_and_repeated_answers() -> None:
     assert answer_problems("I boil the water first. Then I pour it over the leaves.") == []
     assert answer_problems("Here it is:\n```python\ndef f(s):\n    return s[::-1]\n```") == []
     assert answer_problems("I think the meaning of life is") == ["cut off: ...'I think the meaning of life is'"]
+    assert answer_problems("Steps:\n1. Loosen the nuts.\n2.") == ["cut off: ...'Steps:\\n1. Loosen the nuts.\\n2.'"]
+    assert answer_problems("```python\ndef f(s):\n    return s[::-1]  # reversed.") == ["unclosed code fence"]
     looping = answer_problems("You need a kettle, a kettle, and a kettle.")
     assert looping == ["looping: 'a kettle' x3"]
     twice = answer_problems("Fill the kettle with water now.\nFill the kettle with water now.")
