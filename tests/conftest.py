@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+
+# One torch (OpenMP) thread per process, set before anything imports torch; the worker processes the tests
+# start inherit it. The tests' models are tiny, so a second thread buys little, and with two threads every
+# small op waits at a barrier for both cores: when anything else runs (a tensor rank beside rank 0, a stack's
+# workers, another job on the machine) a thread loses its core for a whole time slice at each op. On the
+# 2-core VM, test_hf_causal + test_decode took 62-73 s with two threads under such load and 6-7 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections.abc import Iterator
 
 import pytest
