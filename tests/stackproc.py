@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.client import Client, LyraError
+from shared.names import SERVICES
 from shared.stack_secret import create_secret
 from shared.transport import CurveKeys
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("coordinator", "router", "specialist_host", "voice")
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
