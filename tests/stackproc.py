@@ -122,6 +122,23 @@ class StackProcesses:
                 time.sleep(0.05)
         raise TimeoutError(f"stack not ready within {timeout_s}s\n{self.logs()}")
 
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """True once every process runs, every worker is up and nothing is queued or running; False at the timeout."""
+        if any(proc.poll() is not None for proc in self.procs.values()):
+            return False
+        deadline = time.monotonic() + timeout_s
+        with self.client(timeout_s=2) as client:
+            while time.monotonic() < deadline:
+                try:
+                    status = client.status(timeout_s=1)
+                    if status.running is None and status.queue_depth == 0 and all(
+                            s.state == "up" and s.pid == self.procs[s.service].pid for s in status.services):
+                        return True
+                except LyraError:
+                    pass
+                time.sleep(0.05)
+        return False
+
     def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[service]
         proc.send_signal(sig)
@@ -151,3 +168,44 @@ class StackProcesses:
                 proc.kill()
                 proc.wait(timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StackPool:
+    """Running stacks kept for tests that leave a stack as they found it, one per config, the last `keep` used.
+
+    A stack is handed out again only when every process still runs and it is idle; otherwise it is replaced.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.stacks: dict[str, StackProcesses] = {}  # config (without its run directory) -> stack, oldest first
+
+    def get(self, **overrides: Any) -> StackProcesses:
+        key = to_toml(fake_config(Path("run"), **overrides))
+        stack = self.stacks.pop(key, None)
+        if stack is not None and not stack.wait_idle():
+            stack.stop()
+            stack = None
+        if stack is None:
+            stack = StackProcesses(**overrides)
+            try:
+                stack.start_all()
+            except BaseException:
+                stack.stop()
+                raise
+        self.stacks[key] = stack
+        while len(self.stacks) > self.keep:
+            self.stacks.pop(next(iter(self.stacks))).stop()
+        return stack
+
+    def discard(self, stack: StackProcesses) -> None:
+        """Stop `stack` and never hand it out again (a test using it failed: its state is unknown)."""
+        for key, kept in list(self.stacks.items()):
+            if kept is stack:
+                del self.stacks[key]
+        stack.stop()
+
+    def close(self) -> None:
+        for stack in self.stacks.values():
+            stack.stop()
+        self.stacks.clear()

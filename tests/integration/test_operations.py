@@ -137,8 +137,8 @@ def test_missing_image_is_one_line_and_no_traceback(tmp_path: Path) -> None:
     assert chat.stderr.strip() == f"lyra: cannot read image {tmp_path / 'missing.png'}: No such file or directory"
 
 
-def test_chat_reads_a_long_prompt_from_stdin_and_from_a_file(make_stack, tmp_path: Path) -> None:
-    stack = make_stack()
+def test_chat_reads_a_long_prompt_from_stdin_and_from_a_file(shared_stack, tmp_path: Path) -> None:
+    stack = shared_stack()
     prompt = "how do I do math with code " + "word " * 27_000  # 135 KB: more than one argv string may hold
     piped = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "-", "--json", "--endpoint", stack.endpoint],
                            input=prompt, capture_output=True, text=True, timeout=60, cwd=ROOT,

@@ -26,8 +26,8 @@ def reply_to(sock: transport.Endpoint, kind: type, timeout_s: float = 5.0):
     raise AssertionError(f"no {kind.__name__} within {timeout_s} s")
 
 
-def test_impostor_is_refused_and_the_real_voice_keeps_answering(make_stack) -> None:
-    stack = make_stack()
+def test_impostor_is_refused_and_the_real_voice_keeps_answering(shared_stack) -> None:
+    stack = shared_stack()
     assert stat.S_IMODE((stack.run_dir / "stack.secret").stat().st_mode) == 0o600
     ctx = transport.new_context()
     impostor = transport.connect_dealer(ctx, stack.worker_endpoint, LIMIT, identity="voice")
