@@ -153,7 +153,7 @@ def _wait_busy(stack, service: str, timeout_s: float = 10.0) -> None:
 
 
 def test_hung_worker_gives_a_deadline_error_and_the_stack_recovers(make_stack) -> None:
-    stack = make_stack(deadlines__route=1.0)
+    stack = make_stack(deadlines__route=1.0, runtime__cancel_grace_s=0.5)  # the hung router exits 0.5 s past its cancel
     started = time.monotonic()
     with stack.client() as client, pytest.raises(DeadlineError) as err:
         client.chat("math [[fake:hang:router]]")

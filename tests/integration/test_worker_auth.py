@@ -49,9 +49,9 @@ def test_impostor_is_refused_and_the_real_voice_keeps_answering(shared_stack) ->
     assert "registration as voice" in log and "refused: no stack secret" in log and "wrong stack secret" in log
 
 
-def test_a_superseded_worker_registers_again_and_is_never_orphaned(make_stack) -> None:
+def test_a_superseded_worker_registers_again_and_is_never_orphaned(shared_stack) -> None:
     """A second registration with the secret (a stray duplicate) wins; when it leaves, the real voice returns."""
-    stack = make_stack()
+    stack = shared_stack()
     ctx = transport.new_context()
     duplicate = transport.connect_dealer(ctx, stack.worker_endpoint, LIMIT, identity="voice")
     try:
