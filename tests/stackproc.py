@@ -77,6 +77,16 @@ def fake_config(run_dir: Path, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def slow_router(delay_s: float) -> dict[str, Any]:
+    """Overrides for a fake router that takes `delay_s` to classify a turn, with label calibration off.
+
+    The fake's label prior is uniform (content-free turns share no word with any label), so calibrating
+    changes no score; but the router computes that prior on its first turn, with three more classify calls
+    that each take `delay_s`.
+    """
+    return {"router__fake": {"delay_s": delay_s, "triggers": True}, "routing__calibrate": False}
+
+
 class StackProcesses:
     """Starts, kills and restarts the stack's processes; dumps their logs when asked."""
 

@@ -9,6 +9,7 @@ import pytest
 
 from shared.client import IDLE, AsyncClient, BusyError, ClientTimeoutError, CoordinatorRestartedError
 from shared.messages import AcceptedEvent, DoneEvent, RouteEvent, TokenEvent
+from tests.stackproc import slow_router
 
 
 def run(coro):
@@ -61,7 +62,7 @@ def test_leaving_the_stream_early_cancels_the_request(make_stack) -> None:
 
 
 def test_busy_timeout_status_and_idle_marks(make_stack) -> None:
-    stack = make_stack(runtime__queue_size=1, router__fake={"delay_s": 0.6, "triggers": True})
+    stack = make_stack(runtime__queue_size=1, **slow_router(0.6))
 
     async def main() -> None:
         async with AsyncClient(stack.endpoint, timeout_s=30) as lyra:
@@ -89,7 +90,7 @@ def test_busy_timeout_status_and_idle_marks(make_stack) -> None:
 
 def test_a_killed_coordinator_ends_every_waiting_request_within_5s(make_stack) -> None:
     stack = make_stack(runtime__heartbeat_interval_s=1.0, runtime__heartbeat_timeout_s=3.0,
-                       router__fake={"delay_s": 20.0, "triggers": True})
+                       **slow_router(20.0))
 
     async def main() -> tuple[list, float]:
         async with AsyncClient(stack.endpoint, timeout_s=30) as lyra:

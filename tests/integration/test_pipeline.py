@@ -17,6 +17,7 @@ from shared.messages import (
     StageStartedEvent,
     TokenEvent,
 )
+from tests.stackproc import slow_router
 
 
 def test_one_chat_streams_every_event_in_order(make_stack) -> None:
@@ -95,7 +96,7 @@ def test_fifty_requests_from_five_clients_all_complete_in_fifo_order(shared_stac
     assert counters["completed"] - before["completed"] == 50 and counters["failed"] == before["failed"]
 
 
-SLOW_ROUTER = {"runtime__queue_size": 2, "router__fake": {"delay_s": 0.5, "triggers": True}}  # one running, two waiting
+SLOW_ROUTER = {"runtime__queue_size": 2, **slow_router(0.5)}  # one running, two waiting
 
 
 def test_full_queue_answers_busy_with_the_depth(shared_stack) -> None:
