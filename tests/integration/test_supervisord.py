@@ -40,6 +40,14 @@ def our_processes(run_dir: Path) -> list[str]:
     return services + ([f"supervisord {pid}"] if pid is not None else [])
 
 
+def left_behind(run_dir: Path, within_s: float = 0.5) -> list[str]:
+    """`our_processes(run_dir)` once it is empty, or as it still is `within_s` from now (what was left behind)."""
+    deadline = time.monotonic() + within_s
+    while (found := our_processes(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = tmp_path / "dev.toml"
@@ -67,8 +75,7 @@ def test_up_chat_restart_each_service_down(tmp_path: Path) -> None:
     finally:
         down = lyra("down")
     assert down.returncode == 0 and "stopped" in down.stdout
-    time.sleep(0.5)
-    assert our_processes(run_dir) == []
+    assert left_behind(run_dir) == []
     assert lyra("status").returncode != 0
 
 
