@@ -22,6 +22,7 @@ from shared.messages import (
     StatusReply,
     TokenEvent,
 )
+from shared.names import PROGRAMS
 
 
 class InputError(Exception):
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per turn")
     p.set_defaults(func=cmd_route)
     p = sub.add_parser("logs", help="print a service's log")
-    p.add_argument("service", choices=["coordinator", "router", "specialist_host", "voice", "gateway"])
+    p.add_argument("service", choices=PROGRAMS)
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--run-dir", help=RUN_DIR_HELP)

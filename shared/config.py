@@ -13,9 +13,9 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
+
 NETWORK_HEARTBEAT_TIMEOUT_S = 10.0  # heartbeat_timeout_s's default when workers connect over a network
-SERVICES = ("coordinator", "router", "specialist_host", "voice")
-WORKER_SERVICES = ("router", "specialist_host", "voice")
 
 
 def default_run_dir() -> Path:
@@ -380,11 +380,11 @@ class LyraConfig(Section):
 
     def models_of(self, service: str) -> dict[str, ModelEntry]:
         """The models a worker service runs, by name."""
-        if service == "router":
+        if service == ROUTER:
             return {self.router.name: self.router}
-        if service == "voice":
+        if service == VOICE:
             return {self.voice.name: self.voice}
-        if service == "specialist_host":
+        if service == SPECIALIST_HOST:
             return dict(self.specialists)
         raise KeyError(service)
 

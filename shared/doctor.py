@@ -9,7 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import WORKER_SERVICES, LyraConfig
+from shared.config import LyraConfig
+from shared.names import WORKER_SERVICES
 
 GB = 10**9
 

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from shared import transport
-from shared.config import WORKER_SERVICES, LyraConfig, default_keys_dir
+from shared.config import LyraConfig, default_keys_dir
+from shared.names import COORDINATOR, WORKER_SERVICES
 from shared.stack_secret import read_owner_only
 
-COORDINATOR = "coordinator"
 DEFAULT_CLIENT = "client"
 DOMAINS = ("workers", "clients")  # the ZAP domain of each coordinator socket
 _KEY_LINE = re.compile(r'^\s*(public|secret)-key\s*=\s*"(.{40})"\s*$', re.MULTILINE)

@@ -15,14 +15,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from shared.names import WorkerName
+
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 3  # 1.1: image error codes, estimates in registration, tickets
+SCHEMA_MINOR = 4  # 1.1: image error codes, estimates in registration, tickets
 # 1.2: stage_restarted and progress events, the coordinator's instance id on client events, keepalive_s on
 #      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
 #      stop strings in generation options, token usage on the voice's reply and the done event, swap records
 #      (where each load came from, how long it took) in status
 # 1.3: `truncated` on the specialist's and voice's replies and on the done event (a prompt cut to max_context),
 #      `events` ("all" | "answer") on chat requests, the route's kind, fallback and evidence
+# 1.4: the fields naming a service are typed as the worker names (shared/names.py) they always carried
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 Stage = Literal["route", "load", "specialist", "voice"]  # a request's stages, in order
@@ -218,7 +221,7 @@ class StageStartedEvent(ClientBound):
 
     type: Literal["stage_started_event"] = "stage_started_event"
     stage: Stage
-    service: str
+    service: WorkerName
     model: str | None = None
 
 
@@ -227,7 +230,7 @@ class StageFinishedEvent(ClientBound):
 
     type: Literal["stage_finished_event"] = "stage_finished_event"
     stage: Stage
-    service: str
+    service: WorkerName
     seconds: float
     model: str | None = None
 
@@ -237,7 +240,7 @@ class StageRestartedEvent(ClientBound):
 
     type: Literal["stage_restarted_event"] = "stage_restarted_event"
     stage: Stage
-    service: str
+    service: WorkerName
     attempt: int  # 1 for the first re-run
     reason: str  # what happened to the worker
 
@@ -294,7 +297,7 @@ class ErrorEvent(ClientBound):
     type: Literal["error_event"] = "error_event"
     code: ErrorCode
     message: str  # a sentence a person can act on
-    service: str | None = None  # the service at fault, when there is one
+    service: WorkerName | None = None  # the service at fault, when there is one
     stage: Stage | None = None
     queue_depth: int | None = None  # set on `busy`
 
@@ -302,7 +305,7 @@ class ErrorEvent(ClientBound):
 class ServiceStatus(Frozen):
     """One worker as the coordinator sees it."""
 
-    service: str
+    service: WorkerName
     state: Literal["up", "missing", "dead", "busy"]
     pid: int | None = None
     backend: str | None = None
@@ -335,7 +338,7 @@ class RegisterRequest(Message):
     """A worker's first message: who it is, what it can run, what it holds."""
 
     type: Literal["register_request"] = "register_request"
-    service: str
+    service: str  # a WorkerName; any string decodes, so the coordinator refuses a stranger's with its own error
     schema_version: str = SCHEMA_VERSION
     pid: int
     instance: str  # unique per process start; a new value means the worker restarted
@@ -489,7 +492,7 @@ class WorkerError(Message):
     type: Literal["worker_error"] = "worker_error"
     code: ErrorCode
     message: str
-    service: str
+    service: WorkerName
 
 
 AnyMessage = Annotated[

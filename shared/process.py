@@ -6,10 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shared.backends.base import LoadContext
 from shared.config import ConfigError, LyraConfig, load_config
+
+if TYPE_CHECKING:
+    from shared.service import Worker
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,11 @@ def physical_gpus(config: LyraConfig, service: str) -> list[int]:
     return [int(x) for x in visible.split(",") if x.strip().isdigit()]
 
 
-def run_worker(service: str, make_worker: Callable[[LoadContext], object], argv: list[str] | None = None) -> int:
-    """Load the config, build the service's Worker and serve until SIGTERM."""
-    from shared.service import ServiceLoop, Worker
+def run_worker(worker_class: type[Worker], argv: list[str] | None = None) -> int:
+    """Load the config, build this process's `worker_class` (its `service` names the process), serve until SIGTERM."""
+    from shared.service import ServiceLoop
 
+    service = worker_class.service
     config = config_from_args(service, argv)
     context = LoadContext(service=service, physical_gpus=physical_gpus(config, service), config=config)
     log.info("starting %s (pid %d, GPUs %s, config %s)", service, os.getpid(),
@@ -88,6 +92,4 @@ def run_worker(service: str, make_worker: Callable[[LoadContext], object], argv:
     from shared.vram.shares import cap_this_process
 
     cap_this_process(config, service, context.physical_gpus)
-    worker = make_worker(context)
-    assert isinstance(worker, Worker)
-    return ServiceLoop(worker, config).run()
+    return ServiceLoop(worker_class(context), config).run()

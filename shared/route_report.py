@@ -12,6 +12,7 @@ import time
 
 from shared.config import LyraConfig
 from shared.messages import ChatTurn, RouteEvidence
+from shared.names import ROUTER
 
 
 def render_decision(text: str, chosen: str, scores: dict[str, float], fell_back: bool, evidence: RouteEvidence,
@@ -38,7 +39,7 @@ def run_route(config: LyraConfig, texts: list[str], as_json: bool) -> int:
     from shared.backends.base import LoadContext, load_model
 
     started = time.perf_counter()
-    model = load_model(config.router, LoadContext(service="router", physical_gpus=config.gpus_of("router"),
+    model = load_model(config.router, LoadContext(service=ROUTER, physical_gpus=config.gpus_of(ROUTER),
                                                   config=config))
     cancel = threading.Event()
     decider = RouteDecider(model, config)

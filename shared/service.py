@@ -35,6 +35,7 @@ from shared.messages import (
     RegisterRequest,
     WorkerError,
 )
+from shared.names import WorkerName
 from shared.stack_secret import SecretError, read_secret
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ Handler = Callable[[Message, threading.Event], Iterator[Message | RawFrame]]
 class Worker:
     """What a worker service plugs into the loop: its handlers and what it reports about itself."""
 
-    service: str = ""
+    service: WorkerName  # the service this worker is: its process, its registration, its log lines
     backend: str = ""
+
+    def __init__(self, context: LoadContext) -> None:
+        self.context = context
 
     def handlers(self) -> dict[type[Message], Handler]:
         """Request type -> handler; a handler yields stream events and ends with its reply."""
@@ -101,15 +105,14 @@ class Worker:
         """Estimated bytes per physical GPU of each model this worker can run (sent at registration)."""
         from shared.vram.ledger_bytes import estimates_for
 
-        context = self.context  # type: ignore[attr-defined]
-        return estimates_for(context.config.models_of(self.service), context.physical_gpus)
+        return estimates_for(self.context.config.models_of(self.service), self.context.physical_gpus)
 
 
 class ResidentModelWorker(Worker):
     """A worker holding one always-resident model, loaded before it registers (router, voice)."""
 
     def __init__(self, context: LoadContext, entry: ModelEntry) -> None:
-        self.context = context
+        super().__init__(context)
         self.entry = entry
         self.backend = entry.backend
         self.model: LoadedModel | None = None

@@ -20,8 +20,9 @@ from typing import Any
 
 from shared import stack_record
 from shared.client import Client, LyraError
-from shared.config import WORKER_SERVICES, LyraConfig
+from shared.config import LyraConfig
 from shared.messages import StatusReply
+from shared.names import GATEWAY, WORKER_SERVICES
 from shared.stack_secret import create_secret
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def start_gateway(config: LyraConfig, timeout_s: float) -> str:
     run_dir = config.run_dir()
     record = run_dir / "gateway.json"  # the gateway writes its real address here once bound
     record.unlink(missing_ok=True)
-    started = supervisorctl(run_dir, "start", "gateway")
+    started = supervisorctl(run_dir, "start", GATEWAY)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -153,8 +154,8 @@ def start_gateway(config: LyraConfig, timeout_s: float) -> str:
                     return url
         except (OSError, ValueError, KeyError):
             pass
-        if "ERROR" in started.stdout or "FATAL" in supervisorctl(run_dir, "status", "gateway").stdout:
-            raise StackError(f"the gateway failed to start: {started.stdout.strip()}\n{log_tail(run_dir, 'gateway')}")
+        if "ERROR" in started.stdout or "FATAL" in supervisorctl(run_dir, "status", GATEWAY).stdout:
+            raise StackError(f"the gateway failed to start: {started.stdout.strip()}\n{log_tail(run_dir, GATEWAY)}")
         time.sleep(0.2)
     raise StackError(f"the gateway did not answer within {timeout_s:g} s; see `lyra logs gateway`")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.client import Client, LyraError
+from shared.names import SERVICES
 from shared.stack_secret import create_secret
 from shared.transport import CurveKeys
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("coordinator", "router", "specialist_host", "voice")
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
@@ -77,6 +77,16 @@ def fake_config(run_dir: Path, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def slow_router(delay_s: float) -> dict[str, Any]:
+    """Overrides for a fake router that takes `delay_s` to classify a turn, with label calibration off.
+
+    The fake's label prior is uniform (content-free turns share no word with any label), so calibrating
+    changes no score; but the router computes that prior on its first turn, with three more classify calls
+    that each take `delay_s`.
+    """
+    return {"router__fake": {"delay_s": delay_s, "triggers": True}, "routing__calibrate": False}
+
+
 class StackProcesses:
     """Starts, kills and restarts the stack's processes; dumps their logs when asked."""
 
@@ -122,6 +132,23 @@ class StackProcesses:
                 time.sleep(0.05)
         raise TimeoutError(f"stack not ready within {timeout_s}s\n{self.logs()}")
 
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """True once every process runs, every worker is up and nothing is queued or running; False at the timeout."""
+        if any(proc.poll() is not None for proc in self.procs.values()):
+            return False
+        deadline = time.monotonic() + timeout_s
+        with self.client(timeout_s=2) as client:
+            while time.monotonic() < deadline:
+                try:
+                    status = client.status(timeout_s=1)
+                    if status.running is None and status.queue_depth == 0 and all(
+                            s.state == "up" and s.pid == self.procs[s.service].pid for s in status.services):
+                        return True
+                except LyraError:
+                    pass
+                time.sleep(0.05)
+        return False
+
     def kill(self, service: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[service]
         proc.send_signal(sig)
@@ -134,14 +161,61 @@ class StackProcesses:
         files = sorted(self.dir.glob("*.log"))
         return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in files)
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 1.0) -> None:
+        """SIGTERM every process, SIGKILL what is still running `grace_s` later, remove the directory.
+
+        An idle stack exits in about 0.3 s. A worker still inside a call drains for up to drain_s (tests that
+        leave one there mean to), which teardown has no reason to wait out; the drain has tests of its own.
+        """
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + grace_s
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StackPool:
+    """Running stacks kept for tests that leave a stack as they found it, one per config, the last `keep` used.
+
+    A stack is handed out again only when every process still runs and it is idle; otherwise it is replaced.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.stacks: dict[str, StackProcesses] = {}  # config (without its run directory) -> stack, oldest first
+
+    def get(self, **overrides: Any) -> StackProcesses:
+        key = to_toml(fake_config(Path("run"), **overrides))
+        stack = self.stacks.pop(key, None)
+        if stack is not None and not stack.wait_idle():
+            stack.stop()
+            stack = None
+        if stack is None:
+            stack = StackProcesses(**overrides)
+            try:
+                stack.start_all()
+            except BaseException:
+                stack.stop()
+                raise
+        self.stacks[key] = stack
+        while len(self.stacks) > self.keep:
+            self.stacks.pop(next(iter(self.stacks))).stop()
+        return stack
+
+    def discard(self, stack: StackProcesses) -> None:
+        """Stop `stack` and never hand it out again (a test using it failed: its state is unknown)."""
+        for key, kept in list(self.stacks.items()):
+            if kept is stack:
+                del self.stacks[key]
+        stack.stop()
+
+    def close(self) -> None:
+        for stack in self.stacks.values():
+            stack.stop()
+        self.stacks.clear()

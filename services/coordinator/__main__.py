@@ -3,11 +3,12 @@
 import logging
 
 from services.coordinator.server import run
+from shared.names import COORDINATOR
 from shared.process import config_from_args
 from shared.stack_record import taken
 
 if __name__ == "__main__":
-    config = config_from_args("coordinator")
+    config = config_from_args(COORDINATOR)
     busy = taken([config.client_endpoint(), config.worker_endpoint()])  # binding an ipc path would steal it
     if busy is not None:
         logging.getLogger("services.coordinator").critical("refusing to start: %s", busy)

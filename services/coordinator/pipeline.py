@@ -32,6 +32,7 @@ from shared.messages import (
     SynthesizeRequest,
     TokenEvent,
 )
+from shared.names import ROUTER, SPECIALIST_HOST, VOICE
 
 log = logging.getLogger(__name__)
 
@@ -148,20 +149,20 @@ class Pipeline:
         specialist = route.specialist
         self._ensure_resident(job, specialist, timings)
         deadlines, residency = self.config.deadlines, self.residency
-        result = self._stage(job, timings, "specialist", "specialist_host", specialist,
+        result = self._stage(job, timings, "specialist", SPECIALIST_HOST, specialist,
                              lambda: RunSpecialistRequest(parent_id=job.id, model=specialist, messages=turns,
                                                           image=job.request.image, options=job.request.options),
                              deadlines.specialist, before=lambda: residency.restore(specialist, job.id, job.cancel))
-        self._expect(result, SpecialistReply, "specialist_host")
+        self._expect(result, SpecialistReply, SPECIALIST_HOST)
         assert isinstance(result, SpecialistReply)
         if result.image is not None:
             job.life.image(result.image)
         self.on_voice_start()
-        spoken = self._stage(job, timings, "voice", "voice", self.config.voice.name,
+        spoken = self._stage(job, timings, "voice", VOICE, self.config.voice.name,
                              lambda: SynthesizeRequest(parent_id=job.id, messages=turns, specialist=specialist,
                                                        specialist_output=result.text, options=job.request.options),
                              deadlines.voice)
-        self._expect(spoken, SynthesizeReply, "voice")
+        self._expect(spoken, SynthesizeReply, VOICE)
         assert isinstance(spoken, SynthesizeReply)
         return {"answer": spoken.text, "specialist": specialist, "scores": route.scores,
                 "forced": route.kind == "forced", "route_kind": route.kind, "fallback": route.fallback,
@@ -184,12 +185,12 @@ class Pipeline:
     def _classify(self, job: Job, cancel: threading.Event) -> tuple[Route, float]:
         begun = time.monotonic()
         request = ClassifyRequest(parent_id=job.id, messages=conversation(job), labels=self.labels)
-        reply = self.registry.call_reply("router", request, self.config.deadlines.route, cancel, "route",
+        reply = self.registry.call_reply(ROUTER, request, self.config.deadlines.route, cancel, "route",
                                          self.config.runtime.heartbeat_timeout_s)
-        self._expect(reply, ClassifyReply, "router")
+        self._expect(reply, ClassifyReply, ROUTER)
         assert isinstance(reply, ClassifyReply)
         if reply.specialist not in self.config.specialists:
-            raise StageError(ErrorCode.worker_error, f"router chose unknown specialist {reply.specialist!r}", "router")
+            raise StageError(ErrorCode.worker_error, f"router chose unknown specialist {reply.specialist!r}", ROUTER)
         return Route(reply.specialist, reply.scores, False, "routed", reply.fallback, reply.evidence), \
             time.monotonic() - begun
 
@@ -197,13 +198,13 @@ class Pipeline:
         route = job.route or self._forced_route(job)
         if route is None or not route.forced:
             router = self.config.router.name
-            job.life.started("route", "router", router)
+            job.life.started("route", ROUTER, router)
             seconds, begun = 0.0, time.monotonic()
             if route is None:
-                route, _ = self._rerunning(job, "route", "router", lambda: self._classify(job, job.cancel))
+                route, _ = self._rerunning(job, "route", ROUTER, lambda: self._classify(job, job.cancel))
                 seconds = time.monotonic() - begun  # every attempt counts
             timings["route"] = round(seconds, 6)
-            job.life.finished("route", "router", seconds, router)
+            job.life.finished("route", ROUTER, seconds, router)
         else:
             timings["route"] = 0.0
         job.route = route
@@ -211,7 +212,7 @@ class Pipeline:
         return route
 
     def _ensure_resident(self, job: Job, specialist: str, timings: dict[str, float]) -> None:
-        service = "specialist_host"
+        service = SPECIALIST_HOST
         self.registry.wait_up(service, self.config.runtime.heartbeat_timeout_s, job.cancel)
         with self.residency.lock:
             if self.residency.claim(specialist):

@@ -27,8 +27,9 @@ from services.coordinator.swap import Residency
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
 from shared import keys, transport
-from shared.config import WORKER_SERVICES, LyraConfig
+from shared.config import LyraConfig
 from shared.messages import ErrorCode, Message
+from shared.names import WORKER_SERVICES
 from shared.stack_secret import SecretError, ensure_secret
 
 log = logging.getLogger(__name__)

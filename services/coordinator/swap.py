@@ -17,10 +17,11 @@ from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
 from services.coordinator.workers import StageError, WorkerRegistry
 from shared.config import LyraConfig
 from shared.messages import ErrorCode, LoadReply, LoadRequest, MemoryReading, UnloadRequest
+from shared.names import SPECIALIST_HOST
 
 log = logging.getLogger(__name__)
 
-HOST = "specialist_host"  # the service whose models are swapped
+HOST = SPECIALIST_HOST  # the service whose models are swapped
 
 
 class Residency:

@@ -18,6 +18,7 @@ from services.gateway.images import generate_image
 from services.gateway.metrics import CONTENT_TYPE
 from services.gateway.state import Gateway
 from shared.client import LyraError
+from shared.names import SPECIALIST_HOST
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ async def list_models(gw: Gateway, request: Request) -> Response:
     """`lyra` (the router decides) and `lyra/<specialist>` for each specialist, with residency."""
     try:
         status = await gw.upstream.status()
-        resident = {m for s in status.services if s.service == "specialist_host" for m in s.resident}
+        resident = {m for s in status.services if s.service == SPECIALIST_HOST for m in s.resident}
     except LyraError:
         resident = set()  # the list still says what the config offers; residency is unknown
     created = int(time.time())

@@ -4,4 +4,4 @@ from services.router.handlers import RouterWorker
 from shared.process import run_worker
 
 if __name__ == "__main__":
-    raise SystemExit(run_worker("router", RouterWorker))
+    raise SystemExit(run_worker(RouterWorker))

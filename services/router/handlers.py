@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from services.router.decider import RouteDecider, calibrated
 from shared.backends.base import LoadContext
 from shared.messages import ClassifyReply, ClassifyRequest, Message
+from shared.names import ROUTER
 from shared.service import Handler, ResidentModelWorker
 
 __all__ = ["RouterWorker", "calibrated"]
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 class RouterWorker(ResidentModelWorker):
     """Holds the always-resident router model and answers ClassifyRequests."""
 
-    service = "router"
+    service = ROUTER
 
     def __init__(self, context: LoadContext) -> None:
         super().__init__(context, context.config.router)

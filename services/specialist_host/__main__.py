@@ -4,4 +4,4 @@ from services.specialist_host.handlers import SpecialistHost
 from shared.process import run_worker
 
 if __name__ == "__main__":
-    raise SystemExit(run_worker("specialist_host", SpecialistHost))
+    raise SystemExit(run_worker(SpecialistHost))

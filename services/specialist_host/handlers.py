@@ -32,6 +32,7 @@ from shared.messages import (
     TokenEvent,
     UnloadRequest,
 )
+from shared.names import SPECIALIST_HOST
 from shared.service import Handler, Worker
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ log = logging.getLogger(__name__)
 class SpecialistHost(Worker):
     """Loads, unloads and runs the configured specialists, one resident at a time."""
 
-    service = "specialist_host"
+    service = SPECIALIST_HOST
 
     def __init__(self, context: LoadContext) -> None:
-        self.context = context
+        super().__init__(context)
         self.entries = context.config.specialists
         self.backend = ",".join(sorted({e.backend for e in self.entries.values()}))
         self.loaded: dict[str, LoadedModel] = {}  # resident on the device (at most one)

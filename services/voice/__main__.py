@@ -10,7 +10,7 @@ from shared.process import run_worker
 
 if __name__ == "__main__":
     ranks.pin_rank0_to_its_gpu(sys.argv[1:])
-    code = run_worker("voice", VoiceWorker)
+    code = run_worker(VoiceWorker)
     if ranks.started():  # no interpreter teardown: process groups would wait on followers that die with us
         logging.shutdown()
         os._exit(code)

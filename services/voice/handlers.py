@@ -20,6 +20,7 @@ from shared.messages import (
     TokenEvent,
     TokenUsage,
 )
+from shared.names import VOICE
 from shared.service import Handler, ResidentModelWorker
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def compose_voice_prompt(system_prompt: str, msg: SynthesizeRequest) -> list[Cha
 class VoiceWorker(ResidentModelWorker):
     """Holds the always-resident voice model and answers SynthesizeRequests."""
 
-    service = "voice"
+    service = VOICE
 
     def __init__(self, context: LoadContext) -> None:
         # Rank 0 of a tensor voice sees only its GPU; its context (estimates, ranks) names all of the voice's.

@@ -7,6 +7,7 @@ import logging
 import os
 
 from shared.config import ConfigError, load_config
+from shared.names import VOICE
 from shared.process import guard_user_text, setup_logging
 
 log = logging.getLogger("services.voice.rank")
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from shared.process import physical_gpus
     from shared.vram.shares import cap_this_process
 
-    gpus = physical_gpus(config, "voice")  # CUDA_VISIBLE_DEVICES: this rank's one GPU
-    cap_this_process(config, "voice", gpus)
+    gpus = physical_gpus(config, VOICE)  # CUDA_VISIBLE_DEVICES: this rank's one GPU
+    cap_this_process(config, VOICE, gpus)
     host, port = args.store.rsplit(":", 1)
     store = TCPStore(host, int(port), args.world, is_master=False, timeout=ranks.STORE_TIMEOUT)
     group = join(args.rank, args.world, ranks.rank_device(gpus), store)

@@ -26,6 +26,7 @@ from shared.messages import (
     RouteLabel,
     Truncation,
 )
+from shared.names import WorkerName
 
 
 class BackendError(Exception):
@@ -46,7 +47,7 @@ class WireGarbage(Exception):
 class LoadContext:
     """What a backend needs to know about the process it runs in."""
 
-    service: str  # "router", "specialist_host" or "voice"
+    service: WorkerName
     physical_gpus: list[int]  # the GPUs this process is pinned to (CUDA_VISIBLE_DEVICES order)
     config: LyraConfig
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from shared.backends.base import BackendError, Cancelled, LoadContext, LoadedModel, SpecialistOutput, WireGarbage
 from shared.config import ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, ImagePayload, MemoryReading, RouteLabel
+from shared.names import VOICE
 from shared.vram.ledger_bytes import estimate_per_gpu
 
 TRIGGER = re.compile(r"\[\[fake:(hang|crash|garbage|error|slow):(\w+)\]\]")
@@ -112,7 +113,7 @@ class FakeModel(LoadedModel):
 
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
                  cancel: threading.Event) -> Iterator[str]:
-        self._misbehave("synthesize" if self.context.service == "voice" else "run", messages)
+        self._misbehave("synthesize" if self.context.service == VOICE else "run", messages)
         self._sleep(self.entry.fake.delay_s, cancel)
         limit = options.max_new_tokens or self.entry.generation.max_new_tokens
         digest = hashlib.sha256(_last_user(messages).encode()).hexdigest()[:8]

@@ -32,6 +32,7 @@ from shared.backends.hf_checks import check_entry
 from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
+from shared.names import ROUTER
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     if entry.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     loaded = HfCausalModel(entry, model, tokenizer, context.physical_gpus[:gpu_count])
-    if context.service != "router":  # the router scores labels in one forward pass; it never decodes
+    if context.service != ROUTER:  # the router scores labels in one forward pass; it never decodes
         loaded.prepare()
     logger.info("loaded %s (%s) in %.1f s, %s, placement %s, decode engine %s", entry.name, gguf_file or source,
                 time.perf_counter() - started, kwargs["dtype"], loaded.placement(), loaded.engine_kind())

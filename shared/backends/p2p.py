@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from shared.config import LyraConfig
+from shared.names import VOICE
 
 GB = 10**9
 PROBE_BYTES = 256 * 1024**2
@@ -64,7 +65,7 @@ def recommend(link: PeerLink | None, quantization: str) -> tuple[str, str]:
 
 def voice_parallel_check(config: LyraConfig, has_cuda: bool) -> tuple[str, str, str, str]:
     """(status, name, detail, fix) of the doctor's line about the voice's parallel mode."""
-    gpus = config.gpus_of("voice")
+    gpus = config.gpus_of(VOICE)
     if len(gpus) < 2:
         return "info", "voice parallel", "the voice has one GPU or none: nothing to split", ""
     if not has_cuda:

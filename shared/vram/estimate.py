@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from shared.config import LyraConfig, ModelEntry
+from shared.names import WORKER_SERVICES
 from shared.vram.architectures import get_architecture
 from shared.vram.inventory import ModelShape, ParameterInventory, architecture_shape, inventory_for
 
@@ -268,7 +269,7 @@ def cuda_context_bytes(config: LyraConfig) -> dict[int, int]:
     """CUDA context reserve per physical GPU: one per worker process pinned to it."""
     reserve = {gpu.index: int(gpu.context_reserve_gb * GB) for gpu in config.gpus}
     total = dict.fromkeys(reserve, 0)
-    for service in ("router", "specialist_host", "voice"):
+    for service in WORKER_SERVICES:
         for gpu in config.gpus_of(service):
             total[gpu] += reserve.get(gpu, 0)
     return total

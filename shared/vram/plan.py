@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from shared.config import ConfigError, LyraConfig, ModelEntry, parse_config
+from shared.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 from shared.vram.estimate import (
     GB,
     REMOTE_SOURCE,
@@ -28,7 +29,7 @@ from shared.vram.estimate import (
 from shared.vram.layout import place_model
 from shared.vram.search import Alternative, search_alternatives
 
-SERVICE_OF_ROLE = {"router": "router", "voice": "voice", "specialist": "specialist_host"}
+SERVICE_OF_ROLE = {"router": ROUTER, "voice": VOICE, "specialist": SPECIALIST_HOST}
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def _baseline(config: LyraConfig) -> tuple[tuple[GpuBudget, ...], Placement, Pla
     voice = _place("voice", config.voice, config, _add(contexts, router.split))
     gpus = tuple(
         GpuBudget(g.index, g.name, int(g.budget_gb * GB), contexts.get(g.index, 0),
-                  tuple(s for s in ("router", "specialist_host", "voice") if g.index in config.gpus_of(s)),
+                  tuple(s for s in WORKER_SERVICES if g.index in config.gpus_of(s)),
                   router.split.per_gpu.get(g.index, 0), voice.split.per_gpu.get(g.index, 0))
         for g in config.gpus
     )
@@ -249,7 +250,7 @@ def voice_rebalance(config: LyraConfig) -> dict[str, str] | None:
     which the voice's bytes there, placed by the loader's own split, still fit what its budget leaves
     after CUDA contexts and the router; the host's GPUs, which come last, may take what they have free.
     """
-    gpus, host = config.gpus_of("voice"), set(config.gpus_of("specialist_host"))
+    gpus, host = config.gpus_of(VOICE), set(config.gpus_of(SPECIALIST_HOST))
     lead = [gpu for gpu in gpus if gpu not in host]
     if len(gpus) < 2 or not lead or lead != gpus[: len(lead)]:
         return None
@@ -274,7 +275,7 @@ def _as_max_memory(tenths: dict[str, int]) -> dict[str, str]:
 
 def _voice_share(config: LyraConfig, tenths: dict[str, int], gpu: int) -> int:
     voice = config.voice.model_copy(update={"device_map": "sequential", "max_memory": _as_max_memory(tenths)})
-    split = _split_cached(voice.model_dump_json(), tuple(config.gpus_of("voice")), ())
+    split = _split_cached(voice.model_dump_json(), tuple(config.gpus_of(VOICE)), ())
     return split.per_gpu.get(gpu, 0)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.config import LyraConfig, ServicePlacement
+from shared.names import ROUTER, SPECIALIST_HOST, VOICE
 
 QUANT_LEVEL = {"none": 0, "int8": 1, "4bit": 2}
 MAX_EVALUATIONS = 4000
@@ -81,7 +82,7 @@ def _entry_dimensions(config: LyraConfig, specialist: str) -> list[list[Change |
         level = QUANT_LEVEL[entry.quantization]
         dims.append([None] + [Change(target, "quantization", q, lvl - level)
                               for q, lvl in QUANT_LEVEL.items() if lvl > level])
-    for target, entry, service in (("voice", config.voice, "voice"), (specialist, spec, "specialist_host")):
+    for target, entry, service in (("voice", config.voice, VOICE), (specialist, spec, SPECIALIST_HOST)):
         if len(config.gpus_of(service)) > 1 and entry.device_map != "sequential" and entry.kind != "image_generation":
             dims.append([None, Change(target, "device_map", "sequential", 1)])
         if entry.kind != "image_generation":
@@ -92,7 +93,7 @@ def _entry_dimensions(config: LyraConfig, specialist: str) -> list[list[Change |
 
 def _placement_dimensions(config: LyraConfig, rebalance: Rebalance) -> list[list[Change | None]]:
     dims: list[list[Change | None]] = []
-    for service in ("router", "specialist_host"):
+    for service in (ROUTER, SPECIALIST_HOST):
         current = config.gpus_of(service)
         dims.append([None] + [Change(service, "gpus", (g.index,), 1) for g in config.gpus if [g.index] != current])
     if rebalance(config) is not None:

@@ -9,14 +9,17 @@ import pytest
 
 from shared.client import IDLE, AsyncClient, BusyError, ClientTimeoutError, CoordinatorRestartedError
 from shared.messages import AcceptedEvent, DoneEvent, RouteEvent, TokenEvent
+from tests.stackproc import slow_router
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=60))
 
 
-def test_twenty_concurrent_requests_on_one_client_each_get_their_own_answer(make_stack) -> None:
-    stack = make_stack(runtime__queue_size=32, voice__fake={"token_delay_s": 0.0})
+def test_twenty_concurrent_requests_on_one_client_each_get_their_own_answer(shared_stack) -> None:
+    stack = shared_stack()  # fake workers without delays; the queue holds 64
+    with stack.client() as client:
+        before = client.status().counters["completed"]
 
     async def main() -> list[tuple[str, list]]:
         async with AsyncClient(stack.endpoint, timeout_s=30) as lyra:
@@ -37,7 +40,7 @@ def test_twenty_concurrent_requests_on_one_client_each_get_their_own_answer(make
         ids.add(done.parent_id)
     assert len(ids) == 20
     with stack.client() as client:
-        assert client.status().counters["completed"] == 20
+        assert client.status().counters["completed"] == before + 20
 
 
 def test_leaving_the_stream_early_cancels_the_request(make_stack) -> None:
@@ -59,7 +62,7 @@ def test_leaving_the_stream_early_cancels_the_request(make_stack) -> None:
 
 
 def test_busy_timeout_status_and_idle_marks(make_stack) -> None:
-    stack = make_stack(runtime__queue_size=1, router__fake={"delay_s": 0.6, "triggers": True})
+    stack = make_stack(runtime__queue_size=1, **slow_router(0.6))
 
     async def main() -> None:
         async with AsyncClient(stack.endpoint, timeout_s=30) as lyra:
@@ -87,7 +90,7 @@ def test_busy_timeout_status_and_idle_marks(make_stack) -> None:
 
 def test_a_killed_coordinator_ends_every_waiting_request_within_5s(make_stack) -> None:
     stack = make_stack(runtime__heartbeat_interval_s=1.0, runtime__heartbeat_timeout_s=3.0,
-                       router__fake={"delay_s": 20.0, "triggers": True})
+                       **slow_router(20.0))
 
     async def main() -> tuple[list, float]:
         async with AsyncClient(stack.endpoint, timeout_s=30) as lyra:

@@ -20,8 +20,8 @@ BAD_FRAMES = {
 
 
 @pytest.fixture
-def stack(make_stack):
-    return make_stack(runtime__max_message_mb=1.0)
+def stack(shared_stack):
+    return shared_stack(runtime__max_message_mb=1.0)
 
 
 def test_coordinator_client_socket_refuses_each_bad_frame_and_keeps_serving(stack) -> None:
@@ -64,8 +64,8 @@ def test_worker_socket_survives_garbage_and_impostors(stack) -> None:
         assert client.chat("meaning of life").specialist == "philosopher"
 
 
-def test_worker_sending_garbage_fails_the_request_not_the_stack(make_stack) -> None:
-    stack = make_stack()
+def test_worker_sending_garbage_fails_the_request_not_the_stack(shared_stack) -> None:
+    stack = shared_stack()
     with stack.client() as client:
         with pytest.raises(Exception) as err:
             client.chat("math [[fake:garbage:voice]]")
@@ -73,8 +73,8 @@ def test_worker_sending_garbage_fails_the_request_not_the_stack(make_stack) -> N
         assert client.chat("math code").specialist == "pragmatist"
 
 
-def test_worker_error_is_reported_with_its_sentence(make_stack) -> None:
-    stack = make_stack()
+def test_worker_error_is_reported_with_its_sentence(shared_stack) -> None:
+    stack = shared_stack()
     with stack.client() as client:
         with pytest.raises(Exception) as err:
             client.chat("math [[fake:error:specialist_host]]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,8 @@ import pytest
 
 from shared import keys, transport
 from shared.client import Client, UnauthorizedError
+from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
+from tests.stackproc import StackProcesses
 
 
 def _free_port() -> int:
@@ -30,20 +33,33 @@ def _wait_for(path: Path, text: str, timeout_s: float = 10.0) -> str:
     raise AssertionError(f"{text!r} not in {path.name} within {timeout_s} s:\n{log[-3000:]}")
 
 
-def _curve_stack(make_stack, key_dir: Path, **overrides: object):
+@pytest.fixture(scope="module")
+def _module_curve_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcesses]:
+    """The dev stack over tcp under Curve, with a gateway configured (started only by the test that needs it).
+
+    Shared by this module's tests: each leaves it serving, which is what they check.
+    """
+    key_dir = tmp_path_factory.mktemp("curve") / "keys"
     keys.make_keys(key_dir)
-    stack = make_stack(start=False, runtime__curve=True, runtime__keys_dir=str(key_dir),
-                       runtime__client_endpoint=f"tcp://127.0.0.1:{_free_port()}",
-                       runtime__worker_endpoint=f"tcp://127.0.0.1:{_free_port()}", **overrides)
-    stack.key_dir = key_dir
+    stack = StackProcesses(runtime__curve=True, runtime__keys_dir=str(key_dir),
+                           runtime__client_endpoint=f"tcp://127.0.0.1:{_free_port()}",
+                           runtime__worker_endpoint=f"tcp://127.0.0.1:{_free_port()}", **gateway_overrides())
+    stack.key_dir = key_dir  # type: ignore[attr-defined]
     stack.curve = keys.identity(key_dir, "client")
-    stack.start_all()
-    return stack
+    try:
+        stack.start_all()
+        yield stack
+    finally:
+        stack.stop()
 
 
 @pytest.fixture
-def curve_stack(make_stack, tmp_path: Path):
-    return _curve_stack(make_stack, tmp_path / "keys")
+def curve_stack(_module_curve_stack: StackProcesses, request: pytest.FixtureRequest) -> Iterator[StackProcesses]:
+    """The module's Curve stack; its logs are printed when the test fails."""
+    yield _module_curve_stack
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print(f"\n----- service logs for {request.node.name}\n{_module_curve_stack.logs()}")
 
 
 def _client(stack, name: str | None = "client", timeout_s: float = 10.0) -> Client:
@@ -115,11 +131,8 @@ def test_a_worker_with_a_wrong_key_is_refused_on_both_sides(curve_stack, tmp_pat
 
 
 
-def test_the_gateway_reaches_a_curve_coordinator_with_the_configs_client_key(make_stack, tmp_path: Path) -> None:
-    from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
-
-    stack = _curve_stack(make_stack, tmp_path / "keys", **gateway_overrides())
-    gateway = GatewayProcess(stack)
+def test_the_gateway_reaches_a_curve_coordinator_with_the_configs_client_key(curve_stack) -> None:
+    gateway = GatewayProcess(curve_stack)
     try:
         url = gateway.start()
         reply = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,

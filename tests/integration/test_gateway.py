@@ -15,7 +15,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
-from tests.stackproc import StackProcesses
+from tests.stackproc import StackProcesses, slow_router
 
 FAKE = {"triggers": True, "token_delay_s": 0.0}
 
@@ -211,7 +211,7 @@ def test_gateway_restart_while_the_stack_serves(served) -> None:
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[tuple[StackProcesses, GatewayProcess]]:
-    stack = StackProcesses(runtime__queue_size=1, router__fake={"delay_s": 0.6, "triggers": True},
+    stack = StackProcesses(runtime__queue_size=1, **slow_router(0.6),
                            deadlines__voice=0.5, specialists__artist={
                                "backend": "fake", "kind": "image_generation", "routable": False, "memory_gb": 10.0,
                                "fake": {"delay_s": 1.5}},

@@ -46,8 +46,8 @@ def element_bomb() -> bytes:
     return b"\xdc" + struct.pack(">H", 250) + chunk * 250
 
 
-def test_list_typed_frames_and_an_element_bomb_on_both_sockets(make_stack) -> None:
-    stack = make_stack()
+def test_list_typed_frames_and_an_element_bomb_on_both_sockets(shared_stack) -> None:
+    stack = shared_stack()
     pid = coordinator_pid(stack)
     frames = [msgpack.packb({"type": []}), msgpack.packb({"type": {"a": 1}, "id": "x"}), element_bomb()]
     send_all(stack.endpoint, frames)
@@ -57,8 +57,8 @@ def test_list_typed_frames_and_an_element_bomb_on_both_sockets(make_stack) -> No
 
 @pytest.mark.parametrize("data", [dds_with_unknown_pixel_format(), tiff(), tiff_with_float_strip_offsets()],
                          ids=["dds", "tiff", "mutated-tiff"])
-def test_unusual_image_formats_are_refused_and_the_stack_serves(make_stack, data: bytes) -> None:
-    stack = make_stack()
+def test_unusual_image_formats_are_refused_and_the_stack_serves(shared_stack, data: bytes) -> None:
+    stack = shared_stack()
     pid = coordinator_pid(stack)
     with stack.client() as client, pytest.raises(BadImageError, match="not an image this stack can read"):
         client.chat("what is this?", image=data)
@@ -71,9 +71,9 @@ def big_png(side: int) -> bytes:
     return buf.getvalue()
 
 
-def test_many_big_legal_images_do_not_starve_heartbeats(make_stack) -> None:
+def test_many_big_legal_images_do_not_starve_heartbeats(shared_stack) -> None:
     """Twenty 36-megapixel PNGs at once (each decode takes a core about 0.25 s) with a request in flight."""
-    stack = make_stack(voice__fake__token_delay_s=0.15)
+    stack = shared_stack(voice__fake__token_delay_s=0.15)
     pid = coordinator_pid(stack)
     picture = big_png(6000)
     answers: list[str] = []
@@ -177,9 +177,9 @@ def test_a_flooding_client_is_answered_busy_and_others_are_served(make_stack) ->
     alive_and_serving(stack, pid)
 
 
-def test_frames_slow_to_validate_do_not_starve_heartbeats(make_stack) -> None:
+def test_frames_slow_to_validate_do_not_starve_heartbeats(shared_stack) -> None:
     """Legal frames that take 0.1 s each to validate (24,000-turn conversations), 40 at once, a request in flight."""
-    stack = make_stack(voice__fake__token_delay_s=0.15)
+    stack = shared_stack(voice__fake__token_delay_s=0.15)
     pid = coordinator_pid(stack)
     answers: list[str] = []
     in_flight = threading.Thread(target=lambda: answers.append(

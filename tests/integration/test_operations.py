@@ -14,7 +14,7 @@ import pytest
 
 from shared.client import Client, StackNotFoundError, find_stack
 from shared.stack import programs
-from tests.integration.test_supervisord import lyra, our_processes
+from tests.integration.test_supervisord import left_behind, lyra
 from tests.stackproc import ROOT, fake_config, to_toml
 
 
@@ -80,8 +80,7 @@ def test_up_with_a_crashing_worker_fails_fast_stops_everything_and_shows_its_log
     assert "voice keeps crashing" in up.stderr and "the stack was stopped" in up.stderr, up.stderr
     assert f"lines of {run_dir / 'logs' / 'voice.log'}:" in up.stderr
     assert "starting voice" in up.stderr  # the service's own log lines, not just a pointer to them
-    time.sleep(0.5)
-    assert our_processes(run_dir) == []
+    assert left_behind(run_dir) == []
     assert not (run_dir / "stack.json").exists()
 
 
@@ -127,8 +126,7 @@ def test_two_stacks_side_by_side_and_a_shared_run_directory_refused(tmp_path: Pa
     finally:
         downs = [lyra_async("down", "--run-dir", str(run_dir)) for run_dir in (run_a, run_b)]
         [finished(down) for down in downs]
-    time.sleep(0.5)
-    assert our_processes(run_a) == [] and our_processes(run_b) == []
+    assert left_behind(run_a) == [] and left_behind(run_b) == []
 
 
 def test_missing_image_is_one_line_and_no_traceback(tmp_path: Path) -> None:
@@ -137,8 +135,8 @@ def test_missing_image_is_one_line_and_no_traceback(tmp_path: Path) -> None:
     assert chat.stderr.strip() == f"lyra: cannot read image {tmp_path / 'missing.png'}: No such file or directory"
 
 
-def test_chat_reads_a_long_prompt_from_stdin_and_from_a_file(make_stack, tmp_path: Path) -> None:
-    stack = make_stack()
+def test_chat_reads_a_long_prompt_from_stdin_and_from_a_file(shared_stack, tmp_path: Path) -> None:
+    stack = shared_stack()
     prompt = "how do I do math with code " + "word " * 27_000  # 135 KB: more than one argv string may hold
     piped = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "-", "--json", "--endpoint", stack.endpoint],
                            input=prompt, capture_output=True, text=True, timeout=60, cwd=ROOT,

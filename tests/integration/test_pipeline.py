@@ -17,10 +17,11 @@ from shared.messages import (
     StageStartedEvent,
     TokenEvent,
 )
+from tests.stackproc import slow_router
 
 
 def test_one_chat_streams_every_event_in_order(make_stack) -> None:
-    stack = make_stack(voice__fake={"token_delay_s": 0.001})
+    stack = make_stack(voice__fake={"token_delay_s": 0.001})  # its own stack: this request loads the pragmatist
     with stack.client() as client:
         events = list(client.stream("how do I do math with code"))
     kinds = [type(e).__name__ for e in events if not isinstance(e, TokenEvent)]
@@ -47,8 +48,8 @@ def test_one_chat_streams_every_event_in_order(make_stack) -> None:
     assert finished.keys() == {"route", "load", "specialist", "voice"}
 
 
-def test_forced_specialist_skips_the_router(make_stack) -> None:
-    stack = make_stack()
+def test_forced_specialist_skips_the_router(shared_stack) -> None:
+    stack = shared_stack()
     with stack.client() as client:
         events = list(client.stream("how do I do math", specialist="philosopher"))
     route = next(e for e in events if isinstance(e, RouteEvent))
@@ -56,8 +57,10 @@ def test_forced_specialist_skips_the_router(make_stack) -> None:
     assert "route" not in [e.stage for e in events if isinstance(e, StageStartedEvent)]
 
 
-def test_fifty_requests_from_five_clients_all_complete_in_fifo_order(make_stack) -> None:
-    stack = make_stack()
+def test_fifty_requests_from_five_clients_all_complete_in_fifo_order(shared_stack) -> None:
+    stack = shared_stack()
+    with stack.client() as client:
+        before = client.status().counters
     results: list[DoneEvent] = []
     accepted: dict[str, int] = {}
     errors: list[BaseException] = []
@@ -90,11 +93,14 @@ def test_fifty_requests_from_five_clients_all_complete_in_fifo_order(make_stack)
     assert all(accepted[r.parent_id] == r.ticket for r in results)
     with stack.client() as client:
         counters = client.status().counters
-    assert counters["completed"] == 50 and counters["failed"] == 0
+    assert counters["completed"] - before["completed"] == 50 and counters["failed"] == before["failed"]
 
 
-def test_full_queue_answers_busy_with_the_depth(make_stack) -> None:
-    stack = make_stack(runtime__queue_size=2, router__fake={"delay_s": 0.5, "triggers": True})
+SLOW_ROUTER = {"runtime__queue_size": 2, **slow_router(0.5)}  # one running, two waiting
+
+
+def test_full_queue_answers_busy_with_the_depth(shared_stack) -> None:
+    stack = shared_stack(**SLOW_ROUTER)
     first = [stack.client() for _ in range(3)]
     streams = [c.stream("math code") for c in first]
     for s in streams:  # each gets accepted: one running, two waiting
@@ -109,8 +115,8 @@ def test_full_queue_answers_busy_with_the_depth(make_stack) -> None:
 
 @pytest.mark.parametrize("service,stage", [("router", "route"), ("specialist_host", "specialist"),
                                            ("voice", "voice")])
-def test_worker_killed_mid_stage_fails_the_request_then_recovers(make_stack, service: str, stage: str) -> None:
-    stack = make_stack()
+def test_worker_killed_mid_stage_fails_the_request_then_recovers(shared_stack, service: str, stage: str) -> None:
+    stack = shared_stack()  # left as found: the killed worker is started again
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -148,7 +154,7 @@ def _wait_busy(stack, service: str, timeout_s: float = 10.0) -> None:
 
 
 def test_hung_worker_gives_a_deadline_error_and_the_stack_recovers(make_stack) -> None:
-    stack = make_stack(deadlines__route=1.0)
+    stack = make_stack(deadlines__route=1.0, runtime__cancel_grace_s=0.5)  # the hung router exits 0.5 s past its cancel
     started = time.monotonic()
     with stack.client() as client, pytest.raises(DeadlineError) as err:
         client.chat("math [[fake:hang:router]]")
@@ -180,8 +186,10 @@ def test_client_that_disconnects_mid_stream_frees_the_pipeline(make_stack) -> No
         assert other.status().counters["cancelled"] == 1
 
 
-def test_cancel_while_queued_and_while_running(make_stack) -> None:
-    stack = make_stack(router__fake={"delay_s": 0.5, "triggers": True})
+def test_cancel_while_queued_and_while_running(shared_stack) -> None:
+    stack = shared_stack(**SLOW_ROUTER)
+    with stack.client() as c:
+        before = c.status().counters["completed"]
     with stack.client() as a, stack.client() as b:
         first = a.stream("math code")
         second = b.stream("meaning")
@@ -192,11 +200,11 @@ def test_cancel_while_queued_and_while_running(make_stack) -> None:
     with stack.client() as c:
         assert c.chat("math code").specialist == "pragmatist"
         counters = c.status().counters
-    assert counters["completed"] == 1
+    assert counters["completed"] == before + 1
 
 
-def test_cancelled_error_type(make_stack) -> None:
-    stack = make_stack(router__fake={"delay_s": 1.0, "triggers": True})
+def test_cancelled_error_type(shared_stack) -> None:
+    stack = shared_stack(**SLOW_ROUTER)
     with stack.client() as a, stack.client() as b:
         stream = a.stream("math code")
         accepted = next(stream)
@@ -224,7 +232,7 @@ def test_over_budget_swap_is_refused_with_the_arithmetic_and_loads_nothing(make_
 
 
 
-def test_a_client_slower_than_its_stream_still_gets_every_token(make_stack) -> None:
+def test_a_client_slower_than_its_stream_still_gets_every_token(shared_stack) -> None:
     # 3,000 voice pieces with no delay, to a client that keeps only 8 frames and reads nothing for 1.5 s:
     # more than zmq and the kernel hold for it, so the rest wait in the coordinator (runtime.client_queue_mb)
     # instead of the request being cancelled as if the client had left.
@@ -233,8 +241,7 @@ def test_a_client_slower_than_its_stream_still_gets_every_token(make_stack) -> N
     from shared import transport
     from shared.client import build_request
 
-    fast = {"token_delay_s": 0.0, "delay_s": 0.0}
-    stack = make_stack(voice__fake=fast, specialists__pragmatist__fake=fast)
+    stack = shared_stack()  # fake workers without delays
     prompt = " ".join(f"{i:04d}" + "x" * 60 for i in range(3000))
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -260,8 +267,8 @@ def test_a_client_slower_than_its_stream_still_gets_every_token(make_stack) -> N
     assert len(pieces) > 2000 and "".join(pieces) == done.answer
 
 
-def test_answer_only_events_leave_out_stages_and_the_specialists_tokens(make_stack) -> None:
-    stack = make_stack()
+def test_answer_only_events_leave_out_stages_and_the_specialists_tokens(shared_stack) -> None:
+    stack = shared_stack()
     with stack.client() as client:
         events = list(client.stream("how do I do math with code", events="answer"))
     kinds = {type(e).__name__ for e in events}

@@ -19,6 +19,7 @@ from shared.messages import (
     StageStartedEvent,
     TokenEvent,
 )
+from tests.stackproc import slow_router
 
 
 @dataclass
@@ -116,7 +117,7 @@ def test_worker_gone_for_good_fails_after_one_bounded_wait(make_stack) -> None:
 @pytest.mark.parametrize("restart", [True, False], ids=["restarted", "gone"])
 def test_coordinator_sigkill_ends_the_waiting_request_within_5s(make_stack, restart: bool) -> None:
     stack = make_stack(runtime__heartbeat_interval_s=1.0, runtime__heartbeat_timeout_s=3.0,
-                       router__fake={"delay_s": 20.0, "triggers": True})
+                       **slow_router(20.0))
     thread, outcome = chat_in_background(stack, "math code")
     assert outcome.accepted.wait(10)
     wait_busy(stack, "router")
@@ -133,7 +134,7 @@ def test_coordinator_sigkill_ends_the_waiting_request_within_5s(make_stack, rest
 
 
 def test_sigterm_lets_the_running_request_finish_and_refuses_the_waiting_one(make_stack) -> None:
-    stack = make_stack(runtime__drain_s=5.0, router__fake={"delay_s": 1.0, "triggers": True})
+    stack = make_stack(runtime__drain_s=5.0, **slow_router(1.0))
     running, first = chat_in_background(stack, "math code")
     assert first.accepted.wait(10)
     waiting, second = chat_in_background(stack, "meaning of life")
@@ -147,7 +148,7 @@ def test_sigterm_lets_the_running_request_finish_and_refuses_the_waiting_one(mak
 
 
 def test_sigterm_ends_a_request_that_outlasts_drain_s_with_shutting_down(make_stack) -> None:
-    stack = make_stack(runtime__drain_s=0.5, router__fake={"delay_s": 10.0, "triggers": True})
+    stack = make_stack(runtime__drain_s=0.5, **slow_router(10.0))
     thread, outcome = chat_in_background(stack, "math code")
     wait_busy(stack, "router")
     stopped = time.monotonic()
@@ -158,7 +159,7 @@ def test_sigterm_ends_a_request_that_outlasts_drain_s_with_shutting_down(make_st
 
 
 def test_a_caller_slow_to_consume_its_stream_is_not_told_the_coordinator_restarted(make_stack) -> None:
-    stack = make_stack(router__fake={"delay_s": 0.3, "triggers": True})
+    stack = make_stack(**slow_router(0.3))
     with stack.client() as client:
         events = []
         for event in client.stream("math code"):

@@ -26,8 +26,8 @@ def reply_to(sock: transport.Endpoint, kind: type, timeout_s: float = 5.0):
     raise AssertionError(f"no {kind.__name__} within {timeout_s} s")
 
 
-def test_impostor_is_refused_and_the_real_voice_keeps_answering(make_stack) -> None:
-    stack = make_stack()
+def test_impostor_is_refused_and_the_real_voice_keeps_answering(shared_stack) -> None:
+    stack = shared_stack()
     assert stat.S_IMODE((stack.run_dir / "stack.secret").stat().st_mode) == 0o600
     ctx = transport.new_context()
     impostor = transport.connect_dealer(ctx, stack.worker_endpoint, LIMIT, identity="voice")
@@ -49,9 +49,9 @@ def test_impostor_is_refused_and_the_real_voice_keeps_answering(make_stack) -> N
     assert "registration as voice" in log and "refused: no stack secret" in log and "wrong stack secret" in log
 
 
-def test_a_superseded_worker_registers_again_and_is_never_orphaned(make_stack) -> None:
+def test_a_superseded_worker_registers_again_and_is_never_orphaned(shared_stack) -> None:
     """A second registration with the secret (a stray duplicate) wins; when it leaves, the real voice returns."""
-    stack = make_stack()
+    stack = shared_stack()
     ctx = transport.new_context()
     duplicate = transport.connect_dealer(ctx, stack.worker_endpoint, LIMIT, identity="voice")
     try:
