@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from shared.backends.sampling import Sampling, penalisable_tokens, penalise_repeats
 from shared.backends.endings import finish_sentence
 from shared.backends.hf_causal import sampling_for
+from shared.backends.sampling import Sampling, penalisable_tokens, penalise_repeats
 from shared.config import GenerationDefaults
 from shared.messages import GenerationOptions
 
