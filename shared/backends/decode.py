@@ -368,7 +368,6 @@ class DecodeEngine:
             if not last:
                 logits = runner.step(token)
 
-
     def _penalisable(self, vocab: int, device: torch.device) -> torch.Tensor:
         """The tokens the repetition penalty may touch, on `device` (built once per engine)."""
         if self.penalisable is None or self.penalisable.shape[0] != vocab:

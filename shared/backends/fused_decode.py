@@ -39,6 +39,8 @@ def problems(model: Any) -> list[str]:
         return found
     if getattr(config, "hidden_act", "silu") != "silu":
         found.append(f"activation {config.hidden_act!r} (the step knows silu)")
+    if getattr(config, "mlp_bias", False):
+        found.append("MLP biases (the step's gate/up/down have none)")
     layer = model.model.layers[0]
     needed = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
               "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
@@ -99,6 +101,8 @@ class FusedLayer:
         self.post_norm = layer.post_attention_layernorm.weight
         self.qkv = side_by_side(projections, copy=copy)
         self.qkv_bias = side_by_side(projections, "bias", copy=copy)
+        if attention.q_proj.bias is not None and self.qkv_bias is None:
+            self.qkv = None  # weights side by side but biases apart: multiply q, k and v one by one
         self.qkv_parts = [(linear.weight, linear.bias) for linear in projections]
         self.output = attention.o_proj.weight
         self.output_bias = attention.o_proj.bias
@@ -170,7 +174,7 @@ class FusedStep:
 
     def _attend(self, layer: FusedLayer, hidden: torch.Tensor, cached: Any, position: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        if layer.qkv is not None and (layer.qkv_bias is not None or layer.qkv_parts[0][1] is None):
+        if layer.qkv is not None:
             qkv = nn.functional.linear(hidden, layer.qkv, layer.qkv_bias)
             query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
         else:

@@ -86,6 +86,14 @@ def test_other_architectures_are_named_and_keep_the_general_step(kind: type, rea
         engine._fused_step()
 
 
+def test_mlp_biases_are_named() -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = config_of(LlamaConfig)
+    config.mlp_bias = True
+    assert any("MLP biases" in problem for problem in problems(AutoModelForCausalLM.from_config(config)))
+
+
 def rank_tokens(rank: int, store: str, results: object) -> None:
     import torch.distributed as dist
 
