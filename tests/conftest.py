@@ -86,3 +86,16 @@ def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     monkeypatch.delenv("LYRA_ENDPOINT", raising=False)
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+
+
+# The longest modules start first: on two xdist workers the run ends when its last module does, and a
+# minute-long module scheduled last leaves the other core idle (each is on one worker: --dist loadscope).
+LONGEST_FIRST = ("tests/models/test_demo.py", "tests/models/test_smollm2.py", "tests/models/test_routing_accuracy.py",
+                 "tests/unit/test_plan.py", "tests/models/test_voice_tp_stack.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((at for at, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its order
