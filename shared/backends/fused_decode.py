@@ -8,8 +8,9 @@ with fewer, larger kernels:
 - q/k/v and gate/up are each one matrix product: the projections' weights are laid side by side in one
   tensor, in place (the modules keep views of it, so prefill and the host weight cache still see them);
 - the rotary angles are a table made once for every position of the static cache;
-- grouped-query attention is two small matmuls over the cache as it is (no copied KV heads), masked by
-  position;
+- grouped-query attention reads only the cache positions in use, with the length read on the device
+  (`decode_attention`, a Triton kernel; where Triton cannot run, two small matmuls over the whole cache,
+  masked by position); KV heads are never copied;
 - it is compiled, so inductor fuses each norm, rotary and residual into one kernel, and then replayed
   from a CUDA graph like every static step.
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from shared.backends import decode_attention
 
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
@@ -49,6 +52,13 @@ def problems(model: Any) -> list[str]:
     if missing:
         found.append(f"decoder layers lack {', '.join(missing)}")
     return found
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window a config sets, or None (Qwen2 sets one it does not use unless told)."""
+    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def side_by_side(linears: Sequence[nn.Linear], attribute: str = "weight", copy: bool = True) -> torch.Tensor | None:
@@ -119,6 +129,10 @@ class FusedStep:
 
     def __init__(self, model: Any, max_len: int) -> None:
         found = problems(model)
+        window = sliding_window(model.config)
+        if window and window < max_len:
+            found.append(f"a sliding window of {window} positions, shorter than the context ({max_len}): the step "
+                         "attends to every position")
         if found:
             raise ValueError("; ".join(found))
         self.max_len = max_len
@@ -139,6 +153,7 @@ class FusedStep:
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, REDUCE_ATTRIBUTE, None)
         self.cos, self.sin = self._rotary_table(inner, max_len)
         self.positions = torch.arange(max_len, device=self.embed.device)
+        self.kernel = decode_attention.usable(self.embed.device, self.head_dim)
 
     def unbind(self) -> None:
         """Drop every reference to the model's tensors (they are leaving the device)."""
@@ -186,11 +201,19 @@ class FusedStep:
         cached.values.index_copy_(2, position.view(1), value.view(1, -1, 1, dim))
         keys, values = cached.keys[0], cached.values[0]  # [kv heads, max_len, dim]
         grouped = query.view(keys.shape[0], -1, dim)  # head h reads KV head h // (heads / kv heads)
-        scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * self.scaling  # [kv, group, max_len]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        attended = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [kv, group, dim]
+        if self.kernel:
+            attended = decode_attention.decode_attention(grouped, keys, values, position.view(1), self.scaling)
+        else:
+            attended = self._attend_masked(grouped, keys, values, visible)
         out = nn.functional.linear(attended.reshape(1, -1), layer.output, layer.output_bias)  # bias: rank 0's only
         return self.reduce(out) if self.reduce is not None else out
+
+    def _attend_masked(self, grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       visible: torch.Tensor) -> torch.Tensor:
+        """[kv, group, dim] attention over the whole cache, the unused tail masked (where the kernel cannot run)."""
+        scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * self.scaling  # [kv, group, max_len]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [kv, group, dim]
 
     def _mlp(self, layer: FusedLayer, hidden: torch.Tensor) -> torch.Tensor:
         if layer.gate_up is not None:

@@ -82,3 +82,23 @@ def test_streamed_text_equals_generate_and_seeds_repeat(tiny_checkpoints: dict[s
     first = "".join(model.generate(question, sampled, threading.Event()))
     assert first == "".join(model.generate(question, sampled, threading.Event()))
     model.unload()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_kernel_in_a_graph_reads_the_length_on_the_device(dtype: torch.dtype) -> None:
+    from shared.backends.decode_attention import decode_attention, reference
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    query = torch.randn(4, 8, 128, device="cuda", generator=generator).to(dtype)
+    keys, values = (torch.randn(4, 4096, 128, device="cuda", generator=generator).to(dtype) for _ in range(2))
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+    decode_attention(query, keys, values, position, 0.088)  # compile the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(query, keys, values, position, 0.088)
+    for at in (0, 255, 256, 1000, 4095):
+        position.fill_(at)
+        graph.replay()
+        expected = reference(query, keys, values, position, 0.088)
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
