@@ -59,9 +59,9 @@ def test_kernel_is_not_used_on_the_cpu_without_the_interpreter(monkeypatch: pyte
 
 
 def test_fused_step_with_the_kernel_equals_the_models_own_step() -> None:
-    from shared.backends.fused_decode import FusedStep
     from transformers import LlamaConfig
 
+    from shared.backends.fused_decode import FusedStep
     from shared.backends.tensor_parallel import Shard
 
     model = rank_model(LlamaConfig, Shard(0, 1))
