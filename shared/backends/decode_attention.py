@@ -116,22 +116,23 @@ def _kernels() -> tuple:
         acc = tl.zeros((PADDED, DIM), tl.float32)
         start = chunk * CHUNK
         end = tl.minimum(start + CHUNK, length)
-        for first in range(0, CHUNK, BLOCK):  # fixed bounds; positions at or past `end` are masked, never read
-            cols = start + first + tl.arange(0, BLOCK)
-            inside = cols < end
-            k = tl.load(keys + head * key_head + cols[:, None] * key_row + dims[None, :], mask=inside[:, None],
-                        other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [PADDED, BLOCK], float32
-            scores = tl.where(inside[None, :], scores, float("-inf"))
-            newest = tl.maximum(best, tl.max(scores, 1))
-            anchor = tl.where(newest == float("-inf"), 0.0, newest)  # nothing seen yet: no -inf minus -inf
-            shrink = tl.exp(best - anchor)
-            weights = tl.exp(scores - anchor[:, None])
-            total = total * shrink + tl.sum(weights, 1)
-            v = tl.load(values + head * value_head + cols[:, None] * value_row + dims[None, :], mask=inside[:, None],
-                        other=0.0).to(tl.float32)
-            acc = acc * shrink[:, None] + tl.dot(weights, v, input_precision=PRECISION)
-            best = newest
+        for first in range(0, CHUNK, BLOCK):  # fixed bounds (the interpreter needs them)
+            if start + first < end:  # blocks past the length cost a comparison, no reads
+                cols = start + first + tl.arange(0, BLOCK)
+                inside = cols < end
+                k = tl.load(keys + head * key_head + cols[:, None] * key_row + dims[None, :],
+                            mask=inside[:, None], other=0.0).to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [PADDED, BLOCK], float32
+                scores = tl.where(inside[None, :], scores, float("-inf"))
+                newest = tl.maximum(best, tl.max(scores, 1))
+                anchor = tl.where(newest == float("-inf"), 0.0, newest)  # nothing seen yet: no -inf minus -inf
+                shrink = tl.exp(best - anchor)
+                weights = tl.exp(scores - anchor[:, None])
+                total = total * shrink + tl.sum(weights, 1)
+                v = tl.load(values + head * value_head + cols[:, None] * value_row + dims[None, :],
+                            mask=inside[:, None], other=0.0).to(tl.float32)
+                acc = acc * shrink[:, None] + tl.dot(weights, v, input_precision=PRECISION)
+                best = newest
         used = total > 0
         acc = acc / tl.where(used, total, 1.0)[:, None]
         at = (head * CHUNKS + chunk) * GROUP + rows
