@@ -1,12 +1,15 @@
 """Whole turns through the running stack (`lyra up`, supervisord), per stage, beside the original design.
 
-    python bench/e2e.py --out DIR [--work /tmp/lyra-e2e] [--tokens 128] [--tiny]
+    python bench/e2e.py --out DIR [--work /tmp/lyra-e2e] [--tokens 128] [--tiny] [--voice 70b] [--voice-engine fused]
 
 Two GPUs: the router (Gemma-3-12B shape, 8 of its 48 layers) on GPU 0, the specialists on GPU 1 (a
 Llama-3-8B-shaped pragmatist, a Jamba-shaped philosopher with 6 layers and 4 experts), the voice
 (Llama-3-8B shape) on GPU 0; random bf16 weights, greedy, `max_new_tokens` = --tokens for specialist and
 voice. Turns alternate the specialists: the first visit of each loads it from its checkpoint (cold), later
 visits swap it in from the host weight cache (cached). One unforced turn at each end times the router.
+`--voice 70b`: the voice is the Llama-3-70B shape instead, tensor-parallel over both GPUs (one rank per
+GPU) with `random_weights = true`: its folder holds config.json and a tokenizer only (141 GB of weights
+fit neither the GPU machine's disk nor the benchmark's time), each rank makes its share on its GPU.
 Client-side times are wall clock from sending the request to its DoneEvent. `--tiny` runs the same script
 on the CPU with the tests' tiny checkpoints (a check of the script, not a benchmark).
 """
@@ -27,6 +30,7 @@ from bench.decode import full_vocab_tokenizer, lyra  # noqa: E402
 
 ORIGINAL = {"cold turn": "20-40 s", "cached turn": "5-10 s", "swap": "15-30 s", "router": "0.2-0.5 s",
             "specialist": "2-5 s", "voice": "3-5 s"}
+VOICE_SHAPE = "llama-3-70b"
 TURNS = [(None, "How do I boil an egg so that the yolk stays soft?"),
          ("pragmatist", "How do I fix a flat bicycle tyre?"), ("philosopher", "Is free will an illusion?"),
          ("pragmatist", "Write a function that reverses a string."), ("philosopher", "What makes a life good?"),
@@ -34,19 +38,38 @@ TURNS = [(None, "How do I boil an egg so that the yolk stays soft?"),
          (None, "How do I make tea?")]
 
 
-def build_checkpoints(work: Path, tiny: bool) -> dict[str, Path]:
+def shape_only_folder(folder: Path, tiny: bool) -> Path:
+    """config.json and a tokenizer, no weights: the random-weight voice (Llama-3-70B shape; tiny on the CPU)."""
+    from transformers import LlamaConfig
+
+    from shared.vram.architectures import build_config, get_architecture
+    from tests.models import tiny as tiny_models
+
+    if not (folder / "config.json").exists():
+        if tiny:
+            LlamaConfig(**tiny_models._common(tiny_models.build_tokenizer())).save_pretrained(folder)
+            tiny_models.build_tokenizer().save_pretrained(folder)
+        else:
+            build_config(get_architecture(VOICE_SHAPE).components[0]).save_pretrained(folder)
+            full_vocab_tokenizer(folder)
+    return folder
+
+
+def build_checkpoints(work: Path, tiny: bool, voice: str) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
     from shared.vram.architectures import build_config, get_architecture
     from tests.models import tiny as tiny_models
 
+    extra = {"voice70b": shape_only_folder(work / "voice70b", tiny)} if voice == "70b" else {}
     if tiny:
-        return {name: tiny_models.build_checkpoint(arch, work / name) if not (work / name).exists() else work / name
-                for name, arch in (("router", "gemma3"), ("llama", "llama"), ("jamba", "jamba"))}
+        return {**extra, **{name: tiny_models.build_checkpoint(arch, work / name) if not (work / name).exists()
+                            else work / name
+                            for name, arch in (("router", "gemma3"), ("llama", "llama"), ("jamba", "jamba"))}}
     shapes = {"router": ("gemma-3-12b", {"num_hidden_layers": 8}), "llama": ("llama-3-8b", {}),
               "jamba": ("jamba-v0.1", {"num_hidden_layers": 6, "num_experts": 4})}
-    out = {}
+    out = dict(extra)
     for name, (arch, overrides) in shapes.items():
         folder = out[name] = work / name
         if (folder / "config.json").exists():
@@ -68,7 +91,7 @@ def build_checkpoints(work: Path, tiny: bool) -> dict[str, Path]:
     return out
 
 
-def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool) -> Path:
+def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool, voice: str, engine: str) -> Path:
     gpu0, gpu1 = ("[]", "[]") if tiny else ("[0]", "[1]")
     dtype = "float32" if tiny else "bfloat16"
 
@@ -77,6 +100,10 @@ def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool) -> 
                  f"generation = {{ max_new_tokens = {tokens}, temperature = 0.0 }}"]
         return "\n".join(lines + [f"{k} = {v}" for k, v in extra.items()])
 
+    voice_entry = model(ckpt["llama"], engine=f'"{engine}"')
+    if voice == "70b":
+        voice_entry = model(ckpt["voice70b"], engine=f'"{engine}"', parallel='"tensor"', random_weights="true",
+                            **({"ranks": "2"} if tiny else {"architecture": f'"{VOICE_SHAPE}"'}))
     text = f"""
 [runtime]
 run_dir = "{work / 'run'}"
@@ -99,7 +126,7 @@ gpus = {gpu0}
 [services.specialist_host]
 gpus = {gpu1}
 [services.voice]
-gpus = {gpu0}
+gpus = {gpu0 if voice != "70b" else "[]" if tiny else "[0, 1]"}
 [router]
 {model(ckpt['router'])}
 [specialists.pragmatist]
@@ -109,7 +136,7 @@ description = "practical tasks"
 {model(ckpt['jamba'])}
 description = "philosophical questions"
 [voice]
-{model(ckpt['llama'])}
+{voice_entry}
 system_prompt = "You are Lyra."
 """
     path = work / "e2e.toml"
@@ -166,6 +193,9 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/lyra-e2e")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--voice", default="8b", choices=["8b", "70b"],
+                        help="70b: the Llama-3-70B shape, tensor ranks on both GPUs, random weights")
+    parser.add_argument("--voice-engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"])
     args = parser.parse_args()
     import torch
     import transformers
@@ -173,8 +203,10 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or "cpu",
-                    "torch": torch.__version__, "transformers": transformers.__version__, "tokens": args.tokens}
-    config = write_config(work, build_checkpoints(work, args.tiny), args.tokens, args.tiny)
+                    "torch": torch.__version__, "transformers": transformers.__version__, "tokens": args.tokens,
+                    "voice": args.voice, "voice_engine": args.voice_engine}
+    config = write_config(work, build_checkpoints(work, args.tiny, args.voice), args.tokens, args.tiny, args.voice,
+                          args.voice_engine)
     started = time.perf_counter()
     up = lyra("up", "-c", str(config), "--timeout", "600")
     report["up_s"] = round(time.perf_counter() - started, 1)
@@ -199,7 +231,8 @@ def print_table(report: dict) -> None:
         print(report.get("error", "no result"))
         return
     print(f"\n{report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
-          f"{report['tokens']} specialist + {report['tokens']} voice tokens; lyra up {report['up_s']} s")
+          f"{report['tokens']} specialist + {report['tokens']} voice tokens; voice {report['voice']} "
+          f"({report['voice_engine']}); lyra up {report['up_s']} s")
     print(report["status"])
     print("| what | original design | Lyra |")
     rows = [("cold turn", "cold_turn_s"), ("cached turn", "cached_turn_s"), ("swap", "swap_in_s"),

@@ -215,6 +215,10 @@ class ModelEntry(Section):
     parallel: Literal["pipeline", "tensor"] = "pipeline"
     ranks: int = Field(default=0, ge=0, le=16)  # tensor ranks; 0 = one per GPU of the service (CPU: set it)
     all_reduce: Literal["nccl", "symmetric"] = "nccl"  # tensor ranks' all-reduce ("symmetric": CUDA P2P memory)
+    # Benchmarks only: tensor ranks fill every weight with seeded random values of the shape that `path`'s
+    # config.json describes (the folder holds config.json and a tokenizer, no weight files), so shapes too
+    # large for the disk (70B: 141 GB) run through the whole stack. Replies are noise; `lyra status` says so.
+    random_weights: bool = False
     description: str = ""  # what this specialist is for; the router scores it
     # Example prompts this specialist should get; the router embeds them once and routes by similarity to them.
     examples: list[str] = Field(default=[], max_length=10_000)
@@ -238,6 +242,10 @@ class ModelEntry(Section):
             if self.kind != "causal_lm":
                 raise ValueError(f"model {self.name!r}: backend 'openai' serves text models (causal_lm) only")
             return self
+        if self.random_weights and (self.backend != "transformers" or self.parallel != "tensor"):
+            raise ValueError(f"model {self.name!r}: random_weights = true is for tensor-parallel voices "
+                             "(backend = \"transformers\", parallel = \"tensor\"): a benchmark of shapes too large "
+                             "for the disk")
         if self.backend != "fake" and not (self.path or self.embedded):
             raise ValueError(f"model {self.name!r} uses backend {self.backend!r} but sets neither path nor embedded")
         return self

@@ -278,13 +278,21 @@ def make_reduce(kind: str, device: torch.device, dtype: torch.dtype) -> Reduce:
 
 
 def load_rank(folder: Path, dtype: torch.dtype, attn: str, shard: Shard, device: torch.device,
-              reduce: Reduce) -> nn.Module:
-    """Build this rank's share of the checkpoint in `folder` on `device` and fill it from the files."""
+              reduce: Reduce, random: bool = False) -> nn.Module:
+    """Build this rank's share of the checkpoint in `folder` on `device` and fill it from the files.
+
+    `random`: fill it with seeded random weights instead (only config.json is read): a benchmark.
+    """
     from transformers import AutoConfig
 
     started = time.perf_counter()
     config = AutoConfig.from_pretrained(folder)
     model = build_rank_model(config, dtype, attn, shard, device, reduce)
+    if random:
+        random_rank_weights(model, shard)
+        logger.warning("rank %d/%d: random weights of %s's shape (random_weights = true: a benchmark, replies are "
+                       "noise), made in %.1fs", shard.rank, shard.world, folder.name, time.perf_counter() - started)
+        return model
     read = load_rank_weights(model, folder, shard)
     logger.info("rank %d/%d: %.2f GB of %s loaded in %.1fs", shard.rank, shard.world, read / 1e9, folder.name,
                 time.perf_counter() - started)
@@ -330,7 +338,7 @@ def load_voice_rank(entry: Any, physical_gpu: int | None, ranks: RankGroup) -> R
     try:
         reduce = make_reduce(entry.all_reduce, ranks.device, dtype)
         model = load_rank(folder, dtype, _attention(entry, on_gpu, dtype), Shard(ranks.rank, ranks.world),
-                          ranks.device, reduce)
+                          ranks.device, reduce, random=entry.random_weights)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as exc:
         raise TensorParallelError(f"model {entry.name!r}: rank {ranks.rank} could not load {folder}: {exc}") from exc
@@ -357,7 +365,8 @@ class RankModel(HfCausalModel):
     def placement(self) -> dict[str, str]:
         """This rank's device and the engine, e.g. {"model": "gpu:1 (rank 1 of 2)", "engine": "graphs"}."""
         where = f"gpu:{self.physical_gpus[0]}" if self.physical_gpus else "cpu"
-        return {"model": f"{where} (rank {self.ranks.rank} of {self.ranks.world})", "engine": self.engine_kind()}
+        placed = {"model": f"{where} (rank {self.ranks.rank} of {self.ranks.world})", "engine": self.engine_kind()}
+        return {**placed, "weights": "random (benchmark)"} if self.entry.random_weights else placed
 
     def torch_modules(self) -> dict[str, Any]:
         """Nothing for the host weight cache: a rank's shard is resident for good."""

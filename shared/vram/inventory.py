@@ -60,7 +60,7 @@ class ModelShape:
 class ParameterInventory:
     """Element counts of a checkpoint, split the way quantization needs them."""
 
-    source: str  # "safetensors headers" | "gguf" | "meta-device architecture" | "parameter count"
+    source: str  # "safetensors headers" | "gguf" | "meta-device architecture" | "meta-device config.json" | "parameter count"
     linear_elements: int  # weights of nn.Linear layers (quantizable by bitsandbytes)
     linear_rows: int  # their output rows (int8 keeps one fp32 scale per row)
     other_elements: int  # stays in the compute dtype under quantization
@@ -306,6 +306,20 @@ def inventory_from_architecture(name: str) -> ParameterInventory:
                               components=tuple(counted) if pipeline else ())
 
 
+def inventory_from_config(folder: Path) -> ParameterInventory:
+    """Inventory of the model a folder's config.json describes, built on the meta device (no weight files:
+    a random-weight voice)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shared.backends.device_split import meta_model_from_checkpoint
+
+    model = meta_model_from_checkpoint(AutoModelForCausalLM, str(folder), torch.bfloat16, local_files_only=True)
+    linear, rows, other = _module_counts(model)
+    return ParameterInventory("meta-device config.json", linear, rows, other, 0, 2.0,
+                              shape_from_config(model.config), detail=f"{folder.name}/config.json, random weights")
+
+
 def inventory_from_parameter_count(parameters_b: float, shape: ModelShape | None = None) -> ParameterInventory:
     """Inventory from a bare parameter count (billions); 90% of it assumed to be Linear weights."""
     total = int(parameters_b * 1e9)
@@ -394,6 +408,8 @@ def inventory_for(entry: ModelEntry) -> ParameterInventory:
         if found.shape is None and entry.architecture and entry.kind != "image_generation":
             found = replace(found, shape=architecture_shape(entry.architecture))
         return found
+    if entry.random_weights and location is not None and (location / "config.json").is_file():
+        return inventory_from_config(location)
     if entry.architecture:
         return inventory_from_architecture(entry.architecture)
     if entry.parameters_b:

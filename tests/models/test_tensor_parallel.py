@@ -125,3 +125,28 @@ def test_shapes_that_do_not_split_evenly_are_refused_with_the_reason() -> None:
     assert split_problems(config, 3) == ["intermediate_size = 200 is not divisible by 3 ranks"]
     assert Shard(1, 4).span(8) == slice(2, 4)
     assert issubclass(TensorParallelError, Exception)
+
+
+def test_random_weights_need_no_weight_files_and_are_the_seeded_model(tmp_path: Path) -> None:
+    """A folder with config.json and a tokenizer only: the rank is made with the benchmark's seeded weights."""
+    from transformers import LlamaConfig
+
+    from shared.backends.tensor_parallel import build_rank_model, load_rank, random_rank_weights
+
+    config = LlamaConfig(**tiny._common(tiny.build_tokenizer()))
+    config.save_pretrained(tmp_path)
+    shard = Shard(1, WORLD)
+    with pytest.raises(TensorParallelError, match="no safetensors"):
+        load_rank(tmp_path, torch.float32, "sdpa", shard, torch.device("cpu"), lambda t: t)
+    made = load_rank(tmp_path, torch.float32, "sdpa", shard, torch.device("cpu"), lambda t: t, random=True)
+    expected = build_rank_model(config, torch.float32, "sdpa", shard, torch.device("cpu"), lambda t: t)
+    random_rank_weights(expected, shard)
+    for (name, param), (_, want) in zip(made.named_parameters(), expected.named_parameters(), strict=True):
+        assert torch.equal(param, want), name
+    assert made.model.layers[0].self_attn.q_proj.weight.shape[0] == config.hidden_size // WORLD
+
+
+def test_random_weights_are_refused_outside_tensor_parallel_voices() -> None:
+    with pytest.raises(ValueError, match="random_weights = true is for tensor-parallel voices"):
+        tiny.entry("voice", "/nowhere", random_weights=True)
+    assert tiny.entry("voice", "/nowhere", random_weights=True, parallel="tensor").random_weights
