@@ -60,7 +60,8 @@ class ModelShape:
 class ParameterInventory:
     """Element counts of a checkpoint, split the way quantization needs them."""
 
-    source: str  # "safetensors headers" | "gguf" | "meta-device architecture" | "meta-device config.json" | "parameter count"
+    # "safetensors headers" | "gguf" | "meta-device architecture" | "meta-device config.json" | "parameter count"
+    source: str
     linear_elements: int  # weights of nn.Linear layers (quantizable by bitsandbytes)
     linear_rows: int  # their output rows (int8 keeps one fp32 scale per row)
     other_elements: int  # stays in the compute dtype under quantization
