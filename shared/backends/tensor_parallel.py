@@ -290,6 +290,8 @@ def load_rank(folder: Path, dtype: torch.dtype, attn: str, shard: Shard, device:
     model = build_rank_model(config, dtype, attn, shard, device, reduce)
     if random:
         random_rank_weights(model, shard)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time below is the weights made, not the kernels queued
         logger.warning("rank %d/%d: random weights of %s's shape (random_weights = true: a benchmark, replies are "
                        "noise), made in %.1fs", shard.rank, shard.world, folder.name, time.perf_counter() - started)
         return model
