@@ -29,6 +29,7 @@ from shared.backends.base import (
 from shared.backends.decode import DecodeEngine, Sampling, _output_cache, cache_keyword
 from shared.backends.endings import finish_sentence
 from shared.backends.hf_checks import check_entry
+from shared.backends.prefix_cache import PrefixCache
 from shared.backends.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.config import GenerationDefaults, ModelEntry
 from shared.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
@@ -184,6 +185,7 @@ class HfCausalModel(TransformersModel):
         self.model: Any = model
         self.tokenizer: Any = tokenizer
         self.physical_gpus = physical_gpus
+        self.prefixes = PrefixCache()  # classify's shared prompt beginning (the router's instructions and labels)
         # Padding is never attended to (classify pads on the right), so any id will do when none is defined.
         fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
@@ -192,6 +194,7 @@ class HfCausalModel(TransformersModel):
         """Drop the model and tokenizer and hand cached GPU blocks back to the driver."""
         compiled = self.entry.compile and self.model is not None
         self.drop_engine()
+        self.prefixes.clear()
         self.model = self.tokenizer = None
         if compiled:
             torch.compiler.reset()  # compiled graphs can keep parameters alive
@@ -252,12 +255,13 @@ class HfCausalModel(TransformersModel):
         """log P(label | prefix) per label: the shared prefix runs once, then every label's tokens on its cache.
 
         The prefix's last logits score each label's first token; the labels' other tokens run as one
-        right-padded batch on copies of the prefix's KV cache, so a turn costs one pass over the prompt.
+        right-padded batch on copies of the prefix's KV cache, so a turn costs one pass over the prompt, less
+        the beginning it shares with the previous prompt (the instructions and labels: `PrefixCache`).
         """
         model, _ = self._require()
         device = model.get_input_embeddings().weight.device
         with torch.inference_mode():
-            output = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+            output = self.prefixes.forward(model, prefix)
             first = torch.log_softmax(output.logits[0, -1].double().cpu(), dim=-1)
             scores = [float(first[ids[0]]) for ids in label_ids]
             rest = [ids[1:] for ids in label_ids]
