@@ -12,7 +12,7 @@ import threading
 import time
 
 from services.router import scoring
-from shared.backends.base import LoadedModel
+from shared.backends.base import BackendError, LoadedModel
 from shared.config import LyraConfig
 from shared.messages import ChatTurn, RouteEvidence, RouteLabel
 
@@ -48,7 +48,7 @@ class RouteDecider:
         self.index: scoring.ExampleIndex | None = None
 
     def prepare(self, cancel: threading.Event) -> None:
-        """Embed every example once, before the first turn (the label prior is computed on the first turn)."""
+        """Embed every example once and compute the configured labels' prior, before the first turn."""
         started = time.perf_counter()
         owners, texts = [], []
         for name, entry in self.config.specialists.items():
@@ -58,8 +58,15 @@ class RouteDecider:
         if texts:
             vectors = self.model.embed(texts, cancel)
             self.index = scoring.ExampleIndex.build(owners, texts, vectors)
-        log.info("router ready: %d example(s) of %d specialist(s) embedded in %.2f s", len(texts), len(set(owners)),
-                 time.perf_counter() - started)
+        labels = config_labels(self.config)
+        if self.config.routing.calibrate and labels:
+            try:
+                self._prior(labels, cancel)
+            except BackendError as exc:  # a remote router not up yet: the first turn computes it
+                log.warning("label prior not computed at startup (%s); the first turn will", exc)
+        prior = "off" if not self.config.routing.calibrate else "ready" if self.priors else "deferred"
+        log.info("router ready: %d example(s) of %d specialist(s) embedded, label prior %s, in %.2f s", len(texts),
+                 len(set(owners)), prior, time.perf_counter() - started)
 
     def describe(self) -> str:
         """Which evidence routes, for `lyra status`: e.g. "labels + 48 examples (weight 0.7); below 0.5 -> x"."""

@@ -27,7 +27,7 @@ class RouterWorker(ResidentModelWorker):
         self.decider: RouteDecider | None = None
 
     def startup(self) -> None:
-        """Load the model, then embed the examples and compute the label prior before registering."""
+        """Load the model, then embed the examples and compute the label prior, all before registering."""
         super().startup()
         assert self.model is not None
         self.decider = RouteDecider(self.model, self.context.config)

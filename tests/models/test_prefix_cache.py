@@ -1,8 +1,8 @@
 """classify reuses the prompt beginning it shares with the previous prompt, and scores exactly as without it.
 
 Tiny real-architecture checkpoints: Llama (plain KV cache), Gemma 3 (sliding-window layers: continued
-only while the prompt is shorter than the window) and Jamba (Mamba layers, whose cache is never continued). Scores are compared with the same model scoring every
-prompt whole; the forward calls are counted to show what ran.
+only while the prompt is shorter than the window) and Jamba (Mamba layers, never continued). Scores are
+compared with the same model scoring every prompt whole; the forward calls are counted to show what ran.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from services.router import scoring
 from services.router.decider import RouteDecider, config_labels
-from shared.backends.base import LoadContext, load_model
+from shared.backends.base import BackendError, LoadContext, load_model
 from shared.cli_render import route_note
 from shared.config import ConfigError, load_config, parse_config
 from shared.messages import ChatTurn, DoneEvent
@@ -153,3 +153,32 @@ def test_an_uncertain_turn_goes_to_the_fallback(tmp_path: Path) -> None:
 def test_the_cli_names_how_a_specialist_was_chosen(fields: dict, note: str) -> None:
     done = DoneEvent(answer="", specialist="x", scores={}, timings={}, **fields)
     assert route_note(done) == note
+
+
+def test_the_label_prior_is_ready_before_the_first_turn(tmp_path: Path) -> None:
+    decider = fake_decider(tmp_path)
+    key = tuple((label.name, label.description) for label in config_labels(decider.config))
+    assert set(decider.priors) == {key}
+    calls = []
+    original = decider.model.classify
+    decider.model.classify = lambda *args: calls.append(1) or original(*args)
+    decider.decide(turn("meaning of life"), config_labels(decider.config), threading.Event())
+    assert len(calls) == 1  # the turn itself; the content-free runs were done at startup
+    assert fake_decider(tmp_path, routing__calibrate=False).priors == {}
+
+
+def test_a_router_that_cannot_score_at_startup_computes_the_prior_on_the_first_turn(tmp_path: Path) -> None:
+    config = parse_config(fake_config(tmp_path))
+    model = load_model(config.router, LoadContext(service="router", physical_gpus=[], config=config))
+    decider = RouteDecider(model, config)
+    original = model.classify
+
+    def unreachable(*args: object) -> dict:
+        raise BackendError("the remote router is not up yet")
+
+    model.classify = unreachable
+    decider.prepare(threading.Event())
+    assert decider.priors == {}
+    model.classify = original
+    chosen, _, _, _ = decider.decide(turn("meaning of life"), config_labels(config), threading.Event())
+    assert chosen == "philosopher" and len(decider.priors) == 1
