@@ -80,12 +80,24 @@ def physical_gpus(config: LyraConfig, service: str) -> list[int]:
     return [int(x) for x in visible.split(",") if x.strip().isdigit()]
 
 
+def persistent_compile_cache() -> None:
+    """Keep torch.compile's cache (inductor's kernels and autotuning) across reboots, not in /tmp.
+
+    A fused or compiled decode step compiles for 70 s to 3 min the first time and about 16 s with the
+    cache (8B tensor ranks on H200s). TORCHINDUCTOR_CACHE_DIR, when set, still decides.
+    """
+    from shared.backends.embedded import lyra_cache
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(lyra_cache() / "torchinductor"))
+
+
 def run_worker(worker_class: type[Worker], argv: list[str] | None = None) -> int:
     """Load the config, build this process's `worker_class` (its `service` names the process), serve until SIGTERM."""
     from shared.service import ServiceLoop
 
     service = worker_class.service
     config = config_from_args(service, argv)
+    persistent_compile_cache()  # before any compile; tensor ranks started by the voice inherit it
     context = LoadContext(service=service, physical_gpus=physical_gpus(config, service), config=config)
     log.info("starting %s (pid %d, GPUs %s, config %s)", service, os.getpid(),
              context.physical_gpus or "none", config.source)

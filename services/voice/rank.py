@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.backends.rank_runner import follow, join
     from shared.backends.tensor_parallel import load_voice_rank
-    from shared.process import physical_gpus
+    from shared.process import persistent_compile_cache, physical_gpus
     from shared.vram.shares import cap_this_process
+
+    persistent_compile_cache()
 
     gpus = physical_gpus(config, VOICE)  # CUDA_VISIBLE_DEVICES: this rank's one GPU
     cap_this_process(config, VOICE, gpus)

@@ -28,10 +28,15 @@ GENERATED = ("tiny-flux", "tiny-llava")
 CONVERTED = {"smollm2": "smollm2-135m-instruct"}
 
 
+def lyra_cache() -> Path:
+    """Lyra Runtime's folder in the user's cache directory ($XDG_CACHE_HOME/lyra, else ~/.cache/lyra)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "lyra"
+
+
 def cache_dir() -> Path:
     """Where generated checkpoints live."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "lyra" / "embedded"
+    return lyra_cache() / "embedded"
 
 
 def _build_once(name: str, build: Callable[[Path], None]) -> Path:
