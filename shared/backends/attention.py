@@ -33,9 +33,10 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
                                       **kwargs)
     scale = scaling if scaling is not None else dim ** -0.5
     grouped = query.reshape(batch, groups, heads // groups, dim)  # head h reads KV head h // (heads // groups)
-    position = kwargs.get("position_ids")
+    position = kwargs.get("position_ids")  # [1, 1]: the cache index; 3-D (multimodal rotary) positions are not
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # the mask limits it: keep it
-    if batch == 1 and position is not None and window is None and decode_attention.usable(query.device, dim):
+    if (batch == 1 and position is not None and position.dim() == 2 and window is None
+            and decode_attention.usable(query.device, dim)):
         output = decode_attention.decode_attention(grouped[0], key[0], value[0], position.reshape(-1)[-1:], scale)
         return output.reshape(batch, 1, heads, dim), None
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, KV, H/KV, L]
