@@ -34,9 +34,8 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     scale = scaling if scaling is not None else dim ** -0.5
     grouped = query.reshape(batch, groups, heads // groups, dim)  # head h reads KV head h // (heads // groups)
     position = kwargs.get("position_ids")  # [1, 1]: the cache index; 3-D (multimodal rotary) positions are not
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)  # the mask limits it: keep it
-    if (batch == 1 and position is not None and position.dim() == 2 and window is None
-            and decode_attention.usable(query.device, dim)):
+    if (batch == 1 and position is not None and position.dim() == 2 and attends_to_everything(module, kwargs)
+            and decode_attention.usable(query.device, dim, query.dtype)):
         output = decode_attention.decode_attention(grouped[0], key[0], value[0], position.reshape(-1)[-1:], scale)
         return output.reshape(batch, 1, heads, dim), None
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, KV, H/KV, L]
@@ -46,6 +45,18 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
     output = torch.matmul(probabilities, value)  # [B, KV, H/KV, D]
     return output.reshape(batch, 1, heads, dim), None
+
+
+def attends_to_everything(module: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a layer attends to every earlier position (else its mask limits it: a window, chunks)."""
+    config = getattr(module, "config", None)
+    kinds = getattr(config, "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if kinds is not None and index is not None and index < len(kinds) and kinds[index] != "full_attention":
+        return False
+    limited = (kwargs.get("sliding_window"), getattr(module, "sliding_window", None),
+               getattr(config, "attention_chunk_size", None))
+    return all(limit is None for limit in limited)
 
 
 def register() -> str:
@@ -66,4 +77,10 @@ def use_grouped_decode(model: Any) -> bool:
     if getattr(model.config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
     model.set_attn_implementation(register())
-    return model.config._attn_implementation == NAME
+    if model.config._attn_implementation != NAME:
+        return False
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    for device, dtype in {(p.device, p.dtype) for p in model.parameters() if p.is_floating_point()}:
+        decode_attention.prepare(device, dim, dtype)  # now, not inside a graph capture
+    return True

@@ -153,7 +153,7 @@ class FusedStep:
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, REDUCE_ATTRIBUTE, None)
         self.cos, self.sin = self._rotary_table(inner, max_len)
         self.positions = torch.arange(max_len, device=self.embed.device)
-        self.kernel = decode_attention.usable(self.embed.device, self.head_dim)
+        self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype)
 
     def unbind(self) -> None:
         """Drop every reference to the model's tensors (they are leaving the device)."""

@@ -37,7 +37,8 @@ def cache_of(kv: int, group: int, dim: int, length: int, position: int, dtype: t
 ])
 def test_kernel_equals_attention_over_the_positions_in_use(kv: int, group: int, dim: int, length: int,
                                                            position: int, dtype: torch.dtype) -> None:
-    assert decode_attention.usable(torch.device("cpu"), dim)
+    assert decode_attention.prepare(torch.device("cpu"), dim, dtype)
+    assert decode_attention.usable(torch.device("cpu"), dim, dtype)
     query, keys, values = cache_of(kv, group, dim, length, position, dtype)
     at = torch.tensor([position])
     out = decode_attention.decode_attention(query, keys, values, at, dim ** -0.5)
@@ -49,13 +50,31 @@ def test_kernel_equals_attention_over_the_positions_in_use(kv: int, group: int, 
 
 
 def test_head_sizes_the_kernel_cannot_take_are_refused() -> None:
-    assert not decode_attention.usable(torch.device("cpu"), 80)
-    assert not decode_attention.usable(torch.device("cpu"), 8)
+    assert not decode_attention.prepare(torch.device("cpu"), 80, torch.float32)
+    assert not decode_attention.prepare(torch.device("cpu"), 8, torch.float32)
+    assert not decode_attention.usable(torch.device("cpu"), 80, torch.float32)
 
 
 def test_kernel_is_not_used_on_the_cpu_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not decode_attention.usable(torch.device("cpu"), 64)
+    monkeypatch.setattr(decode_attention, "_tried", {})
+    assert not decode_attention.prepare(torch.device("cpu"), 64, torch.float32)
+    assert not decode_attention.usable(torch.device("cpu"), 64, torch.float32)
+
+
+def test_a_kernel_that_answers_wrongly_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_attention, "_tried", {})
+    monkeypatch.setattr(decode_attention, "decode_attention", lambda query, *_: torch.zeros_like(query))
+    assert not decode_attention.prepare(torch.device("cpu"), 64, torch.float32)
+    assert not decode_attention.usable(torch.device("cpu"), 64, torch.float32)
+
+
+def test_a_cache_index_past_the_end_reads_nothing_beyond_the_cache() -> None:
+    query, keys, values = cache_of(2, 4, 64, 300, 299, torch.float32)
+    at = torch.tensor([5000])
+    out = decode_attention.decode_attention(query, keys, values, at, 0.125)
+    expected = decode_attention.reference(query, keys, values, torch.tensor([299]), 0.125)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_step_with_the_kernel_equals_the_models_own_step() -> None:
@@ -91,6 +110,7 @@ def test_grouped_decode_attention_with_the_kernel_equals_it_without(monkeypatch:
     with_kernel = tokens()
     assert launched, "the grouped attention never ran the kernel"
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(decode_attention, "_tried", {})  # prepare() decides again, without the interpreter
     launched.clear()
     assert tokens() == with_kernel
     assert not launched
