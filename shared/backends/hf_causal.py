@@ -152,6 +152,7 @@ class TransformersModel(LoadedModel):
         """Drop the static cache and graphs with the weights (swap out), then return the memory."""
         if self.engine is not None:
             self.engine.release()
+        self.prefixes.clear()  # its KV cache is on the device too
         super().release_device_memory()
 
     def drop_engine(self) -> None:

@@ -57,21 +57,22 @@ class PrefixCache:
         if self.fingerprint != weights_fingerprint(model):
             self.clear()
             self.fingerprint = weights_fingerprint(model)
-        known = self.ids if self.cache is not None else self.last
-        shared = min(common_length(known, ids), len(ids) - 1)  # at least one token runs: its logits score
+        kept = common_length(self.ids, ids) if self.cache is not None else 0
+        seen = common_length(self.last, ids)  # the previous prompt may share more than the kept part
         self.last = list(ids)
-        if not self.usable or shared < MIN_SHARED:
-            return _run(model, ids)
+        # Keep what is kept unless the previous prompt shares clearly more (a pass over it is the cost).
+        shared = kept if self.cache is not None and seen < kept + MIN_SHARED else seen
+        shared = min(shared, len(ids) - 1)  # at least one token runs: its logits score the labels
+        window = _window(model)
+        if not self.usable or shared < MIN_SHARED or (window and len(ids) >= window):
+            return _run(model, ids)  # a prompt as long as a sliding window: evicted positions cannot be resumed
         if self.cache is None or shared != len(self.ids):
-            output = _run(model, ids[:shared])
-            reason = _not_continuable(_output_cache(output), len(ids))
+            self.cache, self.ids = _output_cache(_run(model, ids[:shared])), list(ids[:shared])
+            reason = _not_continuable(self.cache)
             if reason:
-                self.usable = reason.startswith("length")  # a longer prompt than the window: this one only
-                logger.info("prompt prefixes are not reused for this %s: %s", "prompt" if self.usable else "model",
-                            reason)
-                self.cache, self.ids = None, []
+                logger.info("prompt prefixes are not reused for this model: %s", reason)
+                self.usable, self.cache, self.ids = False, None, []
                 return _run(model, ids)
-            self.cache, self.ids = _output_cache(output), list(ids[:shared])
         return _run(model, ids[shared:], copy.deepcopy(self.cache))
 
 
@@ -81,16 +82,19 @@ def _run(model: Any, ids: list[int], cache: Any = None) -> Any:
     return model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **extra)
 
 
-def _not_continuable(cache: Any, length: int) -> str:
-    """Why a prompt of `length` tokens cannot continue `cache` ("" = it can): only plain attention KV is kept."""
+def _window(model: Any) -> int | None:
+    """The smallest sliding attention window of the model's layers, or None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "sliding_window", None)
+
+
+def _not_continuable(cache: Any) -> str:
+    """Why `cache` cannot be continued ("" = it can): only attention KV layers are kept."""
     layers = getattr(cache, "layers", None)
     if not layers:
         return f"{type(cache).__name__} has no attention layers to continue"
     for layer in layers:
         kind = type(layer).__name__
-        window = getattr(layer, "sliding_window", None)
-        if kind == "DynamicSlidingWindowLayer" and window and length >= window:
-            return f"length {length} reaches the sliding window ({window})"
         if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
             return f"{kind} layers (only attention KV caches are continued)"
     return ""

@@ -64,7 +64,7 @@ def test_shared_beginning_runs_once_and_scores_are_unchanged(tiny_checkpoints: d
     assert all(n < shared for turn in per_turn[2:] for n in turn), (per_turn, shared)
 
 
-def test_another_label_set_shrinks_the_shared_part(tiny_checkpoints: dict[str, Path]) -> None:
+def test_another_label_set_shrinks_the_shared_part_and_it_grows_back(tiny_checkpoints: dict[str, Path]) -> None:
     path = tiny_checkpoints["llama"]
     reused = hf_causal.load(tiny.entry("r", path), tiny.cpu_context())
     whole = hf_causal.load(tiny.entry("w", path), tiny.cpu_context())
@@ -75,6 +75,9 @@ def test_another_label_set_shrinks_the_shared_part(tiny_checkpoints: dict[str, P
     others = [LABELS[1], LABELS[0]]
     assert scores(reused, TURNS[2], others) == pytest.approx(scores(whole, TURNS[2], others), abs=1e-5)
     assert MIN_SHARED <= len(reused.prefixes.ids) < before
+    for text in TURNS[2:]:  # back to the first label set: two prompts show the longer shared part again
+        assert scores(reused, text) == pytest.approx(scores(whole, text), abs=1e-5)
+    assert len(reused.prefixes.ids) == before
 
 
 @pytest.mark.parametrize(("architecture", "usable"), [("jamba", False), ("gemma3", True)])
