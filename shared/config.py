@@ -235,6 +235,10 @@ class ModelEntry(Section):
 
     @model_validator(mode="after")
     def _needs_weights(self) -> ModelEntry:
+        if self.random_weights and (self.backend != "transformers" or self.parallel != "tensor"):
+            raise ValueError(f"model {self.name!r}: random_weights = true is for tensor-parallel voices "
+                             "(backend = \"transformers\", parallel = \"tensor\"): a benchmark of shapes too large "
+                             "for the disk")
         if self.backend == "openai":
             if not (self.remote.base_url and self.remote.model):
                 raise ValueError(f"model {self.name!r} uses backend 'openai' but sets no remote.base_url or "
@@ -242,10 +246,6 @@ class ModelEntry(Section):
             if self.kind != "causal_lm":
                 raise ValueError(f"model {self.name!r}: backend 'openai' serves text models (causal_lm) only")
             return self
-        if self.random_weights and (self.backend != "transformers" or self.parallel != "tensor"):
-            raise ValueError(f"model {self.name!r}: random_weights = true is for tensor-parallel voices "
-                             "(backend = \"transformers\", parallel = \"tensor\"): a benchmark of shapes too large "
-                             "for the disk")
         if self.backend != "fake" and not (self.path or self.embedded):
             raise ValueError(f"model {self.name!r} uses backend {self.backend!r} but sets neither path nor embedded")
         return self
@@ -331,6 +331,10 @@ class LyraConfig(Section):
                 raise ValueError(f"services.{service}.gpus: every model of {service} runs remotely (backend "
                                  "'openai'); pin it to no GPU (it needs none here)")
         _check_fallback(self.routing, self.specialists)
+        for entry in [self.router, *self.specialists.values()]:
+            if entry.random_weights:
+                raise ValueError(f"model {entry.name!r}: random_weights = true is for the voice only (its tensor "
+                                 "ranks); routers and specialists load their checkpoints")
         return self
 
     # ------------------------------------------------------------ derived values

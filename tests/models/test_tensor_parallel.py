@@ -149,4 +149,18 @@ def test_random_weights_need_no_weight_files_and_are_the_seeded_model(tmp_path: 
 def test_random_weights_are_refused_outside_tensor_parallel_voices() -> None:
     with pytest.raises(ValueError, match="random_weights = true is for tensor-parallel voices"):
         tiny.entry("voice", "/nowhere", random_weights=True)
+    with pytest.raises(ValueError, match="random_weights = true is for tensor-parallel voices"):
+        tiny.entry("voice", "/nowhere", random_weights=True, backend="openai",
+                   remote={"base_url": "http://127.0.0.1:9/v1", "model": "m"})
     assert tiny.entry("voice", "/nowhere", random_weights=True, parallel="tensor").random_weights
+
+
+def test_random_weights_are_for_the_voice_only() -> None:
+    from shared.config import ConfigError, parse_config
+
+    random = {"backend": "transformers", "path": "/nowhere", "parallel": "tensor", "random_weights": True}
+    assert parse_config({"router": {}, "specialists": {"pragmatist": {}}, "voice": random}).voice.random_weights
+    for config in ({"router": random, "specialists": {"pragmatist": {}}, "voice": {}},
+                   {"router": {}, "specialists": {"pragmatist": random}, "voice": {}}):
+        with pytest.raises(ConfigError, match="for the voice only"):
+            parse_config(config)
