@@ -84,11 +84,24 @@ def persistent_compile_cache() -> None:
     """Keep torch.compile's cache (inductor's kernels and autotuning) across reboots, not in /tmp.
 
     A fused or compiled decode step compiles for 70 s to 3 min the first time and about 16 s with the
-    cache (8B tensor ranks on H200s). TORCHINDUCTOR_CACHE_DIR, when set, still decides.
+    cache (8B tensor ranks on H200s). TORCHINDUCTOR_CACHE_DIR, when set, still decides; an uncreatable
+    or read-only folder leaves torch's default. It grows with each model and torch version: delete the
+    folder to reclaim the space (the next start compiles again).
     """
     from shared.backends.embedded import lyra_cache
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(lyra_cache() / "torchinductor"))
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    folder = lyra_cache() / "torchinductor"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only home (some containers): torch's default under /tmp still works
+        log.warning("torch.compile's cache stays in its default place: cannot create %s (%s)", folder, exc)
+        return
+    if os.access(folder, os.W_OK):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    else:
+        log.warning("torch.compile's cache stays in its default place: %s is not writable", folder)
 
 
 def run_worker(worker_class: type[Worker], argv: list[str] | None = None) -> int:
