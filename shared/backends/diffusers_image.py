@@ -227,7 +227,9 @@ def compose_prompt(messages: list[ChatTurn]) -> str:
     if not subject:
         raise BackendError("the image model needs a description of what to draw, and the turn has no user text")
     style = " ".join(turn.content.strip() for turn in messages if turn.role == "system" and turn.content.strip())
-    return f"{subject}. {style}" if style else subject
+    if not style:
+        return subject
+    return f"{subject} {style}" if subject.endswith((".", "!", "?")) else f"{subject}. {style}"
 
 
 def _fit_side(pixels: int, multiple: int, max_side: int, name: str) -> int:

@@ -152,7 +152,6 @@ class TransformersModel(LoadedModel):
         """Drop the static cache and graphs with the weights (swap out), then return the memory."""
         if self.engine is not None:
             self.engine.release()
-        self.prefixes.clear()  # its KV cache is on the device too
         super().release_device_memory()
 
     def drop_engine(self) -> None:
@@ -201,6 +200,11 @@ class HfCausalModel(TransformersModel):
             torch.compiler.reset()  # compiled graphs can keep parameters alive
         release_memory()
         logger.info("unloaded %s", self.entry.name)
+
+    def release_device_memory(self) -> None:
+        """Also forget classify's kept prompt cache (it is on the device too)."""
+        self.prefixes.clear()
+        super().release_device_memory()
 
     def _require(self) -> tuple[Any, Any]:
         if self.model is None:

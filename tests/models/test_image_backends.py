@@ -266,3 +266,16 @@ def test_the_plan_of_an_offloaded_pipeline_folder_holds_its_largest_component(fl
     largest = max(linear + other for _, linear, _, other in parts)
     assert estimate_model(artist(True)).weights == largest * 4  # float32: 4 bytes an element
     assert estimate_model(artist(False)).weights > estimate_model(artist(True)).weights
+
+
+@pytest.mark.parametrize(("subject", "expected"), [
+    ("A lighthouse at sunset.", "A lighthouse at sunset. In watercolor."),
+    ("A lighthouse at sunset", "A lighthouse at sunset. In watercolor."),
+    ("Can you draw a fox?", "Can you draw a fox? In watercolor."),
+])
+def test_the_image_prompt_joins_subject_and_style_with_one_stop(subject: str, expected: str) -> None:
+    from shared.backends.diffusers_image import compose_prompt
+
+    turns = [ChatTurn(role="system", content="In watercolor."), ChatTurn(role="user", content=subject)]
+    assert compose_prompt(turns) == expected
+    assert compose_prompt([ChatTurn(role="user", content=subject)]) == subject
