@@ -28,6 +28,7 @@ from typing import Any
 
 from shared.backends.device_split import QUANTIZED_COMPONENTS
 from shared.config import ModelEntry
+from shared.vram import disk_cache
 from shared.vram.architectures import build_config, build_on_meta, get_architecture
 
 SAFETENSORS_BYTES = {
@@ -250,15 +251,21 @@ def _gguf_shape(reader: Any, tensors: list[tuple[str, tuple[int, ...]]]) -> Mode
 def inventory_from_gguf(file: Path) -> ParameterInventory:
     """Inventory of a GGUF file from its metadata. transformers dequantizes GGUF on load (float32 for "auto").
 
-    Read once per file version: gguf's reader parses every metadata field (a 49k-token vocabulary takes
-    seconds), and one file often serves several roles (the embedded default is router, voice and more).
+    Read once per file version, here and on disk: gguf's reader parses every metadata field (SmolLM2's
+    49k-token vocabulary takes 5 s), and one file often serves several roles (the embedded default is
+    router, voice and more) in several processes.
     """
     stat = file.stat()
     return _gguf_inventory(str(file), stat.st_mtime_ns, stat.st_size)
 
 
 @lru_cache(maxsize=16)
-def _gguf_inventory(path: str, _mtime_ns: int, _size: int) -> ParameterInventory:
+def _gguf_inventory(path: str, mtime_ns: int, size: int) -> ParameterInventory:
+    return disk_cache.cached(f"gguf|{path}|{mtime_ns}|{size}", lambda: _read_gguf(path), disk_cache.encode_inventory,
+                             disk_cache.decode_inventory)
+
+
+def _read_gguf(path: str) -> ParameterInventory:
     import gguf
 
     file = Path(path)
@@ -289,8 +296,13 @@ def _module_counts(module: Any, library: str = "transformers", quantizable: bool
 
 @lru_cache(maxsize=32)
 def inventory_from_architecture(name: str) -> ParameterInventory:
-    """Inventory of a known architecture, instantiated on the meta device (cached per name)."""
+    """Inventory of a known architecture, instantiated on the meta device (cached per name, and on disk)."""
     spec = get_architecture(name)
+    return disk_cache.cached(f"inventory|{spec!r}", lambda: _count_architecture(spec), disk_cache.encode_inventory,
+                             disk_cache.decode_inventory)
+
+
+def _count_architecture(spec: Any) -> ParameterInventory:
     linear = rows = other = 0
     parts = []
     pipeline = any(c.library == "diffusers" for c in spec.components)

@@ -14,11 +14,13 @@ shape (a bare parameter count, a declared size) keep the uniform per-layer split
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.backends import device_split
 from shared.backends.placement import STRATEGIES, resolve_device_map
 from shared.config import ModelEntry
+from shared.vram import disk_cache
 from shared.vram.architectures import build_on_meta, get_architecture
 from shared.vram.estimate import FRAGMENTATION, GB, GpuSplit, MemoryEstimate, parse_size, split_across_gpus
 from shared.vram.inventory import locate_checkpoint
@@ -50,7 +52,9 @@ def place_model(entry: ModelEntry, estimate: MemoryEstimate, gpus: list[int],
 @lru_cache(maxsize=256)
 def _strategy_layout(key: ModelKey, strategy: str, caps: tuple[tuple[int | str, int], ...],
                      quantization: str) -> dict[str, int | str]:
-    return device_split.infer_device_map(_meta_model(*key), strategy, dict(caps), quantization)
+    return disk_cache.cached(f"layout|{_described(key)}|{strategy}|{caps!r}|{quantization}",
+                             lambda: device_split.infer_device_map(_meta_model(*key), strategy, dict(caps),
+                                                                   quantization))
 
 
 def _caps(entry: ModelEntry, gpus: list[int], free: dict[int, int] | None) -> dict[int | str, int]:
@@ -91,6 +95,18 @@ def _share(layers: dict[int, Any], chosen: set[int], device: int) -> float:
 @lru_cache(maxsize=32)
 def _sizes(key: ModelKey, quantization: str) -> dict[str, float]:
     """Loaded bytes of each parameter of the meta-device model, quantized as the loader quantizes it."""
+    return disk_cache.cached(f"sizes|{_described(key)}|{quantization}", lambda: _count_sizes(key, quantization))
+
+
+def _described(key: ModelKey) -> str:
+    """What a model key stands for, for the disk cache: the architecture's spec or the config.json's text."""
+    architecture, config_dir, dtype = key
+    if config_dir:
+        return f"config|{disk_cache.file_text(str(Path(config_dir) / 'config.json'))}|{dtype}"
+    return f"architecture|{get_architecture(architecture)!r}|{dtype}"
+
+
+def _count_sizes(key: ModelKey, quantization: str) -> dict[str, float]:
     import torch
 
     model = _meta_model(*key)
