@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.decode import full_vocab_tokenizer, lyra  # noqa: E402
+from bench.decode import card_bandwidth, full_vocab_tokenizer, lyra  # noqa: E402
 
 ORIGINAL = {"cold turn": "20-40 s", "cached turn": "5-10 s", "swap": "15-30 s", "router": "0.2-0.5 s",
             "specialist": "2-5 s", "voice": "3-5 s"}
@@ -169,6 +169,23 @@ def run_turns() -> list[dict]:
     return rows
 
 
+def floors(config_path: Path, tokens: int, device: str) -> dict[str, float]:
+    """Seconds the HBM floor allows the 8B-shaped pragmatist's and the voice's tokens: every weight byte read
+    once per token, a tensor voice's split over its GPUs (the dense stages; Jamba's experts are not dense)."""
+    from shared.config import load_config
+    from shared.vram.estimate import estimate_model
+
+    if not device.startswith("NVIDIA"):
+        return {}
+    config = load_config(config_path)
+    per_second = card_bandwidth(device)
+    voice = config.voice
+    ranks = max(len(config.gpus_of("voice")), 1) if voice.parallel == "tensor" else 1
+    return {"specialist_floor_s": round(estimate_model(config.specialists["pragmatist"]).weights * tokens
+                                        / per_second, 3),
+            "voice_floor_s": round(estimate_model(voice).weights * tokens / (ranks * per_second), 3)}
+
+
 def summarize(rows: list[dict]) -> dict:
     def median(values: list[float]) -> float | None:
         return round(statistics.median(values), 3) if values else None
@@ -217,6 +234,8 @@ def main() -> int:
             report["status"] = lyra("status").stdout
             report["turns"] = run_turns()
             report["summary"] = summarize(report["turns"])
+            report["floors"] = floors(config, args.tokens, str(report["device"][0]) if
+                                      isinstance(report["device"], list) else "")
         finally:
             lyra("down")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -240,6 +259,10 @@ def print_table(report: dict) -> None:
     for label, key in rows:
         print(f"| {label} | {ORIGINAL[label]} | {summary[key]} s |")
     print("cached turn by specialist:", summary["cached_text_turn_s_by_specialist"])
+    floor = report.get("floors") or {}
+    if floor:
+        print(f"HBM floor for the same tokens: pragmatist {floor['specialist_floor_s']} s, "
+              f"voice {floor['voice_floor_s']} s")
 
 
 if __name__ == "__main__":

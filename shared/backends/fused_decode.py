@@ -54,13 +54,6 @@ def problems(model: Any) -> list[str]:
     return found
 
 
-def sliding_window(config: Any) -> int | None:
-    """The attention window a config sets, or None (Qwen2 sets one it does not use unless told)."""
-    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
-        return None
-    return getattr(config, "sliding_window", None)
-
-
 def side_by_side(linears: Sequence[nn.Linear], attribute: str = "weight", copy: bool = True) -> torch.Tensor | None:
     """One tensor holding the linears' `attribute`s stacked by rows; the modules keep views of it.
 
@@ -129,10 +122,6 @@ class FusedStep:
 
     def __init__(self, model: Any, max_len: int) -> None:
         found = problems(model)
-        window = sliding_window(model.config)
-        if window and window < max_len:
-            found.append(f"a sliding window of {window} positions, shorter than the context ({max_len}): the step "
-                         "attends to every position")
         if found:
             raise ValueError("; ".join(found))
         self.max_len = max_len

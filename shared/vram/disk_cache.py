@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,23 @@ def file_text(path: str) -> str:
 def _path(key: str) -> Path | None:
     from shared.backends.embedded import lyra_cache
 
+    salt = _salt()
+    if salt is None:
+        return None
+    digest = hashlib.sha256(salt + key.encode()).hexdigest()[:32]
+    return lyra_cache() / "plan" / f"{digest}.json"
+
+
+@lru_cache(maxsize=1)
+def _salt() -> bytes | None:
+    """The part of every key that is this installation: the format, the packages' versions, the code (read once)."""
     try:
         versions = "|".join(importlib.metadata.version(name) for name in _PACKAGES)
         shared = Path(__file__).resolve().parent.parent
         code = b"".join((shared / name).read_bytes() for name in _CODE)
     except (importlib.metadata.PackageNotFoundError, OSError):
         return None
-    digest = hashlib.sha256(f"{FORMAT}|{versions}|{key}|".encode() + code).hexdigest()[:32]
-    return lyra_cache() / "plan" / f"{digest}.json"
+    return hashlib.sha256(f"{FORMAT}|{versions}|".encode() + code).digest()
 
 
 def decode_inventory(data: dict[str, Any]) -> Any:
