@@ -33,7 +33,8 @@ def test_rank0_sees_only_its_gpu_and_still_knows_the_voices(tmp_path: Path, monk
     config["voice"]["parallel"] = parallel
     (tmp_path / "c.toml").write_text(to_toml(config))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    monkeypatch.delenv(ranks.GPUS_VARIABLE, raising=False)
+    monkeypatch.setenv(ranks.GPUS_VARIABLE, "")  # recorded, so what the pinning sets is undone after the test
+    monkeypatch.delenv(ranks.GPUS_VARIABLE)  # a bare delenv of an unset one records nothing: it leaked
     ranks.pin_rank0_to_its_gpu(["--config", str(tmp_path / "c.toml")])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
     assert os.environ.get(ranks.GPUS_VARIABLE) == pinned
