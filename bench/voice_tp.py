@@ -11,8 +11,8 @@ tokens can be compared. Each run decodes through the production engine (`shared.
 - pipeline: layers 0..n/2-1 and the embeddings on GPU 0, the rest and the head on GPU 1 (what
   `device_map = "auto"` does); the engine runs its static cache eagerly (one graph cannot span devices);
 - tensor: two processes, NCCL, each holding half of every layer; the step, all-reduces included, is
-  replayed from a CUDA graph; once with NCCL all-reduces, once with PyTorch symmetric-memory one-shot
-  all-reduces where that is available.
+  replayed from a CUDA graph; once with each all-reduce: NCCL, PyTorch's symmetric-memory one-shot, and
+  Lyra's one-shot over peer memory (`shared.backends.peer_reduce`), the last two where CUDA P2P works.
 ms/token = (time for N+1 tokens - time for 1) / N, median of 3 runs each. HBM floors: the bytes one GPU
 reads per token over its bandwidth (tensor: its rank's share, head and embeddings included), and the
 ideal split (all weights / (2 x bandwidth)). Targets: tensor >= 1.6x one GPU (8B); 70B tensor <= 1.3x
@@ -285,7 +285,8 @@ def run_shape(shape: str, device: str, tokens: int, max_context: int, runs: set[
         rows.append(one_device(shape, device, tokens, max_context))
     if device == "cuda" and "pipeline" in runs:
         rows.append(pipeline(shape, tokens, max_context))
-    reductions = [kind for kind in ("nccl", "symmetric") if kind in runs and (device == "cuda" or kind == "nccl")]
+    kinds = ("nccl", "symmetric", "peer")
+    reductions = [kind for kind in kinds if kind in runs and (device == "cuda" or kind == "nccl")]
     rows += [tensor(shape, device, kind, tokens, max_context) for kind in reductions]
     whole = next((r["read_gb"] for r in rows if r["run"] != "one device" and "read_gb" in r and "tensor" not in
                   r["run"]), rows[0].get("read_gb", 0.0))
@@ -324,7 +325,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=4096)
-    parser.add_argument("--runs", default="one,pipeline,nccl,symmetric", help="which placements to time")
+    parser.add_argument("--runs", default="one,pipeline,nccl,symmetric,peer", help="which placements to time")
     parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")

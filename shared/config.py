@@ -214,7 +214,9 @@ class ModelEntry(Section):
     # one process per GPU, each holding its share of every layer (see shared.backends.tensor_parallel).
     parallel: Literal["pipeline", "tensor"] = "pipeline"
     ranks: int = Field(default=0, ge=0, le=16)  # tensor ranks; 0 = one per GPU of the service (CPU: set it)
-    all_reduce: Literal["nccl", "symmetric"] = "nccl"  # tensor ranks' all-reduce ("symmetric": CUDA P2P memory)
+    # Tensor ranks' all-reduce: "nccl" (the process group); on CUDA GPUs with peer access also "peer" (Lyra's
+    # one-shot kernel over peer memory, shared.backends.peer_reduce) or "symmetric" (PyTorch's one-shot).
+    all_reduce: Literal["nccl", "symmetric", "peer"] = "nccl"
     # Benchmarks only: tensor ranks fill every weight with seeded random values of the shape that `path`'s
     # config.json describes (the folder holds config.json and a tokenizer, no weight files), so shapes too
     # large for the disk (70B: 141 GB) run through the whole stack. Replies are noise; `lyra status` says so.

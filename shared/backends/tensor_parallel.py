@@ -263,14 +263,27 @@ class SymmetricReduce:
         if count > self.buffer.numel() or tensor.dtype != self.buffer.dtype:
             return self.fallback(tensor)
         staged = self.buffer[:count]
+        ops = torch.ops.symm_mem
+        if hasattr(ops, "one_shot_all_reduce_copy"):  # copies the input in its own kernel: one launch, not two
+            return ops.one_shot_all_reduce_copy(staged, tensor.reshape(-1), "sum", self.group_name).view_as(tensor)
         staged.copy_(tensor.reshape(-1))
-        return torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name).view_as(tensor)
+        return ops.one_shot_all_reduce(staged, "sum", self.group_name).view_as(tensor)
 
 
 def make_reduce(kind: str, device: torch.device, dtype: torch.dtype) -> Reduce:
-    """The all-reduce a rank's layers call: "nccl" (the process group) or "symmetric" (CUDA only)."""
+    """The all-reduce a rank's layers call: "nccl" (the process group), "symmetric" or "peer" (CUDA only).
+
+    "peer" is Lyra's one-shot kernel over peer memory (shared.backends.peer_reduce).
+    """
+    if kind in ("symmetric", "peer") and device.type != "cuda":
+        raise TensorParallelError(f"all_reduce = {kind!r} needs CUDA GPUs with peer access; on {device.type} "
+                                  "ranks use all_reduce = \"nccl\" (gloo on the CPU)")
     if kind == "symmetric":
         return SymmetricReduce(device, dtype)
+    if kind == "peer":
+        from shared.backends.peer_reduce import PeerReduce
+
+        return PeerReduce(device)
     return nccl_reduce()
 
 

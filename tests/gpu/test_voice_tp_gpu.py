@@ -1,4 +1,5 @@
-"""Tensor-parallel voice on two GPUs (NCCL, CUDA graphs): one GPU's greedy tokens, the plan's memory per rank.
+"""Tensor-parallel voice on two GPUs (CUDA graphs): one GPU's greedy tokens with NCCL and with the peer
+all-reduce, the peer all-reduce equal to NCCL's, the plan's memory per rank.
 
 Random weights of the Llama-3-8B shape, made on each GPU by `bench/voice_tp.py`'s code (each tensor drawn
 whole from a generator seeded by its name, each rank keeping its slice, so both placements hold the same
@@ -31,6 +32,26 @@ def test_tensor_ranks_give_one_gpus_greedy_tokens_for_the_8b_shape() -> None:
     one = one_device("8b", "cuda", tokens=8, max_context=512, precision="float32")
     split = tensor("8b", "cuda", "nccl", tokens=8, max_context=512, precision="float32")
     assert split["engine"] == "graphs, tensor x2"
+    assert split["tokens"] == one["tokens"]
+
+
+@needs_two
+def test_peer_all_reduce_equals_nccl_inside_a_graph() -> None:
+    from bench.all_reduce import run_kind
+
+    rows = run_kind("peer", [4096, 8192, 70_000], calls=8)  # 70,000 is past the buffer: NCCL's path
+    assert [row["elements"] for row in rows] == [4096, 8192, 70_000], rows
+    for row in rows:
+        assert row["equal_to_nccl"], row
+        assert row["peer_waits_given_up"] == 0, row
+
+
+@needs_two
+def test_peer_all_reduce_ranks_give_one_gpus_greedy_tokens() -> None:
+    from bench.voice_tp import one_device, tensor
+
+    one = one_device("8b", "cuda", tokens=8, max_context=512, precision="float32")
+    split = tensor("8b", "cuda", "peer", tokens=8, max_context=512, precision="float32")
     assert split["tokens"] == one["tokens"]
 
 
