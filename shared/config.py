@@ -216,7 +216,8 @@ class ModelEntry(Section):
     ranks: int = Field(default=0, ge=0, le=16)  # tensor ranks; 0 = one per GPU of the service (CPU: set it)
     # Tensor ranks' all-reduce: "nccl" (the process group); on CUDA GPUs with peer access also "peer" (Lyra's
     # one-shot kernel over peer memory, shared.backends.peer_reduce) or "symmetric" (PyTorch's one-shot).
-    all_reduce: Literal["nccl", "symmetric", "peer"] = "nccl"
+    # "auto": "peer" where every rank can set it up, else "nccl" (gloo on the CPU).
+    all_reduce: Literal["auto", "nccl", "symmetric", "peer"] = "auto"
     # Benchmarks only: tensor ranks fill every weight with seeded random values of the shape that `path`'s
     # config.json describes (the folder holds config.json and a tokenizer, no weight files), so shapes too
     # large for the disk (70B: 141 GB) run through the whole stack. Replies are noise; `lyra status` says so.

@@ -92,8 +92,8 @@ class VoiceWorker(ResidentModelWorker):
         gpus = self.context.physical_gpus
         device = [f"gpu:{gpu}" for gpu in gpus] if gpus else ["cpu"] * self.followers.world
         pids = [os.getpid(), *self.followers.pids()]
-        random = {"weights": where["weights"]} if "weights" in where else {}
-        return {"parallel": f"tensor x{self.followers.world}", "engine": where.get("engine", ""), **random,
+        extra = {key: where[key] for key in ("all_reduce", "weights") if key in where}
+        return {"parallel": f"tensor x{self.followers.world}", "engine": where.get("engine", ""), **extra,
                 **{f"rank{rank}": f"{device[rank]} pid {pid}" for rank, pid in enumerate(pids)}}
 
     def handlers(self) -> dict[type[Message], Handler]:

@@ -15,7 +15,8 @@ with fewer, larger kernels:
   from a CUDA graph like every static step.
 
 The step reads and writes transformers' own static cache, so prefill stays the model's own forward.
-Tensor-parallel ranks sum their partial outputs with the model's all-reduce after o_proj and down_proj.
+Tensor-parallel ranks sum their partial outputs with the model's all-reduce after o_proj and down_proj,
+and gather the logits of a head split by vocabulary rows.
 Architectures it does not know (extra norms, other MLPs) keep the general step: `problems()` says why.
 """
 
@@ -31,6 +32,7 @@ from shared.backends import decode_attention
 
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
+GATHER_ATTRIBUTE = "tensor_parallel_gather"  # set on a rank's model whose LM head is split: the whole logits
 
 
 def problems(model: Any) -> list[str]:
@@ -140,6 +142,7 @@ class FusedStep:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = float(inner.layers[0].self_attn.scaling)
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, REDUCE_ATTRIBUTE, None)
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, GATHER_ATTRIBUTE, None)
         self.cos, self.sin = self._rotary_table(inner, max_len)
         self.positions = torch.arange(max_len, device=self.embed.device)
         self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype)
@@ -168,7 +171,8 @@ class FusedStep:
                                            visible)
             hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
         torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
-        return torch.matmul(self._norm(hidden, self.final_norm), self.head.t())
+        logits = torch.matmul(self._norm(hidden, self.final_norm), self.head.t())
+        return self.gather(logits) if self.gather is not None else logits
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm in float32, as the model's own norm."""

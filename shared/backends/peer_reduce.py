@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-CAPACITY = 64 * 1024  # elements per rank region: a decode step's vector with room; larger ones go to NCCL
+CAPACITY = 256 * 1024  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
 BLOCK = 512  # elements per program
 SPINS = 1 << 24  # polls before a wait gives up (several seconds: far past any healthy step)
 WORD_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
@@ -38,6 +38,8 @@ _exchanges: dict[int, PeerReduce] = {}  # what the custom op finds by its intege
 
 class PeerReduce:
     """The all-reduce of one rank over peer memory; call it on a tensor, as the process group's."""
+
+    name = "peer"
 
     def __init__(self, device: torch.device, group: Any = None, capacity: int = CAPACITY) -> None:
         import torch.distributed as dist

@@ -3,8 +3,10 @@
 Megatron's split, per decoder layer: q/k/v and gate/up are column-parallel (each rank keeps a contiguous
 block of output rows: whole query heads, and the KV heads those query heads read), o_proj and down_proj
 are row-parallel (the matching block of input columns), and one all-reduce after each of the two sums the
-partial outputs. Embeddings, norms and the LM head are replicated, so every rank ends a step with the
-same logits. A token reads each sharded weight byte once, on one GPU, with every GPU working at once.
+partial outputs. The LM head is split by vocabulary rows (unless tied to the embeddings): each rank
+scores its block of the vocabulary and one more all-reduce, of the logits padded with zeros to the whole
+vocabulary, gives every rank the same logits (adding zeros is exact). Embeddings and norms are
+replicated. A token reads each sharded weight byte once, on one GPU, with every GPU working at once.
 
 The model is built on the meta device, shrunk to the rank's share, materialised on the rank's device and
 filled either from the checkpoint's safetensors slices (no rank ever reads another's share) or with
@@ -27,7 +29,7 @@ from torch import nn
 
 from shared.backends.base import BackendError
 from shared.backends.decode import DecodeEngine
-from shared.backends.fused_decode import REDUCE_ATTRIBUTE
+from shared.backends.fused_decode import GATHER_ATTRIBUTE, REDUCE_ATTRIBUTE
 from shared.backends.hf_causal import HfCausalModel, _attention
 from shared.backends.hf_checks import check_entry, checkpoint_source
 from shared.backends.rank_runner import LeadRunner, RankGroup
@@ -58,6 +60,11 @@ class Shard:
         part = size // self.world
         return slice(self.rank * part, (self.rank + 1) * part)
 
+    def vocab_span(self, vocab: int) -> slice:
+        """This rank's block of LM-head rows: ceil(vocab / world) each, the last rank's shorter."""
+        part = -(-vocab // self.world)
+        return slice(min(self.rank * part, vocab), min((self.rank + 1) * part, vocab))
+
 
 # ----------------------------------------------------------------------------- what can be split
 
@@ -80,13 +87,27 @@ def split_problems(config: Any, world: int) -> list[str]:
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear, str]]:
-    """(name, module, "column" | "row") for every Linear this split shards."""
+    """(name, module, "column" | "row" | "vocab") for every Linear this split shards ("vocab": the LM head)."""
+    head = model.get_output_embeddings() if splits_head(model.config) else None
     found = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Linear) and leaf in COLUMN + ROW:
             found.append((name, module, "column" if leaf in COLUMN else "row"))
+        elif head is not None and module is head:
+            found.append((name, module, "vocab"))
     return found
+
+
+def splits_head(config: Any) -> bool:
+    """True when the LM head is split by vocabulary rows: whenever it is not the input embeddings' matrix."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return not (getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+
+
+def gather_logits(logits: torch.Tensor, span: slice, vocab: int, reduce: Reduce) -> torch.Tensor:
+    """Every rank's logits block in its place: zeros around this rank's block, summed over the ranks."""
+    return reduce(nn.functional.pad(logits, (span.start, vocab - span.stop)).contiguous())
 
 
 # ----------------------------------------------------------------------------- building one rank
@@ -106,9 +127,18 @@ def build_rank_model(config: Any, dtype: torch.dtype, attn: str, shard: Shard, d
     if not any(kind == "row" for _, _, kind in layers):
         raise TensorParallelError(f"{type(model).__name__}: no q/k/v/o and gate/up/down projections to split")
     for _, linear, kind in layers:
+        vocab = linear.out_features
         _shrink(linear, kind, shard)
         if kind == "row":
             linear.register_forward_hook(lambda _module, _inputs, output: reduce(output))
+        if kind == "vocab":
+            span = shard.vocab_span(vocab)
+
+            def gather(logits: torch.Tensor, span: slice = span, vocab: int = vocab) -> torch.Tensor:
+                return gather_logits(logits, span, vocab, reduce)
+
+            linear.register_forward_hook(lambda _module, _inputs, output: gather(output))
+            setattr(model, GATHER_ATTRIBUTE, gather)  # the fused step gathers its own logits the same way
     model.to_empty(device=device)
     _restore_buffers(model, device)
     setattr(model, REDUCE_ATTRIBUTE, reduce)  # the fused decode step sums the same outputs itself
@@ -116,9 +146,20 @@ def build_rank_model(config: Any, dtype: torch.dtype, attn: str, shard: Shard, d
     return model
 
 
+def _vocab(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
 def _shrink(linear: nn.Linear, kind: str, shard: Shard) -> None:
     """Give a meta Linear the shape of this rank's share."""
-    if kind == "column":
+    if kind == "vocab":
+        span = shard.vocab_span(linear.out_features)
+        linear.out_features = span.stop - span.start
+        linear.weight = nn.Parameter(linear.weight[span], requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias[span], requires_grad=False)
+    elif kind == "column":
         linear.out_features //= shard.world
         linear.weight = nn.Parameter(linear.weight[shard.span(linear.weight.shape[0])], requires_grad=False)
         if linear.bias is not None:
@@ -187,6 +228,8 @@ def load_rank_weights(model: nn.Module, folder: Path, shard: Shard) -> int:
 
 def _slice(view: Any, kind: str | None, bias: bool, shard: Shard) -> torch.Tensor:
     shape = view.get_shape()
+    if kind == "vocab":
+        return view[shard.vocab_span(shape[0])]
     if kind == "column":
         return view[shard.span(shape[0])]
     if kind == "row" and not bias:
@@ -214,12 +257,16 @@ def random_rank_weights(model: nn.Module, shard: Shard, seed: int = 0, std: floa
                 continue
             kind = kinds.get(name)
             shape = list(param.shape)
-            axis = {"column": 0, "row": 1}.get(kind or "")
-            if axis is not None:
+            axis = {"column": 0, "row": 1, "vocab": 0}.get(kind or "")
+            if kind == "vocab":
+                shape[0] = _vocab(model.config)
+                start = shard.vocab_span(shape[0]).start
+            elif axis is not None:
                 shape[axis] *= shard.world
+                start = shard.span(shape[axis]).start
             generator = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
             whole = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(0.0, std, generator=generator)
-            param.copy_(whole if axis is None else whole.narrow(axis, shard.span(shape[axis]).start, param.shape[axis]))
+            param.copy_(whole if axis is None else whole.narrow(axis, start, param.shape[axis]))
             del whole
     tie_embeddings(model)
 
@@ -243,6 +290,8 @@ class SymmetricReduce:
 
     Tensors larger than the buffer (a long prefill) fall back to the process group's all-reduce.
     """
+
+    name = "symmetric"
 
     def __init__(self, device: torch.device, dtype: torch.dtype, group: Any = None) -> None:
         import torch.distributed as dist
@@ -273,7 +322,8 @@ class SymmetricReduce:
 def make_reduce(kind: str, device: torch.device, dtype: torch.dtype) -> Reduce:
     """The all-reduce a rank's layers call: "nccl" (the process group), "symmetric" or "peer" (CUDA only).
 
-    "peer" is Lyra's one-shot kernel over peer memory (shared.backends.peer_reduce).
+    "peer" is Lyra's one-shot kernel over peer memory (shared.backends.peer_reduce). "auto" is "peer" where
+    every rank can set it up (CUDA, Triton, peer memory), else "nccl"; the ranks agree before choosing.
     """
     if kind in ("symmetric", "peer") and device.type != "cuda":
         raise TensorParallelError(f"all_reduce = {kind!r} needs CUDA GPUs with peer access; on {device.type} "
@@ -284,7 +334,44 @@ def make_reduce(kind: str, device: torch.device, dtype: torch.dtype) -> Reduce:
         from shared.backends.peer_reduce import PeerReduce
 
         return PeerReduce(device)
+    if kind == "auto" and device.type == "cuda":
+        return _peer_where_all_can(device)
     return nccl_reduce()
+
+
+def _peer_where_all_can(device: torch.device) -> Reduce:
+    """The peer all-reduce if every rank can make it, else NCCL on every rank (never a mix)."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    def everyone(ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    reason = "Triton is not installed" if importlib.util.find_spec("triton") is None else ""
+    if not everyone(not reason):
+        logger.warning("all_reduce = \"auto\": NCCL (%s on some rank)", reason or "no Triton")
+        return nccl_reduce()
+    try:
+        from shared.backends.peer_reduce import PeerReduce
+
+        made: Reduce | None = PeerReduce(device)
+    except Exception as exc:  # no peer access, a PyTorch without symmetric memory: say why, use NCCL
+        logger.warning("all_reduce = \"auto\": peer all-reduce unavailable (%s: %s); using NCCL",
+                       type(exc).__name__, str(exc)[:200])
+        made = None
+    if not everyone(made is not None):
+        if made is not None:
+            made.close()
+        return nccl_reduce()
+    return made
+
+
+def reduce_name(reduce: Reduce) -> str:
+    """What `lyra status` shows for a rank's all-reduce."""
+    return getattr(reduce, "name", "nccl")
 
 
 # ----------------------------------------------------------------------------- one rank from a checkpoint
@@ -358,6 +445,7 @@ def load_voice_rank(entry: Any, physical_gpu: int | None, ranks: RankGroup) -> R
     except (OSError, ValueError, RuntimeError) as exc:
         raise TensorParallelError(f"model {entry.name!r}: rank {ranks.rank} could not load {folder}: {exc}") from exc
     loaded = RankModel(entry, model, tokenizer, [physical_gpu] if physical_gpu is not None else [], ranks)
+    loaded.all_reduce = reduce_name(reduce) if on_gpu else "gloo"
     loaded.prepare()
     return loaded
 
@@ -368,6 +456,7 @@ class RankModel(HfCausalModel):
     def __init__(self, entry: Any, model: Any, tokenizer: Any, physical_gpus: list[int], ranks: RankGroup) -> None:
         super().__init__(entry, model, tokenizer, physical_gpus)
         self.ranks = ranks
+        self.all_reduce = "nccl"  # what the loader chose (shown by `lyra status`)
 
     def decode_engine(self, tokenizer: Any) -> DecodeEngine:
         """The engine every rank runs; rank 0's runner leads the followers' runners."""
@@ -380,7 +469,8 @@ class RankModel(HfCausalModel):
     def placement(self) -> dict[str, str]:
         """This rank's device and the engine, e.g. {"model": "gpu:1 (rank 1 of 2)", "engine": "graphs"}."""
         where = f"gpu:{self.physical_gpus[0]}" if self.physical_gpus else "cpu"
-        placed = {"model": f"{where} (rank {self.ranks.rank} of {self.ranks.world})", "engine": self.engine_kind()}
+        placed = {"model": f"{where} (rank {self.ranks.rank} of {self.ranks.world})", "engine": self.engine_kind(),
+                  "all_reduce": self.all_reduce}
         return {**placed, "weights": "random (benchmark)"} if self.entry.random_weights else placed
 
     def torch_modules(self) -> dict[str, Any]:

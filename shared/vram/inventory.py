@@ -55,6 +55,7 @@ class ModelShape:
     recurrent_state_elements: int = 0  # per Mamba layer: d_inner * (d_state + d_conv)
     recurrent_scan_elements: int = 0  # per token, per Mamba layer in prefill: d_inner * d_state
     attention_indices: tuple[int, ...] = ()  # which decoder layers attend (their KV lives where they are placed)
+    tied_embeddings: bool = False  # the LM head is the input embeddings' matrix (counted once)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def shape_from_config(config: Any) -> ModelShape | None:
         recurrent_scan_elements=d_inner * d_state,
         attention_indices=tuple(i for i, kind in enumerate(types) if kind not in _RECURRENT_TYPES and
                                 kind != _NO_ATTENTION),
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False) or
+                             getattr(text, "tie_word_embeddings", False)),
     )
 
 

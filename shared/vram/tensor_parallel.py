@@ -2,8 +2,10 @@
 
 Per rank, over `world` ranks (one per GPU):
     weights     = replicated + sharded / world
-                  replicated: embeddings, norms and the LM head (every rank holds them whole);
-                  sharded: q/k/v/o and gate/up/down of every decoder layer, split by heads and columns
+                  replicated: input embeddings and norms (every rank holds them whole), and the LM head
+                  where it is tied to the embeddings;
+                  sharded: q/k/v/o and gate/up/down of every decoder layer, split by heads and columns,
+                  and an untied LM head, split by vocabulary rows
     kv_cache    = kv_cache / world              (each rank keeps the KV heads its query heads read)
     activations = one prefill's working set with the MLP's intermediate and the attention heads split:
                   context x (4 x hidden + 3 x intermediate / world) elements, the fp32 logits row, and the
@@ -28,13 +30,14 @@ from shared.vram.inventory import ModelShape, inventory_for
 
 
 def sharded_fraction(shape: ModelShape) -> float:
-    """The share of all parameters that the attention and MLP projections hold (the part that is split)."""
+    """The share of all parameters that are split: the attention and MLP projections, and an untied LM head."""
     kv_width = sum(kv * dim for kv, dim, _ in shape.attention_layers) / max(len(shape.attention_layers), 1)
     q_width = shape.num_heads * (shape.attention_layers[0][1] if shape.attention_layers else 0)
     per_layer = shape.hidden_size * (2 * q_width + 2 * kv_width) + 3 * shape.hidden_size * shape.intermediate_size
     embeddings = shape.vocab_size * shape.hidden_size
-    total = shape.num_layers * per_layer + 2 * embeddings + (2 * shape.num_layers + 1) * shape.hidden_size
-    return shape.num_layers * per_layer / total
+    head = 0 if shape.tied_embeddings else embeddings
+    total = shape.num_layers * per_layer + embeddings + head + (2 * shape.num_layers + 1) * shape.hidden_size
+    return (shape.num_layers * per_layer + head) / total
 
 
 def rank_bytes(estimate: MemoryEstimate, entry: ModelEntry, shape: ModelShape | None, world: int) -> int:

@@ -164,3 +164,27 @@ def test_random_weights_are_for_the_voice_only() -> None:
                    {"router": {}, "specialists": {"pragmatist": random}, "voice": {}}):
         with pytest.raises(ConfigError, match="for the voice only"):
             parse_config(config)
+
+
+def test_the_lm_head_is_split_by_vocabulary_rows_and_gathered_whole() -> None:
+    """An uneven vocabulary (421 over 2 ranks: 211 + 210 rows); a tied head stays whole."""
+    from transformers import LlamaConfig
+
+    from shared.backends.tensor_parallel import build_rank_model, gather_logits, random_rank_weights, splits_head
+
+    config = LlamaConfig(**{**tiny._common(tiny.build_tokenizer()), "vocab_size": 421})
+    whole = build_rank_model(config, torch.float32, "sdpa", Shard(0, 1), torch.device("cpu"), lambda t: t)
+    random_rank_weights(whole, Shard(0, 1))
+    hidden = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    expected = whole.lm_head(hidden)
+    parts = []
+    for rank in range(WORLD):
+        shard = Shard(rank, WORLD)
+        model = build_rank_model(config, torch.float32, "sdpa", shard, torch.device("cpu"), lambda t: t)
+        random_rank_weights(model, shard)
+        span = shard.vocab_span(421)
+        assert torch.equal(model.lm_head.weight, whole.lm_head.weight[span])
+        parts.append(gather_logits(hidden @ model.lm_head.weight.t(), span, 421, lambda t: t))
+    assert [Shard(rank, WORLD).vocab_span(421) for rank in range(WORLD)] == [slice(0, 211), slice(211, 421)]
+    torch.testing.assert_close(parts[0] + parts[1], expected)
+    assert splits_head(config) and not splits_head(LlamaConfig(tie_word_embeddings=True))

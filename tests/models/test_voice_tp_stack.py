@@ -123,6 +123,7 @@ def test_one_voice_worker_with_both_ranks_answers_as_one_process(stack: dict) ->
     assert [s["service"] for s in shown["services"]].count("voice") == 1
     placement = voice_of(shown)["placement"]
     assert placement["parallel"] == "tensor x2" and placement["engine"].startswith("dynamic, tensor x2")
+    assert placement["all_reduce"] == "gloo"  # the CPU ranks sum over the process group
     assert all(alive(pid) for pid in rank_pids(shown))
     notes, answer = chat(stack["endpoint"], stack["secret"])
     expected = single_process_answer(stack["checkpoint"], notes)

@@ -27,24 +27,35 @@ def voice_split(plan):
 
 
 @pytest.mark.parametrize("architecture", ["llama-3-8b", "llama-3-70b"])
-def test_only_embeddings_and_head_stay_whole(architecture: str) -> None:
+def test_only_the_input_embeddings_stay_whole(architecture: str) -> None:
     shape = architecture_shape(architecture)
-    assert shape is not None
+    assert shape is not None and not shape.tied_embeddings
     parameters = estimate_model(config(architecture, "tensor").voice).parameters
-    replicated = 2 * shape.vocab_size * shape.hidden_size  # untied embeddings and LM head (norms ~0)
+    replicated = shape.vocab_size * shape.hidden_size  # the input embeddings; the untied head is split (norms ~0)
     assert sharded_fraction(shape) == pytest.approx(1 - replicated / parameters, abs=1e-3)
 
 
-def test_each_rank_holds_half_the_layers_and_kv_plus_whole_embeddings() -> None:
+def test_a_tied_head_stays_whole_with_the_embeddings() -> None:
+    from dataclasses import replace
+
+    shape = architecture_shape("llama-3-8b")
+    tied = replace(shape, tied_embeddings=True)
+    embeddings = shape.vocab_size * shape.hidden_size
+    split = sharded_fraction(shape)  # untied: embeddings whole, head split
+    parameters = embeddings / (1 - split)
+    assert sharded_fraction(tied) == pytest.approx(1 - embeddings / (parameters - embeddings), abs=1e-3)
+
+
+def test_each_rank_holds_half_the_layers_head_and_kv_plus_whole_embeddings() -> None:
     plan = assess(config("llama-3-8b", "tensor"))
     voice = voice_split(plan)
     estimate = voice.estimate
     assert set(voice.split.per_gpu) == {0, 1} and len(set(voice.split.per_gpu.values())) == 1
     share = voice.split.per_gpu[0]
-    replicated = 2 * 128256 * 4096 * 2  # bytes of embeddings + head in bf16
+    replicated = 128256 * 4096 * 2  # bytes of the input embeddings in bf16
     low = (estimate.weights - replicated) / 2 + replicated + estimate.kv_cache / 2
     assert low < share < low + estimate.activations + 0.05 * estimate.total
-    assert 9.0 * GB < share < 10.6 * GB  # 8B bf16: 14 GB split + 2.1 GB whole, KV 0.27 GB, graphs, headroom
+    assert 8.5 * GB < share < 10.1 * GB  # 8B bf16: 15 GB split + 1.05 GB whole, KV 0.27 GB, graphs, headroom
 
 
 def test_pipeline_voice_is_placed_by_layers_as_before() -> None:
@@ -58,7 +69,7 @@ def test_the_ledger_gets_the_plans_rank_share() -> None:
     lyra = config("llama-3-70b", "tensor")
     planned = voice_split(assess(lyra)).split.per_gpu
     assert estimate_per_gpu(lyra.voice, [0, 1]) == {str(gpu): size for gpu, size in planned.items()}
-    assert 70 * GB < planned[0] < 80 * GB  # 141 GB of weights over two ranks, 4.2 GB of it whole on each
+    assert 70 * GB < planned[0] < 80 * GB  # 141 GB of weights over two ranks, 2.1 GB of it whole on each
 
 
 def test_a_single_rank_is_the_whole_model() -> None:
