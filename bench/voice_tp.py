@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 REPEATS = 3
+WHOLE_HEAD_ENV = "LYRA_BENCH_WHOLE_HEAD"  # set: tensor ranks keep the LM head whole (to compare with the split)
 ENGINE_ENV = "LYRA_BENCH_ENGINE"
 PROFILE_ENV = "LYRA_BENCH_PROFILE"
 SEED = 1234
@@ -215,7 +216,8 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
         if rank == 0:
             results.put({"run": f"tensor x{world} ({all_reduce})", "error": f"{type(exc).__name__}: {exc}"[:300]})
         return
-    model = build_rank_model(model_config(shape), dtype, "sdpa", shard, place, reduce)
+    model = build_rank_model(model_config(shape), dtype, "sdpa", shard, place, reduce,
+                             split_head=not os.environ.get(WHOLE_HEAD_ENV))
     random_rank_weights(model, shard, SEED)
     engine = engine_for(model, max_context, wrap=(lambda runner: LeadRunner(runner, group)) if rank == 0 else None)
     started = time.perf_counter()
@@ -329,7 +331,10 @@ def main() -> None:
     parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
+    parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
     args = parser.parse_args()
+    if args.whole_head:
+        os.environ[WHOLE_HEAD_ENV] = "1"
     os.environ[ENGINE_ENV] = args.engine
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)

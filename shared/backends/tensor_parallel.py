@@ -86,9 +86,13 @@ def split_problems(config: Any, world: int) -> list[str]:
     return problems
 
 
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear, str]]:
-    """(name, module, "column" | "row" | "vocab") for every Linear this split shards ("vocab": the LM head)."""
-    head = model.get_output_embeddings() if splits_head(model.config) else None
+def linear_layers(model: nn.Module, split_head: bool | None = None) -> list[tuple[str, nn.Linear, str]]:
+    """(name, module, "column" | "row" | "vocab") for every Linear this split shards ("vocab": the LM head).
+
+    `split_head`: whether the head is split (default: whether this rank's model gathers its logits).
+    """
+    split_head = hasattr(model, GATHER_ATTRIBUTE) if split_head is None else split_head
+    head = model.get_output_embeddings() if split_head else None
     found = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -114,7 +118,7 @@ def gather_logits(logits: torch.Tensor, span: slice, vocab: int, reduce: Reduce)
 
 
 def build_rank_model(config: Any, dtype: torch.dtype, attn: str, shard: Shard, device: torch.device,
-                     reduce: Reduce) -> nn.Module:
+                     reduce: Reduce, split_head: bool = True) -> nn.Module:
     """This rank's model with uninitialised weights of its share, on `device`; rows summed with `reduce`."""
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +127,7 @@ def build_rank_model(config: Any, dtype: torch.dtype, attn: str, shard: Shard, d
         raise TensorParallelError("; ".join(problems))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    layers = linear_layers(model)
+    layers = linear_layers(model, split_head and splits_head(config))
     if not any(kind == "row" for _, _, kind in layers):
         raise TensorParallelError(f"{type(model).__name__}: no q/k/v/o and gate/up/down projections to split")
     for _, linear, kind in layers:
