@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,6 +450,7 @@ def load_voice_rank(entry: Any, physical_gpu: int | None, ranks: RankGroup) -> R
         raise TensorParallelError(f"model {entry.name!r}: rank {ranks.rank} could not load {folder}: {exc}") from exc
     loaded = RankModel(entry, model, tokenizer, [physical_gpu] if physical_gpu is not None else [], ranks)
     loaded.all_reduce = reduce_name(reduce) if on_gpu else "gloo"
+    loaded.reduce = reduce
     loaded.prepare()
     return loaded
 
@@ -461,6 +462,19 @@ class RankModel(HfCausalModel):
         super().__init__(entry, model, tokenizer, physical_gpus)
         self.ranks = ranks
         self.all_reduce = "nccl"  # what the loader chose (shown by `lyra status`)
+        self.reduce: Reduce | None = None
+        self.given_up = 0  # the peer all-reduce's waits that gave up, as last checked
+
+    def generate(self, messages: list[Any], options: Any, cancel: Any) -> Iterator[str]:
+        """The reply, as one process's; then a check that no all-reduce gave up waiting for a rank."""
+        yield from super().generate(messages, options, cancel)
+        failures = getattr(self.reduce, "failures", None)
+        given_up = failures() if failures is not None else 0
+        if given_up > self.given_up:
+            new, self.given_up = given_up - self.given_up, given_up
+            raise TensorParallelError(f"model {self.entry.name!r}: {new} peer all-reduce wait(s) gave up on another "
+                                      "rank during this reply, so its sums were wrong; restart the voice "
+                                      "(supervisorctl restart voice) if the ranks do not recover")
 
     def decode_engine(self, tokenizer: Any) -> DecodeEngine:
         """The engine every rank runs; rank 0's runner leads the followers' runners."""

@@ -188,3 +188,26 @@ def test_the_lm_head_is_split_by_vocabulary_rows_and_gathered_whole() -> None:
     assert [Shard(rank, WORLD).vocab_span(421) for rank in range(WORLD)] == [slice(0, 211), slice(211, 421)]
     torch.testing.assert_close(parts[0] + parts[1], expected)
     assert splits_head(config) and not splits_head(LlamaConfig(tie_word_embeddings=True))
+
+
+def test_a_reply_whose_all_reduce_gave_up_on_a_rank_is_an_error(one_process: hf_causal.HfCausalModel) -> None:
+    """The peer all-reduce counts waits that gave up; the reply they spoiled fails with what to do."""
+    from shared.backends.rank_runner import RankGroup
+    from shared.backends.tensor_parallel import RankModel
+
+    class CountingReduce:
+        given_up = 0
+
+        def failures(self) -> int:
+            return self.given_up
+
+    rank = RankModel(one_process.entry, one_process.model, one_process.tokenizer, [],
+                     RankGroup(1, WORLD, torch.device("cpu"), None))
+    rank.reduce = CountingReduce()
+    turn = [ChatTurn(role="user", content=PROMPTS[0])]
+    options = GenerationOptions(max_new_tokens=3)
+    assert "".join(rank.generate(turn, options, threading.Event()))
+    rank.reduce.given_up = 2
+    with pytest.raises(TensorParallelError, match="2 peer all-reduce wait"):
+        "".join(rank.generate(turn, options, threading.Event()))
+    assert "".join(rank.generate(turn, options, threading.Event()))  # counted once: the next reply is served
