@@ -43,18 +43,13 @@ class PeerReduce:
 
     def __init__(self, device: torch.device, group: Any = None, capacity: int = CAPACITY) -> None:
         import torch.distributed as dist
-        import torch.distributed._symmetric_memory as symmetric
 
         group = group or dist.group.WORLD
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.group = capacity, group
-        enable = getattr(symmetric, "enable_symm_mem_for_group", None)
-        if enable is not None:
-            enable(group.group_name)
         with torch.cuda.device(device):
-            self.buffer = symmetric.empty(2 * self.world * capacity, dtype=torch.int64, device=device)
+            self.buffer, handle = symmetric_buffer(2 * self.world * capacity, torch.int64, device, group)
             self.buffer.zero_()
-            handle = symmetric.rendezvous(self.buffer, group.group_name)
             self.table = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
             self.epochs = torch.zeros(-(-capacity // BLOCK), dtype=torch.int64, device=device)
             self.failed = torch.zeros(1, dtype=torch.int32, device=device)
@@ -77,6 +72,20 @@ class PeerReduce:
 
     def close(self) -> None:
         _exchanges.pop(self.handle, None)
+
+
+def symmetric_buffer(elements: int, dtype: torch.dtype, device: torch.device, group: Any) -> tuple[torch.Tensor, Any]:
+    """A buffer every rank of `group` can address on every GPU (PyTorch symmetric memory), and its handle.
+
+    Collective: every rank of the group must call it with the same sizes.
+    """
+    import torch.distributed._symmetric_memory as symmetric
+
+    enable = getattr(symmetric, "enable_symm_mem_for_group", None)  # older PyTorch needs it; newer ones dropped it
+    if enable is not None:
+        enable(group.group_name)
+    buffer = symmetric.empty(elements, dtype=dtype, device=device)
+    return buffer, symmetric.rendezvous(buffer, group.group_name)
 
 
 @torch.library.custom_op("lyra::peer_all_reduce", mutates_args=())

@@ -299,16 +299,13 @@ class SymmetricReduce:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, group: Any = None) -> None:
         import torch.distributed as dist
-        import torch.distributed._symmetric_memory as symmetric
+
+        from shared.backends.peer_reduce import symmetric_buffer
 
         group = group or dist.group.WORLD
         self.group_name = group.group_name
-        enable = getattr(symmetric, "enable_symm_mem_for_group", None)
-        if enable is not None:
-            enable(self.group_name)
         elements = SYMMETRIC_BUFFER_BYTES // torch.empty((), dtype=dtype).element_size()
-        self.buffer = symmetric.empty(elements, dtype=dtype, device=device)
-        symmetric.rendezvous(self.buffer, self.group_name)
+        self.buffer, _ = symmetric_buffer(elements, dtype, device, group)
         self.fallback = nccl_reduce(group)
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -354,9 +351,9 @@ def _peer_where_all_can(device: torch.device) -> Reduce:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    reason = "Triton is not installed" if importlib.util.find_spec("triton") is None else ""
-    if not everyone(not reason):
-        logger.warning("all_reduce = \"auto\": NCCL (%s on some rank)", reason or "no Triton")
+    # PeerReduce() is collective: every rank must know that every other will make it before any starts
+    if not everyone(importlib.util.find_spec("triton") is not None):
+        logger.warning("all_reduce = \"auto\": NCCL, because Triton is not installed for some rank")
         return nccl_reduce()
     try:
         from shared.backends.peer_reduce import PeerReduce
