@@ -72,8 +72,17 @@ def config_from_args(service: str, argv: list[str] | None = None) -> LyraConfig:
     return config
 
 
+RANK_GPU_ENV = "LYRA_RANK_GPU"  # set for a tensor rank of the voice: its own GPU (services/voice/ranks.py)
+
+
 def physical_gpus(config: LyraConfig, service: str) -> list[int]:
-    """The GPUs this process is pinned to; CUDA_VISIBLE_DEVICES (set by supervisord) wins over the config."""
+    """The GPUs this process is pinned to; CUDA_VISIBLE_DEVICES (set by supervisord) wins over the config.
+
+    A tensor rank of the voice sees all of the voice's GPUs, its own first, and is pinned to that one.
+    """
+    own = os.environ.get(RANK_GPU_ENV, "")
+    if own.isdigit():
+        return [int(own)]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return config.gpus_of(service)

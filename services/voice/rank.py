@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     persistent_compile_cache()
 
-    gpus = physical_gpus(config, VOICE)  # CUDA_VISIBLE_DEVICES: this rank's one GPU
+    gpus = physical_gpus(config, VOICE)  # this rank's own GPU (it sees the voice's others too)
     cap_this_process(config, VOICE, gpus)
     host, port = args.store.rsplit(":", 1)
     store = TCPStore(host, int(port), args.world, is_master=False, timeout=ranks.STORE_TIMEOUT)

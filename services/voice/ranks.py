@@ -29,6 +29,7 @@ from typing import Any
 from shared.backends.base import BackendError
 from shared.config import ConfigError, ModelEntry, load_config
 from shared.messages import MemoryReading
+from shared.process import RANK_GPU_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ def world_size(entry: ModelEntry, physical_gpus: list[int]) -> int:
 
 
 def pin_rank0_to_its_gpu(argv: list[str]) -> None:
-    """Before torch starts: rank 0 of a tensor voice sees only its own GPU, so it makes no CUDA context on the
-    followers' GPUs (the plan counts one context per rank); the voice's whole GPU list moves to GPUS_VARIABLE.
+    """Before torch starts: rank 0 of a tensor voice uses only its own GPU (the first), so it makes no CUDA
+    context on the followers' GPUs (the plan counts one context per rank); the voice's whole GPU list moves
+    to GPUS_VARIABLE. It still sees them all (see `rank_environment`).
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if "," not in visible:
@@ -63,8 +65,22 @@ def pin_rank0_to_its_gpu(argv: list[str]) -> None:
     except (ConfigError, OSError):
         return  # the worker's own start reports a bad config
     if config.voice.parallel == "tensor":
+        gpus = [int(gpu) for gpu in visible.split(",") if gpu.strip().isdigit()]
+        os.environ.update(rank_environment(gpus, 0))
         os.environ[GPUS_VARIABLE] = visible
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0]
+
+
+def rank_environment(gpus: list[int], rank: int) -> dict[str, str]:
+    """What a rank's process needs to see: every GPU of the voice, its own first (cuda:0), used alone.
+
+    The peer all-reduce maps each rank's buffer into the others' address space; CUDA maps memory of a GPU
+    only into a process that sees that GPU. `RANK_GPU_ENV` keeps the rank to its own GPU (memory caps,
+    `physical_gpus`), and since every rank's own GPU is its device 0, PyTorch's symmetric memory is told
+    that equal device numbers on different ranks are different GPUs.
+    """
+    own_first = gpus[rank:] + gpus[:rank]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in own_first), RANK_GPU_ENV: str(gpus[rank]),
+            "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1"}
 
 
 def voice_gpus(visible: list[int]) -> list[int]:
@@ -79,7 +95,7 @@ def started() -> bool:
 
 
 def rank_device(physical_gpus: list[int]) -> Any:
-    """A rank's device: rank 0 uses the first of its visible GPUs, a follower its only one; else the CPU."""
+    """A rank's device: its own GPU, the first it sees; else the CPU."""
     import torch
 
     return torch.device("cuda", 0) if physical_gpus and torch.cuda.is_available() else torch.device("cpu")
@@ -111,7 +127,7 @@ class Followers:
     def _spawn(self, rank: int, port: int) -> subprocess.Popen[bytes]:
         env = {name: value for name, value in os.environ.items() if name != GPUS_VARIABLE}
         if self.physical_gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.physical_gpus[rank])
+            env.update(rank_environment(self.physical_gpus, rank))
         command = [sys.executable, "-m", "services.voice.rank", "--config", self.config_path, "--rank", str(rank),
                    "--world", str(self.world), "--store", f"127.0.0.1:{port}"]
         process = subprocess.Popen(command, env=env)  # stdout/stderr: rank 0's, so the voice log has every rank

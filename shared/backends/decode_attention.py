@@ -13,6 +13,12 @@ log-sum-exp. Chunks beyond the length do nothing. Written in Triton. `prepare()`
 once per device, head size and dtype, outside any graph capture, and remembers whether it gave the plain
 attention's answer; `usable()` then says so (False for anything not prepared). It runs on CUDA with
 Triton installed, or under Triton's CPU interpreter (TRITON_INTERPRET=1), which the tests use.
+
+`attend_step()` is the same attention for the fused decode step, given the token's q, k and v side by
+side as the projection made them: its first kernel also applies the rotary embedding to q and the new k
+and writes the new k and v into the cache. The step then runs two kernels where it ran five (rotate and
+store k, store v, rotate q, partial, merge); each kernel costs 2-3 us on a GPU however little it does, and
+a decoder layer of the 8B shape split over two ranks reads its weights in about 45 us.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ MIN_DOT = 16  # Triton's matrix products need every side of at least 16
 
 logger = logging.getLogger(__name__)
 _kernels_made: tuple | None = None  # Triton kernels, made on first use (importing Triton takes a second)
-_tried: dict[tuple[torch.device, int, torch.dtype], bool] = {}  # prepare()'s verdicts
+_tried: dict[tuple[torch.device, int, torch.dtype, bool], bool] = {}  # prepare()'s verdicts (the last: step)
 
 
 def _where(device: torch.device) -> torch.device:
@@ -39,20 +45,21 @@ def _where(device: torch.device) -> torch.device:
     return device
 
 
-def usable(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
-    """True when `prepare()` found the kernel working for this device, head size and dtype."""
-    return _tried.get((_where(device), head_dim, dtype), False)
+def usable(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool = False) -> bool:
+    """True when `prepare()` found the kernel (with `step`: `attend_step`'s) working for this device, head size, dtype."""
+    return _tried.get((_where(device), head_dim, dtype, step), False)
 
 
-def prepare(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+def prepare(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool = False) -> bool:
     """Compile the kernel for (device, head size, dtype) and check it against plain attention, once.
 
-    Call it before any CUDA graph capture. False, with the reason logged, where it cannot run: no Triton,
-    a head size that is not a power of two of at least 16, the CPU without the interpreter, or a kernel
-    that does not compile or answers wrongly (the caller then keeps the masked matmuls).
+    With `step`, `attend_step()`'s kernels instead (rotary and cache writes included). Call it before any
+    CUDA graph capture. False, with the reason logged, where it cannot run: no Triton, a head size that is
+    not a power of two of at least 16, the CPU without the interpreter, or a kernel that does not compile
+    or answers wrongly (the caller then keeps the masked matmuls).
     """
     device = _where(device)
-    key = (device, head_dim, dtype)
+    key = (device, head_dim, dtype, step)
     if key in _tried:
         return _tried[key]
     reason = ""
@@ -63,11 +70,11 @@ def prepare(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
     elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reason = f"{device.type} is not a CUDA device"
     else:
-        reason = _trial(device, head_dim, dtype)
+        reason = _trial_step(device, head_dim, dtype) if step else _trial(device, head_dim, dtype)
     _tried[key] = not reason
     if reason and device.type == "cuda":
-        logger.warning("decode attention kernel not used on %s (head size %d, %s): %s; attention runs over the "
-                       "whole cache instead", device, head_dim, dtype, reason)
+        logger.warning("decode attention kernel%s not used on %s (head size %d, %s): %s; attention runs over the "
+                       "whole cache instead", " (fused step)" if step else "", device, head_dim, dtype, reason)
     return not reason
 
 
@@ -91,6 +98,38 @@ def _trial(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
     return "" if error <= tolerance else f"differs from plain attention by {error:.3g}"
 
 
+def _trial_step(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+    """"" if `attend_step` equals its reference, new k and v in the cache included, on a small poisoned cache."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    kv_heads, group, length = 2, 4, 2 * CHUNK + 8
+    qkv = torch.randn(1, (kv_heads * group + 2 * kv_heads) * head_dim, device=device, generator=generator).to(dtype)
+    angles = torch.randn(length, head_dim, device=device, generator=generator)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    keys, values = (torch.randn(1, kv_heads, length, head_dim, device=device, generator=generator).to(dtype)
+                    for _ in range(2))
+    at = CHUNK + 3
+    keys[:, :, at:] = float("nan")
+    values[:, :, at:] = float("nan")
+    position = torch.tensor([at], device=device)
+    expected_keys, expected_values = keys.nan_to_num(), values.nan_to_num()
+    try:
+        out = attend_step(qkv, cos, sin, keys, values, position, head_dim ** -0.5, kv_heads)
+    except Exception as exc:  # a Triton that cannot compile it here (version, shared memory): say why, keep going
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    expected = step_reference(qkv, cos, sin, expected_keys, expected_values, position, head_dim ** -0.5, kv_heads)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    errors = [_error(out, expected), _error(keys[:, :, :at + 1], expected_keys[:, :, :at + 1]),
+              _error(values[:, :, :at + 1], expected_values[:, :, :at + 1])]
+    wrong = [f"{name} differs by {error:.3g}" for name, error in zip(("output", "keys", "values"), errors)
+             if not error <= tolerance]
+    return "; ".join(wrong)
+
+
+def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference, relative above 1 (a 16-bit value's rounding grows with its size)."""
+    return ((got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1.0)).max().item()
+
+
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """query [KV, group, D], keys/values [KV, max_len, D], position: a 1-element tensor (the newest position).
@@ -110,6 +149,39 @@ def reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     return torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(query.dtype)
 
 
+def attend_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                position: torch.Tensor, scale: float, kv_heads: int) -> torch.Tensor:
+    """One decode token's attention from its projection: rotary, cache write and attention in two kernels.
+
+    qkv [1, (heads + 2 * kv_heads) * D]: q, k and v side by side, unrotated; cos and sin [table length, D],
+    every position's rotary angles (transformers' half-split layout); keys/values [1, kv_heads, max_len, D],
+    the static cache, which gets the new k (rotated) and v at `position`. Returns [kv_heads, group, D]:
+    softmax(q k^T * scale) v over positions 0..position, q rotated, as `decode_attention` would.
+    """
+    return _attend_step(qkv, cos, sin, keys, values, position, scale, kv_heads)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of rows [..., D] in float32, rounded once to x's dtype (as the fused step computes it)."""
+    first, second = x.float().chunk(2, dim=-1)
+    return (x.float() * cos.float() + torch.cat((-second, first), dim=-1) * sin.float()).to(x.dtype)
+
+
+def step_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   position: torch.Tensor, scale: float, kv_heads: int) -> torch.Tensor:
+    """`attend_step` in plain torch (what the kernels must equal); writes the cache the same way."""
+    dim = keys.shape[-1]
+    rows = qkv.view(-1, dim)
+    heads = rows.shape[0] - 2 * kv_heads
+    at = int(position.view(-1)[0])
+    angle = min(at, cos.shape[0] - 1)
+    query = rotate(rows[:heads], cos[angle], sin[angle])
+    if at < keys.shape[2]:
+        keys[0, :, at] = rotate(rows[heads:heads + kv_heads], cos[angle], sin[angle]).to(keys.dtype)
+        values[0, :, at] = rows[heads + kv_heads:].to(values.dtype)
+    return reference(query.view(kv_heads, -1, dim), keys[0], values[0], position.view(1), scale)
+
+
 @torch.library.custom_op("lyra::decode_attention", mutates_args=())
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
             scale: float) -> torch.Tensor:
@@ -123,6 +195,42 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, posit
 def _(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor,
       scale: float) -> torch.Tensor:
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("lyra::attend_step", mutates_args=("keys", "values"))
+def _attend_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 position: torch.Tensor, scale: float, kv_heads: int) -> torch.Tensor:
+    global _kernels_made
+    if _kernels_made is None:
+        _kernels_made = _kernels()
+    dim = keys.shape[-1]
+    rows = qkv.numel() // dim
+    if rows * dim != qkv.numel() or rows <= 2 * kv_heads or (rows - 2 * kv_heads) % kv_heads:
+        raise ValueError(f"attend step: qkv of {qkv.numel()} values is not q, k and v of head dim {dim} for "
+                         f"{kv_heads} KV heads")
+    if keys.shape != values.shape or keys.shape[0] != 1 or keys.shape[1] != kv_heads or keys.stride(-1) != 1 \
+            or values.stride(-1) != 1:
+        raise ValueError(f"attend step: cache {tuple(keys.shape)} with strides {keys.stride()} does not fit "
+                         f"{kv_heads} KV heads")
+    if cos.shape != sin.shape or cos.shape[-1] != dim:
+        raise ValueError(f"attend step: rotary tables {tuple(cos.shape)} do not fit head dim {dim}")
+    if dim & (dim - 1) or dim < MIN_DOT:
+        raise ValueError(f"attend step: head dim {dim} is not a power of two of at least {MIN_DOT}")
+    if len({qkv.device, cos.device, sin.device, keys.device, values.device, position.device}) != 1:
+        raise ValueError("attend step: every tensor must be on one device")
+    group = (rows - 2 * kv_heads) // kv_heads
+    arguments = (qkv.contiguous(), cos.contiguous(), sin.contiguous(), keys, values, position, scale, group)
+    if qkv.device.type == "cuda":
+        with torch.cuda.device(qkv.device):
+            return _run_step(_kernels_made, *arguments)
+    return _run_step(_kernels_made, *arguments)
+
+
+@_attend_step.register_fake
+def _(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+      position: torch.Tensor, scale: float, kv_heads: int) -> torch.Tensor:
+    dim = keys.shape[-1]
+    return qkv.new_empty((kv_heads, (qkv.numel() // dim - 2 * kv_heads) // kv_heads, dim))
 
 
 def _launch(kernels: tuple, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -143,18 +251,32 @@ def _launch(kernels: tuple, query: torch.Tensor, keys: torch.Tensor, values: tor
 
 def _run(kernels: tuple, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
          position: torch.Tensor, scale: float) -> torch.Tensor:
+    kv_heads, group, _ = query.shape
+    # The query stands in for the rotary tables, which the kernel reads only in the fused step.
+    return _partial_then_merge(kernels, query, query, query, keys.unsqueeze(0), values.unsqueeze(0), position,
+                               scale, group, step=False)
+
+
+def _run_step(kernels: tuple, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor, position: torch.Tensor, scale: float, group: int) -> torch.Tensor:
+    return _partial_then_merge(kernels, qkv, cos, sin, keys, values, position, scale, group, step=True)
+
+
+def _partial_then_merge(kernels: tuple, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, scale: float, group: int,
+                        step: bool) -> torch.Tensor:
+    """queries: the query rows first ([KV, group, D], or the projection's qkv in the step); keys/values [1, KV, len, D]."""
     partial_kernel, merge_kernel = kernels
-    kv_heads, group, dim = query.shape
-    chunks = -(-keys.shape[1] // CHUNK)
-    padded = max(MIN_DOT, 1 << (group - 1).bit_length())
-    partial = torch.empty((kv_heads, chunks, group, dim), dtype=torch.float32, device=query.device)
-    lse = torch.empty((kv_heads, chunks, group), dtype=torch.float32, device=query.device)
+    _, kv_heads, length, dim = keys.shape
+    chunks = -(-length // CHUNK)
+    partial = torch.empty((kv_heads, chunks, group, dim), dtype=torch.float32, device=queries.device)
+    lse = torch.empty((kv_heads, chunks, group), dtype=torch.float32, device=queries.device)
     partial_kernel[(kv_heads, chunks)](
-        query, keys, values, position, partial, lse, scale,
-        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), keys.shape[1], chunks,
-        GROUP=group, PADDED=padded, DIM=dim, CHUNK=CHUNK, BLOCK=BLOCK,
-        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32")
-    out = torch.empty_like(query)
+        queries, cos, sin, keys, values, position, partial, lse, scale,
+        keys.stride(1), keys.stride(2), values.stride(1), values.stride(2), length, chunks, cos.shape[0],
+        KV_HEADS=kv_heads, GROUP=group, PADDED=max(MIN_DOT, 1 << (group - 1).bit_length()), DIM=dim, CHUNK=CHUNK,
+        BLOCK=BLOCK, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", STEP=step)
+    out = queries.new_empty((kv_heads, group, dim))
     merge_kernel[(kv_heads * group,)](partial, lse, out, chunks, GROUP=group, DIM=dim,
                                       CHUNKS_PADDED=1 << max(chunks - 1, 0).bit_length())
     return out
@@ -165,31 +287,62 @@ def _kernels() -> tuple:
     import triton.language as tl
 
     @triton.jit
-    def partial_kernel(query, keys, values, position, partial, lse, scale, key_head, key_row, value_head, value_row,
-                       cache_length, chunk_count, GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    def partial_kernel(queries, cos, sin, keys, values, position, partial, lse, scale, key_head, key_row, value_head,
+                       value_row, cache_length, chunk_count, table_length, KV_HEADS: tl.constexpr,
+                       GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr):
         head = tl.program_id(0)
         chunk = tl.program_id(1)
-        length = tl.minimum(tl.load(position).to(tl.int32) + 1, cache_length)  # never past the cache
+        at = tl.load(position).to(tl.int32)
+        length = tl.minimum(at + 1, cache_length)  # never past the cache
+        start = chunk * CHUNK
+        end = tl.minimum(start + CHUNK, length)
         rows = tl.arange(0, PADDED)
         dims = tl.arange(0, DIM)
         real = rows < GROUP
         # Products in float32 (the CPU interpreter's bf16 products are wrong). For 16-bit caches they run in
         # TF32, which holds q, k and v exactly and rounds the softmax weights to about 5e-4 (bf16: 4e-3).
         # The bytes read are the cache's own dtype either way.
-        q = tl.load(query + (head * GROUP + rows)[:, None] * DIM + dims[None, :], mask=real[:, None],
-                    other=0.0).to(tl.float32)
+        q_at = (head * GROUP + rows)[:, None] * DIM
+        q = tl.load(queries + q_at + dims[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        if STEP:  # queries is the projection [q | k | v]: rotate q and the new k; store the new k and v
+            partner = (dims + DIM // 2) % DIM  # rotate_half(x) = [-x2, x1]
+            sign = tl.where(dims < DIM // 2, -1.0, 1.0)
+            angle = tl.minimum(at, table_length - 1)
+            c = tl.load(cos + angle * DIM + dims).to(tl.float32)
+            s = tl.load(sin + angle * DIM + dims).to(tl.float32)
+            q_partner = tl.load(queries + q_at + partner[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            q = (q * c[None, :] + sign[None, :] * q_partner * s[None, :]).to(queries.dtype.element_ty)
+            q = q.to(tl.float32)
+            k_at = (KV_HEADS * GROUP + head) * DIM
+            v_at = (KV_HEADS * GROUP + KV_HEADS + head) * DIM
+            k_new = tl.load(queries + k_at + dims).to(tl.float32) * c \
+                + sign * tl.load(queries + k_at + partner).to(tl.float32) * s
+            k_new = k_new.to(queries.dtype.element_ty).to(keys.dtype.element_ty)
+            v_new = tl.load(queries + v_at + dims).to(values.dtype.element_ty)
+            # The program whose chunk holds the position writes it, and reads its own copy from registers:
+            # a store and a load of one program are not ordered between its threads.
+            slot = at + dims * 0  # the position, as a vector: the mask of the stores
+            mine = (slot >= start) & (slot < start + CHUNK) & (slot < cache_length)
+            tl.store(keys + head * key_head + at * key_row + dims, k_new, mask=mine)
+            tl.store(values + head * value_head + at * value_row + dims, v_new, mask=mine)
+            k_new = k_new.to(tl.float32)
+            v_new = v_new.to(tl.float32)
         best = tl.full((PADDED,), float("-inf"), tl.float32)
         total = tl.zeros((PADDED,), tl.float32)
         acc = tl.zeros((PADDED, DIM), tl.float32)
-        start = chunk * CHUNK
-        end = tl.minimum(start + CHUNK, length)
         for first in range(0, CHUNK, BLOCK):  # fixed bounds (the interpreter needs them)
             if start + first < end:  # blocks past the length cost a comparison, no reads
                 cols = start + first + tl.arange(0, BLOCK)
                 inside = cols < end
+                if STEP:
+                    inside_cache = inside & (cols != at)
+                else:
+                    inside_cache = inside
                 k = tl.load(keys + head * key_head + cols[:, None] * key_row + dims[None, :],
-                            mask=inside[:, None], other=0.0).to(tl.float32)
+                            mask=inside_cache[:, None], other=0.0).to(tl.float32)
+                if STEP:
+                    k = tl.where((cols == at)[:, None], k_new[None, :], k)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [PADDED, BLOCK], float32
                 scores = tl.where(inside[None, :], scores, float("-inf"))
                 newest = tl.maximum(best, tl.max(scores, 1))
@@ -198,14 +351,16 @@ def _kernels() -> tuple:
                 weights = tl.exp(scores - anchor[:, None])
                 total = total * shrink + tl.sum(weights, 1)
                 v = tl.load(values + head * value_head + cols[:, None] * value_row + dims[None, :],
-                            mask=inside[:, None], other=0.0).to(tl.float32)
+                            mask=inside_cache[:, None], other=0.0).to(tl.float32)
+                if STEP:
+                    v = tl.where((cols == at)[:, None], v_new[None, :], v)
                 acc = acc * shrink[:, None] + tl.dot(weights, v, input_precision=PRECISION)
                 best = newest
         used = total > 0
         acc = acc / tl.where(used, total, 1.0)[:, None]
-        at = (head * chunk_count + chunk) * GROUP + rows
-        tl.store(partial + at[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
-        tl.store(lse + at, tl.where(used, best + tl.log(tl.where(used, total, 1.0)), float("-inf")), mask=real)
+        out_at = (head * chunk_count + chunk) * GROUP + rows
+        tl.store(partial + out_at[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
+        tl.store(lse + out_at, tl.where(used, best + tl.log(tl.where(used, total, 1.0)), float("-inf")), mask=real)
 
     @triton.jit
     def merge_kernel(partial, lse, out, chunk_count, GROUP: tl.constexpr, DIM: tl.constexpr,

@@ -8,9 +8,10 @@ with fewer, larger kernels:
 - q/k/v and gate/up are each one matrix product: the projections' weights are laid side by side in one
   tensor, in place (the modules keep views of it, so prefill and the host weight cache still see them);
 - the rotary angles are a table made once for every position of the static cache;
-- grouped-query attention reads only the cache positions in use, with the length read on the device
-  (`decode_attention`, a Triton kernel; where Triton cannot run, two small matmuls over the whole cache,
-  masked by position); KV heads are never copied;
+- grouped-query attention reads only the cache positions in use, with the length read on the device, and
+  applies the rotary to q and the new k and writes the cache on the way (`decode_attention.attend_step`,
+  two Triton kernels; where Triton cannot run, two small matmuls over the whole cache, masked by
+  position); KV heads are never copied;
 - it is compiled, so inductor fuses each norm, rotary and residual into one kernel, and then replayed
   from a CUDA graph like every static step.
 
@@ -145,7 +146,7 @@ class FusedStep:
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = getattr(model, GATHER_ATTRIBUTE, None)
         self.cos, self.sin = self._rotary_table(inner, max_len)
         self.positions = torch.arange(max_len, device=self.embed.device)
-        self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype)
+        self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype, step=True)
 
     def unbind(self) -> None:
         """Drop every reference to the model's tensors (they are leaving the device)."""
@@ -184,19 +185,20 @@ class FusedStep:
                 cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         if layer.qkv is not None:
             qkv = nn.functional.linear(hidden, layer.qkv, layer.qkv_bias)
-            query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
         else:
-            query, key, value = (nn.functional.linear(hidden, weight, bias) for weight, bias in layer.qkv_parts)
+            qkv = torch.cat([nn.functional.linear(hidden, weight, bias) for weight, bias in layer.qkv_parts], dim=-1)
         dim = self.head_dim
-        query = _rotate(query.view(-1, dim), cos, sin)  # [heads, dim]
-        key = _rotate(key.view(-1, dim), cos, sin)  # [kv heads, dim]
-        cached.keys.index_copy_(2, position.view(1), key.view(1, -1, 1, dim))
-        cached.values.index_copy_(2, position.view(1), value.view(1, -1, 1, dim))
-        keys, values = cached.keys[0], cached.values[0]  # [kv heads, max_len, dim]
-        grouped = query.view(keys.shape[0], -1, dim)  # head h reads KV head h // (heads / kv heads)
-        if self.kernel:
-            attended = decode_attention.decode_attention(grouped, keys, values, position.view(1), self.scaling)
+        if self.kernel:  # rotary, the cache write and attention: two kernels
+            attended = decode_attention.attend_step(qkv, self.cos, self.sin, cached.keys, cached.values,
+                                                    position.view(1), self.scaling, layer.kv_rows // dim)
         else:
+            query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
+            query = _rotate(query.view(-1, dim), cos, sin)  # [heads, dim]
+            key = _rotate(key.view(-1, dim), cos, sin)  # [kv heads, dim]
+            cached.keys.index_copy_(2, position.view(1), key.view(1, -1, 1, dim))
+            cached.values.index_copy_(2, position.view(1), value.view(1, -1, 1, dim))
+            keys, values = cached.keys[0], cached.values[0]  # [kv heads, max_len, dim]
+            grouped = query.view(keys.shape[0], -1, dim)  # head h reads KV head h // (heads / kv heads)
             attended = self._attend_masked(grouped, keys, values, visible)
         out = nn.functional.linear(attended.reshape(1, -1), layer.output, layer.output_bias)  # bias: rank 0's only
         return self.reduce(out) if self.reduce is not None else out

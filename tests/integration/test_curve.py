@@ -74,8 +74,12 @@ def test_the_dev_stack_serves_over_tcp_with_curve_and_key_files_are_private(curv
     with _client(curve_stack) as client:
         result = client.chat("how do I fix a bike, step by step")
         assert result.answer.startswith("[voice]") and result.specialist == "pragmatist"
-        assert {s.service: s.state for s in client.status().services} == {
-            "router": "up", "specialist_host": "up", "voice": "up"}
+        deadline = time.monotonic() + 10  # the voice reports itself idle just after the answer's last event
+        states = {}
+        while time.monotonic() < deadline and states != {"router": "up", "specialist_host": "up", "voice": "up"}:
+            states = {s.service: s.state for s in client.status().services}
+            time.sleep(0.1)
+        assert states == {"router": "up", "specialist_host": "up", "voice": "up"}
     for log in curve_stack.dir.glob("*.log"):  # no key, public or secret, ever reaches a log
         text = log.read_text()
         for pair in curve_stack.key_dir.glob("*.key_secret"):

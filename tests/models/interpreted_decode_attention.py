@@ -77,6 +77,65 @@ def test_a_cache_index_past_the_end_reads_nothing_beyond_the_cache() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def projection_of(kv: int, group: int, dim: int, length: int, position: int, dtype: torch.dtype) -> tuple:
+    """q, k and v side by side, rotary tables, and a cache poisoned from `position` on (the step writes it)."""
+    generator = torch.Generator().manual_seed(position * 17 + dim)
+    qkv = torch.randn(1, (kv * group + 2 * kv) * dim, generator=generator).to(dtype)
+    angles = torch.randn(length, dim, generator=generator)
+    keys, values = (torch.randn(1, kv, length, dim, generator=generator).to(dtype) for _ in range(2))
+    keys[:, :, position:] = float("nan")
+    values[:, :, position:] = float("nan")
+    return qkv, angles.cos().to(dtype), angles.sin().to(dtype), keys, values
+
+
+@pytest.mark.parametrize(("kv", "group", "dim", "length", "position", "dtype"), [
+    (2, 4, 64, 300, 0, torch.float32),  # the first token
+    (2, 3, 32, 512, 255, torch.float32),  # the last position of the first chunk
+    (2, 3, 32, 512, 256, torch.float32),  # the first of the second chunk: its program writes, the first reads
+    (1, 8, 128, 600, 599, torch.float16),  # the cache's last position
+    (1, 8, 128, 1024, 300, torch.bfloat16),  # the 70B shape's group on one rank
+    (8, 1, 64, 200, 130, torch.float32),  # multi-head attention (group of one)
+])
+def test_step_rotates_writes_the_cache_and_attends(kv: int, group: int, dim: int, length: int, position: int,
+                                                    dtype: torch.dtype) -> None:
+    assert decode_attention.prepare(torch.device("cpu"), dim, dtype, step=True)
+    qkv, cos, sin, keys, values = projection_of(kv, group, dim, length, position, dtype)
+    expected_keys, expected_values = keys.nan_to_num(), values.nan_to_num()
+    at = torch.tensor([position])
+    out = decode_attention.attend_step(qkv, cos, sin, keys, values, at, dim ** -0.5, kv)
+    expected = decode_attention.step_reference(qkv, cos, sin, expected_keys, expected_values, at, dim ** -0.5, kv)
+    assert out.dtype == dtype and out.shape == (kv, group, dim)
+    assert not out.isnan().any()
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    # the new k (rotated) and v are in the cache, bit for bit (bf16 within one step: the interpreter rounds
+    # float32 to bf16 toward zero, a GPU to nearest); nothing past them was written
+    step = 2 ** -7 if dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(keys[:, :, :position + 1], expected_keys[:, :, :position + 1], atol=step, rtol=step)
+    torch.testing.assert_close(values[:, :, :position + 1], expected_values[:, :, :position + 1], atol=0, rtol=0)
+    assert keys[:, :, position + 1:].isnan().all() and values[:, :, position + 1:].isnan().all()
+
+
+def test_a_step_past_the_cache_writes_nothing_and_attends_over_the_whole_cache() -> None:
+    qkv, cos, sin, keys, values = projection_of(2, 4, 64, 300, 300, torch.float32)
+    before = keys.clone(), values.clone()
+    out = decode_attention.attend_step(qkv, cos, sin, keys, values, torch.tensor([5000]), 0.125, 2)
+    assert torch.equal(keys, before[0]) and torch.equal(values, before[1])
+    rows = qkv.view(-1, 64)
+    query = decode_attention.rotate(rows[:8], cos[-1], sin[-1]).view(2, 4, 64)  # the table's last angle
+    expected = decode_attention.reference(query, keys[0], values[0], torch.tensor([299]), 0.125)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_kernel_that_answers_wrongly_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_attention, "_tried", {})
+    monkeypatch.setattr(decode_attention, "attend_step",
+                        lambda qkv, cos, sin, keys, *_: torch.zeros(2, 4, keys.shape[-1], dtype=qkv.dtype))
+    assert not decode_attention.prepare(torch.device("cpu"), 64, torch.float32, step=True)
+    assert not decode_attention.usable(torch.device("cpu"), 64, torch.float32, step=True)
+    assert decode_attention.prepare(torch.device("cpu"), 64, torch.float32)  # the plain kernel is judged apart
+
+
 def test_fused_step_with_the_kernel_equals_the_models_own_step() -> None:
     from transformers import LlamaConfig
 

@@ -102,3 +102,32 @@ def test_decode_attention_kernel_in_a_graph_reads_the_length_on_the_device(dtype
         expected = reference(query, keys, values, position, 0.088)
         tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attend_step_in_a_graph_writes_the_cache_and_reads_the_length_on_the_device(dtype: torch.dtype) -> None:
+    from shared.backends.decode_attention import attend_step, step_reference
+
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    kv, group, dim, length = 4, 8, 128, 4096
+    qkv = torch.randn(1, (kv * group + 2 * kv) * dim, device="cuda", generator=generator).to(dtype)
+    angles = torch.randn(length, dim, device="cuda", generator=generator)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    keys, values = (torch.randn(1, kv, length, dim, device="cuda", generator=generator).to(dtype) for _ in range(2))
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+    attend_step(qkv, cos, sin, keys, values, position, 0.088, kv)  # compile the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend_step(qkv, cos, sin, keys, values, position, 0.088, kv)
+    for at in (0, 255, 256, 1000, 4095):
+        expected_keys, expected_values = keys.clone(), values.clone()
+        position.fill_(at)
+        graph.replay()
+        expected = step_reference(qkv, cos, sin, expected_keys, expected_values, position, 0.088, kv)
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+        # float32 within a rounding: the kernel's rotary fuses multiply-adds, torch's does not
+        exact = 0.0 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(keys, expected_keys, atol=exact, rtol=exact)
+        assert torch.equal(values, expected_values)
+        qkv.copy_(torch.randn(qkv.shape, device="cuda", generator=generator).to(dtype))  # the next token

@@ -1,4 +1,4 @@
-"""Rank bookkeeping of the tensor-parallel voice: how many ranks, which GPUs rank 0 sees, memory merged."""
+"""Rank bookkeeping of the tensor-parallel voice: how many ranks, which GPUs each sees and uses, memory merged."""
 
 from __future__ import annotations
 
@@ -26,19 +26,31 @@ def test_tensor_ranks_are_one_per_gpu_unless_set_for_the_cpu() -> None:
         ranks.world_size(voice(parallel="tensor", ranks=4), [0, 1])
 
 
-@pytest.mark.parametrize("parallel, visible, pinned", [("tensor", "2", "2,3"), ("pipeline", "2,3", None)])
-def test_rank0_sees_only_its_gpu_and_still_knows_the_voices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             parallel: str, visible: str, pinned: str | None) -> None:
+@pytest.mark.parametrize("parallel, own, pinned", [("tensor", [2], "2,3"), ("pipeline", [2, 3], None)])
+def test_rank0_uses_only_its_gpu_sees_all_and_still_knows_the_voices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      parallel: str, own: list[int],
+                                                                      pinned: str | None) -> None:
+    from shared.process import physical_gpus
+
     config = fake_config(tmp_path / "run")
     config["voice"]["parallel"] = parallel
     (tmp_path / "c.toml").write_text(to_toml(config))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    monkeypatch.setenv(ranks.GPUS_VARIABLE, "")  # recorded, so what the pinning sets is undone after the test
-    monkeypatch.delenv(ranks.GPUS_VARIABLE)  # a bare delenv of an unset one records nothing: it leaked
+    for name in (ranks.GPUS_VARIABLE, ranks.RANK_GPU_ENV, "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"):
+        monkeypatch.setenv(name, "")  # recorded, so what the pinning sets is undone after the test
+        monkeypatch.delenv(name)  # a bare delenv of an unset one records nothing: it leaked
     ranks.pin_rank0_to_its_gpu(["--config", str(tmp_path / "c.toml")])
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # peer memory needs the other GPU visible
     assert os.environ.get(ranks.GPUS_VARIABLE) == pinned
-    assert ranks.voice_gpus([int(g) for g in visible.split(",")]) == [2, 3]
+    assert physical_gpus(parse_config(config), "voice") == own
+    assert ranks.voice_gpus(own) == [2, 3]
+
+
+def test_a_follower_sees_every_gpu_of_the_voice_its_own_first() -> None:
+    env = ranks.rank_environment([2, 3, 5], 1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,5,2" and env[ranks.RANK_GPU_ENV] == "3"
+    assert env["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] == "1"  # every rank's own GPU is its device 0
+    assert ranks.rank_environment([2, 3], 0)["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
 def test_cpu_ranks_add_up_and_gpu_ranks_stay_apart() -> None:
