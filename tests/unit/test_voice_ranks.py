@@ -61,3 +61,24 @@ def test_cpu_ranks_add_up_and_gpu_ranks_stay_apart() -> None:
     merged = {r.device: r for r in ranks.merged(readings)}
     assert merged["cpu"].allocated_bytes == 12 and merged["cpu"].reserved_bytes == 12
     assert merged["gpu:0"].nvml_used_bytes == 6 and merged["gpu:1"].nvml_used_bytes is None
+
+
+def test_followers_start_with_every_voice_gpu_visible_their_own_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    started = []
+
+    class Process:
+        pid = 4242
+
+    def popen(command: list[str], env: dict[str, str]) -> Process:
+        started.append((command, env))
+        return Process()
+
+    monkeypatch.setattr(ranks.subprocess, "Popen", popen)
+    monkeypatch.setenv(ranks.GPUS_VARIABLE, "2,3")  # rank 0's own bookkeeping: never passed on
+    monkeypatch.setenv(ranks.RANK_GPU_ENV, "2")
+    followers = ranks.Followers("stack.toml", [2, 3], 2)
+    followers._spawn(1, 1234)
+    (command, env), = started
+    assert command[-6:] == ["--rank", "1", "--world", "2", "--store", "127.0.0.1:1234"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "3,2" and env[ranks.RANK_GPU_ENV] == "3"
+    assert ranks.GPUS_VARIABLE not in env
