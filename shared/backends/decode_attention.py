@@ -46,7 +46,7 @@ def _where(device: torch.device) -> torch.device:
 
 
 def usable(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool = False) -> bool:
-    """True when `prepare()` found the kernel (with `step`: `attend_step`'s) working for this device, head size, dtype."""
+    """True when `prepare()` found the kernel (with `step`: `attend_step`'s) working for this device, size, dtype."""
     return _tried.get((_where(device), head_dim, dtype, step), False)
 
 
@@ -120,7 +120,7 @@ def _trial_step(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     errors = [_error(out, expected), _error(keys[:, :, :at + 1], expected_keys[:, :, :at + 1]),
               _error(values[:, :, :at + 1], expected_values[:, :, :at + 1])]
-    wrong = [f"{name} differs by {error:.3g}" for name, error in zip(("output", "keys", "values"), errors)
+    wrong = [f"{name} differs by {error:.3g}" for name, error in zip(("output", "keys", "values"), errors, strict=True)
              if not error <= tolerance]
     return "; ".join(wrong)
 
@@ -251,7 +251,7 @@ def _launch(kernels: tuple, query: torch.Tensor, keys: torch.Tensor, values: tor
 
 def _run(kernels: tuple, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
          position: torch.Tensor, scale: float) -> torch.Tensor:
-    kv_heads, group, _ = query.shape
+    group = query.shape[1]
     # The query stands in for the rotary tables, which the kernel reads only in the fused step.
     return _partial_then_merge(kernels, query, query, query, keys.unsqueeze(0), values.unsqueeze(0), position,
                                scale, group, step=False)
@@ -265,7 +265,7 @@ def _run_step(kernels: tuple, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def _partial_then_merge(kernels: tuple, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, scale: float, group: int,
                         step: bool) -> torch.Tensor:
-    """queries: the query rows first ([KV, group, D], or the projection's qkv in the step); keys/values [1, KV, len, D]."""
+    """queries: the query rows first ([KV, group, D], or the step's projection); keys/values [1, KV, len, D]."""
     partial_kernel, merge_kernel = kernels
     _, kv_heads, length, dim = keys.shape
     chunks = -(-length // CHUNK)
