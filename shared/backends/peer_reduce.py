@@ -22,6 +22,7 @@ every time. A wait is bounded: a rank whose peer never arrives stops after `spin
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -83,7 +84,9 @@ def symmetric_buffer(elements: int, dtype: torch.dtype, device: torch.device, gr
 
     enable = getattr(symmetric, "enable_symm_mem_for_group", None)  # older PyTorch needs it; newer ones dropped it
     if enable is not None:
-        enable(group.group_name)
+        with warnings.catch_warnings():  # 2.11 keeps it as a no-op that warns in every rank's log
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(group.group_name)
     buffer = symmetric.empty(elements, dtype=dtype, device=device)
     return buffer, symmetric.rendezvous(buffer, group.group_name)
 
