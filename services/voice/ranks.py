@@ -29,6 +29,7 @@ from typing import Any
 from shared.backends.base import BackendError
 from shared.config import ConfigError, ModelEntry, load_config
 from shared.messages import MemoryReading
+from shared.names import VOICE
 from shared.process import RANK_GPU_ENV
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,27 @@ def world_size(entry: ModelEntry, physical_gpus: list[int]) -> int:
 def pin_rank0_to_its_gpu(argv: list[str]) -> None:
     """Before torch starts: rank 0 of a tensor voice uses only its own GPU (the first), so it makes no CUDA
     context on the followers' GPUs (the plan counts one context per rank); the voice's whole GPU list moves
-    to GPUS_VARIABLE. It still sees them all (see `rank_environment`).
+    to GPUS_VARIABLE. It still sees them all (see `rank_environment`). Started by hand, without
+    CUDA_VISIBLE_DEVICES, the config's GPUs for the voice decide (as under supervisord).
     """
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if "," not in visible:
-        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and "," not in visible:
+        return  # one GPU or none: nothing to pin
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config", "-c", default=os.environ.get("LYRA_CONFIG", ""))
     try:
         config = load_config(parser.parse_known_args(argv)[0].config)
     except (ConfigError, OSError):
         return  # the worker's own start reports a bad config
-    if config.voice.parallel == "tensor":
+    if config.voice.parallel != "tensor":
+        return
+    if visible is None:
+        gpus = config.gpus_of(VOICE)
+    else:
         gpus = [int(gpu) for gpu in visible.split(",") if gpu.strip().isdigit()]
+    if len(gpus) > 1:
         os.environ.update(rank_environment(gpus, 0))
-        os.environ[GPUS_VARIABLE] = visible
+        os.environ[GPUS_VARIABLE] = ",".join(str(gpu) for gpu in gpus)
 
 
 def rank_environment(gpus: list[int], rank: int) -> dict[str, str]:

@@ -46,6 +46,21 @@ def test_rank0_uses_only_its_gpu_sees_all_and_still_knows_the_voices(tmp_path: P
     assert ranks.voice_gpus(own) == [2, 3]
 
 
+def test_rank0_started_by_hand_takes_the_voices_gpus_from_the_config(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    config = fake_config(tmp_path / "run")
+    config["voice"]["parallel"] = "tensor"
+    assert config["services"]["voice"]["gpus"] == [0, 1]
+    (tmp_path / "c.toml").write_text(to_toml(config))
+    for name in ("CUDA_VISIBLE_DEVICES", ranks.GPUS_VARIABLE, ranks.RANK_GPU_ENV,
+                 "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    ranks.pin_rank0_to_its_gpu(["--config", str(tmp_path / "c.toml")])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and os.environ[ranks.RANK_GPU_ENV] == "0"
+    assert os.environ[ranks.GPUS_VARIABLE] == "0,1"
+
+
 def test_a_follower_sees_every_gpu_of_the_voice_its_own_first() -> None:
     env = ranks.rank_environment([2, 3, 5], 1)
     assert env["CUDA_VISIBLE_DEVICES"] == "3,5,2" and env[ranks.RANK_GPU_ENV] == "3"
