@@ -17,6 +17,7 @@ The transformers backends load with the explicit map this returns, so a plan and
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping
@@ -138,12 +139,18 @@ def _quiet() -> Iterator[None]:
 
 def device_of(name: str, layout: Mapping[str, int | str]) -> int | str | None:
     """The device a parameter lands on: the map's longest key that is the name or a module above it."""
-    parts = name.split(".")
-    for end in range(len(parts), -1, -1):
-        key = ".".join(parts[:end])
+    for key in _owners(name):
         if key in layout:
             return layout[key]
     return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _owners(name: str) -> tuple[str, ...]:
+    """`name` and every module above it, longest first ("" last). The planner asks this of the same few
+    hundred names thousands of times while it searches layouts."""
+    parts = name.split(".")
+    return tuple(".".join(parts[:end]) for end in range(len(parts), -1, -1))
 
 
 def bytes_by_device(sizes: Mapping[str, float], layout: Mapping[str, int | str]) -> dict[int | str, float]:
@@ -157,15 +164,22 @@ def bytes_by_device(sizes: Mapping[str, float], layout: Mapping[str, int | str])
 
 def layer_devices(layout: Mapping[str, int | str], names: list[str]) -> dict[int, int | str | None]:
     """Device of each decoder layer (by index) of the first `layers.<i>` stack among `names`."""
-    stack = next((m["prefix"] for n in names if (m := _LAYER.match(n))), None)
+    stack = next((layer[0] for n in names if (layer := _layer_of(n))), None)
     if stack is None:
         return {}
     found: dict[int, int | str | None] = {}
     for name in names:
-        match = _LAYER.match(name)
-        if match and match["prefix"] == stack and int(match["index"]) not in found:
-            found[int(match["index"])] = device_of(name, layout)
+        layer = _layer_of(name)
+        if layer and layer[0] == stack and layer[1] not in found:
+            found[layer[1]] = device_of(name, layout)
     return found
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _layer_of(name: str) -> tuple[str, int] | None:
+    """(the `layers` stack, the layer's index) a parameter belongs to, or None."""
+    match = _LAYER.match(name)
+    return (match["prefix"], int(match["index"])) if match else None
 
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)\.")
