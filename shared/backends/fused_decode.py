@@ -193,8 +193,8 @@ class FusedStep:
                                                     position.view(1), self.scaling, layer.kv_rows // dim)
         else:
             query, key, value = qkv.split((layer.q_rows, layer.kv_rows, layer.kv_rows), dim=-1)
-            query = _rotate(query.view(-1, dim), cos, sin)  # [heads, dim]
-            key = _rotate(key.view(-1, dim), cos, sin)  # [kv heads, dim]
+            query = decode_attention.rotate(query.view(-1, dim), cos, sin)  # [heads, dim]
+            key = decode_attention.rotate(key.view(-1, dim), cos, sin)  # [kv heads, dim]
             cached.keys.index_copy_(2, position.view(1), key.view(1, -1, 1, dim))
             cached.values.index_copy_(2, position.view(1), value.view(1, -1, 1, dim))
             keys, values = cached.keys[0], cached.values[0]  # [kv heads, max_len, dim]
@@ -218,8 +218,3 @@ class FusedStep:
         out = torch.matmul(nn.functional.silu(gate) * up, layer.down.t())
         return self.reduce(out) if self.reduce is not None else out
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of [heads, dim] rows (the half-split layout transformers uses)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin

@@ -18,6 +18,16 @@ def voice(**fields: object):
     return parse_config({"router": {}, "specialists": {"pragmatist": {}}, "voice": fields}).voice
 
 
+def unset(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Unset `names` for the test; whatever the code under test sets in their place is undone after it."""
+    for name in names:
+        monkeypatch.setenv(name, "")  # recorded first: a bare delenv of an unset variable records nothing
+        monkeypatch.delenv(name)
+
+
+RANK_VARIABLES = (ranks.GPUS_VARIABLE, ranks.RANK_GPU_ENV, "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES")
+
+
 def test_tensor_ranks_are_one_per_gpu_unless_set_for_the_cpu() -> None:
     assert ranks.world_size(voice(parallel="tensor"), [0, 1]) == 2
     assert ranks.world_size(voice(parallel="tensor", ranks=2), []) == 2
@@ -36,9 +46,7 @@ def test_rank0_uses_only_its_gpu_sees_all_and_still_knows_the_voices(tmp_path: P
     config["voice"]["parallel"] = parallel
     (tmp_path / "c.toml").write_text(to_toml(config))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    for name in (ranks.GPUS_VARIABLE, ranks.RANK_GPU_ENV, "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"):
-        monkeypatch.setenv(name, "")  # recorded, so what the pinning sets is undone after the test
-        monkeypatch.delenv(name)  # a bare delenv of an unset one records nothing: it leaked
+    unset(monkeypatch, *RANK_VARIABLES)
     ranks.pin_rank0_to_its_gpu(["--config", str(tmp_path / "c.toml")])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # peer memory needs the other GPU visible
     assert os.environ.get(ranks.GPUS_VARIABLE) == pinned
@@ -52,10 +60,7 @@ def test_rank0_started_by_hand_takes_the_voices_gpus_from_the_config(tmp_path: P
     config["voice"]["parallel"] = "tensor"
     assert config["services"]["voice"]["gpus"] == [0, 1]
     (tmp_path / "c.toml").write_text(to_toml(config))
-    for name in ("CUDA_VISIBLE_DEVICES", ranks.GPUS_VARIABLE, ranks.RANK_GPU_ENV,
-                 "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"):
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+    unset(monkeypatch, "CUDA_VISIBLE_DEVICES", *RANK_VARIABLES)
     ranks.pin_rank0_to_its_gpu(["--config", str(tmp_path / "c.toml")])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1" and os.environ[ranks.RANK_GPU_ENV] == "0"
     assert os.environ[ranks.GPUS_VARIABLE] == "0,1"
