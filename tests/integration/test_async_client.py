@@ -68,6 +68,9 @@ def test_busy_timeout_status_and_idle_marks(make_stack) -> None:
         async with AsyncClient(stack.endpoint, timeout_s=30) as lyra:
             slow = lyra.stream("math code", idle_s=0.1)
             assert isinstance(await slow.__anext__(), AcceptedEvent)
+            deadline = time.monotonic() + 10  # accepted is not yet running: wait until it leaves the queue
+            while (await lyra.status()).queue_depth and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             queued = lyra.stream("math code")
             assert isinstance(await queued.__anext__(), AcceptedEvent)
             with pytest.raises(BusyError):
