@@ -41,6 +41,7 @@ REPEATS = 3
 WHOLE_HEAD_ENV = "LYRA_BENCH_WHOLE_HEAD"  # set: tensor ranks keep the LM head whole (to compare with the split)
 ENGINE_ENV = "LYRA_BENCH_ENGINE"
 PROFILE_ENV = "LYRA_BENCH_PROFILE"
+TORCH_PRODUCTS_ENV = "LYRA_BENCH_TORCH_PRODUCTS"  # set: the fused step keeps inductor's products (an A/B run)
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -64,6 +65,10 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
     from shared.backends.decode import DecodeEngine
 
     kind = os.environ.get(ENGINE_ENV, "graphs")  # an environment variable: the spawned ranks read it too
+    if os.environ.get(TORCH_PRODUCTS_ENV):
+        from shared.backends import gemv
+
+        gemv._tried[gemv._where(next(model.parameters()).device), next(model.parameters()).dtype] = False
     engine = DecodeEngine(model, SimpleNamespace(eos_token_id=None), "voice", kind, max_context, wrap=wrap)
     engine.eos = set()  # random weights: never stop early, every run makes the same number of tokens
     return engine
@@ -331,10 +336,14 @@ def main() -> None:
     parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
+    parser.add_argument("--torch-products", action="store_true",
+                        help="the fused step keeps inductor's products and norms instead of Lyra's kernels")
     parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
     args = parser.parse_args()
     if args.whole_head:
         os.environ[WHOLE_HEAD_ENV] = "1"
+    if args.torch_products:
+        os.environ[TORCH_PRODUCTS_ENV] = "1"
     os.environ[ENGINE_ENV] = args.engine
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +356,8 @@ def main() -> None:
             row.setdefault("shape", shape)
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "voice_tp.json").write_text(json.dumps(rows, indent=2))
+    name = "voice_tp_torch_products.json" if args.torch_products else "voice_tp.json"
+    (args.out / name).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.backends import decode_attention
+from shared.backends import decode_attention, gemv
 
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
@@ -147,6 +147,9 @@ class FusedStep:
         self.cos, self.sin = self._rotary_table(inner, max_len)
         self.positions = torch.arange(max_len, device=self.embed.device)
         self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype, step=True)
+        stacked = all(layer.qkv is not None and layer.gate_up is not None for layer in self.layers)
+        # Triton products and norms (gemv), with the attention kernel: 7 kernels a layer, plus the exchanges
+        self.products = self.kernel and stacked and gemv.prepare(self.embed.device, self.embed.dtype)
 
     def unbind(self) -> None:
         """Drop every reference to the model's tensors (they are leaving the device)."""
@@ -163,6 +166,8 @@ class FusedStep:
     def __call__(self, model: Any, token: torch.Tensor, mask: torch.Tensor, cache: Any, keyword: str) -> torch.Tensor:
         """Logits [1, vocab] for `token` at the cache's position; writes its K/V and advances the cache."""
         position = cache.layers[0].cumulative_length
+        if self.products:
+            return self._kernel_step(token, cache, position)
         cos = self.cos.index_select(0, position.view(1))  # [1, head_dim]
         sin = self.sin.index_select(0, position.view(1))
         visible = (self.positions <= position).view(1, 1, -1)  # [1, 1, max_len]
@@ -173,6 +178,28 @@ class FusedStep:
             hidden = hidden + self._mlp(layer, self._norm(hidden, layer.post_norm))
         torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
         logits = torch.matmul(self._norm(hidden, self.final_norm), self.head.t())
+        return self.gather(logits) if self.gather is not None else logits
+
+    def _kernel_step(self, token: torch.Tensor, cache: Any, position: torch.Tensor) -> torch.Tensor:
+        """The step in Lyra's kernels: per layer two norms (each with its residual sum), three products, attention.
+
+        The residual sum is added where the next norm reads it, so it never costs a kernel of its own.
+        """
+        hidden = self.embed.index_select(0, token.view(1))  # [1, hidden]
+        delta: torch.Tensor | None = None  # the previous block's output, not yet added to the residual stream
+        for layer, cached in zip(self.layers, cache.layers, strict=True):
+            hidden, normed = gemv.add_norm(hidden, layer.input_norm, self.eps, delta)
+            qkv = gemv.gemv(normed, layer.qkv, layer.qkv_bias)
+            attended = decode_attention.attend_step(qkv, self.cos, self.sin, cached.keys, cached.values,
+                                                    position.view(1), self.scaling, layer.kv_rows // self.head_dim)
+            out = gemv.gemv(attended.reshape(1, -1), layer.output, layer.output_bias)
+            hidden, normed = gemv.add_norm(hidden, layer.post_norm, self.eps,
+                                           self.reduce(out) if self.reduce is not None else out)
+            delta = gemv.gemv(gemv.gemv(normed, layer.gate_up, gated=True), layer.down)
+            delta = self.reduce(delta) if self.reduce is not None else delta
+        torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
+        _, normed = gemv.add_norm(hidden, self.final_norm, self.eps, delta)
+        logits = gemv.gemv(normed, self.head)
         return self.gather(logits) if self.gather is not None else logits
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

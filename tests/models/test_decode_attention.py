@@ -1,4 +1,4 @@
-"""Runs the Triton kernels' tests under Triton's CPU interpreter: decode attention and the peer all-reduce.
+"""Runs the Triton kernels' tests under Triton's CPU interpreter: decode attention, products, the peer all-reduce.
 
 Triton decides at import whether it interprets, so those tests need a process of their own that sets
 TRITON_INTERPRET=1 before anything imports Triton.
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.models
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("tests", ["interpreted_decode_attention.py", "interpreted_peer_reduce.py"])
+@pytest.mark.parametrize("tests", ["interpreted_decode_attention.py", "interpreted_peer_reduce.py", "interpreted_gemv.py"])
 def test_kernel_tests_pass_under_the_interpreter(tests: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",

@@ -1,0 +1,277 @@
+"""The decode step's matrix products and norms as Triton kernels: one row times each weight, few launches.
+
+A decode step multiplies one row by every weight matrix of the model. Inductor writes each product as a
+reduction kernel, precedes it with another for the norm's sum of squares, and adds small kernels for the
+residual sums and the cache's bookkeeping: a decoder layer of the 8B shape split over two ranks ran about
+13 kernels, and its q/k/v, o and down products read their weights at 2.2-3.1 TB/s of the H200's 4.8
+(bench/results/h200x2_profile_8b_tensor_fused_peer.txt). At that size a kernel's start and its tail cost
+as much as its work, so the step wants fewer kernels that each read faster:
+- `gemv()`: each program reads a block of whole weight rows (contiguous in memory) against the input
+  vector, one float32 sum per row, tiled by `bench/decode_gemv.py` (3.0-3.6 TB/s at a rank's 8B shapes
+  where cuBLAS reaches 2.3-3.6). `gated` reads gate and up rows together and writes silu(gate) * up,
+  so the MLP's activation costs no kernel and the down product reads a ready input.
+- `add_norm()`: the residual sum and the RMSNorm of the result, in one program (the vector is a few KB).
+Every value is rounded where the model's own forward rounds it (the sums, the norm, silu, the product).
+A decoder layer is then two norms, three products, the attention's two kernels and, between tensor-
+parallel ranks, two exchanges.
+
+`prepare()` compiles and checks both once per device and dtype against the same operations in torch,
+outside any graph capture; `usable()` then says so. They run on CUDA with Triton, or under Triton's
+interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+_kernels: tuple[Any, Any] | None = None  # made on first use (importing Triton takes a second)
+_tried: dict[tuple[torch.device, torch.dtype], bool] = {}  # prepare()'s verdicts
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one product is cut: weight rows per program, input columns per inner step, warps, pipeline stages."""
+
+    rows: int
+    columns: int
+    warps: int
+    stages: int
+
+
+# bench/results/h200_decode_gemv.json: within 2% of the best tiling for most Llama 8B/70B shapes, whole or halved
+TILING = Tiling(rows=2, columns=1024, warps=4, stages=1)
+
+
+def _where(device: torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when `prepare()` found the kernels working for this device and dtype."""
+    return _tried.get((_where(device), dtype), False)
+
+
+def prepare(device: torch.device, dtype: torch.dtype) -> bool:
+    """Compile the kernels for (device, dtype) and check them against torch, once.
+
+    Call it before any CUDA graph capture. False, with the reason logged, where they cannot run: no Triton,
+    the CPU without the interpreter, or a kernel that does not compile or answers wrongly (the caller then
+    keeps torch's operations).
+    """
+    device = _where(device)
+    key = (device, dtype)
+    if key in _tried:
+        return _tried[key]
+    reason = ""
+    if importlib.util.find_spec("triton") is None:
+        reason = "Triton is not installed"
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"{device.type} is not a CUDA device"
+    else:
+        reason = _trial(device, dtype)
+    _tried[key] = not reason
+    if reason and device.type == "cuda":
+        logger.warning("decode product kernels not used on %s (%s): %s; the step keeps torch's operations",
+                       device, dtype, reason)
+    return not reason
+
+
+def _trial(device: torch.device, dtype: torch.dtype) -> str:
+    """"" if each kernel equals its torch reference on small, ragged shapes."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+    columns, rows = 700, 37  # neither a multiple of the tiling
+    weight, bias, gain = draw(2 * rows, columns) * 0.05, draw(rows), draw(columns)
+    x, addend = draw(1, columns), draw(1, columns)
+    cases = {
+        "product": (lambda: gemv(x, weight[:rows]), lambda: gemv_reference(x, weight[:rows])),
+        "product with bias": (lambda: gemv(x, weight[:rows], bias), lambda: gemv_reference(x, weight[:rows], bias)),
+        "gated product": (lambda: gemv(x, weight, gated=True), lambda: gemv_reference(x, weight, gated=True)),
+        "norm": (lambda: add_norm(x, gain, 1e-5)[1], lambda: add_norm_reference(x, gain, 1e-5)[1]),
+        "residual sum": (lambda: add_norm(x, gain, 1e-5, addend)[0],
+                         lambda: add_norm_reference(x, gain, 1e-5, addend)[0]),
+        "norm of the sum": (lambda: add_norm(x, gain, 1e-5, addend)[1],
+                            lambda: add_norm_reference(x, gain, 1e-5, addend)[1]),
+    }
+    wrong = []
+    for name, (run, expected) in cases.items():
+        try:
+            got = run()
+        except Exception as exc:  # a Triton that cannot compile it here: say why, keep going
+            return f"{name}: {type(exc).__name__}: {str(exc)[:200]}"
+        error = _error(got, expected())
+        if not error <= (1e-4 if dtype == torch.float32 else 2e-2):
+            wrong.append(f"{name} differs by {error:.3g}")
+    return "; ".join(wrong)
+
+
+def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference, relative above 1 (a 16-bit value's rounding grows with its size)."""
+    if got.shape != expected.shape:
+        return float("inf")
+    return ((got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1.0)).max().item()
+
+
+# ----------------------------------------------------------------------------- what the kernels compute
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, rounded as Llama's own norm rounds it."""
+    wide = hidden.float()
+    wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * wide.to(hidden.dtype)
+
+
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   gated: bool = False) -> torch.Tensor:
+    """What `gemv` computes, in torch."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    if gated:
+        gate, up = out.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    return out
+
+
+def add_norm_reference(hidden: torch.Tensor, gain: torch.Tensor, eps: float,
+                       addend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `add_norm` computes, in torch."""
+    residual = hidden + addend if addend is not None else hidden.clone()
+    return residual, rms_norm(residual, gain, eps)
+
+
+# ----------------------------------------------------------------------------- the operations
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+         tile: Tiling | None = None) -> torch.Tensor:
+    """x [1, K] times weight [N, K]^T (+ bias): [1, N].
+
+    `gated`: the weight is gate and up stacked by rows ([2I, K]); the result is silu(gate) * up, [1, I].
+    A custom op, so torch.compile keeps it whole and a CUDA graph captures its one kernel. `tile`
+    overrides the tiling (benchmarks).
+    """
+    if gated and (weight.shape[0] % 2 or bias is not None):
+        raise ValueError("gemv: a gated product takes gate and up rows of equal count, without bias")
+    tile = tile or TILING
+    return torch.ops.lyra.gemv(x, weight, bias, gated, tile.rows, tile.columns, tile.warps, tile.stages)
+
+
+def add_norm(hidden: torch.Tensor, gain: torch.Tensor, eps: float,
+             addend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + addend, RMSNorm of it) for one row [1, H]; without `addend`, (a copy of hidden, its norm)."""
+    return torch.ops.lyra.add_norm(hidden, addend, gain, eps)
+
+
+def _launch(device: torch.device) -> Any:
+    """The device context a launch needs (the interpreter needs none)."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _made() -> tuple[Any, Any]:
+    global _kernels
+    if _kernels is None:
+        _kernels = _make_kernels()
+    return _kernels
+
+
+@torch.library.custom_op("lyra::gemv", mutates_args=())
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, rows: int, columns: int,
+          warps: int, stages: int) -> torch.Tensor:
+    product, _ = _made()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    count = weight.shape[0] // 2 if gated else weight.shape[0]
+    out = x.new_empty(1, count)
+    with _launch(x.device):
+        product[(-(-count // rows),)](x.contiguous(), weight, out, bias if bias is not None else out, count,
+                                      weight.shape[1], weight.stride(0), GATED=gated, BIAS=bias is not None,
+                                      ROWS=rows, COLUMNS=columns, num_warps=warps, num_stages=stages)
+    return out
+
+
+@_gemv.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, rows: int, columns: int,
+      warps: int, stages: int) -> torch.Tensor:
+    return x.new_empty(1, weight.shape[0] // 2 if gated else weight.shape[0])
+
+
+@torch.library.custom_op("lyra::add_norm", mutates_args=())
+def _add_norm(hidden: torch.Tensor, addend: torch.Tensor | None, gain: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _, norm = _made()
+    width = hidden.shape[-1]
+    residual, normed = hidden.new_empty(1, width), hidden.new_empty(1, width)
+    block = 1 << max(width - 1, 1).bit_length()
+    with _launch(hidden.device):
+        norm[(1,)](hidden.contiguous(), addend.contiguous() if addend is not None else hidden, gain, residual, normed,
+                   width, eps, ADD=addend is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return residual, normed
+
+
+@_add_norm.register_fake
+def _(hidden: torch.Tensor, addend: torch.Tensor | None, gain: torch.Tensor,
+      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return hidden.new_empty(1, hidden.shape[-1]), hidden.new_empty(1, hidden.shape[-1])
+
+
+def _make_kernels() -> tuple[Any, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def product(x, weight, out, bias, count, width, stride, GATED: tl.constexpr, BIAS: tl.constexpr,
+                ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        inside = rows < count
+        steps = tl.arange(0, COLUMNS)
+        dtype = out.dtype.element_ty
+        sums = tl.zeros((ROWS, COLUMNS), tl.float32)
+        ups = tl.zeros((ROWS, COLUMNS), tl.float32)
+        for start in range(0, width, COLUMNS):
+            columns = start + steps
+            present = columns < width
+            value = tl.load(x + columns, mask=present, other=0.0).to(tl.float32)[None, :]
+            where = rows[:, None] * stride + columns[None, :]
+            both = inside[:, None] & present[None, :]
+            sums += tl.load(weight + where, mask=both, other=0.0).to(tl.float32) * value
+            if GATED:  # the matching up rows sit `count` rows below the gate rows
+                ups += tl.load(weight + count * stride + where, mask=both, other=0.0).to(tl.float32) * value
+        total = tl.sum(sums, 1)
+        if BIAS:
+            total += tl.load(bias + rows, mask=inside, other=0.0).to(tl.float32)
+        if GATED:  # silu(gate) * up, each rounded as torch rounds it
+            gate = total.to(dtype).to(tl.float32)
+            up = tl.sum(ups, 1).to(dtype).to(tl.float32)
+            total = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+        tl.store(out + rows, total.to(dtype), mask=inside)
+
+    @triton.jit
+    def norm(hidden, addend, gain, residual, normed, width, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+        columns = tl.arange(0, BLOCK)
+        present = columns < width
+        dtype = normed.dtype.element_ty
+        value = tl.load(hidden + columns, mask=present, other=0.0)
+        if ADD:
+            value = (value.to(tl.float32) + tl.load(addend + columns, mask=present, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(residual + columns, value, mask=present)
+        wide = value.to(tl.float32)
+        scale = tl.rsqrt(tl.sum(wide * wide, 0) / width + eps)
+        weight = tl.load(gain + columns, mask=present, other=0.0).to(tl.float32)
+        tl.store(normed + columns, (weight * (wide * scale).to(dtype).to(tl.float32)).to(dtype), mask=present)
+
+    return product, norm

@@ -1,0 +1,139 @@
+"""The decode step's product and norm kernels equal torch, and the fused step built on them equals the model's.
+
+Run by Triton's CPU interpreter (tests/models/test_decode_attention.py runs this file in a pytest of its
+own with TRITON_INTERPRET=1). The interpreter rounds bfloat16 toward zero where a GPU rounds to nearest,
+so exact comparisons use float32 and float16.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from shared.backends import gemv
+from shared.backends.fused_decode import FusedStep
+from shared.backends.tensor_parallel import Shard, nccl_reduce
+from tests.models.test_fused_decode import CONTEXT, greedy, rank_model
+
+pytestmark = pytest.mark.models
+
+CPU = torch.device("cpu")
+COARSE = gemv.Tiling(rows=16, columns=256, warps=4, stages=1)  # the interpreter runs programs one by one: fewer
+
+
+@pytest.fixture
+def coarse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemv, "TILING", COARSE)
+
+
+def draw(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "columns"), [(1, 1), (37, 700), (64, 2048), (130, 1030)])
+@pytest.mark.parametrize("tile", [gemv.TILING, gemv.Tiling(rows=16, columns=256, warps=4, stages=3)])
+def test_product_equals_linear(dtype: torch.dtype, rows: int, columns: int, tile: gemv.Tiling) -> None:
+    weight, bias, x = draw(rows, columns, dtype=dtype) * 0.05, draw(rows, dtype=dtype, seed=1), draw(1, columns,
+                                                                                                 dtype=dtype, seed=2)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
+    torch.testing.assert_close(gemv.gemv(x, weight, tile=tile), gemv.gemv_reference(x, weight), **tolerance)
+    torch.testing.assert_close(gemv.gemv(x, weight, bias, tile=tile), gemv.gemv_reference(x, weight, bias),
+                               **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_product_is_silu_of_gate_times_up(dtype: torch.dtype) -> None:
+    weight, x = draw(2 * 75, 300, dtype=dtype) * 0.2, draw(1, 300, dtype=dtype, seed=1)
+    got = gemv.gemv(x, weight, gated=True)
+    assert got.shape == (1, 75)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 2e-3}
+    torch.testing.assert_close(got, gemv.gemv_reference(x, weight, gated=True), **tolerance)
+
+
+def test_a_gated_product_needs_equal_halves_and_no_bias() -> None:
+    with pytest.raises(ValueError, match="equal count"):
+        gemv.gemv(draw(1, 8), draw(5, 8), gated=True)
+    with pytest.raises(ValueError, match="equal count"):
+        gemv.gemv(draw(1, 8), draw(4, 8), draw(4), gated=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("width", [64, 700, 4096])
+def test_add_norm_sums_the_residual_and_normalises_it(dtype: torch.dtype, width: int) -> None:
+    hidden, addend, gain = draw(1, width, dtype=dtype), draw(1, width, dtype=dtype, seed=1), draw(width, dtype=dtype,
+                                                                                                   seed=2)
+    for given in (None, addend):
+        residual, normed = gemv.add_norm(hidden, gain, 1e-5, given)
+        expected_residual, expected = gemv.add_norm_reference(hidden, gain, 1e-5, given)
+        assert torch.equal(residual, expected_residual)  # one rounded sum, exactly the model's
+        torch.testing.assert_close(normed, expected, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
+        assert residual.data_ptr() != hidden.data_ptr()
+
+
+def test_products_are_used_where_they_pass_their_trial_and_not_where_they_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemv, "_tried", {})
+    assert gemv.prepare(CPU, torch.float32) and gemv.usable(CPU, torch.float32)
+    monkeypatch.setattr(gemv, "_tried", {})
+    monkeypatch.setattr(gemv, "add_norm", lambda hidden, gain, eps, addend=None: (hidden, hidden))
+    assert not gemv.prepare(CPU, torch.float32)
+    assert not gemv.usable(CPU, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_step_on_the_kernels_equals_the_models_own_step(kind: str, coarse: None) -> None:
+    from transformers import LlamaConfig, Qwen2Config  # Qwen2: q/k/v biases
+
+    model = rank_model({"llama": LlamaConfig, "qwen2": Qwen2Config}[kind], Shard(0, 1))
+    expected_tokens, expected_logits = greedy(model)
+    with torch.inference_mode():
+        step = FusedStep(model, CONTEXT)
+    assert step.products
+    tokens, logits = greedy(model, step)
+    assert tokens == expected_tokens and len(set(tokens)) > 2
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_step_keeps_torchs_operations_where_the_kernels_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import LlamaConfig
+
+    model = rank_model(LlamaConfig, Shard(0, 1))
+    expected = greedy(model)[0]
+    monkeypatch.setattr(gemv, "_tried", {(CPU, torch.float32): False})
+    with torch.inference_mode():
+        step = FusedStep(model, CONTEXT)
+    assert not step.products and step.kernel
+    assert greedy(model, step)[0] == expected
+
+
+def rank_tokens(rank: int, store: str, results: object) -> None:
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    gemv.TILING = COARSE
+    try:
+        model = rank_model(LlamaConfig, Shard(rank, 2), nccl_reduce())
+        with torch.inference_mode():
+            step = FusedStep(model, CONTEXT)
+        tokens, logits = greedy(model, step)
+        results.put((rank, step.products, tokens, logits.tolist()))  # plain lists: the process ends
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_on_the_kernels_decode_as_one_process() -> None:
+    from transformers import LlamaConfig
+
+    expected_tokens, expected_logits = greedy(rank_model(LlamaConfig, Shard(0, 1)))
+    results = mp.get_context("spawn").Queue()
+    with tempfile.TemporaryDirectory() as folder:  # the ranks inherit TRITON_INTERPRET
+        mp.start_processes(rank_tokens, nprocs=2, start_method="spawn", args=(f"{folder}/store", results))
+    reported = sorted((results.get(timeout=60) for _ in range(2)), key=lambda item: item[0])
+    for _rank, products, tokens, logits in reported:
+        assert products
+        assert tokens == expected_tokens
+        torch.testing.assert_close(torch.tensor(logits), expected_logits, rtol=1e-4, atol=1e-4)
