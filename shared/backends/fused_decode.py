@@ -23,6 +23,7 @@ Architectures it does not know (extra norms, other MLPs) keep the general step: 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from shared.backends import decode_attention, gemv
+
+logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
@@ -93,6 +96,10 @@ def _consecutive(parts: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+def _tiling_name(tile: gemv.Tiling | None) -> str:
+    return "cuBLAS" if tile is None else f"{tile.rows}x{tile.columns}/{tile.warps}w/{tile.stages}s"
+
+
 class FusedLayer:
     """One decoder layer's tensors, as the step reads them.
 
@@ -128,6 +135,7 @@ class FusedStep:
         if found:
             raise ValueError("; ".join(found))
         self.max_len = max_len
+        self.tiles: dict[str, gemv.Tiling | None] = {}  # each product's tiling (None: cuBLAS), tuned at first bind
         self.bind(model, copy=True)
 
     def bind(self, model: Any, copy: bool = False) -> None:
@@ -150,6 +158,24 @@ class FusedStep:
         stacked = all(layer.qkv is not None and layer.gate_up is not None for layer in self.layers)
         # Triton products and norms (gemv), with the attention kernel: 7 kernels a layer, plus the exchanges
         self.products = self.kernel and stacked and gemv.prepare(self.embed.device, self.embed.dtype)
+        if self.products and not self.tiles:  # once: a swap moves the weights, not their shapes
+            self.tiles = self._tune()
+
+    def _tune(self) -> dict[str, gemv.Tiling | None]:
+        """Each product's fastest tiling (or cuBLAS), timed on this model's own weights on this GPU."""
+        import time
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            tiles = {"qkv": gemv.tune([layer.qkv for layer in self.layers]),
+                     "output": gemv.tune([layer.output for layer in self.layers]),
+                     "gate_up": gemv.tune([layer.gate_up for layer in self.layers], gated=True),
+                     "down": gemv.tune([layer.down for layer in self.layers]),
+                     "head": gemv.tune([self.head])}
+        if self.embed.device.type == "cuda":
+            logger.info("fused step: products tuned in %.1fs: %s", time.perf_counter() - started,
+                        ", ".join(f"{name} {_tiling_name(tile)}" for name, tile in tiles.items()))
+        return tiles
 
     def unbind(self) -> None:
         """Drop every reference to the model's tensors (they are leaving the device)."""
@@ -189,17 +215,18 @@ class FusedStep:
         delta: torch.Tensor | None = None  # the previous block's output, not yet added to the residual stream
         for layer, cached in zip(self.layers, cache.layers, strict=True):
             hidden, normed = gemv.add_norm(hidden, layer.input_norm, self.eps, delta)
-            qkv = gemv.gemv(normed, layer.qkv, layer.qkv_bias)
+            qkv = gemv.product(normed, layer.qkv, layer.qkv_bias, tile=self.tiles["qkv"])
             attended = decode_attention.attend_step(qkv, self.cos, self.sin, cached.keys, cached.values,
                                                     position.view(1), self.scaling, layer.kv_rows // self.head_dim)
-            out = gemv.gemv(attended.reshape(1, -1), layer.output, layer.output_bias)
+            out = gemv.product(attended.reshape(1, -1), layer.output, layer.output_bias, tile=self.tiles["output"])
             hidden, normed = gemv.add_norm(hidden, layer.post_norm, self.eps,
                                            self.reduce(out) if self.reduce is not None else out)
-            delta = gemv.gemv(gemv.gemv(normed, layer.gate_up, gated=True), layer.down)
+            active = gemv.product(normed, layer.gate_up, gated=True, tile=self.tiles["gate_up"])
+            delta = gemv.product(active, layer.down, tile=self.tiles["down"])
             delta = self.reduce(delta) if self.reduce is not None else delta
         torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
         _, normed = gemv.add_norm(hidden, self.final_norm, self.eps, delta)
-        logits = gemv.gemv(normed, self.head)
+        logits = gemv.product(normed, self.head, tile=self.tiles["head"])
         return self.gather(logits) if self.gather is not None else logits
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,13 @@ class Tiling:
     stages: int
 
 
-# bench/results/h200_decode_gemv.json: within 2% of the best tiling for most Llama 8B/70B shapes, whole or halved
-TILING = Tiling(rows=2, columns=1024, warps=4, stages=1)
+TILING = Tiling(rows=2, columns=1024, warps=4, stages=1)  # where nothing was tuned (the CPU interpreter)
+# The best five for each Llama 8B/70B weight shape, whole or halved, on an H200 (bench/decode_gemv.py) fall
+# among these; which is best moves with the shape and from machine to machine by up to 20%, so `tune()`
+# times them on the model's own weights at load.
+CANDIDATES = (Tiling(2, 1024, 4, 1), Tiling(4, 512, 4, 2), Tiling(16, 256, 4, 3), Tiling(16, 1024, 8, 3),
+              Tiling(8, 512, 4, 1), Tiling(1, 1024, 4, 1), Tiling(8, 256, 2, 3), Tiling(2, 512, 2, 1))
+TUNING_REPLAYS = 3
 
 
 def _where(device: torch.device) -> torch.device:
@@ -123,6 +128,61 @@ def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
     if got.shape != expected.shape:
         return float("inf")
     return ((got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1.0)).max().item()
+
+
+def tune(weights: list[torch.Tensor], gated: bool = False) -> Tiling | None:
+    """The fastest way to multiply a row by each of `weights` in turn, as a decode step reads them.
+
+    Each candidate tiling (and, for plain products, cuBLAS: None) is timed over all of `weights`, one
+    product each, replayed from a CUDA graph: the weights come from HBM, not from L2, and launches cost
+    what they cost in the step. A tiling this GPU cannot compile is skipped. Off CUDA: `TILING`.
+    """
+    first = weights[0]
+    if first.device.type != "cuda":
+        return TILING
+    x = torch.randn(1, first.shape[1], dtype=first.dtype, device=first.device)
+    ways: list[Tiling | None] = list(CANDIDATES) + ([] if gated else [None])
+    timed: list[tuple[float, int]] = []
+    for index, tile in enumerate(ways):
+        try:
+            took = _replayed(lambda weight, tile=tile: product(x, weight, gated=gated, tile=tile), weights)
+        except Exception as exc:  # registers or shared memory this GPU lacks: the others remain
+            logger.info("tiling %s not usable on %s: %s", tile, first.device, type(exc).__name__)
+            continue
+        timed.append((took, index))
+    if not timed:
+        return TILING
+    return ways[min(timed)[1]]
+
+
+def _replayed(call: Any, weights: list[torch.Tensor]) -> float:
+    """Seconds for `call` over every weight, the fastest of a few CUDA graph replays."""
+    stream = torch.cuda.Stream(weights[0].device)
+    stream.wait_stream(torch.cuda.current_stream(weights[0].device))
+    with torch.cuda.stream(stream):
+        call(weights[0])  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for weight in weights:
+                call(weight)
+        best = float("inf")
+        for _ in range(TUNING_REPLAYS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)
+    torch.cuda.current_stream(weights[0].device).wait_stream(stream)
+    return best
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+            tile: Tiling | None = TILING) -> torch.Tensor:
+    """`gemv` with `tile`, or torch's linear where `tile` is None (what `tune` found fastest)."""
+    if tile is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    return gemv(x, weight, bias, gated=gated, tile=tile)
 
 
 # ----------------------------------------------------------------------------- what the kernels compute

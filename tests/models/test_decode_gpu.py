@@ -131,3 +131,26 @@ def test_attend_step_in_a_graph_writes_the_cache_and_reads_the_length_on_the_dev
         torch.testing.assert_close(keys, expected_keys, atol=exact, rtol=exact)
         assert torch.equal(values, expected_values)
         qkv.copy_(torch.randn(qkv.shape, device="cuda", generator=generator).to(dtype))  # the next token
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tuned_products_equal_torch_in_a_graph(dtype: torch.dtype) -> None:
+    from shared.backends import gemv
+
+    assert gemv.prepare(torch.device("cuda"), dtype)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weights = [torch.randn(3072, 4096, device="cuda", generator=generator).to(dtype) * 0.02 for _ in range(4)]
+    x = torch.randn(1, 4096, device="cuda", generator=generator).to(dtype)
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for gated in (False, True):
+        tile = gemv.tune(weights, gated=gated)
+        assert tile is not None or not gated  # cuBLAS (None) only for plain products
+        graph, out = torch.cuda.CUDAGraph(), None
+        gemv.product(x, weights[1], gated=gated, tile=tile)
+        with torch.cuda.graph(graph):
+            out = gemv.product(x, weights[1], gated=gated, tile=tile)
+        x.mul_(-1)  # the replay reads the input's new values
+        graph.replay()
+        torch.testing.assert_close(out, gemv.gemv_reference(x, weights[1], gated=gated), **tolerance)
+    _, normed = gemv.add_norm(x, weights[0][0, :4096], 1e-5, x)
+    torch.testing.assert_close(normed, gemv.add_norm_reference(x, weights[0][0, :4096], 1e-5, x)[1], **tolerance)
