@@ -74,6 +74,16 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
     return engine
 
 
+def products(engine: Any) -> str:
+    """How the fused step multiplies: each product's tuned tiling (or cuBLAS), or inductor's products."""
+    from shared.backends.fused_decode import tiling_name
+
+    step = getattr(engine, "fused", None)
+    if step is None or not step.products:
+        return "inductor"
+    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items())
+
+
 def decode(engine: Any, prompt: Any, count: int) -> list[int]:
     import torch
 
@@ -151,6 +161,7 @@ def one_device(shape: str, device: str, tokens: int, max_context: int, precision
     row = {"run": "one device", "engine": engine.describe(), "ms_per_token": ms_per_token(engine, prompt, tokens),
            "read_gb": streamed_bytes(model) / 1e9, "tokens": decode(engine, prompt, AGREE)}
     row["engine"] = engine.describe()
+    row["products"] = products(engine)
     profile(engine, prompt, f"{shape}_one_{os.environ.get(ENGINE_ENV)}")
     del engine, model
     return row
@@ -236,7 +247,7 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
     prompt = prompt_ids(place, model.config.vocab_size)
     row = {"run": f"tensor x{world} ({all_reduce})", "engine": engine.describe(), "prepare_s": prepared,
            "ms_per_token": ms_per_token(engine, prompt, tokens), "read_gb": streamed_bytes(model) / 1e9,
-           "tokens": decode(engine, prompt, AGREE)}
+           "tokens": decode(engine, prompt, AGREE), "products": products(engine)}
     profile(engine, prompt, f"{shape}_tensor_{all_reduce}_{os.environ.get(ENGINE_ENV)}")
     group.command(STOP)
     results.put({**row, **rank_memory(0, place)})

@@ -96,7 +96,7 @@ def _consecutive(parts: Sequence[torch.Tensor]) -> bool:
     return True
 
 
-def _tiling_name(tile: gemv.Tiling | None) -> str:
+def tiling_name(tile: gemv.Tiling | None) -> str:
     return "cuBLAS" if tile is None else f"{tile.rows}x{tile.columns}/{tile.warps}w/{tile.stages}s"
 
 
@@ -174,7 +174,7 @@ class FusedStep:
                      "head": gemv.tune([self.head])}
         if self.embed.device.type == "cuda":
             logger.info("fused step: products tuned in %.1fs: %s", time.perf_counter() - started,
-                        ", ".join(f"{name} {_tiling_name(tile)}" for name, tile in tiles.items()))
+                        ", ".join(f"{name} {tiling_name(tile)}" for name, tile in tiles.items()))
         return tiles
 
     def unbind(self) -> None:
