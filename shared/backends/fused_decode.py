@@ -212,22 +212,32 @@ class FusedStep:
         The residual sum is added where the next norm reads it, so it never costs a kernel of its own.
         """
         hidden = self.embed.index_select(0, token.view(1))  # [1, hidden]
-        delta: torch.Tensor | None = None  # the previous block's output, not yet added to the residual stream
+        partial: torch.Tensor | None = None  # the previous block's output (this rank's part), not yet added
         for layer, cached in zip(self.layers, cache.layers, strict=True):
-            hidden, normed = gemv.add_norm(hidden, layer.input_norm, self.eps, delta)
+            hidden, normed = self._add_norm(hidden, layer.input_norm, partial)
             qkv = gemv.product(normed, layer.qkv, layer.qkv_bias, tile=self.tiles["qkv"])
             attended = decode_attention.attend_step(qkv, self.cos, self.sin, cached.keys, cached.values,
                                                     position.view(1), self.scaling, layer.kv_rows // self.head_dim)
-            out = gemv.product(attended.reshape(1, -1), layer.output, layer.output_bias, tile=self.tiles["output"])
-            hidden, normed = gemv.add_norm(hidden, layer.post_norm, self.eps,
-                                           self.reduce(out) if self.reduce is not None else out)
+            partial = gemv.product(attended.reshape(1, -1), layer.output, layer.output_bias, tile=self.tiles["output"])
+            hidden, normed = self._add_norm(hidden, layer.post_norm, partial)
             active = gemv.product(normed, layer.gate_up, gated=True, tile=self.tiles["gate_up"])
-            delta = gemv.product(active, layer.down, tile=self.tiles["down"])
-            delta = self.reduce(delta) if self.reduce is not None else delta
+            partial = gemv.product(active, layer.down, tile=self.tiles["down"])
         torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
-        _, normed = gemv.add_norm(hidden, self.final_norm, self.eps, delta)
+        _, normed = self._add_norm(hidden, self.final_norm, partial)
         logits = gemv.product(normed, self.head, tile=self.tiles["head"])
         return self.gather(logits) if self.gather is not None else logits
+
+    def _add_norm(self, hidden: torch.Tensor, gain: torch.Tensor,
+                  partial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + the ranks' summed `partial`, its norm); the peer all-reduce does both in its own kernel."""
+        if partial is None:
+            return gemv.add_norm(hidden, gain, self.eps)
+        if self.reduce is None:
+            return gemv.add_norm(hidden, gain, self.eps, partial)
+        fused = getattr(self.reduce, "add_norm", None)
+        if fused is not None:
+            return fused(partial, hidden, gain, self.eps)
+        return gemv.add_norm(hidden, gain, self.eps, self.reduce(partial))
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm in float32, as the model's own norm."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.backends.peer_reduce import BLOCK, exchange_words
+from shared.backends.gemv import add_norm_reference
+from shared.backends.peer_reduce import BLOCK, exchange_norm_words, exchange_words
 
 pytestmark = pytest.mark.models
 CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges
@@ -37,6 +38,16 @@ class Group:
         for rank, part in enumerate(parts):
             exchange_words(part, outs[rank], self.table, self.epochs[rank], self.failed[rank], CAPACITY, rank,
                            self.world, push=False, gather=True, spins=spins)
+        return outs
+
+    def add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor, gain: torch.Tensor,
+                 eps: float = 1e-5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every rank's (residual + sum of parts, its norm) from the fused kernel."""
+        outs = [(torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))) for _ in parts]
+        for push, gather in ((True, False), (False, True)):
+            for rank, part in enumerate(parts):
+                exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.epochs[rank],
+                                    self.failed[rank], CAPACITY, rank, self.world, push=push, gather=gather)
         return outs
 
 
@@ -93,3 +104,21 @@ def test_a_peer_that_never_pushes_is_counted_not_waited_for_forever() -> None:
     assert int(group.failed[0]) == 1  # rank 0 waited for rank 1 and gave up
     assert int(group.failed[1]) == 0  # rank 1 got rank 0's words
     assert torch.equal(outs[1], torch.full((BLOCK,), 10.0, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(("world", "dtype", "count"), [(2, torch.float16, 1000), (3, torch.float32, 3 * BLOCK - 1),
+                                                       (2, torch.float32, 5)])
+def test_the_fused_norm_equals_the_sum_then_the_norm(world: int, dtype: torch.dtype, count: int) -> None:
+    group = Group(world)
+    generator = torch.Generator().manual_seed(count)
+    residual, gain = (torch.randn(1, count, generator=generator).to(dtype) for _ in range(2))
+    for call in range(4):  # fused and plain calls alternate: the epochs and slots stay in step
+        parts = [torch.randn(1, count, generator=generator).to(dtype) * (call + 1) for _ in range(world)]
+        if call % 2:
+            assert all(torch.equal(out, expected_sum(parts)) for out in group.all_reduce(parts))
+            continue
+        wanted_sum, wanted_norm = add_norm_reference(residual, gain, 1e-5, expected_sum(parts))
+        for summed, normed in group.add_norm(parts, residual, gain):
+            assert torch.equal(summed, wanted_sum)  # the same rounded sums as the plain call and the model
+            torch.testing.assert_close(normed, wanted_norm, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
+    assert [int(failed) for failed in group.failed] == [0] * world
