@@ -42,6 +42,7 @@ WHOLE_HEAD_ENV = "LYRA_BENCH_WHOLE_HEAD"  # set: tensor ranks keep the LM head w
 ENGINE_ENV = "LYRA_BENCH_ENGINE"
 PROFILE_ENV = "LYRA_BENCH_PROFILE"
 TORCH_PRODUCTS_ENV = "LYRA_BENCH_TORCH_PRODUCTS"  # set: the fused step keeps inductor's products (an A/B run)
+PLAIN_EXCHANGE_ENV = "LYRA_BENCH_PLAIN_EXCHANGE"  # set: the peer all-reduce and the norm as two kernels (A/B)
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -65,6 +66,10 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
     from shared.backends.decode import DecodeEngine
 
     kind = os.environ.get(ENGINE_ENV, "graphs")  # an environment variable: the spawned ranks read it too
+    if os.environ.get(PLAIN_EXCHANGE_ENV):
+        from shared.backends.peer_reduce import PeerReduce
+
+        PeerReduce.add_norm = None  # the fused step then sums, and normalises in a kernel of its own
     if os.environ.get(TORCH_PRODUCTS_ENV):
         from shared.backends import gemv
 
@@ -349,12 +354,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
     parser.add_argument("--torch-products", action="store_true",
                         help="the fused step keeps inductor's products and norms instead of Lyra's kernels")
+    parser.add_argument("--plain-exchange", action="store_true",
+                        help="the fused step's peer all-reduce does not compute the next norm (two kernels)")
     parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
     args = parser.parse_args()
     if args.whole_head:
         os.environ[WHOLE_HEAD_ENV] = "1"
     if args.torch_products:
         os.environ[TORCH_PRODUCTS_ENV] = "1"
+    if args.plain_exchange:
+        os.environ[PLAIN_EXCHANGE_ENV] = "1"
     os.environ[ENGINE_ENV] = args.engine
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -367,7 +376,8 @@ def main() -> None:
             row.setdefault("shape", shape)
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "voice_tp_torch_products.json" if args.torch_products else "voice_tp.json"
+    name = "voice_tp" + ("_torch_products" if args.torch_products else "") + \
+        ("_plain_exchange" if args.plain_exchange else "") + ".json"
     (args.out / name).write_text(json.dumps(rows, indent=2))
 
 
