@@ -43,6 +43,7 @@ ENGINE_ENV = "LYRA_BENCH_ENGINE"
 PROFILE_ENV = "LYRA_BENCH_PROFILE"
 TORCH_PRODUCTS_ENV = "LYRA_BENCH_TORCH_PRODUCTS"  # set: the fused step keeps inductor's products (an A/B run)
 PLAIN_EXCHANGE_ENV = "LYRA_BENCH_PLAIN_EXCHANGE"  # set: the peer all-reduce and the norm as two kernels (A/B)
+RANK_PRODUCTS_ENV = "LYRA_BENCH_RANK_PRODUCTS"  # set: tensor ranks use Lyra's product kernels too (A/B)
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -66,6 +67,10 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
     from shared.backends.decode import DecodeEngine
 
     kind = os.environ.get(ENGINE_ENV, "graphs")  # an environment variable: the spawned ranks read it too
+    if os.environ.get(RANK_PRODUCTS_ENV):
+        from shared.backends import fused_decode
+
+        fused_decode.PRODUCTS_ON_RANKS = True
     if os.environ.get(PLAIN_EXCHANGE_ENV):
         from shared.backends.peer_reduce import PeerReduce
 
@@ -354,6 +359,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
     parser.add_argument("--torch-products", action="store_true",
                         help="the fused step keeps inductor's products and norms instead of Lyra's kernels")
+    parser.add_argument("--rank-products", action="store_true",
+                        help="tensor ranks multiply with Lyra's product kernels too (by default only one GPU does)")
     parser.add_argument("--plain-exchange", action="store_true",
                         help="the fused step's peer all-reduce does not compute the next norm (two kernels)")
     parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
@@ -364,6 +371,8 @@ def main() -> None:
         os.environ[TORCH_PRODUCTS_ENV] = "1"
     if args.plain_exchange:
         os.environ[PLAIN_EXCHANGE_ENV] = "1"
+    if args.rank_products:
+        os.environ[RANK_PRODUCTS_ENV] = "1"
     os.environ[ENGINE_ENV] = args.engine
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +386,7 @@ def main() -> None:
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "voice_tp" + ("_torch_products" if args.torch_products else "") + \
-        ("_plain_exchange" if args.plain_exchange else "") + ".json"
+        ("_rank_products" if args.rank_products else "") + ("_plain_exchange" if args.plain_exchange else "") + ".json"
     (args.out / name).write_text(json.dumps(rows, indent=2))
 
 

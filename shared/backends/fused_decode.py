@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
 GATHER_ATTRIBUTE = "tensor_parallel_gather"  # set on a rank's model whose LM head is split: the whole logits
+# Lyra's product kernels (shared.backends.gemv) on tensor-parallel ranks too. Off: at a rank's shapes
+# inductor's tuned reductions are as fast or faster (2 x H200, fused step, peer all-reduce: 70B 18.75 ms a
+# token with inductor's, 19.33 with Lyra's; 8B 3.02 and 2.96), while on one GPU Lyra's win (8B 4.46
+# against 5.19 ms, same machine). bench/voice_tp.py --rank-products measures both.
+PRODUCTS_ON_RANKS = False
 
 
 def problems(model: Any) -> list[str]:
@@ -157,7 +162,8 @@ class FusedStep:
         self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype, step=True)
         stacked = all(layer.qkv is not None and layer.gate_up is not None for layer in self.layers)
         # Triton products and norms (gemv), with the attention kernel: 7 kernels a layer, plus the exchanges
-        self.products = self.kernel and stacked and gemv.prepare(self.embed.device, self.embed.dtype)
+        self.products = self.kernel and stacked and (self.reduce is None or PRODUCTS_ON_RANKS) and \
+            gemv.prepare(self.embed.device, self.embed.dtype)
         if self.products and not self.tiles:  # once: a swap moves the weights, not their shapes
             self.tiles = self._tune()
 

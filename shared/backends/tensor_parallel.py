@@ -145,7 +145,8 @@ def build_rank_model(config: Any, dtype: torch.dtype, attn: str, shard: Shard, d
             setattr(model, GATHER_ATTRIBUTE, gather)  # the fused step gathers its own logits the same way
     model.to_empty(device=device)
     _restore_buffers(model, device)
-    setattr(model, REDUCE_ATTRIBUTE, reduce)  # the fused decode step sums the same outputs itself
+    if shard.world > 1:  # the fused decode step sums the same outputs itself (one rank: nothing to sum)
+        setattr(model, REDUCE_ATTRIBUTE, reduce)
     model.eval()
     return model
 

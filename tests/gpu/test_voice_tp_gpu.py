@@ -78,9 +78,10 @@ def test_memory_per_rank_matches_the_plan_within_ten_percent() -> None:
 @needs_two
 def test_fused_ranks_on_lyras_kernels_give_one_gpus_greedy_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused step on the product kernels, the peer exchange computing each norm, against one GPU's."""
-    from bench.voice_tp import ENGINE_ENV, one_device, tensor
+    from bench.voice_tp import ENGINE_ENV, RANK_PRODUCTS_ENV, one_device, tensor
 
-    monkeypatch.setenv(ENGINE_ENV, "fused")  # the spawned ranks read it too
+    monkeypatch.setenv(ENGINE_ENV, "fused")  # the spawned ranks read these too
+    monkeypatch.setenv(RANK_PRODUCTS_ENV, "1")
     one = one_device("8b", "cuda", tokens=8, max_context=512, precision="float32")
     split = tensor("8b", "cuda", "peer", tokens=8, max_context=512, precision="float32")
     assert "inductor" not in (one["products"], split["products"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from shared.backends import gemv
+from shared.backends import fused_decode, gemv
 from shared.backends.fused_decode import FusedStep
 from shared.backends.tensor_parallel import Shard, nccl_reduce
 from tests.models.test_fused_decode import CONTEXT, greedy, rank_model
@@ -115,6 +115,7 @@ def rank_tokens(rank: int, store: str, results: object) -> None:
 
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     gemv.TILING = COARSE
+    fused_decode.PRODUCTS_ON_RANKS = True  # off by default on ranks (inductor's are as fast there)
     try:
         model = rank_model(LlamaConfig, Shard(rank, 2), nccl_reduce())
         with torch.inference_mode():
@@ -137,3 +138,12 @@ def test_two_ranks_on_the_kernels_decode_as_one_process() -> None:
         assert products
         assert tokens == expected_tokens
         torch.testing.assert_close(torch.tensor(logits), expected_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_keep_inductors_products_unless_asked() -> None:
+    from transformers import LlamaConfig
+
+    model = rank_model(LlamaConfig, Shard(0, 1))
+    setattr(model, fused_decode.REDUCE_ATTRIBUTE, lambda tensor: tensor)  # as a rank of two is built
+    with torch.inference_mode():
+        assert not FusedStep(model, CONTEXT).products

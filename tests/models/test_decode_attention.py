@@ -19,7 +19,8 @@ pytestmark = pytest.mark.models
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("tests", ["interpreted_decode_attention.py", "interpreted_peer_reduce.py", "interpreted_gemv.py"])
+@pytest.mark.parametrize("tests", ["interpreted_decode_attention.py", "interpreted_peer_reduce.py",
+                                   "interpreted_gemv.py"])
 def test_kernel_tests_pass_under_the_interpreter(tests: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
