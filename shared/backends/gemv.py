@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,10 +137,45 @@ def tune(weights: list[torch.Tensor], gated: bool = False) -> Tiling | None:
     Each candidate tiling (and, for plain products, cuBLAS: None) is timed over all of `weights`, one
     product each, replayed from a CUDA graph: the weights come from HBM, not from L2, and launches cost
     what they cost in the step. A tiling this GPU cannot compile is skipped. Off CUDA: `TILING`.
+
+    The pick is kept in ~/.cache/lyra/tuning under the GPU, the shapes, the dtype and the versions of
+    torch, Triton and this file: later loads on this machine reuse it, so a restart multiplies in the
+    same order and greedy replies repeat.
     """
     first = weights[0]
     if first.device.type != "cuda":
         return TILING
+    from shared.vram.disk_cache import cached
+
+    return cached(tuning_key(weights, gated), lambda: _fastest(weights, gated), encode=_encode, decode=_decode,
+                  folder="tuning")
+
+
+def tuning_key(weights: list[torch.Tensor], gated: bool) -> str:
+    """What a tuning result depends on: the device, the products' shapes and dtype, the software."""
+    import hashlib
+
+    import triton
+
+    first = weights[0]
+    device = torch.cuda.get_device_name(first.device) if first.device.type == "cuda" else str(first.device)
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return (f"gemv|{device}|torch {torch.__version__}|triton {triton.__version__}|{code}|{first.dtype}|"
+            f"{len(weights)} x {tuple(first.shape)} stride {first.stride(0)}|gated {gated}")
+
+
+def _encode(tile: Tiling | None) -> dict[str, int] | None:
+    return None if tile is None else {"rows": tile.rows, "columns": tile.columns, "warps": tile.warps,
+                                      "stages": tile.stages}
+
+
+def _decode(data: dict[str, int] | None) -> Tiling | None:
+    return None if data is None else Tiling(**data)
+
+
+def _fastest(weights: list[torch.Tensor], gated: bool) -> Tiling | None:
+    """`tune`'s measurement, uncached."""
+    first = weights[0]
     x = torch.randn(1, first.shape[1], dtype=first.dtype, device=first.device)
     ways: list[Tiling | None] = list(CANDIDATES) + ([] if gated else [None])
     timed: list[tuple[float, int]] = []

@@ -29,9 +29,12 @@ _PACKAGES = ("transformers", "accelerate")
 
 
 def cached(key: str, compute: Callable[[], Any], encode: Callable[[Any], Any] = lambda value: value,
-           decode: Callable[[Any], Any] = lambda value: value) -> Any:
-    """compute(), from the disk cache when `key` was computed before; `encode`/`decode` turn it into JSON and back."""
-    path = _path(key)
+           decode: Callable[[Any], Any] = lambda value: value, folder: str = "plan") -> Any:
+    """compute(), from the disk cache when `key` was computed before; `encode`/`decode` turn it into JSON and back.
+
+    `folder`: the cache's subfolder (~/.cache/lyra/<folder>).
+    """
+    path = _path(key, folder)
     if path is not None:
         try:
             return decode(json.loads(path.read_text()))
@@ -62,14 +65,14 @@ def file_text(path: str) -> str:
         return ""
 
 
-def _path(key: str) -> Path | None:
+def _path(key: str, folder: str = "plan") -> Path | None:
     from shared.backends.embedded import lyra_cache
 
     salt = _salt()
     if salt is None:
         return None
     digest = hashlib.sha256(salt + key.encode()).hexdigest()[:32]
-    return lyra_cache() / "plan" / f"{digest}.json"
+    return lyra_cache() / folder / f"{digest}.json"
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,41 @@
+"""A decode product's tuned tiling is kept on disk under a key naming what it depends on, and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="Triton is not installed (the dev extra installs it on Linux x86-64)")
+
+from shared.backends import gemv  # noqa: E402
+from shared.vram.disk_cache import cached  # noqa: E402
+
+
+def test_a_tuned_tiling_is_kept_on_disk_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = gemv.tuning_key([torch.zeros(8, 4)], gated=False)
+    measured = []
+    for pick in (gemv.CANDIDATES[3], None):  # None: cuBLAS was fastest
+        def measure(pick: gemv.Tiling | None = pick) -> gemv.Tiling | None:
+            measured.append(pick)
+            return pick
+
+        first = cached(f"{key}|{pick}", measure, gemv._encode, gemv._decode, folder="tuning")
+        again = cached(f"{key}|{pick}", lambda: gemv.TILING, gemv._encode, gemv._decode, folder="tuning")
+        assert first == again == pick  # the second load reads the first's pick, it does not measure
+    assert measured == [gemv.CANDIDATES[3], None]
+    assert len(list((tmp_path / "lyra" / "tuning").glob("*.json"))) == 2
+
+
+def test_the_key_names_the_shapes_the_dtype_and_the_form() -> None:
+    plain = gemv.tuning_key([torch.zeros(8, 4)] * 3, gated=False)
+    assert "torch.float32" in plain and "3 x (8, 4)" in plain and "gated False" in plain
+    assert gemv.tuning_key([torch.zeros(8, 4)] * 3, gated=True) != plain
+    assert gemv.tuning_key([torch.zeros(8, 4, dtype=torch.float16)] * 3, gated=False) != plain
+    assert gemv.tuning_key([torch.zeros(8, 4)] * 2, gated=False) != plain
+
+
+def test_off_cuda_the_default_tiling_is_used_without_measuring() -> None:
+    assert gemv.tune([torch.zeros(8, 4)]) == gemv.TILING
