@@ -17,10 +17,6 @@ Epochs live on the device, one counter per program, so a captured CUDA graph rep
 every time. A wait is bounded: a rank whose peer never arrives stops after `spins` polls, counts a failure
 (`failures()`), and goes on with the wrong sum instead of hanging the GPU. Tensors larger than the buffer
 (prefill) and other dtypes go through the process group (NCCL).
-
-`PeerReduce.add_norm` is the same exchange with the next RMSNorm on the way out (the fused step's residual
-stream): every program pushes its block, then gathers the whole vector, which the norm needs, and writes
-its block of the residual sum and of the norm. Those calls have a buffer region and epochs of their own.
 """
 
 from __future__ import annotations
@@ -32,13 +28,13 @@ from typing import Any
 import torch
 
 CAPACITY = 256 * 1024  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
-NORM_CAPACITY = 16 * 1024  # elements per rank region of the calls that also normalise (hidden sizes up to this)
 BLOCK = 512  # elements per program
 SPINS = 1 << 24  # polls before a wait gives up (several seconds: far past any healthy step)
 WORD_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
 logger = logging.getLogger(__name__)
 _kernel: Any = None  # made on first use (importing Triton takes a second)
+_norm_kernel: Any = None
 _exchanges: dict[int, PeerReduce] = {}  # what the custom op finds by its integer handle
 
 
@@ -54,12 +50,10 @@ class PeerReduce:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.group = capacity, group
         with torch.cuda.device(device):
-            self.buffer, handle = symmetric_buffer(2 * self.world * (capacity + NORM_CAPACITY), torch.int64, device,
-                                                   group)
+            self.buffer, handle = symmetric_buffer(2 * self.world * capacity, torch.int64, device, group)
             self.buffer.zero_()
             self.table = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
             self.epochs = torch.zeros(-(-capacity // BLOCK), dtype=torch.int64, device=device)
-            self.norm_epochs = torch.zeros(NORM_CAPACITY // BLOCK, dtype=torch.int64, device=device)
             self.failed = torch.zeros(1, dtype=torch.int32, device=device)
             torch.cuda.synchronize(device)
         dist.barrier(group=group)  # no peer writes into a buffer before its owner has zeroed it
@@ -78,11 +72,11 @@ class PeerReduce:
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + the sum of every rank's `partial`, RMSNorm of it): the all-reduce and the next norm, one kernel.
 
-        Its programs push their blocks as a plain call's do, but each gathers the whole vector (the norm
-        needs all of it); these calls use a region and epochs of their own. The same bits as the
+        The same words, epochs and slots as a plain call (one program does the work of the plain call's
+        programs), so plain and fused calls can follow each other in any order. The same bits as the
         all-reduce followed by `gemv.add_norm`.
         """
-        if partial.numel() > NORM_CAPACITY or partial.dtype not in WORD_BITS or partial.device != self.buffer.device:
+        if partial.numel() > self.capacity or partial.dtype not in WORD_BITS or partial.device != self.buffer.device:
             from shared.backends.gemv import add_norm
 
             return add_norm(residual, gain, eps, self(partial))
@@ -134,7 +128,7 @@ def _peer_add_norm(partial: torch.Tensor, residual: torch.Tensor, gain: torch.Te
     summed, normed = torch.empty_like(residual), torch.empty_like(residual)
     with torch.cuda.device(partial.device):
         exchange_norm_words(partial.contiguous(), residual.contiguous(), gain, summed, normed, eps, exchange.table,
-                            exchange.norm_epochs, exchange.failed, exchange.capacity, exchange.rank, exchange.world)
+                            exchange.epochs, exchange.failed, exchange.capacity, exchange.rank, exchange.world)
     return summed, normed
 
 
@@ -148,15 +142,18 @@ def exchange_norm_words(source: torch.Tensor, residual: torch.Tensor, gain: torc
                         normed: torch.Tensor, eps: float, table: torch.Tensor, epochs: torch.Tensor,
                         failed: torch.Tensor, capacity: int, rank: int, world: int, push: bool = True,
                         gather: bool = True, spins: int = SPINS) -> None:
-    """`exchange_words` of one row, then residual + sum into `summed` and its RMSNorm into `normed`.
+    """`exchange_words` of one row, then residual + sum into `summed` and its RMSNorm into `normed`, in one program.
 
-    `epochs`: the counters of these calls (not the plain calls'); `capacity`: the plain calls' region, after
-    which this call's region begins.
+    The program covers every block a plain call's programs would, with their epochs and slots.
     """
+    global _norm_kernel
+    if _norm_kernel is None:
+        _norm_kernel = _make_kernel(norm=True)
     count = source.numel()
-    _launch(source, summed, residual, gain, normed, table, epochs, failed, count, NORM_CAPACITY,
-            2 * world * capacity, spins, eps, rank, world, push, gather,
-            rows=1 << max(-(-count // BLOCK) - 1, 0).bit_length())
+    blocks = 1 << max(-(-count // BLOCK) - 1, 0).bit_length()
+    _norm_kernel[(1,)](source, residual, gain, summed, normed, table, epochs, failed, count, capacity, spins, eps,
+                       RANK=rank, WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK, BLOCKS=blocks, PUSH=push,
+                       GATHER=gather, num_warps=min(16, 4 * blocks))
 
 
 def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor, epochs: torch.Tensor,
@@ -168,64 +165,100 @@ def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor,
     halves apart under Triton's interpreter (push on every rank, then gather on every rank), because its
     programs run one at a time and a rank waiting for its peer would wait forever.
     """
-    _launch(source, out, source, source, out, table, epochs, failed, source.numel(), capacity, 0, spins, 0.0, rank,
-            world, push, gather, rows=0)
-
-
-def _launch(source: torch.Tensor, out: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor,
-            normed: torch.Tensor, table: torch.Tensor, epochs: torch.Tensor, failed: torch.Tensor, count: int,
-            capacity: int, region: int, spins: int, eps: float, rank: int, world: int, push: bool, gather: bool,
-            rows: int) -> None:
-    """One program per block of BLOCK elements; `rows` > 0: each gathers `rows` blocks (the whole vector) and
-    normalises, else its own block."""
     global _kernel
     if _kernel is None:
         _kernel = _make_kernel()
-    _kernel[(-(-count // BLOCK),)](source, out, residual, gain, normed, table, epochs, failed, count, capacity, region,
-                                   spins, eps, RANK=rank, WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK,
-                                   ROWS=max(rows, 1), NORM=rows > 0, PUSH=push, GATHER=gather,
-                                   num_warps=4 if rows <= 4 else 8)
+    count = source.numel()
+    _kernel[(-(-count // BLOCK),)](source, out, table, epochs, failed, count, capacity, spins, RANK=rank,
+                                   WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK, PUSH=push,
+                                   GATHER=gather)
 
 
-def _make_kernel() -> Any:
+def _make_kernel(norm: bool = False) -> Any:
     import triton
     import triton.language as tl
 
+    if norm:
+        return _make_norm_kernel(triton, tl)
+
     @triton.jit
-    def exchange(source, out, residual, gain, normed, table, epochs, failed, count, capacity, region, spins, eps,
-                 RANK: tl.constexpr, WORLD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                 ROWS: tl.constexpr, NORM: tl.constexpr, PUSH: tl.constexpr, GATHER: tl.constexpr):
+    def exchange(source, out, table, epochs, failed, count, capacity, spins, RANK: tl.constexpr,
+                 WORLD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
+                 GATHER: tl.constexpr):
         program = tl.program_id(0)
+        offsets = program * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
         epoch = tl.load(epochs + program) + 1  # every rank counts the same calls, so the epochs agree
         stamp = (epoch & 0xFFFFFFFF).to(tl.uint64)
         slot = epoch & 1
-        if PUSH:  # this program's block, to every peer
-            offsets = program * BLOCK + tl.arange(0, BLOCK)
-            inside = offsets < count
-            mine = tl.load(source + offsets, mask=inside, other=0.0)
-            if BITS == 16:
-                bits = mine.to(tl.uint16, bitcast=True).to(tl.uint64)
-            else:
-                bits = mine.to(tl.uint32, bitcast=True).to(tl.uint64)
+        mine = tl.load(source + offsets, mask=inside, other=0.0)
+        if BITS == 16:
+            bits = mine.to(tl.uint16, bitcast=True).to(tl.uint64)
+        else:
+            bits = mine.to(tl.uint32, bitcast=True).to(tl.uint64)
+        if PUSH:
             words = (stamp << 32) | bits
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
                     theirs = tl.load(table + peer).to(tl.pointer_type(tl.uint64))
-                    tl.store(theirs + region + (slot * WORLD + RANK) * capacity + offsets, words, mask=inside)
+                    tl.store(theirs + (slot * WORLD + RANK) * capacity + offsets, words, mask=inside)
         if GATHER:
-            if NORM:  # every block: the norm needs the whole vector
-                blocks = tl.arange(0, ROWS)
-            else:
-                blocks = program + tl.arange(0, 1)
-            offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-            inside = offsets < count
             own = tl.load(table + RANK).to(tl.pointer_type(tl.uint64))
-            total = tl.zeros((ROWS, BLOCK), tl.float32)
+            total = tl.zeros((BLOCK,), tl.float32)
             for peer in tl.static_range(WORLD):  # rank order: every rank adds the same numbers the same way
                 if peer == RANK:
-                    total += tl.load(source + offsets, mask=inside, other=0.0).to(tl.float32)
+                    total += mine.to(tl.float32)
                 else:
-                    where = own + region + (slot * WORLD + peer) * capacity + offsets
+                    where = own + (slot * WORLD + peer) * capacity + offsets
+                    words = tl.load(where, mask=inside, other=0, volatile=True)
+                    polls = 0
+                    while (tl.max(tl.where(inside & ((words >> 32) != stamp), 1, 0), 0) > 0) & (polls < spins):
+                        words = tl.load(where, mask=inside, other=0, volatile=True)
+                        polls += 1
+                    if polls >= spins:
+                        tl.atomic_add(failed, 1)
+                    if BITS == 16:
+                        theirs = (words & 0xFFFF).to(tl.uint16).to(source.dtype.element_ty, bitcast=True)
+                    else:
+                        theirs = (words & 0xFFFFFFFF).to(tl.uint32).to(source.dtype.element_ty, bitcast=True)
+                    total += theirs.to(tl.float32)
+            tl.store(out + offsets, total.to(out.dtype.element_ty), mask=inside)
+            tl.store(epochs + program, epoch)
+
+    return exchange
+
+
+def _make_norm_kernel(triton: Any, tl: Any) -> Any:
+    @triton.jit
+    def exchange_norm(source, residual, gain, summed, normed, table, epochs, failed, count, capacity, spins, eps,
+                      RANK: tl.constexpr, WORLD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCKS: tl.constexpr, PUSH: tl.constexpr, GATHER: tl.constexpr):
+        blocks = tl.arange(0, BLOCKS)  # row b: what the plain call's program b does
+        used = blocks * BLOCK < count
+        offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        inside = offsets < count
+        epoch = tl.load(epochs + blocks, mask=used, other=0) + 1
+        stamp = (epoch & 0xFFFFFFFF).to(tl.uint64)[:, None]
+        slot = (epoch & 1)[:, None]
+        mine = tl.load(source + offsets, mask=inside, other=0.0)
+        if BITS == 16:
+            bits = mine.to(tl.uint16, bitcast=True).to(tl.uint64)
+        else:
+            bits = mine.to(tl.uint32, bitcast=True).to(tl.uint64)
+        if PUSH:
+            words = (stamp << 32) | bits
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    theirs = tl.load(table + peer).to(tl.pointer_type(tl.uint64))
+                    tl.store(theirs + (slot * WORLD + RANK) * capacity + offsets, words, mask=inside)
+        if GATHER:
+            own = tl.load(table + RANK).to(tl.pointer_type(tl.uint64))
+            total = tl.zeros((BLOCKS, BLOCK), tl.float32)
+            for peer in tl.static_range(WORLD):  # rank order, as the plain call adds
+                if peer == RANK:
+                    total += mine.to(tl.float32)
+                else:
+                    where = own + (slot * WORLD + peer) * capacity + offsets
                     words = tl.load(where, mask=inside, other=0, volatile=True)
                     polls = 0
                     while (tl.max(tl.max(tl.where(inside & ((words >> 32) != stamp), 1, 0), 1), 0) > 0) & \
@@ -239,18 +272,14 @@ def _make_kernel() -> Any:
                     else:
                         theirs = (words & 0xFFFFFFFF).to(tl.uint32).to(source.dtype.element_ty, bitcast=True)
                     total += theirs.to(tl.float32)
-            dtype = out.dtype.element_ty
-            if NORM:  # residual + the sum, its RMSNorm; each program writes its own block
-                reduced = total.to(dtype).to(tl.float32)  # the all-reduce's result, as a plain call returns it
-                hidden = (tl.load(residual + offsets, mask=inside, other=0.0).to(tl.float32) + reduced).to(dtype)
-                wide = hidden.to(tl.float32)
-                scale = tl.rsqrt(tl.sum(tl.sum(wide * wide, 1), 0) / count + eps)
-                weight = tl.load(gain + offsets, mask=inside, other=0.0).to(tl.float32)
-                owned = inside & (blocks == program)[:, None]
-                tl.store(out + offsets, hidden, mask=owned)
-                tl.store(normed + offsets, (weight * (wide * scale).to(dtype).to(tl.float32)).to(dtype), mask=owned)
-            else:
-                tl.store(out + offsets, total.to(dtype), mask=inside)
-            tl.store(epochs + program, epoch)
+            dtype = summed.dtype.element_ty
+            reduced = total.to(dtype).to(tl.float32)  # the all-reduce's result, as a plain call returns it
+            hidden = (tl.load(residual + offsets, mask=inside, other=0.0).to(tl.float32) + reduced).to(dtype)
+            tl.store(summed + offsets, hidden, mask=inside)
+            wide = hidden.to(tl.float32)
+            scale = tl.rsqrt(tl.sum(tl.sum(wide * wide, 1), 0) / count + eps)
+            weight = tl.load(gain + offsets, mask=inside, other=0.0).to(tl.float32)
+            tl.store(normed + offsets, (weight * (wide * scale).to(dtype).to(tl.float32)).to(dtype), mask=inside)
+            tl.store(epochs + blocks, epoch, mask=used)
 
-    return exchange
+    return exchange_norm

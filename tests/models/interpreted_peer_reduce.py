@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from shared.backends.gemv import add_norm_reference
-from shared.backends.peer_reduce import BLOCK, NORM_CAPACITY, exchange_norm_words, exchange_words
+from shared.backends.peer_reduce import BLOCK, exchange_norm_words, exchange_words
 
 pytestmark = pytest.mark.models
 CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges
@@ -24,10 +24,9 @@ class Group:
 
     def __init__(self, world: int) -> None:
         self.world = world
-        self.buffers = [torch.zeros(2 * world * (CAPACITY + NORM_CAPACITY), dtype=torch.int64) for _ in range(world)]
+        self.buffers = [torch.zeros(2 * world * CAPACITY, dtype=torch.int64) for _ in range(world)]
         self.table = torch.tensor([buffer.data_ptr() for buffer in self.buffers], dtype=torch.int64)
         self.epochs = [torch.zeros(CAPACITY // BLOCK, dtype=torch.int64) for _ in range(world)]
-        self.norm_epochs = [torch.zeros(NORM_CAPACITY // BLOCK, dtype=torch.int64) for _ in range(world)]
         self.failed = [torch.zeros(1, dtype=torch.int32) for _ in range(world)]
 
     def all_reduce(self, parts: list[torch.Tensor], skip_push: int = -1, spins: int = 100) -> list[torch.Tensor]:
@@ -47,7 +46,7 @@ class Group:
         outs = [(torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))) for _ in parts]
         for push, gather in ((True, False), (False, True)):
             for rank, part in enumerate(parts):
-                exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.norm_epochs[rank],
+                exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.epochs[rank],
                                     self.failed[rank], CAPACITY, rank, self.world, push=push, gather=gather)
         return outs
 
@@ -107,11 +106,8 @@ def test_a_peer_that_never_pushes_is_counted_not_waited_for_forever() -> None:
     assert torch.equal(outs[1], torch.full((BLOCK,), 10.0, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize(("world", "dtype", "count"), [
-    (2, torch.float16, 1000),  # two programs, each gathering both blocks
-    (3, torch.float32, 3 * BLOCK - 1),  # three ranks; three blocks gathered as four rows, one masked
-    (2, torch.float32, 5),
-])
+@pytest.mark.parametrize(("world", "dtype", "count"), [(2, torch.float16, 1000), (3, torch.float32, 3 * BLOCK - 1),
+                                                       (2, torch.float32, 5)])
 def test_the_fused_norm_equals_the_sum_then_the_norm(world: int, dtype: torch.dtype, count: int) -> None:
     group = Group(world)
     generator = torch.Generator().manual_seed(count)
