@@ -246,10 +246,8 @@ class FusedStep:
         return gemv.add_norm(hidden, gain, self.eps, self.reduce(partial))
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm in float32, as the model's own norm."""
-        wide = hidden.float()
-        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * wide.to(hidden.dtype)
+        """RMSNorm in float32, as the model's own norm (the same function the kernels are checked against)."""
+        return gemv.rms_norm(hidden, weight, self.eps)
 
     def _attend(self, layer: FusedLayer, hidden: torch.Tensor, cached: Any, position: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
