@@ -86,12 +86,14 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
 
 def products(engine: Any) -> str:
     """How the fused step multiplies: each product's tuned tiling (or cuBLAS), or inductor's products."""
+    from shared.backends import overlap
     from shared.backends.fused_decode import tiling_name
 
     step = getattr(engine, "fused", None)
     if step is None or not step.products:
         return "inductor"
-    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items())
+    launch = "dependent launch" if overlap.enabled(step.embed.device) else "stream order"
+    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items()) + f"; {launch}"
 
 
 def decode(engine: Any, prompt: Any, count: int) -> list[int]:
@@ -364,7 +366,13 @@ def main() -> None:
     parser.add_argument("--plain-exchange", action="store_true",
                         help="the fused step's peer all-reduce does not compute the next norm (two kernels)")
     parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="Lyra's kernels without programmatic dependent launch (shared/backends/overlap.py)")
     args = parser.parse_args()
+    if args.no_overlap:
+        from shared.backends import overlap
+
+        os.environ[overlap.ENV] = "0"  # the spawned ranks read it too
     if args.whole_head:
         os.environ[WHOLE_HEAD_ENV] = "1"
     if args.torch_products:

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from shared.backends import overlap
+
 CHUNK = 256  # cache positions per program: at short lengths one program per KV head does all the work
 BLOCK = 64  # positions per inner step
 MIN_DOT = 16  # Triton's matrix products need every side of at least 16
@@ -271,14 +273,16 @@ def _partial_then_merge(kernels: tuple, queries: torch.Tensor, cos: torch.Tensor
     chunks = -(-length // CHUNK)
     partial = torch.empty((kv_heads, chunks, group, dim), dtype=torch.float32, device=queries.device)
     lse = torch.empty((kv_heads, chunks, group), dtype=torch.float32, device=queries.device)
+    launch = overlap.options(queries.device)
     partial_kernel[(kv_heads, chunks)](
         queries, cos, sin, keys, values, position, partial, lse, scale,
         keys.stride(1), keys.stride(2), values.stride(1), values.stride(2), length, chunks, cos.shape[0],
         KV_HEADS=kv_heads, GROUP=group, PADDED=max(MIN_DOT, 1 << (group - 1).bit_length()), DIM=dim, CHUNK=CHUNK,
-        BLOCK=BLOCK, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", STEP=step)
+        BLOCK=BLOCK, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", STEP=step, PDL=bool(launch),
+        **launch)
     out = queries.new_empty((kv_heads, group, dim))
     merge_kernel[(kv_heads * group,)](partial, lse, out, chunks, GROUP=group, DIM=dim,
-                                      CHUNKS_PADDED=1 << max(chunks - 1, 0).bit_length())
+                                      CHUNKS_PADDED=1 << max(chunks - 1, 0).bit_length(), PDL=bool(launch), **launch)
     return out
 
 
@@ -290,9 +294,12 @@ def _kernels() -> tuple:
     def partial_kernel(queries, cos, sin, keys, values, position, partial, lse, scale, key_head, key_row, value_head,
                        value_row, cache_length, chunk_count, table_length, KV_HEADS: tl.constexpr,
                        GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr):
+                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr):
         head = tl.program_id(0)
         chunk = tl.program_id(1)
+        if PDL:  # overlap.py: the projection, the cache and the position come from kernels before
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         at = tl.load(position).to(tl.int32)
         length = tl.minimum(at + 1, cache_length)  # never past the cache
         start = chunk * CHUNK
@@ -364,7 +371,10 @@ def _kernels() -> tuple:
 
     @triton.jit
     def merge_kernel(partial, lse, out, chunk_count, GROUP: tl.constexpr, DIM: tl.constexpr,
-                     CHUNKS_PADDED: tl.constexpr):
+                     CHUNKS_PADDED: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # overlap.py
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)  # one query head: KV head row // GROUP, member row % GROUP of its group
         head = row // GROUP
         member = row % GROUP

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from shared.backends import overlap
+
 logger = logging.getLogger(__name__)
 _kernels: tuple[Any, Any] | None = None  # made on first use (importing Triton takes a second)
 _tried: dict[tuple[torch.device, torch.dtype], bool] = {}  # prepare()'s verdicts
@@ -293,10 +295,12 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate
         weight = weight.contiguous()
     count = weight.shape[0] // 2 if gated else weight.shape[0]
     out = x.new_empty(1, count)
+    launch = overlap.options(x.device)
     with _launch(x.device):
         product[(-(-count // rows),)](x.contiguous(), weight, out, bias if bias is not None else out, count,
                                       weight.shape[1], weight.stride(0), GATED=gated, BIAS=bias is not None,
-                                      ROWS=rows, COLUMNS=columns, num_warps=warps, num_stages=stages)
+                                      ROWS=rows, COLUMNS=columns, PDL=bool(launch), num_warps=warps,
+                                      num_stages=stages, **launch)
     return out
 
 
@@ -313,9 +317,11 @@ def _add_norm(hidden: torch.Tensor, addend: torch.Tensor | None, gain: torch.Ten
     width = hidden.shape[-1]
     residual, normed = hidden.new_empty(1, width), hidden.new_empty(1, width)
     block = 1 << max(width - 1, 1).bit_length()
+    launch = overlap.options(hidden.device)
     with _launch(hidden.device):
         norm[(1,)](hidden.contiguous(), addend.contiguous() if addend is not None else hidden, gain, residual, normed,
-                   width, eps, ADD=addend is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                   width, eps, ADD=addend is not None, BLOCK=block, PDL=bool(launch),
+                   num_warps=min(16, max(1, block // 256)), **launch)
     return residual, normed
 
 
@@ -331,14 +337,26 @@ def _make_kernels() -> tuple[Any, Any]:
 
     @triton.jit
     def product(x, weight, out, bias, count, width, stride, GATED: tl.constexpr, BIAS: tl.constexpr,
-                ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+                ROWS: tl.constexpr, COLUMNS: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         inside = rows < count
         steps = tl.arange(0, COLUMNS)
         dtype = out.dtype.element_ty
-        sums = tl.zeros((ROWS, COLUMNS), tl.float32)
-        ups = tl.zeros((ROWS, COLUMNS), tl.float32)
-        for start in range(0, width, COLUMNS):
+        # The first block of weights does not depend on the kernel before: read it while that one ends.
+        present = steps < width
+        where = rows[:, None] * stride + steps[None, :]
+        both = inside[:, None] & present[None, :]
+        first = tl.load(weight + where, mask=both, other=0.0).to(tl.float32)
+        first_up = tl.zeros((ROWS, COLUMNS), tl.float32)
+        if GATED:  # the matching up rows sit `count` rows below the gate rows
+            first_up = tl.load(weight + count * stride + where, mask=both, other=0.0).to(tl.float32)
+        if PDL:  # overlap.py: the input comes from the kernel before
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        value = tl.load(x + steps, mask=present, other=0.0).to(tl.float32)[None, :]
+        sums = first * value
+        ups = first_up * value
+        for start in range(COLUMNS, width, COLUMNS):
             columns = start + steps
             present = columns < width
             value = tl.load(x + columns, mask=present, other=0.0).to(tl.float32)[None, :]
@@ -357,17 +375,21 @@ def _make_kernels() -> tuple[Any, Any]:
         tl.store(out + rows, total.to(dtype), mask=inside)
 
     @triton.jit
-    def norm(hidden, addend, gain, residual, normed, width, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    def norm(hidden, addend, gain, residual, normed, width, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+             PDL: tl.constexpr):
         columns = tl.arange(0, BLOCK)
         present = columns < width
         dtype = normed.dtype.element_ty
+        weight = tl.load(gain + columns, mask=present, other=0.0).to(tl.float32)  # a weight: before the wait
+        if PDL:  # overlap.py
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         value = tl.load(hidden + columns, mask=present, other=0.0)
         if ADD:
             value = (value.to(tl.float32) + tl.load(addend + columns, mask=present, other=0.0).to(tl.float32)).to(dtype)
         tl.store(residual + columns, value, mask=present)
         wide = value.to(tl.float32)
         scale = tl.rsqrt(tl.sum(wide * wide, 0) / width + eps)
-        weight = tl.load(gain + columns, mask=present, other=0.0).to(tl.float32)
         tl.store(normed + columns, (weight * (wide * scale).to(dtype).to(tl.float32)).to(dtype), mask=present)
 
     return product, norm

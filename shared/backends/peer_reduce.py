@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from shared.backends import overlap
+
 CAPACITY = 256 * 1024  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
 BLOCK = 512  # elements per program
 SPINS = 1 << 24  # polls before a wait gives up (several seconds: far past any healthy step)
@@ -151,9 +153,10 @@ def exchange_norm_words(source: torch.Tensor, residual: torch.Tensor, gain: torc
         _norm_kernel = _make_kernel(norm=True)
     count = source.numel()
     blocks = 1 << max(-(-count // BLOCK) - 1, 0).bit_length()
+    launch = overlap.options(source.device)
     _norm_kernel[(1,)](source, residual, gain, summed, normed, table, epochs, failed, count, capacity, spins, eps,
                        RANK=rank, WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK, BLOCKS=blocks, PUSH=push,
-                       GATHER=gather, num_warps=min(16, 4 * blocks))
+                       GATHER=gather, PDL=bool(launch), num_warps=min(16, 4 * blocks), **launch)
 
 
 def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor, epochs: torch.Tensor,
@@ -169,9 +172,10 @@ def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor,
     if _kernel is None:
         _kernel = _make_kernel()
     count = source.numel()
+    launch = overlap.options(source.device)
     _kernel[(-(-count // BLOCK),)](source, out, table, epochs, failed, count, capacity, spins, RANK=rank,
                                    WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK, PUSH=push,
-                                   GATHER=gather)
+                                   GATHER=gather, PDL=bool(launch), **launch)
 
 
 def _make_kernel(norm: bool = False) -> Any:
@@ -184,8 +188,11 @@ def _make_kernel(norm: bool = False) -> Any:
     @triton.jit
     def exchange(source, out, table, epochs, failed, count, capacity, spins, RANK: tl.constexpr,
                  WORLD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, PUSH: tl.constexpr,
-                 GATHER: tl.constexpr):
+                 GATHER: tl.constexpr, PDL: tl.constexpr):
         program = tl.program_id(0)
+        if PDL:  # overlap.py: the source and the epochs come from kernels before
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         offsets = program * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < count
         epoch = tl.load(epochs + program) + 1  # every rank counts the same calls, so the epochs agree
@@ -232,7 +239,10 @@ def _make_norm_kernel(triton: Any, tl: Any) -> Any:
     @triton.jit
     def exchange_norm(source, residual, gain, summed, normed, table, epochs, failed, count, capacity, spins, eps,
                       RANK: tl.constexpr, WORLD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCKS: tl.constexpr, PUSH: tl.constexpr, GATHER: tl.constexpr):
+                      BLOCKS: tl.constexpr, PUSH: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # overlap.py
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         blocks = tl.arange(0, BLOCKS)  # row b: what the plain call's program b does
         used = blocks * BLOCK < count
         offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
