@@ -44,6 +44,7 @@ PROFILE_ENV = "LYRA_BENCH_PROFILE"
 TORCH_PRODUCTS_ENV = "LYRA_BENCH_TORCH_PRODUCTS"  # set: the fused step keeps inductor's products (an A/B run)
 PLAIN_EXCHANGE_ENV = "LYRA_BENCH_PLAIN_EXCHANGE"  # set: the peer all-reduce and the norm as two kernels (A/B)
 RANK_PRODUCTS_ENV = "LYRA_BENCH_RANK_PRODUCTS"  # set: tensor ranks use Lyra's product kernels too (A/B)
+NO_PUSH_ENV = "LYRA_BENCH_NO_PUSH"  # set: rank products do not push their rows to the peers (A/B)
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -75,6 +76,10 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
         from shared.backends.peer_reduce import PeerReduce
 
         PeerReduce.add_norm = None  # the fused step then sums, and normalises in a kernel of its own
+    if os.environ.get(NO_PUSH_ENV):
+        from shared.backends.peer_reduce import PeerReduce
+
+        PeerReduce.product = None  # o and down then end without sending; the exchange pushes and gathers
     if os.environ.get(TORCH_PRODUCTS_ENV):
         from shared.backends import gemv
 
@@ -93,7 +98,8 @@ def products(engine: Any) -> str:
     if step is None or not step.products:
         return "inductor"
     launch = "dependent launch" if overlap.enabled(step.embed.device) else "stream order"
-    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items()) + f"; {launch}"
+    push = "; o and down push to the peers" if step.push else ""
+    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items()) + f"; {launch}{push}"
 
 
 def decode(engine: Any, prompt: Any, count: int) -> list[int]:
@@ -366,6 +372,9 @@ def main() -> None:
     parser.add_argument("--plain-exchange", action="store_true",
                         help="the fused step's peer all-reduce does not compute the next norm (two kernels)")
     parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
+    parser.add_argument("--no-push", action="store_true",
+                        help="with --rank-products: o and down do not send their rows to the peers from their own "
+                             "kernel (the exchange does, in a kernel of its own)")
     parser.add_argument("--no-overlap", action="store_true",
                         help="Lyra's kernels without programmatic dependent launch (shared/backends/overlap.py)")
     args = parser.parse_args()
@@ -381,6 +390,8 @@ def main() -> None:
         os.environ[PLAIN_EXCHANGE_ENV] = "1"
     if args.rank_products:
         os.environ[RANK_PRODUCTS_ENV] = "1"
+    if args.no_push:
+        os.environ[NO_PUSH_ENV] = "1"
     os.environ[ENGINE_ENV] = args.engine
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)

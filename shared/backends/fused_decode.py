@@ -164,6 +164,11 @@ class FusedStep:
         # Triton products and norms (gemv), with the attention kernel: 7 kernels a layer, plus the exchanges
         self.products = self.kernel and stacked and (self.reduce is None or PRODUCTS_ON_RANKS) and \
             gemv.prepare(self.embed.device, self.embed.dtype)
+        # Ranks on the kernels with the peer all-reduce: o and down send their rows to the peers as they end,
+        # and the next norm's kernel gathers them (no exchange kernel of its own)
+        self.push = bool(self.products and self.reduce is not None and callable(getattr(self.reduce, "product", None))
+                         and callable(getattr(self.reduce, "add_norm", None))
+                         and self.reduce.fits(self.embed.shape[1], self.embed.dtype, self.embed.device))
         if self.products and not self.tiles:  # once: a swap moves the weights, not their shapes
             self.tiles = self._tune()
 
@@ -174,9 +179,9 @@ class FusedStep:
         started = time.perf_counter()
         with torch.no_grad():
             tiles = {"qkv": gemv.tune([layer.qkv for layer in self.layers]),
-                     "output": gemv.tune([layer.output for layer in self.layers]),
+                     "output": gemv.tune([layer.output for layer in self.layers], kernels_only=self.push),
                      "gate_up": gemv.tune([layer.gate_up for layer in self.layers], gated=True),
-                     "down": gemv.tune([layer.down for layer in self.layers]),
+                     "down": gemv.tune([layer.down for layer in self.layers], kernels_only=self.push),
                      "head": gemv.tune([self.head])}
         if self.embed.device.type == "cuda":
             logger.info("fused step: products tuned in %.1fs: %s", time.perf_counter() - started,
@@ -224,14 +229,21 @@ class FusedStep:
             qkv = gemv.product(normed, layer.qkv, layer.qkv_bias, tile=self.tiles["qkv"])
             attended = decode_attention.attend_step(qkv, self.cos, self.sin, cached.keys, cached.values,
                                                     position.view(1), self.scaling, layer.kv_rows // self.head_dim)
-            partial = gemv.product(attended.reshape(1, -1), layer.output, layer.output_bias, tile=self.tiles["output"])
+            partial = self._row_parallel(attended.reshape(1, -1), layer.output, layer.output_bias, "output")
             hidden, normed = self._add_norm(hidden, layer.post_norm, partial)
             active = gemv.product(normed, layer.gate_up, gated=True, tile=self.tiles["gate_up"])
-            partial = gemv.product(active, layer.down, tile=self.tiles["down"])
+            partial = self._row_parallel(active, layer.down, None, "down")
         torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
         _, normed = self._add_norm(hidden, self.final_norm, partial)
         logits = gemv.product(normed, self.head, tile=self.tiles["head"])
         return self.gather(logits) if self.gather is not None else logits
+
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      name: str) -> torch.Tensor:
+        """o or down: this rank's part of the block's output, already on its way to the peers where `push`."""
+        if self.push:
+            return self.reduce.product(x, weight, bias, self.tiles[name])
+        return gemv.product(x, weight, bias, tile=self.tiles[name])
 
     def _add_norm(self, hidden: torch.Tensor, gain: torch.Tensor,
                   partial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +253,8 @@ class FusedStep:
         if self.reduce is None:
             return gemv.add_norm(hidden, gain, self.eps, partial)
         fused = getattr(self.reduce, "add_norm", None)
+        if self.push:
+            return fused(partial, hidden, gain, self.eps, pushed=True)
         if fused is not None:
             return fused(partial, hidden, gain, self.eps)
         return gemv.add_norm(hidden, gain, self.eps, self.reduce(partial))

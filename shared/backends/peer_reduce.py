@@ -63,26 +63,48 @@ class PeerReduce:
         _exchanges[self.handle] = self
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.numel() > self.capacity or tensor.dtype not in WORD_BITS or tensor.device != self.buffer.device:
+        if not self.fits(tensor.numel(), tensor.dtype, tensor.device):
             import torch.distributed as dist
 
             dist.all_reduce(tensor, group=self.group)
             return tensor
         return torch.ops.lyra.peer_all_reduce(tensor, self.handle)
 
-    def add_norm(self, partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(self, partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, eps: float,
+                 pushed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + the sum of every rank's `partial`, RMSNorm of it): the all-reduce and the next norm, one kernel.
 
         The same words, epochs and slots as a plain call (one program does the work of the plain call's
         programs), so plain and fused calls can follow each other in any order. The same bits as the
-        all-reduce followed by `gemv.add_norm`.
+        all-reduce followed by `gemv.add_norm`. `pushed`: `partial` came from `product()`, which already
+        sent it to the peers; this kernel only gathers.
         """
-        if partial.numel() > self.capacity or partial.dtype not in WORD_BITS or partial.device != self.buffer.device:
+        if not self.fits(partial.numel(), partial.dtype, partial.device):
+            if pushed:
+                raise ValueError(f"peer all-reduce: a pushed partial of {partial.numel()} {partial.dtype} values "
+                                 "cannot have been pushed")
             from shared.backends.gemv import add_norm
 
             return add_norm(residual, gain, eps, self(partial))
-        return torch.ops.lyra.peer_add_norm(partial, residual, gain, eps, self.handle)
+        return torch.ops.lyra.peer_add_norm(partial, residual, gain, eps, self.handle, pushed)
+
+    def fits(self, count: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """True when `count` values of `dtype` on `device` travel through the peer buffer (else NCCL)."""
+        return count <= self.capacity and dtype in WORD_BITS and torch.device(device) == self.buffer.device
+
+    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Any) -> torch.Tensor:
+        """`gemv.gemv(x, weight, bias)` with `tile`, whose kernel also sends each row to the peers as it ends.
+
+        The exchange then costs no kernel of its own: `add_norm(..., pushed=True)` gathers. Only for results
+        that `fits()`; `tile` is a `gemv.Tiling` (cuBLAS cannot push).
+        """
+        return torch.ops.lyra.peer_gemv(x, weight, bias, tile.rows, tile.columns, tile.warps, tile.stages, self.handle)
+
+    def push_to(self) -> Any:
+        """Where `gemv.run_product` sends a result: this exchange's buffers and epochs (`gemv.Push`)."""
+        from shared.backends.gemv import Push
+
+        return Push(self.table, self.epochs, self.capacity, self.rank, self.world, BLOCK)
 
     def failures(self) -> int:
         """How many waits gave up on a peer since start (0 on a healthy group)."""
@@ -125,19 +147,35 @@ def _(tensor: torch.Tensor, handle: int) -> torch.Tensor:
 
 @torch.library.custom_op("lyra::peer_add_norm", mutates_args=())
 def _peer_add_norm(partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, eps: float,
-                   handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   handle: int, pushed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     exchange = _exchanges[handle]
     summed, normed = torch.empty_like(residual), torch.empty_like(residual)
     with torch.cuda.device(partial.device):
         exchange_norm_words(partial.contiguous(), residual.contiguous(), gain, summed, normed, eps, exchange.table,
-                            exchange.epochs, exchange.failed, exchange.capacity, exchange.rank, exchange.world)
+                            exchange.epochs, exchange.failed, exchange.capacity, exchange.rank, exchange.world,
+                            push=not pushed)
     return summed, normed
 
 
 @_peer_add_norm.register_fake
 def _(partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, eps: float,
-      handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+      handle: int, pushed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(residual), torch.empty_like(residual)
+
+
+@torch.library.custom_op("lyra::peer_gemv", mutates_args=())
+def _peer_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, columns: int, warps: int,
+               stages: int, handle: int) -> torch.Tensor:
+    from shared.backends import gemv
+
+    exchange = _exchanges[handle]
+    return gemv.run_product(x, weight, bias, False, gemv.Tiling(rows, columns, warps, stages), exchange.push_to())
+
+
+@_peer_gemv.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, columns: int, warps: int,
+      stages: int, handle: int) -> torch.Tensor:
+    return x.new_empty(1, weight.shape[0])
 
 
 def exchange_norm_words(source: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, summed: torch.Tensor,

@@ -35,6 +35,23 @@ def test_the_key_names_the_shapes_the_dtype_and_the_form() -> None:
     assert gemv.tuning_key([torch.zeros(8, 4)] * 3, gated=True) != plain
     assert gemv.tuning_key([torch.zeros(8, 4, dtype=torch.float16)] * 3, gated=False) != plain
     assert gemv.tuning_key([torch.zeros(8, 4)] * 2, gated=False) != plain
+    assert gemv.tuning_key([torch.zeros(8, 4)] * 3, gated=False, kernels_only=True) != plain
+
+
+def test_a_product_that_pushes_to_peers_is_never_handed_to_cublas(monkeypatch: pytest.MonkeyPatch) -> None:
+    timed: list[gemv.Tiling | None] = []
+
+    def replayed(call: object, weights: list[torch.Tensor]) -> float:
+        tile = call.__defaults__[0]  # the candidate the lambda closes over
+        timed.append(tile)
+        return 0.0 if tile is None else 1.0  # cuBLAS would win
+
+    monkeypatch.setattr(gemv, "_replayed", replayed)
+    assert gemv._fastest([torch.zeros(8, 4)], gated=False) is None
+    assert None in timed
+    timed.clear()
+    assert gemv._fastest([torch.zeros(8, 4)], gated=False, kernels_only=True) == gemv.CANDIDATES[0]
+    assert None not in timed and len(timed) == len(gemv.CANDIDATES)
 
 
 def test_off_cuda_the_default_tiling_is_used_without_measuring() -> None:
