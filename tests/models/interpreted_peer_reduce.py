@@ -22,21 +22,21 @@ CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges
 class Group:
     """`world` simulated ranks with their own buffers, counters and failure counts."""
 
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.buffers = [torch.zeros(2 * world * CAPACITY, dtype=torch.int64) for _ in range(world)]
-        self.table = torch.tensor([buffer.data_ptr() for buffer in self.buffers], dtype=torch.int64)
-        self.epochs = [torch.zeros(CAPACITY // BLOCK, dtype=torch.int64) for _ in range(world)]
-        self.failed = [torch.zeros(1, dtype=torch.int32) for _ in range(world)]
+    def __init__(self, world: int, capacity: int = CAPACITY, device: str = "cpu") -> None:
+        self.world, self.capacity = world, capacity
+        self.buffers = [torch.zeros(2 * world * capacity, dtype=torch.int64, device=device) for _ in range(world)]
+        self.table = torch.tensor([buffer.data_ptr() for buffer in self.buffers], dtype=torch.int64, device=device)
+        self.epochs = [torch.zeros(capacity // BLOCK, dtype=torch.int64, device=device) for _ in range(world)]
+        self.failed = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world)]
 
     def all_reduce(self, parts: list[torch.Tensor], skip_push: int = -1, spins: int = 100) -> list[torch.Tensor]:
         outs = [torch.full_like(part, float("nan")) for part in parts]
         for rank, part in enumerate(parts):
             if rank != skip_push:
-                exchange_words(part, outs[rank], self.table, self.epochs[rank], self.failed[rank], CAPACITY, rank,
+                exchange_words(part, outs[rank], self.table, self.epochs[rank], self.failed[rank], self.capacity, rank,
                                self.world, push=True, gather=False)
         for rank, part in enumerate(parts):
-            exchange_words(part, outs[rank], self.table, self.epochs[rank], self.failed[rank], CAPACITY, rank,
+            exchange_words(part, outs[rank], self.table, self.epochs[rank], self.failed[rank], self.capacity, rank,
                            self.world, push=False, gather=True, spins=spins)
         return outs
 
@@ -47,20 +47,20 @@ class Group:
         for push, gather in ((True, False), (False, True)):
             for rank, part in enumerate(parts):
                 exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.epochs[rank],
-                                    self.failed[rank], CAPACITY, rank, self.world, push=push, gather=gather)
+                                    self.failed[rank], self.capacity, rank, self.world, push=push, gather=gather)
         return outs
 
 
     def pushed_add_norm(self, inputs: list[torch.Tensor], weights: list[torch.Tensor], residual: torch.Tensor,
                         gain: torch.Tensor, tile: Tiling, eps: float = 1e-5) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's product pushed from its kernel, then every rank's gather, residual sum and norm."""
-        parts = [run_product(x, weight, None, False, tile, Push(self.table, self.epochs[rank], CAPACITY, rank,
+        parts = [run_product(x, weight, None, False, tile, Push(self.table, self.epochs[rank], self.capacity, rank,
                                                                   self.world, BLOCK))
                  for rank, (x, weight) in enumerate(zip(inputs, weights, strict=True))]
         outs = [(torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))) for _ in parts]
         for rank, part in enumerate(parts):
             exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.epochs[rank],
-                                self.failed[rank], CAPACITY, rank, self.world, push=False, gather=True, spins=100)
+                                self.failed[rank], self.capacity, rank, self.world, push=False, gather=True, spins=100)
         return outs
 
 
