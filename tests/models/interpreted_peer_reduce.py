@@ -65,7 +65,7 @@ class Group:
 
 
 def expected_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros(parts[0].shape, dtype=torch.float32)
+    total = torch.zeros(parts[0].shape, dtype=torch.float32, device=parts[0].device)
     for part in parts:
         total += part.float()
     return total.to(parts[0].dtype)
