@@ -165,18 +165,24 @@ def streamed_bytes(model: Any) -> int:
 # ----------------------------------------------------------------------------- one GPU and pipeline
 
 
-def one_device(shape: str, device: str, tokens: int, max_context: int, precision: str = "") -> dict:
+def one_device(shape: str, device: str, tokens: int, max_context: int, precision: str = "", share: int = 1) -> dict:
+    """The whole model on one device; with `share` 2, rank 0's share of two alone, its sums left out.
+
+    A share alone is what one tensor rank computes without its exchanges (the peer's part is never added,
+    so its tokens mean nothing): the tensor step minus it is what the exchanges cost. It needs one GPU.
+    """
     import torch
 
     from shared.backends.tensor_parallel import Shard, build_rank_model, random_rank_weights
 
     place = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
-    model = build_rank_model(model_config(shape), dtype_of(device, precision), "sdpa", Shard(0, 1), place,
-                             lambda t: t)
-    random_rank_weights(model, Shard(0, 1), SEED)
+    model = build_rank_model(model_config(shape), dtype_of(device, precision), "sdpa", Shard(0, share), place,
+                             lambda t: t, split_head=not os.environ.get(WHOLE_HEAD_ENV))
+    random_rank_weights(model, Shard(0, share), SEED)
     engine = engine_for(model, max_context)
     prompt = prompt_ids(place, model.config.vocab_size)
-    row = {"run": "one device", "engine": engine.describe(), "ms_per_token": ms_per_token(engine, prompt, tokens),
+    run = "one device" if share == 1 else f"rank alone (1/{share}, no exchange)"
+    row = {"run": run, "engine": engine.describe(), "ms_per_token": ms_per_token(engine, prompt, tokens),
            "read_gb": streamed_bytes(model) / 1e9, "tokens": decode(engine, prompt, AGREE)}
     row["engine"] = engine.describe()
     row["products"] = products(engine)
@@ -319,13 +325,15 @@ def run_shape(shape: str, device: str, tokens: int, max_context: int, runs: set[
     rows = []
     if shape != "70b" and "one" in runs:
         rows.append(one_device(shape, device, tokens, max_context))
+    if "alone" in runs:
+        rows.append(one_device(shape, device, tokens, max_context, share=2))
     if device == "cuda" and "pipeline" in runs:
         rows.append(pipeline(shape, tokens, max_context))
     kinds = ("nccl", "symmetric", "peer")
     reductions = [kind for kind in kinds if kind in runs and (device == "cuda" or kind == "nccl")]
     rows += [tensor(shape, device, kind, tokens, max_context) for kind in reductions]
-    whole = next((r["read_gb"] for r in rows if r["run"] != "one device" and "read_gb" in r and "tensor" not in
-                  r["run"]), rows[0].get("read_gb", 0.0))
+    whole = next((r["read_gb"] for r in rows if r["run"] == "pipeline x2" and "read_gb" in r),
+                 rows[0].get("read_gb", 0.0))
     per_second = bandwidth(device)
     reference = rows[0]["tokens"] if rows else []
     for row in rows:
@@ -345,12 +353,12 @@ def run_shape(shape: str, device: str, tokens: int, max_context: int, runs: set[
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'shape':<6}{'run':<24}{'engine':<34}{'ms/token':>9}{'floor':>8}{'ideal':>8}{'vs one':>8}")
+    print(f"\n{'shape':<6}{'run':<32}{'engine':<34}{'ms/token':>9}{'floor':>8}{'ideal':>8}{'vs one':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:<6}{r['run']:<24}{'unavailable: ' + r['error'][:60]}")
+            print(f"{r['shape']:<6}{r['run']:<32}{'unavailable: ' + r['error'][:60]}")
             continue
-        print(f"{r['shape']:<6}{r['run']:<24}{r['engine'][:33]:<34}{r['ms_per_token']:>9.2f}"
+        print(f"{r['shape']:<6}{r['run']:<32}{r['engine'][:33]:<34}{r['ms_per_token']:>9.2f}"
               f"{r.get('floor_ms', 0):>8.2f}{r.get('ideal_split_floor_ms', 0):>8.2f}{r.get('speedup_vs_one', 0):>8.2f}")
 
 
@@ -361,7 +369,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=4096)
-    parser.add_argument("--runs", default="one,pipeline,nccl,symmetric,peer", help="which placements to time")
+    parser.add_argument("--runs", default="one,pipeline,nccl,symmetric,peer",
+                        help="which placements to time (also: alone, rank 0's share of two without its exchanges, "
+                             "on one GPU)")
     parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
