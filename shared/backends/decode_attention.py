@@ -38,6 +38,8 @@ MIN_DOT = 16  # Triton's matrix products need every side of at least 16
 logger = logging.getLogger(__name__)
 _kernels_made: tuple | None = None  # Triton kernels, made on first use (importing Triton takes a second)
 _tried: dict[tuple[torch.device, int, torch.dtype, bool], bool] = {}  # prepare()'s verdicts (the last: step)
+COUNTERS = 1024  # KV heads a call may have and still merge in its first kernel
+_counters: dict[torch.device, torch.Tensor] = {}  # per device: chunks of each KV head done, back to 0 after each call
 
 
 def _where(device: torch.device) -> torch.device:
@@ -64,6 +66,8 @@ def prepare(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool 
     key = (device, head_dim, dtype, step)
     if key in _tried:
         return _tried[key]
+    if device not in _counters:  # made here, before any capture: a graph's own memory would die with it
+        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     reason = ""
     if importlib.util.find_spec("triton") is None:
         reason = "Triton is not installed"
@@ -273,16 +277,21 @@ def _partial_then_merge(kernels: tuple, queries: torch.Tensor, cos: torch.Tensor
     chunks = -(-length // CHUNK)
     partial = torch.empty((kv_heads, chunks, group, dim), dtype=torch.float32, device=queries.device)
     lse = torch.empty((kv_heads, chunks, group), dtype=torch.float32, device=queries.device)
+    out = queries.new_empty((kv_heads, group, dim))
+    counters = _counters.get(queries.device)
+    merged = counters is not None and kv_heads <= counters.numel()  # else the merge is a kernel of its own
     launch = overlap.options(queries.device)
+    padded_chunks = 1 << max(chunks - 1, 0).bit_length()
     partial_kernel[(kv_heads, chunks)](
         queries, cos, sin, keys, values, position, partial, lse, scale,
         keys.stride(1), keys.stride(2), values.stride(1), values.stride(2), length, chunks, cos.shape[0],
+        counters if merged else lse, out,
         KV_HEADS=kv_heads, GROUP=group, PADDED=max(MIN_DOT, 1 << (group - 1).bit_length()), DIM=dim, CHUNK=CHUNK,
         BLOCK=BLOCK, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", STEP=step, PDL=bool(launch),
-        **launch)
-    out = queries.new_empty((kv_heads, group, dim))
-    merge_kernel[(kv_heads * group,)](partial, lse, out, chunks, GROUP=group, DIM=dim,
-                                      CHUNKS_PADDED=1 << max(chunks - 1, 0).bit_length(), PDL=bool(launch), **launch)
+        MERGE=merged, CHUNKS_PADDED=padded_chunks, **launch)
+    if not merged:
+        merge_kernel[(kv_heads * group,)](partial, lse, out, chunks, GROUP=group, DIM=dim, CHUNKS_PADDED=padded_chunks,
+                                          PDL=bool(launch), **launch)
     return out
 
 
@@ -292,9 +301,10 @@ def _kernels() -> tuple:
 
     @triton.jit
     def partial_kernel(queries, cos, sin, keys, values, position, partial, lse, scale, key_head, key_row, value_head,
-                       value_row, cache_length, chunk_count, table_length, KV_HEADS: tl.constexpr,
+                       value_row, cache_length, chunk_count, table_length, counters, out, KV_HEADS: tl.constexpr,
                        GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr,
+                       MERGE: tl.constexpr, CHUNKS_PADDED: tl.constexpr):
         head = tl.program_id(0)
         chunk = tl.program_id(1)
         if PDL:  # overlap.py: the projection, the cache and the position come from kernels before
@@ -368,6 +378,21 @@ def _kernels() -> tuple:
         out_at = (head * chunk_count + chunk) * GROUP + rows
         tl.store(partial + out_at[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
         tl.store(lse + out_at, tl.where(used, best + tl.log(tl.where(used, total, 1.0)), float("-inf")), mask=real)
+        if MERGE:  # the last of this KV head's chunks to finish merges them all: no second kernel
+            tl.debug_barrier()  # every thread's stores above are issued before the count says so
+            done = tl.atomic_add(counters + head, 1, sem="acq_rel", scope="gpu")
+            if done == chunk_count - 1:
+                every = tl.arange(0, CHUNKS_PADDED)
+                stored = every < chunk_count
+                for member in tl.static_range(GROUP):  # as merge_kernel, one query head at a time
+                    where = (head * chunk_count + every) * GROUP + member
+                    logs = tl.load(lse + where, mask=stored, other=float("-inf"), cache_modifier=".cg")
+                    shares = tl.exp(logs - tl.max(logs, 0))  # chunk 0 always holds position 0: the max is finite
+                    parts = tl.load(partial + where[:, None] * DIM + dims[None, :], mask=stored[:, None], other=0.0,
+                                    cache_modifier=".cg")
+                    merged = tl.sum(parts * shares[:, None], 0) / tl.sum(shares, 0)
+                    tl.store(out + (head * GROUP + member) * DIM + dims, merged.to(out.dtype.element_ty))
+                tl.store(counters + head, 0)  # ready for the next call, which starts after this kernel ends
 
     @triton.jit
     def merge_kernel(partial, lse, out, chunk_count, GROUP: tl.constexpr, DIM: tl.constexpr,
