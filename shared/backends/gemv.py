@@ -55,6 +55,7 @@ TILING = Tiling(rows=2, columns=1024, warps=4, stages=1)  # where nothing was tu
 CANDIDATES = (Tiling(2, 1024, 4, 1), Tiling(4, 512, 4, 2), Tiling(16, 256, 4, 3), Tiling(16, 1024, 8, 3),
               Tiling(8, 512, 4, 1), Tiling(1, 1024, 4, 1), Tiling(8, 256, 2, 3), Tiling(2, 512, 2, 1))
 TUNING_REPLAYS = 3
+PRELOAD_PER_THREAD = 64  # weights a thread reads before its product's input is ready (registers: 32 of them in bf16)
 
 
 def _where(device: torch.device) -> torch.device:
@@ -329,8 +330,22 @@ def run_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         product[(-(-count // tile.rows),)](
             x.contiguous(), weight, out, bias if bias is not None else out, count, weight.shape[1], weight.stride(0),
             table, epochs, capacity, GATED=gated, BIAS=bias is not None, ROWS=tile.rows, COLUMNS=tile.columns,
-            PDL=bool(launch), **words, num_warps=tile.warps, num_stages=tile.stages, **launch)
+            PDL=bool(launch), **words, PRELOAD=preload(tile, weight.shape[1], gated), num_warps=tile.warps,
+            num_stages=tile.stages, **launch)
     return out
+
+
+def preload(tile: Tiling, width: int, gated: bool) -> int:
+    """Blocks of weight columns a program reads before it waits for its input (a power of two, at least 1).
+
+    As many as hold the program's rows (or PRELOAD_PER_THREAD weights a thread, gate and up counted apart),
+    so the weights stream while the kernel before ends (with dependent launch, overlap.py).
+    """
+    blocks = 1 << max(-(-width // tile.columns) - 1, 0).bit_length()
+    room = PRELOAD_PER_THREAD * 32 * tile.warps // (tile.rows * tile.columns * (2 if gated else 1))
+    while blocks > 1 and blocks > room:
+        blocks //= 2
+    return blocks
 
 
 @_gemv.register_fake
@@ -367,26 +382,28 @@ def _make_kernels() -> tuple[Any, Any]:
     @triton.jit
     def product(x, weight, out, bias, count, width, stride, table, epochs, capacity, GATED: tl.constexpr,
                 BIAS: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr, PDL: tl.constexpr, PUSH: tl.constexpr,
-                RANK: tl.constexpr, WORLD: tl.constexpr, EPOCH_BLOCK: tl.constexpr, BITS: tl.constexpr):
+                RANK: tl.constexpr, WORLD: tl.constexpr, EPOCH_BLOCK: tl.constexpr, BITS: tl.constexpr,
+                PRELOAD: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         inside = rows < count
         steps = tl.arange(0, COLUMNS)
         dtype = out.dtype.element_ty
-        # The first block of weights does not depend on the kernel before: read it while that one ends.
-        present = steps < width
-        where = rows[:, None] * stride + steps[None, :]
-        both = inside[:, None] & present[None, :]
-        first = tl.load(weight + where, mask=both, other=0.0).to(tl.float32)
-        first_up = tl.zeros((ROWS, COLUMNS), tl.float32)
+        # The first PRELOAD blocks of weights do not depend on the kernel before: read them while it ends.
+        early = tl.arange(0, PRELOAD)[:, None] * COLUMNS + steps[None, :]  # [PRELOAD, COLUMNS] columns
+        early_in = early < width
+        early_at = rows[None, :, None] * stride + early[:, None, :]  # [PRELOAD, ROWS, COLUMNS]
+        early_mask = inside[None, :, None] & early_in[:, None, :]
+        first = tl.load(weight + early_at, mask=early_mask, other=0.0)
+        first_up = tl.zeros((PRELOAD, ROWS, COLUMNS), first.dtype)
         if GATED:  # the matching up rows sit `count` rows below the gate rows
-            first_up = tl.load(weight + count * stride + where, mask=both, other=0.0).to(tl.float32)
+            first_up = tl.load(weight + count * stride + early_at, mask=early_mask, other=0.0)
         if PDL:  # overlap.py: the input comes from the kernel before
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        value = tl.load(x + steps, mask=present, other=0.0).to(tl.float32)[None, :]
-        sums = first * value
-        ups = first_up * value
-        for start in range(COLUMNS, width, COLUMNS):
+        early_x = tl.load(x + early, mask=early_in, other=0.0).to(tl.float32)[:, None, :]
+        sums = tl.sum(first.to(tl.float32) * early_x, 0)  # [ROWS, COLUMNS]
+        ups = tl.sum(first_up.to(tl.float32) * early_x, 0)
+        for start in range(PRELOAD * COLUMNS, width, COLUMNS):
             columns = start + steps
             present = columns < width
             value = tl.load(x + columns, mask=present, other=0.0).to(tl.float32)[None, :]
