@@ -194,3 +194,15 @@ def test_products_pushing_to_peers_and_the_gathering_norm_in_a_graph(dtype: torc
         assert all(torch.equal(out, expected_sum([inputs[0] * 2, inputs[1]])) for out in plain)
     assert [int(failed) for failed in group.failed] == [0, 0]
     assert all(int(epochs[0]) == 1 + 2 * 3 for epochs in group.epochs)
+
+
+def test_dependent_launch_is_tried_and_used_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.backends import overlap
+
+    monkeypatch.setattr(overlap, "_verdicts", {})
+    monkeypatch.delenv(overlap.ENV, raising=False)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert overlap.enabled(torch.device("cuda")) == hopper
+    assert overlap.options(torch.device("cuda")) == ({"launch_pdl": True} if hopper else {})
+    if hopper:
+        assert overlap._trial(torch.device("cuda")) == ""
