@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 _kernels_made: tuple | None = None  # Triton kernels, made on first use (importing Triton takes a second)
 _tried: dict[tuple[torch.device, int, torch.dtype, bool], bool] = {}  # prepare()'s verdicts (the last: step)
 COUNTERS = 1024  # KV heads a call may have and still merge in its first kernel
-_counters: dict[torch.device, torch.Tensor] = {}  # per device: chunks of each KV head done, back to 0 after each call
+# Per device: chunks of each KV head done, back to 0 after each call. Calls on one device must not run at
+# once (two streams or graphs replayed side by side would mix their counts); a worker decodes one request
+# at a time, and each worker is a process of its own.
+_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _where(device: torch.device) -> torch.device:

@@ -169,7 +169,8 @@ class FusedStep:
         self.push = bool(self.products and self.reduce is not None and callable(getattr(self.reduce, "product", None))
                          and callable(getattr(self.reduce, "add_norm", None))
                          and self.reduce.fits(self.embed.shape[1], self.embed.dtype, self.embed.device))
-        if self.products and not self.tiles:  # once: a swap moves the weights, not their shapes
+        # Once: a swap moves the weights, not their shapes (again if o or down went to cuBLAS, which cannot push)
+        if self.products and (not self.tiles or (self.push and None in (self.tiles["output"], self.tiles["down"]))):
             self.tiles = self._tune()
 
     def _tune(self) -> dict[str, gemv.Tiling | None]:

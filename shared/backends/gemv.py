@@ -56,6 +56,7 @@ CANDIDATES = (Tiling(2, 1024, 4, 1), Tiling(4, 512, 4, 2), Tiling(16, 256, 4, 3)
               Tiling(8, 512, 4, 1), Tiling(1, 1024, 4, 1), Tiling(8, 256, 2, 3), Tiling(2, 512, 2, 1))
 TUNING_REPLAYS = 3
 PRELOAD_PER_THREAD = 64  # weights a thread reads before its product's input is ready (registers: 32 of them in bf16)
+READ_AHEAD_TRIAL = Tiling(rows=8, columns=128, warps=1, stages=1)  # prepare(): blocks read ahead, then the loop
 
 
 def _where(device: torch.device) -> torch.device:
@@ -109,6 +110,8 @@ def _trial(device: torch.device, dtype: torch.dtype) -> str:
         "product": (lambda: gemv(x, weight[:rows]), lambda: gemv_reference(x, weight[:rows])),
         "product with bias": (lambda: gemv(x, weight[:rows], bias), lambda: gemv_reference(x, weight[:rows], bias)),
         "gated product": (lambda: gemv(x, weight, gated=True), lambda: gemv_reference(x, weight, gated=True)),
+        # weights read ahead (2 of 6 blocks) and the rest in the loop after them
+        "product read ahead": (lambda: gemv(x, weight, tile=READ_AHEAD_TRIAL), lambda: gemv_reference(x, weight)),
         "norm": (lambda: add_norm(x, gain, 1e-5)[1], lambda: add_norm_reference(x, gain, 1e-5)[1]),
         "residual sum": (lambda: add_norm(x, gain, 1e-5, addend)[0],
                          lambda: add_norm_reference(x, gain, 1e-5, addend)[0]),
@@ -315,11 +318,11 @@ def run_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 push: Push | None = None) -> torch.Tensor:
     """Launch the product kernel (the custom ops' body); with `push`, it also sends the result to the peers."""
     product, _ = _made()
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
+    launch = overlap.options(x.device)
+    if weight.stride(1) != 1:  # a copy made now: the kernel must not read it before the wait
+        weight, launch = weight.contiguous(), {}
     count = weight.shape[0] // 2 if gated else weight.shape[0]
     out = x.new_empty(1, count)
-    launch = overlap.options(x.device)
     words = {"PUSH": False, "RANK": 0, "WORLD": 1, "EPOCH_BLOCK": 1, "BITS": 16}
     table, epochs, capacity = out, out, 0
     if push is not None:

@@ -98,6 +98,9 @@ class PeerReduce:
         The exchange then costs no kernel of its own: `add_norm(..., pushed=True)` gathers. Only for results
         that `fits()`; `tile` is a `gemv.Tiling` (cuBLAS cannot push).
         """
+        if not self.fits(weight.shape[0], x.dtype, x.device):
+            raise ValueError(f"peer all-reduce: a product of {weight.shape[0]} {x.dtype} rows on {x.device} cannot "
+                             f"push into a buffer of {self.capacity} on {self.buffer.device}")
         return torch.ops.lyra.peer_gemv(x, weight, bias, tile.rows, tile.columns, tile.warps, tile.stages, self.handle)
 
     def push_to(self) -> Any:

@@ -138,7 +138,7 @@ def test_the_fused_norm_equals_the_sum_then_the_norm(world: int, dtype: torch.dt
 
 
 @pytest.mark.parametrize(("world", "dtype", "count", "tile"), [
-    (2, torch.float16, 1000, Tiling(16, 64, 4, 1)),  # programs whose rows cross an epoch block's edge
+    (2, torch.float16, 1000, Tiling(16, 64, 4, 1)),  # rows in two epoch blocks, the second partly masked
     (3, torch.float32, 2 * BLOCK + 3, Tiling(1, 128, 2, 1)),
 ])
 def test_products_that_push_their_rows_then_a_gathering_norm_equal_the_plain_exchange(
