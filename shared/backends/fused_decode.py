@@ -37,10 +37,11 @@ logger = logging.getLogger(__name__)
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
 GATHER_ATTRIBUTE = "tensor_parallel_gather"  # set on a rank's model whose LM head is split: the whole logits
-# Lyra's product kernels (shared.backends.gemv) on tensor-parallel ranks too. Off: at a rank's shapes
-# inductor's tuned reductions are as fast or faster (2 x H200, fused step, peer all-reduce: 70B 18.75 ms a
-# token with inductor's, 19.33 with Lyra's; 8B 3.02 and 2.96), while on one GPU Lyra's win (8B 4.46
-# against 5.19 ms, same machine). bench/voice_tp.py --rank-products measures both.
+# Lyra's product kernels (shared.backends.gemv) on tensor-parallel ranks too, with o and down pushing their
+# rows to the peers. Off until that path has run on two GPUs: before the overlapped launches (overlap.py)
+# inductor's were as fast or faster on ranks (2 x H200, fused, peer: 70B 18.75 ms a token against 19.33;
+# 8B 3.02 and 2.96); with them a rank's share alone is faster on Lyra's (1 x H200, 8B: 2.47-2.51 ms
+# against 2.74). bench/voice_tp.py --rank-products measures it.
 PRODUCTS_ON_RANKS = False
 
 
