@@ -45,7 +45,7 @@ TORCH_PRODUCTS_ENV = "LYRA_BENCH_TORCH_PRODUCTS"  # set: the fused step keeps in
 PLAIN_EXCHANGE_ENV = "LYRA_BENCH_PLAIN_EXCHANGE"  # set: the peer all-reduce and the norm as two kernels (A/B)
 RANK_PRODUCTS_ENV = "LYRA_BENCH_RANK_PRODUCTS"  # set: tensor ranks use Lyra's product kernels too (A/B)
 NO_PUSH_ENV = "LYRA_BENCH_NO_PUSH"  # set: rank products do not push their rows to the peers (A/B)
-SEPARATE_MERGE_ENV = "LYRA_BENCH_SEPARATE_MERGE"  # set: attention merges its chunks in a second kernel (A/B)
+FIRST_KERNEL_MERGE_ENV = "LYRA_BENCH_FIRST_KERNEL_MERGE"  # set: attention merges its chunks in its first kernel
 PRELOAD_ENV = "LYRA_BENCH_PRELOAD"  # weights a thread of a product kernel reads before its input is ready (A/B)
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
@@ -78,10 +78,10 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
         from shared.backends.peer_reduce import PeerReduce
 
         PeerReduce.add_norm = None  # the fused step then sums, and normalises in a kernel of its own
-    if os.environ.get(SEPARATE_MERGE_ENV):
+    if os.environ.get(FIRST_KERNEL_MERGE_ENV):
         from shared.backends import decode_attention
 
-        decode_attention.COUNTERS = 0  # counters made from now on hold no head: every call merges apart
+        decode_attention.COUNTERS = 1024  # counters made from now on: every call merges in its first kernel
         decode_attention._counters.clear()
     if os.environ.get(PRELOAD_ENV):
         from shared.backends import gemv
@@ -399,8 +399,8 @@ def main() -> None:
     parser.add_argument("--preload", type=int, default=0,
                         help="weights a product kernel's thread reads before its input is ready (default: "
                              "shared/backends/gemv.py's PRELOAD_PER_THREAD; 1: one block, as before)")
-    parser.add_argument("--separate-merge", action="store_true",
-                        help="the attention merges its chunks in a kernel of its own, as before")
+    parser.add_argument("--merge-in-first-kernel", action="store_true",
+                        help="the attention's last chunk of each KV head merges the chunks (no second kernel)")
     parser.add_argument("--no-overlap", action="store_true",
                         help="Lyra's kernels without programmatic dependent launch (shared/backends/overlap.py)")
     args = parser.parse_args()
@@ -418,8 +418,8 @@ def main() -> None:
         os.environ[RANK_PRODUCTS_ENV] = "1"
     if args.no_push:
         os.environ[NO_PUSH_ENV] = "1"
-    if args.separate_merge:
-        os.environ[SEPARATE_MERGE_ENV] = "1"
+    if args.merge_in_first_kernel:
+        os.environ[FIRST_KERNEL_MERGE_ENV] = "1"
     if args.preload:
         os.environ[PRELOAD_ENV] = str(args.preload)
     os.environ[ENGINE_ENV] = args.engine

@@ -38,7 +38,11 @@ MIN_DOT = 16  # Triton's matrix products need every side of at least 16
 logger = logging.getLogger(__name__)
 _kernels_made: tuple | None = None  # Triton kernels, made on first use (importing Triton takes a second)
 _tried: dict[tuple[torch.device, int, torch.dtype, bool], bool] = {}  # prepare()'s verdicts (the last: step)
-COUNTERS = 1024  # KV heads a call may have and still merge in its first kernel
+# KV heads a call may have and still merge its chunks in its first kernel (the last chunk of each head to
+# finish merges them). 0: the merge stays a kernel of its own. At the 70B shape the merging program's 8
+# query heads one after another made a rank's token 0.58 ms slower (17.60 against 17.02 ms, 1 x H200, same
+# call, bench/results/h200_voice_tp_rank_alone.json); bench/voice_tp.py --merge-in-first-kernel measures it.
+COUNTERS = 0
 # Per device: chunks of each KV head done, back to 0 after each call. Calls on one device must not run at
 # once (two streams or graphs replayed side by side would mix their counts); a worker decodes one request
 # at a time, and each worker is a process of its own.
