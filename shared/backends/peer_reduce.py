@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from shared.backends import overlap
+from shared.vram import tensor_parallel as plan
 
-CAPACITY = 256 * 1024  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
-BLOCK = 512  # elements per program
+CAPACITY = plan.PEER_CAPACITY  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
+BLOCK = plan.PEER_BLOCK  # elements per program (the plan counts these buffers: plan.exchange_bytes)
 SPINS = 1 << 24  # polls before a wait gives up (several seconds: far past any healthy step)
 WORD_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 

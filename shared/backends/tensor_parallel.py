@@ -33,13 +33,14 @@ from shared.backends.fused_decode import GATHER_ATTRIBUTE, REDUCE_ATTRIBUTE
 from shared.backends.hf_causal import HfCausalModel, _attention
 from shared.backends.hf_checks import check_entry, checkpoint_source
 from shared.backends.rank_runner import LeadRunner, RankGroup
+from shared.vram import tensor_parallel as plan
 
 logger = logging.getLogger(__name__)
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
 ROW = ("o_proj", "down_proj")  # input columns split; their outputs are summed across ranks
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SYMMETRIC_BUFFER_BYTES = 8 * 1024**2  # one-shot all-reduce buffer; larger (prefill) tensors go through NCCL
+SYMMETRIC_BUFFER_BYTES = plan.SYMMETRIC_BUFFER_BYTES  # one-shot all-reduce buffer; larger (prefill): NCCL
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

@@ -10,6 +10,8 @@ Per rank, over `world` ranks (one per GPU):
     activations = one prefill's working set with the MLP's intermediate and the attention heads split:
                   context x (4 x hidden + 3 x intermediate / world) elements, the fp32 logits row, and the
                   captured step's graph pool (its score rows split by heads; cuBLAS workspaces whole)
+    exchange    = the all-reduce's own buffers: peer memory for "peer" (and "auto", which tries it first),
+                  the one-shot buffer for "symmetric"; NCCL's buffers are part of its communicator
     overhead    = the fragmentation share of this rank's weights and KV cache
 The CUDA context of each rank is the voice service's context reserve on that GPU, counted by the plan
 as for any process pinned there. Nothing here imports torch.
@@ -28,6 +30,10 @@ from shared.vram.estimate import (
 )
 from shared.vram.inventory import ModelShape, inventory_for
 
+PEER_CAPACITY = 256 * 1024  # elements per rank region of the peer all-reduce (shared/backends/peer_reduce.py)
+PEER_BLOCK = 512  # elements per program of that all-reduce: one epoch counter each
+SYMMETRIC_BUFFER_BYTES = 8 * 1024**2  # one-shot all-reduce buffer; larger (prefill) tensors go through NCCL
+
 
 def sharded_fraction(shape: ModelShape) -> float:
     """The share of all parameters that are split: the attention and MLP projections, and an untied LM head."""
@@ -38,6 +44,16 @@ def sharded_fraction(shape: ModelShape) -> float:
     head = 0 if shape.tied_embeddings else embeddings
     total = shape.num_layers * per_layer + embeddings + head + (2 * shape.num_layers + 1) * shape.hidden_size
     return (shape.num_layers * per_layer + head) / total
+
+
+def exchange_bytes(all_reduce: str, world: int) -> int:
+    """The buffers a rank's all-reduce allocates besides the process group's: two slots per rank of 8-byte words
+    and the epoch counters (peer), or the one-shot buffer (symmetric)."""
+    if all_reduce in ("auto", "peer"):
+        return 2 * world * PEER_CAPACITY * 8 + -(-PEER_CAPACITY // PEER_BLOCK) * 8 + 4
+    if all_reduce == "symmetric":
+        return SYMMETRIC_BUFFER_BYTES
+    return 0
 
 
 def rank_bytes(estimate: MemoryEstimate, entry: ModelEntry, shape: ModelShape | None, world: int) -> int:
@@ -52,7 +68,8 @@ def rank_bytes(estimate: MemoryEstimate, entry: ModelEntry, shape: ModelShape | 
     graph = decode_graph_bytes(entry, shape)
     graph_split = max(graph - GRAPH_WORKSPACE_BYTES, 0) * (1 - 1 / world)
     activations = estimate.activations - mlp_split - graph_split
-    return round(weights + kv + activations + FRAGMENTATION * (weights + kv))
+    exchange = exchange_bytes(entry.all_reduce, world)
+    return round(weights + kv + activations + exchange + FRAGMENTATION * (weights + kv))
 
 
 def voice_split(estimate: MemoryEstimate, entry: ModelEntry, gpus: list[int], device_map: str | dict[str, int | str],

@@ -9,7 +9,7 @@ from shared.vram.estimate import GB, estimate_model
 from shared.vram.inventory import architecture_shape
 from shared.vram.ledger_bytes import estimate_per_gpu
 from shared.vram.plan import assess
-from shared.vram.tensor_parallel import rank_bytes, sharded_fraction
+from shared.vram.tensor_parallel import exchange_bytes, rank_bytes, sharded_fraction
 
 
 def config(architecture: str, parallel: str, **voice: object):
@@ -76,6 +76,18 @@ def test_a_single_rank_is_the_whole_model() -> None:
     lyra = config("llama-3-8b", "tensor")
     estimate = estimate_model(lyra.voice)
     assert rank_bytes(estimate, lyra.voice, architecture_shape("llama-3-8b"), 1) == estimate.total
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_counts_its_all_reduces_own_buffers(world: int) -> None:
+    shape = architecture_shape("llama-3-8b")
+    shares = {kind: rank_bytes(estimate_model(config("llama-3-8b", "tensor", all_reduce=kind).voice),
+                               config("llama-3-8b", "tensor", all_reduce=kind).voice, shape, world)
+              for kind in ("nccl", "peer", "auto", "symmetric")}
+    peer_words = 2 * world * 256 * 1024 * 8  # two slots per rank of 8-byte words, in every rank's buffer
+    assert shares["peer"] - shares["nccl"] == exchange_bytes("peer", world) >= peer_words
+    assert shares["auto"] == shares["peer"]  # auto tries the peer all-reduce first
+    assert shares["symmetric"] - shares["nccl"] == 8 * 1024**2
 
 
 def test_doctor_recommends_tensor_ranks_only_over_a_fast_peer_link() -> None:
