@@ -1,6 +1,7 @@
 """Whole turns through the running stack (`lyra up`, supervisord), per stage, beside the original design.
 
     python bench/e2e.py --out DIR [--work /tmp/lyra-e2e] [--tokens 128] [--tiny] [--voice 70b] [--voice-engine fused]
+                        [--engine fused] [--gpus 1]
 
 Two GPUs: the router (Gemma-3-12B shape, 8 of its 48 layers) on GPU 0, the specialists on GPU 1 (a
 Llama-3-8B-shaped pragmatist, a Jamba-shaped philosopher with 6 layers and 4 experts), the voice
@@ -10,8 +11,12 @@ visits swap it in from the host weight cache (cached). One unforced turn at each
 `--voice 70b`: the voice is the Llama-3-70B shape instead, tensor-parallel over both GPUs (one rank per
 GPU) with `random_weights = true`: its folder holds config.json and a tokenizer only (141 GB of weights
 fit neither the GPU machine's disk nor the benchmark's time), each rank makes its share on its GPU.
-Client-side times are wall clock from sending the request to its DoneEvent. `--tiny` runs the same script
-on the CPU with the tests' tiny checkpoints (a check of the script, not a benchmark).
+`--gpus 1`: every service on GPU 0 (one-GPU boxes; not with the 70B voice). `--engine`: the specialists'
+decode engine (the voice's is --voice-engine). Client-side times are wall clock from sending the request to
+its DoneEvent. After `lyra down`, the same run times the plain-transformers way in process: the 8B-shaped
+checkpoint's `model.generate` (dynamic cache, greedy) for as many tokens from a prompt as long as the
+voice's, the stage a user would wait for without Lyra. `--tiny` runs the same script on the CPU with the
+tests' tiny checkpoints (a check of the script, not a benchmark).
 """
 
 from __future__ import annotations
@@ -91,8 +96,9 @@ def build_checkpoints(work: Path, tiny: bool, voice: str) -> dict[str, Path]:
     return out
 
 
-def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool, voice: str, engine: str) -> Path:
-    gpu0, gpu1 = ("[]", "[]") if tiny else ("[0]", "[1]")
+def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool, voice: str, engine: str,
+                 specialist_engine: str = "graphs", gpus: int = 2) -> Path:
+    gpu0, gpu1 = ("[]", "[]") if tiny else ("[0]", "[1]") if gpus == 2 else ("[0]", "[0]")
     dtype = "float32" if tiny else "bfloat16"
 
     def model(path: Path, **extra: str) -> str:
@@ -100,6 +106,7 @@ def write_config(work: Path, ckpt: dict[str, Path], tokens: int, tiny: bool, voi
                  f"generation = {{ max_new_tokens = {tokens}, temperature = 0.0 }}"]
         return "\n".join(lines + [f"{k} = {v}" for k, v in extra.items()])
 
+    second_gpu = "" if gpus == 1 else "[[gpus]]\nindex = 1\nbudget_gb = 130"
     voice_entry = model(ckpt["llama"], engine=f'"{engine}"')
     if voice == "70b":
         voice_entry = model(ckpt["voice70b"], engine=f'"{engine}"', parallel='"tensor"', random_weights="true",
@@ -118,9 +125,7 @@ size_gb = {2 if tiny else 40}
 [[gpus]]
 index = 0
 budget_gb = 130
-[[gpus]]
-index = 1
-budget_gb = 130
+{second_gpu}
 [services.router]
 gpus = {gpu0}
 [services.specialist_host]
@@ -130,10 +135,10 @@ gpus = {gpu0 if voice != "70b" else "[]" if tiny else "[0, 1]"}
 [router]
 {model(ckpt['router'])}
 [specialists.pragmatist]
-{model(ckpt['llama'])}
+{model(ckpt['llama'], engine=f'"{specialist_engine}"')}
 description = "practical tasks"
 [specialists.philosopher]
-{model(ckpt['jamba'])}
+{model(ckpt['jamba'], engine=f'"{specialist_engine}"')}
 description = "philosophical questions"
 [voice]
 {voice_entry}
@@ -163,7 +168,8 @@ def run_turns() -> list[dict]:
         assert done is not None
         rows.append({"forced": forced, "specialist": done.specialist, "cold": done.specialist not in seen,
                      "client_s": round(wall, 3), "first_voice_token_s": first_voice,
-                     "timings": {k: round(v, 3) for k, v in done.timings.items()}})
+                     "timings": {k: round(v, 3) for k, v in done.timings.items()},
+                     "voice_prompt_tokens": done.usage.prompt_tokens if done.usage else None})
         seen.add(done.specialist)
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -184,6 +190,34 @@ def floors(config_path: Path, tokens: int, device: str) -> dict[str, float]:
     return {"specialist_floor_s": round(estimate_model(config.specialists["pragmatist"]).weights * tokens
                                         / per_second, 3),
             "voice_floor_s": round(estimate_model(voice).weights * tokens / (ranks * per_second), 3)}
+
+
+def plain_transformers(folder: Path, tokens: int, prompt_tokens: int, tiny: bool) -> dict:
+    """The plain-transformers way in process, one GPU: `generate` with its default dynamic cache, greedy, of
+    `tokens` from a `prompt_tokens` prompt (prefill included, as in a stage), medians of 3 runs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cpu" if tiny else "cuda:0"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if tiny else torch.bfloat16,
+                                                 device_map=device)
+    ids = torch.arange(7, 7 + prompt_tokens, device=device).remainder(model.config.vocab_size).view(1, -1)
+
+    def seconds(count: int) -> float:
+        if not tiny:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=count,
+                       min_new_tokens=count, pad_token_id=0)  # min: random weights may pick an end token
+        if not tiny:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    seconds(2)
+    whole = statistics.median(seconds(tokens) for _ in range(3))
+    first = statistics.median(seconds(1) for _ in range(3))
+    return {"prompt_tokens": prompt_tokens, "tokens": tokens, "generate_s": round(whole, 3),
+            "ms_per_token": round((whole - first) / max(tokens - 1, 1) * 1000, 2)}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -213,7 +247,12 @@ def main() -> int:
     parser.add_argument("--voice", default="8b", choices=["8b", "70b"],
                         help="70b: the Llama-3-70B shape, tensor ranks on both GPUs, random weights")
     parser.add_argument("--voice-engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"])
+    parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
+                        help="the specialists' decode engine")
+    parser.add_argument("--gpus", type=int, default=2, choices=[1, 2], help="1: every service on GPU 0")
     args = parser.parse_args()
+    if args.gpus == 1 and args.voice == "70b":
+        parser.error("the 70B voice is tensor ranks over two GPUs: --gpus 2")
     import torch
     import transformers
 
@@ -221,9 +260,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or "cpu",
                     "torch": torch.__version__, "transformers": transformers.__version__, "tokens": args.tokens,
-                    "voice": args.voice, "voice_engine": args.voice_engine}
-    config = write_config(work, build_checkpoints(work, args.tiny, args.voice), args.tokens, args.tiny, args.voice,
-                          args.voice_engine)
+                    "voice": args.voice, "voice_engine": args.voice_engine, "engine": args.engine,
+                    "gpus": args.gpus}
+    checkpoints = build_checkpoints(work, args.tiny, args.voice)
+    config = write_config(work, checkpoints, args.tokens, args.tiny, args.voice, args.voice_engine, args.engine,
+                          args.gpus)
     started = time.perf_counter()
     up = lyra("up", "-c", str(config), "--timeout", "600")
     report["up_s"] = round(time.perf_counter() - started, 1)
@@ -238,6 +279,10 @@ def main() -> int:
                                       isinstance(report["device"], list) else "")
         finally:
             lyra("down")
+        prompts = [r["voice_prompt_tokens"] for r in report.get("turns", []) if r.get("voice_prompt_tokens")]
+        report["plain_transformers"] = plain_transformers(checkpoints["llama"], args.tokens,
+                                                          int(statistics.median(prompts)) if prompts else 160,
+                                                          args.tiny)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "e2e.json").write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
@@ -251,7 +296,8 @@ def print_table(report: dict) -> None:
         return
     print(f"\n{report['device']}, torch {report['torch']}, transformers {report['transformers']}, "
           f"{report['tokens']} specialist + {report['tokens']} voice tokens; voice {report['voice']} "
-          f"({report['voice_engine']}); lyra up {report['up_s']} s")
+          f"({report['voice_engine']}), specialists {report.get('engine', 'graphs')}, "
+          f"{report.get('gpus', 2)} GPU(s); lyra up {report['up_s']} s")
     print(report["status"])
     print("| what | original design | Lyra |")
     rows = [("cold turn", "cold_turn_s"), ("cached turn", "cached_turn_s"), ("swap", "swap_in_s"),
@@ -259,6 +305,10 @@ def print_table(report: dict) -> None:
     for label, key in rows:
         print(f"| {label} | {ORIGINAL[label]} | {summary[key]} s |")
     print("cached turn by specialist:", summary["cached_text_turn_s_by_specialist"])
+    plain = report.get("plain_transformers")
+    if plain:
+        print(f"plain transformers (`generate`, dynamic cache, 8B shape, one GPU), {plain['tokens']} tokens after "
+              f"{plain['prompt_tokens']}: {plain['generate_s']} s ({plain['ms_per_token']} ms a token)")
     floor = report.get("floors") or {}
     if floor:
         print(f"HBM floor for the same tokens: pragmatist {floor['specialist_floor_s']} s, "
