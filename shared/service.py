@@ -165,22 +165,9 @@ class ServiceLoop:
 
     # ------------------------------------------------------------ job thread
 
-    def _job_thread(self, started: threading.Event, failure: list[BaseException]) -> None:
-        """Load the resident models, then serve the calls: all model work runs on this one thread.
-
-        CUDA libraries keep state per thread (PyTorch's cuBLAS and cuDNN handles and their workspaces): when
-        the main thread loaded and this one served, the router's first turn took 1.34 s against 0.10 s for
-        the next (1 x H200, bench/e2e.py), the handles being made during it.
-        """
+    def _job_thread(self) -> None:
         self.job_out = transport.connect_handoff(self.ctx, self.handoff_address)
         try:
-            try:
-                self.worker.startup()
-            except BaseException as exc:  # the main thread raises it: the process exits as a failed load
-                failure.append(exc)
-                return
-            finally:
-                started.set()
             while True:
                 call = self.jobs.get()
                 if call is None:
@@ -238,16 +225,13 @@ class ServiceLoop:
         except KeyFileError as exc:
             log.critical("cannot connect to the coordinator under Curve: %s", exc)
             return 2
-        started, failure = threading.Event(), []
-        job_thread = threading.Thread(target=self._job_thread, args=(started, failure), name="job", daemon=True)
-        job_thread.start()
-        started.wait()  # the resident models are loaded before the worker registers, as before
-        if failure:
-            raise failure[0]
+        self.worker.startup()
         sock = transport.connect_dealer(
             self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.identity,
             curve=curve, watch=self.config.worker_endpoint().startswith("tcp://"),  # a refusal is logged here too
         )
+        job_thread = threading.Thread(target=self._job_thread, name="job", daemon=True)
+        job_thread.start()
         try:
             return self._loop(sock)
         finally:
