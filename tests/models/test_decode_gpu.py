@@ -69,6 +69,24 @@ def test_engine_equals_generate_before_and_after_a_cache_swap(engine: str, tiny_
     model.unload()
 
 
+def test_the_fused_build_hands_back_the_weights_it_restacked() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # 138 MB
+    torch.cuda.empty_cache()
+    engine = decode.DecodeEngine(model, tiny.build_tokenizer(), "fused", "fused", 512)
+    engine.prepare()
+    assert engine.describe() == "fused graphs"
+    # q/k/v and gate/up were copied side by side (80 MB) and the originals freed; what torch still holds
+    # beyond live tensors is the graph pool's slack, not those originals (the last layer's alone are 20 MB)
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 0.1 * weights
+    engine.release()
+
+
 def test_streamed_text_equals_generate_and_seeds_repeat(tiny_checkpoints: dict[str, Path]) -> None:
     model = loaded(tiny_checkpoints, "graphs")
     question = [ChatTurn(role="user", content="What is 17 times 23?")]
