@@ -72,18 +72,23 @@ def test_engine_equals_generate_before_and_after_a_cache_swap(engine: str, tiny_
 def test_the_fused_build_hands_back_the_weights_it_restacked() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # 138 MB
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # 1.0 GB
+
+    def slack() -> int:  # what torch's allocator holds beyond live tensors
+        return torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
     torch.cuda.empty_cache()
+    before = slack()
     engine = decode.DecodeEngine(model, tiny.build_tokenizer(), "fused", "fused", 512)
     engine.prepare()
     assert engine.describe() == "fused graphs"
-    # q/k/v and gate/up were copied side by side (80 MB) and the originals freed; what torch still holds
-    # beyond live tensors is the graph pool's slack, not those originals (the last layer's alone are 20 MB)
-    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 0.1 * weights
+    # q/k/v and gate/up were copied side by side (0.64 GB) and the originals freed: kept, most of them stayed
+    # with the allocator (7.4 of 9.1 GB at the 8B shape); what the build may add is its graph pool's slack
+    assert slack() - before < 0.1 * weights
     engine.release()
 
 
