@@ -3,9 +3,10 @@
     python bench/engine_memory.py --engine fused [--shape llama-3-8b] [--keep-cache]
 
 Prints one JSON line: torch's allocated and reserved bytes and the device's used memory (this process alone
-on the GPU), after the weights are made and after `DecodeEngine.prepare()`. `--keep-cache` replaces
-`torch.cuda.empty_cache` with a no-op, as the engine was before it handed the build's freed blocks back
-(the fused step's first build copies q/k/v and gate/up side by side and frees the originals).
+on the GPU), after the weights are made and after `DecodeEngine.prepare()`, and the seconds that took.
+`--keep-cache` replaces `torch.cuda.empty_cache` with a no-op, as the engine was before it handed the
+build's freed blocks back (the fused step's first build copies q/k/v and gate/up side by side and frees
+the originals).
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ def main() -> None:
                                                  dtype=torch.bfloat16).eval()
     rows = [reading("loaded")]
     engine = decode.DecodeEngine(model, tiny.build_tokenizer(), "bench", args.engine, args.max_context)
-    engine.prepare()
+    build_s = round(engine.prepare(), 1)
     rows.append(reading("engine built"))
     print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape,
                       "engine": args.engine, "empty_cache": not args.keep_cache, "kind": engine.describe(),
-                      "rows": rows}))
+                      "build_s": build_s, "rows": rows}))
 
 
 if __name__ == "__main__":
