@@ -163,3 +163,27 @@ def test_lyra_up_leaves_a_service_another_host_runs_to_that_host(tmp_path: Path)
     env = stack_env(config)
     assert (env["LYRA_AUTOSTART_ROUTER"], env["LYRA_AUTOSTART_SPECIALIST_HOST"], env["LYRA_AUTOSTART_VOICE"]) == (
         "true", "false", "true")
+
+
+def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_one(tmp_path: Path) -> None:
+    import json
+
+    from shared.doctor import engine_checks
+
+    folders = {}
+    for name, family in (("llama", "llama"), ("qwen", "qwen2"), ("gemma", "gemma3_text")):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "config.json").write_text(json.dumps({"model_type": family}))
+
+    def model(folder: str, **extra: str) -> dict:
+        return {"backend": "transformers", "path": str(folders[folder]), "description": folder, **extra}
+
+    config = parse_config(fake_config(
+        tmp_path, specialists__pragmatist=model("llama"), specialists__philosopher=model("gemma"),
+        specialists__coder=model("qwen", engine="fused"), voice={**model("qwen"), "system_prompt": "x"}))
+    checks = {check.name: check for check in engine_checks(config, has_cuda=True)}
+    assert set(checks) == {"engine pragmatist", "engine voice"}  # gemma: not a fused family; coder: fused already
+    assert checks["engine pragmatist"].fix == 'engine = "fused" in [specialists.pragmatist]'
+    assert "a qwen2 model" in checks["engine voice"].detail and checks["engine voice"].fix.endswith("[voice]")
+    assert engine_checks(config, has_cuda=False) == []  # on the CPU every engine decodes the same way
