@@ -119,7 +119,7 @@ def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
     for section, entry in [*((f"specialists.{n}", e) for n, e in config.specialists.items()), ("voice", config.voice)]:
         local = Path(entry.path).expanduser() / "config.json" if entry.path else None
         if entry.backend != "transformers" or entry.kind != "causal_lm" or entry.engine != "graphs" or \
-                local is None or not local.is_file():
+                entry.quantization != "none" or local is None or not local.is_file():
             continue
         try:
             family = json.loads(local.read_text()).get("model_type", "")

@@ -63,6 +63,12 @@ def problems(model: Any) -> list[str]:
     missing = [name for name in needed if name not in names]
     if missing:
         found.append(f"decoder layers lack {', '.join(missing)}")
+        return found
+    modules = dict(layer.named_modules())
+    packed = sorted({str(modules[name].weight.dtype) for name in needed[:7]
+                     if not modules[name].weight.is_floating_point()})
+    if packed:  # bitsandbytes keeps 4-bit and int8 weights packed with their scales beside them
+        found.append(f"quantized projections ({', '.join(packed)} weights); the step multiplies float weights")
     return found
 
 

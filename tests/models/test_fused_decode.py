@@ -86,6 +86,20 @@ def test_other_architectures_are_named_and_keep_the_general_step(kind: type, rea
         engine._fused_step()
 
 
+def test_quantized_projections_are_named_and_left_as_they_are() -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config_of(LlamaConfig))
+    attention = model.model.layers[0].self_attn
+    packed = torch.zeros(attention.q_proj.weight.numel() // 2, 1, dtype=torch.uint8)  # as bitsandbytes packs 4 bits
+    attention.q_proj.weight = torch.nn.Parameter(packed, requires_grad=False)
+    assert any("quantized projections (torch.uint8" in problem for problem in problems(model))
+    engine = DecodeEngine(model, tiny.build_tokenizer(), "voice", "fused", CONTEXT)
+    with pytest.raises(ValueError, match="quantized"):
+        engine._fused_step()
+    assert attention.q_proj.weight.data_ptr() == packed.data_ptr()  # never stacked with k and v
+
+
 def test_mlp_biases_are_named() -> None:
     from transformers import AutoModelForCausalLM
 

@@ -187,3 +187,5 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
     assert checks["engine pragmatist"].fix == 'engine = "fused" in [specialists.pragmatist]'
     assert "a qwen2 model" in checks["engine voice"].detail and checks["engine voice"].fix.endswith("[voice]")
     assert engine_checks(config, has_cuda=False) == []  # on the CPU every engine decodes the same way
+    quantized = parse_config(fake_config(tmp_path, specialists__pragmatist=model("llama", quantization="4bit")))
+    assert engine_checks(quantized, has_cuda=True) == []  # the fused step multiplies float weights only
