@@ -119,14 +119,16 @@ def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
     for section, entry in [*((f"specialists.{n}", e) for n, e in config.specialists.items()), ("voice", config.voice)]:
         local = Path(entry.path).expanduser() / "config.json" if entry.path else None
         if entry.backend != "transformers" or entry.kind != "causal_lm" or entry.engine != "graphs" or \
-                entry.quantization != "none" or local is None or not local.is_file():
+                entry.quantization != "none" or local is None:
             continue
         try:
-            family = json.loads(local.read_text()).get("model_type", "")
+            described = json.loads(local.read_text())
         except (OSError, ValueError):
             continue
-        if family not in FAMILIES:
-            continue
+        family = described.get("model_type", "") if isinstance(described, dict) else ""
+        if family not in FAMILIES or "quantization_config" in described or \
+                described.get("hidden_act", "silu") != "silu" or described.get("mlp_bias"):
+            continue  # what the fused step refuses at load (`fused_decode.problems`)
         triton = "" if _installed("triton") else " once Triton is installed (pip install triton)"
         checks.append(Check("info", f"engine {entry.name}",
                             f"graphs (the default); a {family} model, which the fused engine decodes on Lyra's "

@@ -233,13 +233,16 @@ class DecodeEngine:
     def _fused_step(self) -> Any:
         if self.fused is None:
             self.fused = FusedStep(self.model, self.max_context)
-            # On Lyra's kernels the step is kernel launches that the captured graph replays, with nothing left
-            # for inductor to fuse: it runs as it is, without a compile at the first load. Else it is compiled
-            # once; its tensors are inputs, so a re-bind after a swap replays the same code.
-            self.compiled = self.fused.__call__ if self.fused.products else \
-                torch.compile(self.fused.__call__, dynamic=False, mode=FUSED_COMPILE_MODE)
         else:
             self.fused.bind(self.model)
+        # On Lyra's kernels the step is kernel launches that the captured graph replays, with nothing left for
+        # inductor to fuse: it runs as it is, without a compile. Otherwise (no kernels here, or projections the
+        # host weight cache laid apart, as Qwen2's biased q/k/v after a swap) it is compiled, once: its
+        # tensors are inputs, so a re-bind replays the same code.
+        if self.fused.products:
+            return self.fused.__call__
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fused.__call__, dynamic=False, mode=FUSED_COMPILE_MODE)
         return self.compiled
 
     def describe(self) -> str:

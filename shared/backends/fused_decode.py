@@ -34,6 +34,7 @@ from shared.backends import decode_attention, gemv
 
 logger = logging.getLogger(__name__)
 
+FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)  # what the step's products read as they are
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
 GATHER_ATTRIBUTE = "tensor_parallel_gather"  # set on a rank's model whose LM head is split: the whole logits
@@ -65,10 +66,12 @@ def problems(model: Any) -> list[str]:
         found.append(f"decoder layers lack {', '.join(missing)}")
         return found
     modules = dict(layer.named_modules())
-    packed = sorted({str(modules[name].weight.dtype) for name in needed[:7]
-                     if not modules[name].weight.is_floating_point()})
-    if packed:  # bitsandbytes keeps 4-bit and int8 weights packed with their scales beside them
-        found.append(f"quantized projections ({', '.join(packed)} weights); the step multiplies float weights")
+    weights = [getattr(modules[name], "weight", None) for name in needed[:7]]
+    packed = sorted({"no weight tensor" if weight is None else str(weight.dtype) for weight in weights
+                     if weight is None or weight.dtype not in FLOAT_WEIGHTS})
+    if packed:  # bitsandbytes packs 4-bit and int8 weights; float8 and GPTQ/AWQ keep scales beside them
+        found.append(f"quantized projections ({', '.join(packed)}); the step multiplies float16, bfloat16 or "
+                     "float32 weights")
     return found
 
 

@@ -98,6 +98,30 @@ def test_quantized_projections_are_named_and_left_as_they_are() -> None:
     with pytest.raises(ValueError, match="quantized"):
         engine._fused_step()
     assert attention.q_proj.weight.data_ptr() == packed.data_ptr()  # never stacked with k and v
+    attention.q_proj.weight = torch.nn.Parameter(torch.zeros(attention.o_proj.weight.shape, dtype=torch.float8_e4m3fn),
+                                                 requires_grad=False)  # float, but scaled beside the weight
+    assert any("float8_e4m3fn" in problem for problem in problems(model))
+
+
+def test_the_step_is_compiled_only_where_it_does_not_run_on_lyras_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    engine = DecodeEngine(AutoModelForCausalLM.from_config(config_of(LlamaConfig)), tiny.build_tokenizer(), "voice",
+                          "fused", CONTEXT)
+    on_kernels = [False]
+    bind = FusedStep.bind
+
+    def bind_as(step: FusedStep, model: object, copy: bool = False) -> None:
+        bind(step, model, copy)
+        step.products = on_kernels[0]  # as on a GPU with the kernels, or after a swap laid q/k/v apart
+
+    monkeypatch.setattr(FusedStep, "bind", bind_as)
+    compiled = engine._fused_step()
+    assert compiled is engine.compiled and compiled != engine.fused.__call__
+    on_kernels[0] = True
+    assert engine._fused_step() == engine.fused.__call__  # kernel launches: nothing for inductor to fuse
+    on_kernels[0] = False
+    assert engine._fused_step() is compiled  # compiled once, whenever the kernels are off
 
 
 def test_mlp_biases_are_named() -> None:

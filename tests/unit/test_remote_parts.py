@@ -171,10 +171,12 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
     from shared.doctor import engine_checks
 
     folders = {}
-    for name, family in (("llama", "llama"), ("qwen", "qwen2"), ("gemma", "gemma3_text")):
+    for name, described in (("llama", {"model_type": "llama"}), ("qwen", {"model_type": "qwen2"}),
+                            ("gemma", {"model_type": "gemma3_text"}),
+                            ("fp8", {"model_type": "llama", "quantization_config": {"quant_method": "fp8"}})):
         folders[name] = tmp_path / name
         folders[name].mkdir()
-        (folders[name] / "config.json").write_text(json.dumps({"model_type": family}))
+        (folders[name] / "config.json").write_text(json.dumps(described))
 
     def model(folder: str, **extra: str) -> dict:
         return {"backend": "transformers", "path": str(folders[folder]), "description": folder, **extra}
@@ -187,5 +189,6 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
     assert checks["engine pragmatist"].fix == 'engine = "fused" in [specialists.pragmatist]'
     assert "a qwen2 model" in checks["engine voice"].detail and checks["engine voice"].fix.endswith("[voice]")
     assert engine_checks(config, has_cuda=False) == []  # on the CPU every engine decodes the same way
-    quantized = parse_config(fake_config(tmp_path, specialists__pragmatist=model("llama", quantization="4bit")))
-    assert engine_checks(quantized, has_cuda=True) == []  # the fused step multiplies float weights only
+    for quantized in (model("llama", quantization="4bit"), model("fp8"), {**model("llama"), "path": "org/hub-id"}):
+        config = parse_config(fake_config(tmp_path, specialists__pragmatist=quantized))
+        assert engine_checks(config, has_cuda=True) == []  # quantized: float weights only; a hub id: not read
