@@ -108,32 +108,39 @@ def model_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
 
 
 def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
-    """Text models on the default engine that the fused step could decode faster (read from config.json)."""
+    """Text models on the default engine that the fused step could decode faster: the step's own load-time
+    check (`fused_decode.problems`) run on the model its config.json describes, built on the meta device."""
     if not has_cuda:  # on the CPU every engine decodes with transformers' dynamic cache
         return []
     import json
 
-    from shared.backends.fused_decode import FAMILIES
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shared.backends.device_split import meta_model_from_checkpoint
+    from shared.backends.fused_decode import problems
 
     checks = []
     for section, entry in [*((f"specialists.{n}", e) for n, e in config.specialists.items()), ("voice", config.voice)]:
-        local = Path(entry.path).expanduser() / "config.json" if entry.path else None
+        described = Path(entry.path).expanduser() / "config.json" if entry.path else None
         if entry.backend != "transformers" or entry.kind != "causal_lm" or entry.engine != "graphs" or \
-                entry.quantization != "none" or local is None:
+                entry.quantization != "none" or described is None:
             continue
         try:
-            described = json.loads(local.read_text())
-        except (OSError, ValueError):
+            if "quantization_config" in json.loads(described.read_text()):  # weights stored quantized
+                continue
+            model = meta_model_from_checkpoint(AutoModelForCausalLM, str(described.parent), torch.bfloat16,
+                                               local_files_only=True)
+        except Exception:  # no local config.json, or one transformers cannot build: `model` checks say so
             continue
-        family = described.get("model_type", "") if isinstance(described, dict) else ""
-        if family not in FAMILIES or "quantization_config" in described or \
-                described.get("hidden_act", "silu") != "silu" or described.get("mlp_bias"):
-            continue  # what the fused step refuses at load (`fused_decode.problems`)
+        if problems(model):
+            continue
         triton = "" if _installed("triton") else " once Triton is installed (pip install triton)"
         checks.append(Check("info", f"engine {entry.name}",
-                            f"graphs (the default); a {family} model, which the fused engine decodes on Lyra's "
-                            f"kernels{triton}: 0.55-0.60 s against 0.90-1.03 s for 128 tokens at 8B on an H200, "
-                            "first load about 15 s longer (README, Decoding)", f'engine = "fused" in [{section}]'))
+                            f"graphs (the default); a {model.config.model_type} model, which the fused engine "
+                            f"decodes on Lyra's kernels{triton}: 0.55-0.60 s against 0.90-1.03 s for 128 tokens "
+                            "at 8B on an H200, first load about 15 s longer (README, Decoding)",
+                            f'engine = "fused" in [{section}]'))
     return checks
 
 

@@ -171,12 +171,15 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
     from shared.doctor import engine_checks
 
     folders = {}
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256}
     for name, described in (("llama", {"model_type": "llama"}), ("qwen", {"model_type": "qwen2"}),
-                            ("gemma", {"model_type": "gemma3_text"}),
+                            ("gemma", {"model_type": "gemma3_text", "head_dim": 16}),
+                            ("gelu", {"model_type": "llama", "hidden_act": "gelu"}),
                             ("fp8", {"model_type": "llama", "quantization_config": {"quant_method": "fp8"}})):
         folders[name] = tmp_path / name
         folders[name].mkdir()
-        (folders[name] / "config.json").write_text(json.dumps(described))
+        (folders[name] / "config.json").write_text(json.dumps({**small, **described}))
 
     def model(folder: str, **extra: str) -> dict:
         return {"backend": "transformers", "path": str(folders[folder]), "description": folder, **extra}
@@ -189,6 +192,7 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
     assert checks["engine pragmatist"].fix == 'engine = "fused" in [specialists.pragmatist]'
     assert "a qwen2 model" in checks["engine voice"].detail and checks["engine voice"].fix.endswith("[voice]")
     assert engine_checks(config, has_cuda=False) == []  # on the CPU every engine decodes the same way
-    for quantized in (model("llama", quantization="4bit"), model("fp8"), {**model("llama"), "path": "org/hub-id"}):
-        config = parse_config(fake_config(tmp_path, specialists__pragmatist=quantized))
-        assert engine_checks(config, has_cuda=True) == []  # quantized: float weights only; a hub id: not read
+    for refused in (model("llama", quantization="4bit"), model("fp8"), model("gelu"),
+                    {**model("llama"), "path": "org/not-in-the-local-cache"}):
+        config = parse_config(fake_config(tmp_path, specialists__pragmatist=refused))
+        assert engine_checks(config, has_cuda=True) == []  # what the fused step would refuse, or cannot read
