@@ -30,8 +30,8 @@ def rank_main(rank: int, world: int, store_path: str, kind: str, sizes: list[int
     import torch
     import torch.distributed as dist
 
-    from shared.backends.rank_runner import join
-    from shared.backends.tensor_parallel import make_reduce
+    from shared.distributed.rank_runner import join
+    from shared.distributed.tensor_parallel import make_reduce
 
     place = torch.device("cuda", rank)
     torch.cuda.set_device(place)

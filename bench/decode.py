@@ -78,9 +78,9 @@ def median_ms_per_token(run, tokens: int) -> float:
 
 
 def load(folder: Path, engine: str, max_context: int):
-    from shared.backends import hf_causal
-    from shared.backends.base import LoadContext
-    from shared.config import parse_config
+    from shared.config.schema import parse_config
+    from shared.models import hf_causal
+    from shared.models.base import LoadContext
 
     raw = {"router": {}, "voice": {}, "specialists": {"a": {}}}
     context = LoadContext(service="specialist_host", physical_gpus=[0], config=parse_config(raw))
@@ -93,7 +93,7 @@ def load(folder: Path, engine: str, max_context: int):
 def in_process(folder: Path, tokens: int, max_context: int) -> dict:
     import torch
 
-    from shared.backends.decode import Sampling
+    from shared.engine.decode import Sampling
 
     row: dict = {}
     started = time.perf_counter()
@@ -165,8 +165,8 @@ def swap_cycles(loaded, engine, ids, tokens: int, weights: int, cycles: int = 3)
     """Swap out and in through the host weight cache, then time until the first batch of tokens."""
     import torch
 
-    from shared.backends.decode import Sampling
-    from shared.backends.weight_cache import HostWeightCache
+    from shared.engine.decode import Sampling
+    from shared.models.weight_cache import HostWeightCache
 
     cache = HostWeightCache(int(weights * 1.2))
     copy, _ = cache.admit("a", loaded.torch_modules())
@@ -242,7 +242,7 @@ def lyra(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 
 def through_stack(work: Path, folder: Path, tokens: int, max_context: int, gpus: str = "[0]") -> dict:
     from shared.client import Client
-    from shared.messages import DoneEvent, TokenEvent
+    from shared.wire.messages import DoneEvent, TokenEvent
 
     config = stack_config(work, folder, tokens, max_context, gpus)
     row: dict = {}

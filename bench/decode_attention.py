@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from shared.backends.decode_attention import decode_attention
+    from shared.kernels.decode_attention import decode_attention
 
     rows = []
     for name, (kv, group, layers) in SHAPES.items():

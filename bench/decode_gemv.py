@@ -1,4 +1,4 @@
-"""How fast `shared.backends.gemv` reads each Llama weight shape, against cuBLAS, and which tiling is best.
+"""How fast `shared.kernels.gemv` reads each Llama weight shape, against cuBLAS, and which tiling is best.
 
     python bench/decode_gemv.py --out DIR [--quick]
 
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.backends import gemv  # noqa: E402
+from shared.kernels import gemv  # noqa: E402
 
 SHAPES = {  # name: (N, K) of a weight as nn.Linear stores it
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336),

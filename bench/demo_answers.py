@@ -16,11 +16,11 @@ import threading
 import time
 
 from services.voice.handlers import compose_voice_prompt
-from shared.backends.base import LoadContext, LoadedModel, SpecialistOutput, load_model
-from shared.backends.hf_causal import HfCausalModel
-from shared.config import LyraConfig, ModelEntry, load_config
-from shared.demo import SCRIPT, answer_problems, sample_picture
-from shared.messages import ChatTurn, GenerationOptions, SynthesizeRequest
+from shared.cli.demo import SCRIPT, answer_problems, sample_picture
+from shared.config.schema import LyraConfig, ModelEntry, load_config
+from shared.models.base import LoadContext, LoadedModel, SpecialistOutput, load_model
+from shared.models.hf_causal import HfCausalModel
+from shared.wire.messages import ChatTurn, GenerationOptions, SynthesizeRequest
 
 TURNS = {"How do I fix a flat tyre?": "pragmatist", "What is the meaning of life?": "philosopher",
          "Write a Python function that reverses a string.": "pragmatist", "Is free will an illusion?": "philosopher",

@@ -47,7 +47,7 @@ def shape_only_folder(folder: Path, tiny: bool) -> Path:
     """config.json and a tokenizer, no weights: the random-weight voice (Llama-3-70B shape; tiny on the CPU)."""
     from transformers import LlamaConfig
 
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.planning.architectures import build_config, get_architecture
     from tests.models import tiny as tiny_models
 
     if not (folder / "config.json").exists():
@@ -64,7 +64,7 @@ def build_checkpoints(work: Path, tiny: bool, voice: str) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.planning.architectures import build_config, get_architecture
     from tests.models import tiny as tiny_models
 
     extra = {"voice70b": shape_only_folder(work / "voice70b", tiny)} if voice == "70b" else {}
@@ -151,7 +151,7 @@ system_prompt = "You are Lyra."
 
 def run_turns() -> list[dict]:
     from shared.client import Client
-    from shared.messages import DoneEvent, TokenEvent
+    from shared.wire.messages import DoneEvent, TokenEvent
 
     rows, seen = [], set()
     for forced, text in TURNS:
@@ -178,8 +178,8 @@ def run_turns() -> list[dict]:
 def floors(config_path: Path, tokens: int, device: str) -> dict[str, float]:
     """Seconds the HBM floor allows the 8B-shaped pragmatist's and the voice's tokens: every weight byte read
     once per token, a tensor voice's split over its GPUs (the dense stages; Jamba's experts are not dense)."""
-    from shared.config import load_config
-    from shared.vram.estimate import estimate_model
+    from shared.config.schema import load_config
+    from shared.planning.estimate import estimate_model
 
     if not device.startswith("NVIDIA"):
         return {}

@@ -39,8 +39,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.backends import decode
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.engine import decode
+    from shared.planning.architectures import build_config, get_architecture
     from tests.models import tiny
 
     if args.keep_cache:

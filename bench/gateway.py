@@ -29,7 +29,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.client import Client
-from shared.messages import TokenEvent
+from shared.wire.messages import TokenEvent
 from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
 from tests.stackproc import StackProcesses
 

@@ -4,7 +4,7 @@
 
 FLUX.1-schnell shape (12B transformer, T5-XXL, CLIP-L, VAE) at 1024x1024, 4 steps: seconds per image and
 peak memory. LLaVA-NeXT-Mistral-7B shape: latency for one image plus 64 output tokens, and peak memory.
-Tokenizers are the tiny ones from shared.tiny (random weights make the vocabulary irrelevant); the
+Tokenizers are the tiny ones from shared.models.tiny (random weights make the vocabulary irrelevant); the
 pipeline and the model are the real classes at the real sizes, in bfloat16.
 """
 
@@ -25,7 +25,7 @@ GB = 1e9
 
 
 def _component(arch: str, name: str):
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.planning.architectures import build_config, get_architecture
 
     spec = get_architecture(arch)
     return build_config(next(c for c in spec.components if c.name == name))
@@ -36,7 +36,7 @@ def flux(runs: int) -> dict:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from shared.tiny.flux import build_clip_tokenizer, build_t5_tokenizer
+    from shared.models.tiny.flux import build_clip_tokenizer, build_t5_tokenizer
 
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -78,7 +78,7 @@ def llava(runs: int) -> dict:
     from PIL import Image
     from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
 
-    from shared.tiny.llava import CHAT_TEMPLATE, build_tokenizer
+    from shared.models.tiny.llava import CHAT_TEMPLATE, build_tokenizer
 
     tokenizer = build_tokenizer()
     config = _component("llava-v1.6-mistral-7b", "model")

@@ -33,7 +33,7 @@ def build_checkpoints(work: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.planning.architectures import build_config, get_architecture
     from tests.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()

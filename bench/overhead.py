@@ -31,9 +31,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.client import CoordinatorRestartedError
-from shared.keys import identity, make_keys
-from shared.messages import StageFinishedEvent, StageRestartedEvent, TokenEvent
-from shared.transport import raw_roundtrip_benchmark
+from shared.wire.keys import identity, make_keys
+from shared.wire.messages import StageFinishedEvent, StageRestartedEvent, TokenEvent
+from shared.wire.transport import raw_roundtrip_benchmark
 from tests.stackproc import StackProcesses
 
 VOICE_TOKENS = 20

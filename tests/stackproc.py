@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.client import Client, LyraError
-from shared.names import SERVICES
-from shared.stack_secret import create_secret
-from shared.transport import CurveKeys
+from shared.wire.names import SERVICES
+from shared.wire.stack_secret import create_secret
+from shared.wire.transport import CurveKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,9 +3,9 @@
 import logging
 
 from services.coordinator.server import run
-from shared.names import COORDINATOR
-from shared.process import config_from_args
-from shared.stack_record import taken
+from shared.client.stack_record import taken
+from shared.runtime.process import config_from_args
+from shared.wire.names import COORDINATOR
 
 if __name__ == "__main__":
     config = config_from_args(COORDINATOR)

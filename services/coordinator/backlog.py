@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from shared import transport
+from shared.wire import transport
 
 RETRY_S = 0.005  # how soon the coordinator's loop comes back while any client has a backlog
 

@@ -6,7 +6,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from shared.messages import SwapRecord
+from shared.wire.messages import SwapRecord
 
 SWAP_RECORDS = 100  # swaps kept for status
 

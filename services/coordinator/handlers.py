@@ -6,15 +6,15 @@ import logging
 from collections.abc import Callable
 from queue import SimpleQueue
 
+from services.coordinator.images import BadImage, ImageLimits, check_image
 from services.coordinator.intake import QuietLog, SlowIntake
 from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.coordinator.workers import WorkerRegistry
-from shared.config import LyraConfig
-from shared.images import BadImage, ImageLimits, check_image
-from shared.messages import (
+from shared.config.schema import LyraConfig
+from shared.wire.messages import (
     AcceptedEvent,
     CancelRequest,
     ChatRequest,
@@ -24,8 +24,8 @@ from shared.messages import (
     StatusReply,
     StatusRequest,
 )
-from shared.stack_secret import matches
-from shared.transport import Received
+from shared.wire.stack_secret import matches
+from shared.wire.transport import Received
 
 log = logging.getLogger(__name__)
 

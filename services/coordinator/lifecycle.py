@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shared.messages import (
+from shared.wire.messages import (
     DoneEvent,
     ErrorCode,
     ErrorEvent,

@@ -18,8 +18,8 @@ from services.coordinator.ledger import VramLedger
 from services.coordinator.requests import Job, Route
 from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError, WorkerRegistry
-from shared.config import LyraConfig
-from shared.messages import (
+from shared.config.schema import LyraConfig
+from shared.wire.messages import (
     ChatTurn,
     ClassifyReply,
     ClassifyRequest,
@@ -32,7 +32,7 @@ from shared.messages import (
     SynthesizeRequest,
     TokenEvent,
 )
-from shared.names import ROUTER, SPECIALIST_HOST, VOICE
+from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from services.coordinator.requests import Job, RequestQueue
 from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError
-from shared.config import LyraConfig
+from shared.config.schema import LyraConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.policy import pick_next
-from shared.messages import ChatRequest, ErrorCode, RouteEvidence
+from shared.wire.messages import ChatRequest, ErrorCode, RouteEvidence
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Route:
     specialist: str
     scores: dict[str, float]
     forced: bool  # the router did not run: the client chose, or the image rule did (`kind` says which)
-    kind: str = "routed"  # "routed", "forced" or "image_rule" (shared.messages.RouteKind)
+    kind: str = "routed"  # "routed", "forced" or "image_rule" (shared.wire.messages.RouteKind)
     fallback: bool = False  # the router's best score was below routing.min_confidence
     evidence: RouteEvidence | None = None
 

@@ -26,11 +26,11 @@ from services.coordinator.requests import RequestQueue
 from services.coordinator.swap import Residency
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
-from shared import keys, transport
-from shared.config import LyraConfig
-from shared.messages import ErrorCode, Message
-from shared.names import WORKER_SERVICES
-from shared.stack_secret import SecretError, ensure_secret
+from shared.config.schema import LyraConfig
+from shared.wire import keys, transport
+from shared.wire.messages import ErrorCode, Message
+from shared.wire.names import WORKER_SERVICES
+from shared.wire.stack_secret import SecretError, ensure_secret
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class Coordinator:
         # does not ask for it.
         self.curve = keys.identity(config.keys_dir(), keys.COORDINATOR, server=True) if config.runtime.curve \
             else None
-        self.gate = transport.KeyGate(self.ctx, keys.coordinator_gate(config), keys.fingerprint) if self.curve \
-            else None
+        self.gate = transport.KeyGate(self.ctx, keys.coordinator_gate(config.keys_dir()), keys.fingerprint) \
+            if self.curve else None
         self.handshakes_logged: dict[tuple[str, str], float] = {}  # (socket, reason) -> when last logged
         self.client_handlers = ClientHandlers(config, self.queue, self.registry, self.ledger, self.pipeline,
                                               self._lifecycle, self.instance,

@@ -15,9 +15,9 @@ import time
 from services.coordinator.counters import Counters
 from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
 from services.coordinator.workers import StageError, WorkerRegistry
-from shared.config import LyraConfig
-from shared.messages import ErrorCode, LoadReply, LoadRequest, MemoryReading, UnloadRequest
-from shared.names import SPECIALIST_HOST
+from shared.config.schema import LyraConfig
+from shared.wire.messages import ErrorCode, LoadReply, LoadRequest, MemoryReading, UnloadRequest
+from shared.wire.names import SPECIALIST_HOST
 
 log = logging.getLogger(__name__)
 

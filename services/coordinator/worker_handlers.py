@@ -13,8 +13,8 @@ from collections.abc import Callable
 from services.coordinator.intake import QuietLog
 from services.coordinator.swap import Residency
 from services.coordinator.workers import WorkerRegistry
-from shared.config import LyraConfig
-from shared.messages import (
+from shared.config.schema import LyraConfig
+from shared.wire.messages import (
     SCHEMA_MAJOR,
     ErrorCode,
     ErrorEvent,
@@ -24,8 +24,8 @@ from shared.messages import (
     RegisterRequest,
     WorkerError,
 )
-from shared.stack_secret import matches
-from shared.transport import Received
+from shared.wire.stack_secret import matches
+from shared.wire.transport import Received
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from shared.messages import (
+from shared.wire.messages import (
     CancelCallRequest,
     ErrorCode,
     HeartbeatEvent,

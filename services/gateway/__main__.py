@@ -13,7 +13,7 @@ import uvicorn
 
 from services.gateway.app import build_app
 from services.gateway.state import Gateway, GatewayConfigError
-from shared.config import ConfigError, load_config
+from shared.config.schema import ConfigError, load_config
 
 log = logging.getLogger("services.gateway")
 

@@ -18,7 +18,7 @@ from services.gateway.images import generate_image
 from services.gateway.metrics import CONTENT_TYPE
 from services.gateway.state import Gateway
 from shared.client import LyraError
-from shared.names import SPECIALIST_HOST
+from shared.wire.names import SPECIALIST_HOST
 
 log = logging.getLogger(__name__)
 

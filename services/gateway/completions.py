@@ -29,7 +29,7 @@ from services.gateway.openai_schema import (
 from services.gateway.state import ClientLeft, Gateway, read_json, unless_client_leaves
 from services.gateway.upstream import KEEPALIVE
 from shared.client import LyraError
-from shared.messages import (
+from shared.wire.messages import (
     AcceptedEvent,
     DoneEvent,
     ImageEvent,

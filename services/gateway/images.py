@@ -12,7 +12,7 @@ from services.gateway.errors import GatewayError, invalid
 from services.gateway.openai_schema import ImageGenerationRequest, image_size, parse
 from services.gateway.state import ClientLeft, Gateway, read_json, unless_client_leaves
 from services.gateway.upstream import KEEPALIVE
-from shared.messages import DoneEvent
+from shared.wire.messages import DoneEvent
 
 
 def _artist(gw: Gateway, model: str | None) -> str:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from services.gateway.errors import GatewayError, invalid
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import Upstream
-from shared.config import GatewaySettings, LyraConfig
+from shared.config.schema import GatewaySettings, LyraConfig
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from contextlib import aclosing
 from typing import Any
 
 from shared.client import IDLE, AsyncClient, LyraError
-from shared.messages import DoneEvent, Message, StatusReply
+from shared.wire.messages import DoneEvent, Message, StatusReply
 
 log = logging.getLogger(__name__)
 

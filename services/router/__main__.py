@@ -1,7 +1,7 @@
 """`python -m services.router`: the router worker process."""
 
 from services.router.handlers import RouterWorker
-from shared.process import run_worker
+from shared.runtime.entry import run_worker
 
 if __name__ == "__main__":
     raise SystemExit(run_worker(RouterWorker))

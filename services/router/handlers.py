@@ -6,11 +6,11 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from services.router.decider import RouteDecider, calibrated
-from shared.backends.base import LoadContext
-from shared.messages import ClassifyReply, ClassifyRequest, Message
-from shared.names import ROUTER
-from shared.service import Handler, ResidentModelWorker
+from shared.models.base import LoadContext
+from shared.routing.decider import RouteDecider, calibrated
+from shared.runtime.worker_loop import Handler, ResidentModelWorker
+from shared.wire.messages import ClassifyReply, ClassifyRequest, Message
+from shared.wire.names import ROUTER
 
 __all__ = ["RouterWorker", "calibrated"]
 

@@ -12,16 +12,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from shared.backends.base import (
-    BackendError,
-    LoadContext,
-    LoadedModel,
-    SpecialistOutput,
-    load_model,
-    truncation,
-)
-from shared.config import ModelEntry
-from shared.messages import (
+from shared.config.schema import ModelEntry
+from shared.models.base import BackendError, LoadContext, LoadedModel, SpecialistOutput, load_model, truncation
+from shared.runtime.worker_loop import Handler, Worker
+from shared.wire.messages import (
     ChatTurn,
     LoadReply,
     LoadRequest,
@@ -32,8 +26,7 @@ from shared.messages import (
     TokenEvent,
     UnloadRequest,
 )
-from shared.names import SPECIALIST_HOST
-from shared.service import Handler, Worker
+from shared.wire.names import SPECIALIST_HOST
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +45,7 @@ class SpecialistHost(Worker):
         settings = context.config.weight_cache
         self.cache = None
         if settings.size_gb > 0 and any(e.backend != "fake" for e in self.entries.values()):
-            from shared.backends.weight_cache import HostWeightCache
+            from shared.models.weight_cache import HostWeightCache
 
             self.cache = HostWeightCache(int(settings.size_gb * 1e9), settings.pin)
 

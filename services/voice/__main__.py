@@ -6,7 +6,7 @@ import sys
 
 from services.voice import ranks
 from services.voice.handlers import VoiceWorker
-from shared.process import run_worker
+from shared.runtime.entry import run_worker
 
 if __name__ == "__main__":
     ranks.pin_rank0_to_its_gpu(sys.argv[1:])

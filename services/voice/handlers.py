@@ -10,8 +10,9 @@ from dataclasses import replace
 
 from services.voice import ranks
 from services.voice.notes import unreadable
-from shared.backends.base import LoadContext, truncation
-from shared.messages import (
+from shared.models.base import LoadContext, truncation
+from shared.runtime.worker_loop import Handler, ResidentModelWorker
+from shared.wire.messages import (
     ChatTurn,
     MemoryReading,
     Message,
@@ -20,8 +21,7 @@ from shared.messages import (
     TokenEvent,
     TokenUsage,
 )
-from shared.names import VOICE
-from shared.service import Handler, ResidentModelWorker
+from shared.wire.names import VOICE
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class VoiceWorker(ResidentModelWorker):
         """Load the voice: in this process, or as tensor-parallel ranks led by this process (rank 0)."""
         if self.entry.parallel != "tensor":
             return super().startup()
-        from shared.backends.rank_runner import join
-        from shared.backends.tensor_parallel import TensorParallelError, load_voice_rank, rank_problems
+        from shared.distributed.rank_runner import join
+        from shared.distributed.tensor_parallel import TensorParallelError, load_voice_rank, rank_problems
 
         gpus = self.context.physical_gpus
         world = ranks.world_size(self.entry, gpus)

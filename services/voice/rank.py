@@ -6,9 +6,9 @@ import argparse
 import logging
 import os
 
-from shared.config import ConfigError, load_config
-from shared.names import VOICE
-from shared.process import guard_user_text, setup_logging
+from shared.config.schema import ConfigError, load_config
+from shared.runtime.process import guard_user_text, setup_logging
+from shared.wire.names import VOICE
 
 log = logging.getLogger("services.voice.rank")
 
@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     guard_user_text(config.runtime.debug_content)
     from torch.distributed import TCPStore
 
-    from shared.backends.rank_runner import follow, join
-    from shared.backends.tensor_parallel import load_voice_rank
-    from shared.process import persistent_compile_cache, physical_gpus
-    from shared.vram.shares import cap_this_process
+    from shared.distributed.rank_runner import follow, join
+    from shared.distributed.tensor_parallel import load_voice_rank
+    from shared.planning.shares import cap_this_process
+    from shared.runtime.process import persistent_compile_cache, physical_gpus
 
     persistent_compile_cache()
 

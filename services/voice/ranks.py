@@ -26,11 +26,11 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from shared.backends.base import BackendError
-from shared.config import ConfigError, ModelEntry, load_config
-from shared.messages import MemoryReading
-from shared.names import VOICE
-from shared.process import RANK_GPU_ENV
+from shared.config.schema import ConfigError, ModelEntry, load_config
+from shared.models.base import BackendError
+from shared.runtime.process import RANK_GPU_ENV
+from shared.wire.messages import MemoryReading
+from shared.wire.names import VOICE
 
 log = logging.getLogger(__name__)
 

@@ -16,3 +16,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+# The tiny checkpoints the model tests build, for the GPU tests that load them on a card.
+from tests.models.conftest import tiny_checkpoints  # noqa: E402, F401

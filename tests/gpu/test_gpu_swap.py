@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from services.specialist_host.handlers import SpecialistHost
-from shared.backends.base import LoadContext
-from shared.config import parse_config
-from shared.messages import LoadRequest, UnloadRequest
+from shared.config.schema import parse_config
+from shared.models.base import LoadContext
+from shared.wire.messages import LoadRequest, UnloadRequest
 from tests.models.test_swap_cache import checkpoints, drive, run, swap_to  # noqa: F401 - fixture reuse
 
 pytestmark = pytest.mark.gpu

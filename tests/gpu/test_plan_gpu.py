@@ -1,7 +1,7 @@
 """On CUDA: the plan's weight bytes per GPU against what a real load allocates, within 5%.
 
 Self-contained: builds a random-weight Llama-shaped checkpoint (~1.1B parameters, 2.2 GB in bf16) in a
-temporary folder and loads it through the production backend (`shared.backends.hf_causal.load`).
+temporary folder and loads it through the production backend (`shared.models.hf_causal.load`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends.base import LoadContext
-from shared.config import parse_config
-from shared.vram.estimate import estimate_model
-from shared.vram.layout import place_model
+from shared.config.schema import parse_config
+from shared.models.base import LoadContext
+from shared.planning.estimate import estimate_model
+from shared.planning.layout import place_model
 
 pytestmark = pytest.mark.gpu
 
@@ -42,7 +42,7 @@ def _load_and_measure(folder: Path, gpus: int, **model: object) -> tuple[dict[in
     """(planned weight bytes, allocated bytes) per relative GPU for one load."""
     import torch
 
-    from shared.backends import hf_causal
+    from shared.models import hf_causal
 
     # Loaded as the router, which never decodes: no static KV cache, so the GPUs hold the weights alone.
     entry = {"backend": "transformers", "path": str(folder), "dtype": "bfloat16", **model}

@@ -58,8 +58,8 @@ def test_peer_all_reduce_ranks_give_one_gpus_greedy_tokens() -> None:
 @needs_two
 def test_memory_per_rank_matches_the_plan_within_ten_percent() -> None:
     from bench.voice_tp import tensor
-    from shared.config import parse_config
-    from shared.vram.plan import assess
+    from shared.config.schema import parse_config
+    from shared.planning.plan import assess
 
     config = parse_config({
         "gpus": [{"index": 0, "budget_gb": 140.0}, {"index": 1, "budget_gb": 140.0}],

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from shared.client import IDLE, AsyncClient, BusyError, ClientTimeoutError, CoordinatorRestartedError
-from shared.messages import AcceptedEvent, DoneEvent, RouteEvent, TokenEvent
+from shared.wire.messages import AcceptedEvent, DoneEvent, RouteEvent, TokenEvent
 from tests.stackproc import slow_router
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from shared import transport
 from shared.client import InvalidRequestError
-from shared.messages import ChatRequest, ErrorCode, ErrorEvent, RegisterRequest, StatusRequest
+from shared.wire import transport
+from shared.wire.messages import ChatRequest, ErrorCode, ErrorEvent, RegisterRequest, StatusRequest
 
 BAD_FRAMES = {
     "garbage": (b"\xc1\xff\x00 not msgpack", ErrorCode.bad_message),
@@ -85,7 +85,7 @@ def test_worker_error_is_reported_with_its_sentence(shared_stack) -> None:
 
 def test_worker_process_answers_bad_frames_with_typed_errors_and_keeps_serving(make_stack) -> None:
     """A worker against a coordinator played by the test: garbage in, WorkerError out, still serving."""
-    from shared.messages import ChatTurn, ClassifyReply, ClassifyRequest, RegisterReply, RouteLabel, WorkerError
+    from shared.wire.messages import ChatTurn, ClassifyReply, ClassifyRequest, RegisterReply, RouteLabel, WorkerError
 
     stack = make_stack(start=False)
     ctx = transport.new_context()

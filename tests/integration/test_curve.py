@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import keys, transport
 from shared.client import Client, UnauthorizedError
+from shared.wire import keys, transport
 from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
 from tests.stackproc import StackProcesses
 

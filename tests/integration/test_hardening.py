@@ -12,9 +12,9 @@ import msgpack
 import pytest
 from PIL import Image
 
-from shared import transport
 from shared.client import BadImageError
-from shared.messages import ChatRequest, ChatTurn, ErrorEvent, StatusRequest
+from shared.wire import transport
+from shared.wire.messages import ChatRequest, ChatTurn, ErrorEvent, StatusRequest
 from tests.unit.test_fuzz_wire import dds_with_unknown_pixel_format, tiff, tiff_with_float_strip_offsets
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.cli.stack import programs
 from shared.client import Client, StackNotFoundError, find_stack
-from shared.stack import programs
 from tests.integration.test_supervisord import left_behind, lyra
 from tests.stackproc import ROOT, fake_config, to_toml
 

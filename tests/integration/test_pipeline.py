@@ -8,7 +8,7 @@ import time
 import pytest
 
 from shared.client import BusyError, CancelledError, DeadlineError, WorkerDeadError
-from shared.messages import (
+from shared.wire.messages import (
     AcceptedEvent,
     DoneEvent,
     ErrorEvent,
@@ -208,8 +208,8 @@ def test_cancelled_error_type(shared_stack) -> None:
     with stack.client() as a, stack.client() as b:
         stream = a.stream("math code")
         accepted = next(stream)
-        from shared import transport
-        from shared.messages import CancelRequest
+        from shared.wire import transport
+        from shared.wire.messages import CancelRequest
         transport.send(b.sock, CancelRequest(parent_id=accepted.parent_id))
         with pytest.raises(CancelledError):
             list(stream)
@@ -238,8 +238,8 @@ def test_a_client_slower_than_its_stream_still_gets_every_token(shared_stack) ->
     # instead of the request being cancelled as if the client had left.
     import zmq
 
-    from shared import transport
     from shared.client import build_request
+    from shared.wire import transport
 
     stack = shared_stack()  # fake workers without delays
     prompt = " ".join(f"{i:04d}" + "x" * 60 for i in range(3000))

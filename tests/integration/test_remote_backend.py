@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.backends import openai_remote, openai_wire
-from shared.backends.base import BackendError, Cancelled, LoadContext, load_model
 from shared.client import LyraError, WorkerDeadError
-from shared.config import ModelEntry
-from shared.messages import ChatTurn, ErrorCode, GenerationOptions, RouteLabel
+from shared.config.schema import ModelEntry
+from shared.engine.cancel import Cancelled
+from shared.models import openai_remote, openai_wire
+from shared.models.base import BackendError, LoadContext, load_model
+from shared.wire.messages import ChatTurn, ErrorCode, GenerationOptions, RouteLabel
 from tests.remotedouble import RemoteDouble
 
 KEY_ENV = "LYRA_TEST_REMOTE_KEY"
@@ -189,7 +190,7 @@ def test_a_remote_voice_cut_midway_ends_the_request_with_worker_error_naming_the
 def transformers_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """`transformers serve` on loopback, pinned to the embedded SmolLM2 (base_url, model id)."""
     pytest.importorskip("fastapi")  # transformers' server needs it (the dev extra installs it)
-    from shared.backends.embedded import materialise
+    from shared.models.embedded import materialise
 
     path = materialise(ModelEntry(name="smollm2", backend="transformers", embedded="smollm2")).path
     port = int(closed_port_url().rsplit(":", 1)[1].split("/")[0])

@@ -11,14 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from shared.client import CoordinatorRestartedError, LyraError
-from shared.messages import (
-    AcceptedEvent,
-    DoneEvent,
-    Message,
-    StageRestartedEvent,
-    StageStartedEvent,
-    TokenEvent,
-)
+from shared.wire.messages import AcceptedEvent, DoneEvent, Message, StageRestartedEvent, StageStartedEvent, TokenEvent
 from tests.stackproc import slow_router
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.messages import DoneEvent, RouteEvent
+from shared.wire.messages import DoneEvent, RouteEvent
 
 
 def png() -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from shared.messages import AcceptedEvent, DoneEvent
+from shared.wire.messages import AcceptedEvent, DoneEvent
 
 
 def run_concurrently(stack, prompts: list[str]) -> list[DoneEvent]:

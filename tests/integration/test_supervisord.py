@@ -32,7 +32,7 @@ def supervisorctl(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]
 
 def our_processes(run_dir: Path) -> list[str]:
     """Live (non-zombie) processes started for the stack of `run_dir` (other stacks may run meanwhile)."""
-    from shared.stack import supervisord_pid
+    from shared.cli.stack import supervisord_pid
 
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
     services = [line for line in out if "services." in line and str(run_dir.parent) in line and " Z" not in line]

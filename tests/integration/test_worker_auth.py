@@ -6,8 +6,8 @@ import os
 import stat
 import time
 
-from shared import transport
-from shared.messages import ErrorCode, ErrorEvent, RegisterReply, RegisterRequest
+from shared.wire import transport
+from shared.wire.messages import ErrorCode, ErrorEvent, RegisterReply, RegisterRequest
 
 LIMIT = 16 * 1024 * 1024
 

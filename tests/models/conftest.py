@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends import hf_causal
+from shared.models import hf_causal
 from tests.models import tiny
 
 

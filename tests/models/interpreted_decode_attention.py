@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.backends import decode_attention
-from shared.backends.decode import StaticRunner
+from shared.engine.decode import StaticRunner
+from shared.kernels import decode_attention
 from tests.models.test_fused_decode import greedy, rank_model
 
 pytestmark = pytest.mark.models
@@ -154,9 +154,9 @@ def test_a_step_kernel_that_answers_wrongly_is_not_used(monkeypatch: pytest.Monk
 def test_fused_step_with_the_kernel_equals_the_models_own_step(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import LlamaConfig
 
-    from shared.backends import gemv
-    from shared.backends.fused_decode import FusedStep
-    from shared.backends.tensor_parallel import Shard
+    from shared.distributed.tensor_parallel import Shard
+    from shared.engine.fused_step import FusedStep
+    from shared.kernels import gemv
 
     model = rank_model(LlamaConfig, Shard(0, 1))
     expected_tokens, expected_logits = greedy(model)
@@ -172,7 +172,7 @@ def test_fused_step_with_the_kernel_equals_the_models_own_step(monkeypatch: pyte
 def test_grouped_decode_attention_with_the_kernel_equals_it_without(monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import LlamaConfig
 
-    from shared.backends.tensor_parallel import Shard
+    from shared.distributed.tensor_parallel import Shard
 
     def tokens() -> list[int]:
         model = rank_model(LlamaConfig, Shard(0, 1))

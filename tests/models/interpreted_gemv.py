@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from shared.backends import fused_decode, gemv
-from shared.backends.fused_decode import FusedStep
-from shared.backends.tensor_parallel import Shard, nccl_reduce
+from shared.distributed.tensor_parallel import Shard, nccl_reduce
+from shared.engine import fused_step as fused_decode
+from shared.engine.fused_step import FusedStep
+from shared.kernels import gemv
 from tests.models.test_fused_decode import CONTEXT, greedy, rank_model
 
 pytestmark = pytest.mark.models

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.backends.gemv import Push, Tiling, add_norm_reference, gemv_reference, run_product
-from shared.backends.peer_reduce import BLOCK, exchange_norm_words, exchange_words
+from shared.distributed.peer_reduce import BLOCK, exchange_norm_words, exchange_words
+from shared.kernels.gemv import Push, Tiling, add_norm_reference, gemv_reference, run_product
 
 pytestmark = pytest.mark.models
 CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.backends import decode, hf_causal
-from shared.backends.base import Cancelled
-from shared.backends.detokenize import IncrementalText
-from shared.messages import ChatTurn, GenerationOptions
+from shared.engine import decode
+from shared.engine.cancel import Cancelled
+from shared.engine.detokenize import IncrementalText
+from shared.models import hf_causal
+from shared.wire.messages import ChatTurn, GenerationOptions
 from tests.models import tiny
 
 pytestmark = pytest.mark.models

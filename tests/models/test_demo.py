@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo import QUICK_SCRIPT
+from shared.cli.demo import QUICK_SCRIPT
 from tests.integration.test_supervisord import LYRA, ROOT, our_processes
 
 pytestmark = [

@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from shared.backends.decode import DecodeEngine, StaticRunner
-from shared.backends.fused_decode import FusedStep, problems
-from shared.backends.tensor_parallel import Shard, build_rank_model, nccl_reduce, random_rank_weights
+from shared.distributed.tensor_parallel import Shard, build_rank_model, nccl_reduce, random_rank_weights
+from shared.engine.decode import DecodeEngine, StaticRunner
+from shared.engine.fused_step import FusedStep, problems
 from tests.models import tiny
 
 pytestmark = pytest.mark.models
@@ -158,7 +158,7 @@ def test_two_ranks_with_the_fused_step_decode_as_one_process() -> None:
 
 
 def test_the_step_follows_the_weights_through_the_host_cache() -> None:
-    from shared.backends.weight_cache import HostWeightCache
+    from shared.models.weight_cache import HostWeightCache
 
     model = rank_model(LlamaConfig, Shard(0, 1))
     expected = greedy(model)[0]

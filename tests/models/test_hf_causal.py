@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.backends import hf_causal
-from shared.backends.base import BackendError, Cancelled
-from shared.messages import ChatTurn, GenerationOptions, RouteLabel
+from shared.engine.cancel import Cancelled
+from shared.models import hf_causal
+from shared.models.base import BackendError
+from shared.wire.messages import ChatTurn, GenerationOptions, RouteLabel
 from tests.models import tiny
 
 pytestmark = pytest.mark.models
@@ -131,7 +132,7 @@ def test_long_prompts_are_cut_from_the_left(tiny_checkpoints: dict[str, Path],
                                             caplog: pytest.LogCaptureFixture) -> None:
     loaded = hf_causal.load(tiny.entry("short", tiny_checkpoints["llama"], max_context=48), tiny.cpu_context())
     long_turn = [ChatTurn(role="user", content="the quick brown fox " * 60)]
-    with caplog.at_level(logging.WARNING, logger="shared.backends.hf_causal"):
+    with caplog.at_level(logging.WARNING, logger="shared.models.hf_causal"):
         pieces = run(loaded, GenerationOptions(temperature=0.0, max_new_tokens=8), long_turn)
         scores = loaded.classify(long_turn, LABELS, TEMPLATE, threading.Event())
     assert "truncated to its last 40" in caplog.text  # 48 - 8 new tokens

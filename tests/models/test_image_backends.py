@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from shared.backends import hf_vision
-from shared.backends.base import BackendError, Cancelled, LoadedModel, SpecialistOutput, load_model
-from shared.backends.diffusers_image import checked_settings
-from shared.config import GenerationDefaults, ImageDefaults, ModelEntry
-from shared.messages import ChatTurn, GenerationOptions
-from shared.process import guard_user_text
-from shared.tiny import flux as tiny_flux
-from shared.tiny import llava as tiny_llava
+from shared.config.schema import GenerationDefaults, ImageDefaults, ModelEntry
+from shared.engine.cancel import Cancelled
+from shared.models import hf_vision
+from shared.models.base import BackendError, LoadedModel, SpecialistOutput, load_model
+from shared.models.diffusers_image import checked_settings
+from shared.models.tiny import flux as tiny_flux
+from shared.models.tiny import llava as tiny_llava
+from shared.runtime.process import guard_user_text
+from shared.wire.messages import ChatTurn, GenerationOptions
 from tests.models.tiny import cpu_context
 
 pytestmark = pytest.mark.models
@@ -254,8 +255,8 @@ def test_llava_unload_frees_the_model(llava_entry: ModelEntry) -> None:
 
 
 def test_the_plan_of_an_offloaded_pipeline_folder_holds_its_largest_component(flux_dir: Path) -> None:
-    from shared.vram.estimate import estimate_model
-    from shared.vram.inventory import inventory_for
+    from shared.planning.estimate import estimate_model
+    from shared.planning.inventory import inventory_for
 
     def artist(offload: bool) -> ModelEntry:
         return ModelEntry(name="artist", kind="image_generation", backend="diffusers", path=str(flux_dir),
@@ -274,7 +275,7 @@ def test_the_plan_of_an_offloaded_pipeline_folder_holds_its_largest_component(fl
     ("Can you draw a fox?", "Can you draw a fox? In watercolor."),
 ])
 def test_the_image_prompt_joins_subject_and_style_with_one_stop(subject: str, expected: str) -> None:
-    from shared.backends.diffusers_image import compose_prompt
+    from shared.models.diffusers_image import compose_prompt
 
     turns = [ChatTurn(role="system", content="In watercolor."), ChatTurn(role="user", content=subject)]
     assert compose_prompt(turns) == expected

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends import hf_causal
-from shared.backends.prefix_cache import MIN_SHARED, PrefixCache, common_length
-from shared.messages import ChatTurn, RouteLabel
+from shared.engine.prefix_cache import MIN_SHARED, PrefixCache, common_length
+from shared.models import hf_causal
+from shared.wire.messages import ChatTurn, RouteLabel
 from tests.models import tiny
 
 pytestmark = pytest.mark.models

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.router.decider import RouteDecider
-from services.router.evaluation import Evaluation, evaluate, load_labelled
-from shared.backends.base import LoadContext, load_model
-from shared.config import load_config
+from shared.config.schema import load_config
+from shared.models.base import LoadContext, load_model
+from shared.routing.decider import RouteDecider
+from shared.routing.evaluation import Evaluation, evaluate, load_labelled
 from tests.stackproc import ROOT
 
 pytestmark = [

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.backends import hf_causal
-from shared.backends.base import load_model
-from shared.messages import ChatTurn, GenerationOptions, RouteLabel
+from shared.models import hf_causal
+from shared.models.base import load_model
+from shared.wire.messages import ChatTurn, GenerationOptions, RouteLabel
 from tests.models import tiny
 
 pytestmark = [

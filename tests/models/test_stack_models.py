@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from shared.client import BadImageError
-from shared.messages import DoneEvent, ImageEvent, RouteEvent, TokenEvent
-from shared.tiny import flux as tiny_flux
-from shared.tiny import llava as tiny_llava
+from shared.models.tiny import flux as tiny_flux
+from shared.models.tiny import llava as tiny_llava
+from shared.wire.messages import DoneEvent, ImageEvent, RouteEvent, TokenEvent
 from tests.gatewayproc import KEY, GatewayProcess, gateway_overrides
 from tests.models import tiny
 from tests.stackproc import StackProcesses

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from services.specialist_host.handlers import SpecialistHost
-from shared.backends.base import LoadContext
-from shared.config import parse_config
-from shared.messages import (
+from shared.config.schema import parse_config
+from shared.models.base import LoadContext
+from shared.models.tiny import flux as tiny_flux
+from shared.models.tiny import llava as tiny_llava
+from shared.wire.messages import (
     ChatTurn,
     GenerationOptions,
     LoadRequest,
@@ -22,8 +24,6 @@ from shared.messages import (
     SpecialistReply,
     UnloadRequest,
 )
-from shared.tiny import flux as tiny_flux
-from shared.tiny import llava as tiny_llava
 from tests.models import tiny
 
 pytestmark = pytest.mark.models

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from shared.backends import hf_causal
-from shared.backends.tensor_parallel import Shard, TensorParallelError, split_problems
-from shared.messages import ChatTurn, GenerationOptions
+from shared.distributed.tensor_parallel import Shard, TensorParallelError, split_problems
+from shared.models import hf_causal
+from shared.wire.messages import ChatTurn, GenerationOptions
 from tests.models import tiny
 
 pytestmark = pytest.mark.models
@@ -46,8 +46,8 @@ def prefill_logits(model: hf_causal.HfCausalModel) -> torch.Tensor:
 def load_rank(rank: int, store_path: str, checkpoint: str) -> tuple:
     import torch.distributed as dist
 
-    from shared.backends.rank_runner import join
-    from shared.backends.tensor_parallel import load_voice_rank
+    from shared.distributed.rank_runner import join
+    from shared.distributed.tensor_parallel import load_voice_rank
 
     group = join(rank, WORLD, torch.device("cpu"), dist.FileStore(store_path, WORLD))
     return group, load_voice_rank(tiny.entry("voice", checkpoint, parallel="tensor", ranks=WORLD), None, group)
@@ -57,7 +57,7 @@ def follower(store_path: str, checkpoint: str) -> None:
     """Rank 1, in a process of its own: load its share, then follow rank 0 until told to stop."""
     import torch.distributed as dist
 
-    from shared.backends.rank_runner import follow
+    from shared.distributed.rank_runner import follow
 
     group, model = load_rank(1, store_path, checkpoint)
     try:
@@ -76,7 +76,7 @@ def two_ranks(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """Rank 0 in this process (torch is already imported here), rank 1 in a spawned one."""
     import torch.distributed as dist
 
-    from shared.backends.rank_runner import STOP
+    from shared.distributed.rank_runner import STOP
 
     store = str(tmp_path_factory.mktemp("store") / "rendezvous")
     other = mp.get_context("spawn").Process(target=follower, args=(store, str(checkpoint)), daemon=True)
@@ -131,7 +131,7 @@ def test_random_weights_need_no_weight_files_and_are_the_seeded_model(tmp_path: 
     """A folder with config.json and a tokenizer only: the rank is made with the benchmark's seeded weights."""
     from transformers import LlamaConfig
 
-    from shared.backends.tensor_parallel import build_rank_model, load_rank, random_rank_weights
+    from shared.distributed.tensor_parallel import build_rank_model, load_rank, random_rank_weights
 
     config = LlamaConfig(**tiny._common(tiny.build_tokenizer()))
     config.save_pretrained(tmp_path)
@@ -156,7 +156,7 @@ def test_random_weights_are_refused_outside_tensor_parallel_voices() -> None:
 
 
 def test_random_weights_are_for_the_voice_only() -> None:
-    from shared.config import ConfigError, parse_config
+    from shared.config.schema import ConfigError, parse_config
 
     random = {"backend": "transformers", "path": "/nowhere", "parallel": "tensor", "random_weights": True}
     assert parse_config({"router": {}, "specialists": {"pragmatist": {}}, "voice": random}).voice.random_weights
@@ -170,7 +170,7 @@ def test_the_lm_head_is_split_by_vocabulary_rows_and_gathered_whole() -> None:
     """An uneven vocabulary (421 over 2 ranks: 211 + 210 rows); a tied head stays whole."""
     from transformers import LlamaConfig
 
-    from shared.backends.tensor_parallel import build_rank_model, gather_logits, random_rank_weights, splits_head
+    from shared.distributed.tensor_parallel import build_rank_model, gather_logits, random_rank_weights, splits_head
 
     config = LlamaConfig(**{**tiny._common(tiny.build_tokenizer()), "vocab_size": 421})
     whole = build_rank_model(config, torch.float32, "sdpa", Shard(0, 1), torch.device("cpu"), lambda t: t)
@@ -192,8 +192,8 @@ def test_the_lm_head_is_split_by_vocabulary_rows_and_gathered_whole() -> None:
 
 def test_a_reply_whose_all_reduce_gave_up_on_a_rank_is_an_error(one_process: hf_causal.HfCausalModel) -> None:
     """The peer all-reduce counts waits that gave up; the reply they spoiled fails with what to do."""
-    from shared.backends.rank_runner import RankGroup
-    from shared.backends.tensor_parallel import RankModel
+    from shared.distributed.rank_runner import RankGroup
+    from shared.distributed.tensor_parallel import RankModel
 
     class CountingReduce:
         given_up = 0

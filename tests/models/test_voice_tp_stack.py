@@ -19,9 +19,16 @@ from pathlib import Path
 import pytest
 
 from services.voice.handlers import compose_voice_prompt
-from shared.backends import hf_causal
 from shared.client import Client, LyraError
-from shared.messages import ChatTurn, DoneEvent, GenerationOptions, StageStartedEvent, SynthesizeRequest, TokenEvent
+from shared.models import hf_causal
+from shared.wire.messages import (
+    ChatTurn,
+    DoneEvent,
+    GenerationOptions,
+    StageStartedEvent,
+    SynthesizeRequest,
+    TokenEvent,
+)
 from tests.integration.test_supervisord import LYRA, ROOT, supervisorctl
 from tests.models import tiny
 from tests.stackproc import fake_config, to_toml

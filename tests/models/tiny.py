@@ -22,8 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from shared.backends.base import LoadContext
-from shared.config import GenerationDefaults, LyraConfig, ModelEntry, parse_config
+from shared.config.schema import GenerationDefaults, LyraConfig, ModelEntry, parse_config
+from shared.models.base import LoadContext
 
 ARCHITECTURES = ("llama", "gemma3", "jamba")
 MODEL_CLASSES = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "jamba": "JambaForCausalLM"}

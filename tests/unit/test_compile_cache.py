@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.process import persistent_compile_cache
+from shared.runtime.process import persistent_compile_cache
 
 
 def test_the_cache_goes_under_the_users_cache_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, load_config, parse_config
+from shared.config.schema import ConfigError, load_config, parse_config
 from tests.stackproc import ROOT, fake_config
 
 
@@ -54,7 +54,7 @@ def test_tcp_endpoints_must_be_loopback_unless_allowed(tmp_path: Path) -> None:
 
 
 def test_auth_none_is_refused_on_tcp_endpoints_loopback_included(tmp_path) -> None:
-    from shared.config import ConfigError, parse_config
+    from shared.config.schema import ConfigError, parse_config
     from tests.stackproc import fake_config
 
     raw = fake_config(tmp_path, runtime__auth="none", runtime__worker_endpoint="tcp://127.0.0.1:5999")

@@ -12,8 +12,8 @@ from services.coordinator.ledger import GB, OverBudget, VramLedger, split_estima
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.voice.handlers import compose_voice_prompt
-from shared.config import parse_config
-from shared.messages import ChatRequest, ChatTurn, MemoryReading, SynthesizeRequest
+from shared.config.schema import parse_config
+from shared.wire.messages import ChatRequest, ChatTurn, MemoryReading, SynthesizeRequest
 from tests.stackproc import fake_config
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from shared.demo import converse
-from shared.messages import DoneEvent, ImageEvent, ImagePayload, TokenEvent
+from shared.cli.demo import converse
+from shared.wire.messages import DoneEvent, ImageEvent, ImagePayload, TokenEvent
 
 
 class ScriptedClient:
@@ -30,8 +30,8 @@ def test_the_saved_image_is_on_its_own_line_after_the_answer(tmp_path: Path) -> 
 
 
 def test_status_speaks_the_planners_gb_and_its_columns_never_run_together() -> None:
-    from shared.cli import render_status
-    from shared.messages import GpuSnapshot, ServiceStatus, StatusReply
+    from shared.cli.main import render_status
+    from shared.wire.messages import GpuSnapshot, ServiceStatus, StatusReply
 
     status = StatusReply(
         services=[ServiceStatus(service="specialist_host", state="up", pid=42, backend="diffusers,transformers",
@@ -44,7 +44,7 @@ def test_status_speaks_the_planners_gb_and_its_columns_never_run_together() -> N
 
 
 def test_the_demo_check_finds_cut_off_and_repeated_answers() -> None:
-    from shared.demo import answer_problems
+    from shared.cli.demo import answer_problems
 
     assert answer_problems("I boil the water first. Then I pour it over the leaves.") == []
     assert answer_problems("Here it is:\n```python\ndef f(s):\n    return s[::-1]\n```") == []

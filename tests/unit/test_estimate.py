@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.config import ModelEntry
-from shared.vram.architectures import ARCHITECTURES, build_on_meta, get_architecture
-from shared.vram.estimate import (
-    GB,
-    estimate_model,
-    parse_size,
-    split_across_gpus,
-)
-from shared.vram.inventory import inventory_for, inventory_from_architecture
+from shared.config.schema import ModelEntry
+from shared.planning.architectures import ARCHITECTURES, build_on_meta, get_architecture
+from shared.planning.estimate import GB, estimate_model, parse_size, split_across_gpus
+from shared.planning.inventory import inventory_for, inventory_from_architecture
 
 
 def _state_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -209,9 +204,9 @@ def test_parse_size_units() -> None:
 
 
 def test_the_decode_graph_pool_is_planned_only_where_a_graph_is_captured() -> None:
-    from shared.config import parse_config
-    from shared.vram.estimate import activation_bytes, decode_graph_bytes
-    from shared.vram.inventory import inventory_for
+    from shared.config.schema import parse_config
+    from shared.planning.estimate import activation_bytes, decode_graph_bytes
+    from shared.planning.inventory import inventory_for
 
     def entry(**extra: object) -> ModelEntry:
         fields = {"name": "s", "backend": "transformers", "path": "x", "architecture": "llama-3-8b",
@@ -231,9 +226,9 @@ def test_the_decode_graph_pool_is_planned_only_where_a_graph_is_captured() -> No
 
 
 def test_nemotron_kv_cache_counts_only_the_blocks_that_attend() -> None:
-    from shared.config import ModelEntry
-    from shared.vram.estimate import estimate_model
-    from shared.vram.inventory import inventory_for
+    from shared.config.schema import ModelEntry
+    from shared.planning.estimate import estimate_model
+    from shared.planning.inventory import inventory_for
 
     entry = ModelEntry(name="n", architecture="llama-3.3-nemotron-super-49b", max_context=8192)
     shape = inventory_for(entry).shape
@@ -243,8 +238,8 @@ def test_nemotron_kv_cache_counts_only_the_blocks_that_attend() -> None:
 
 
 def test_cpu_offload_keeps_only_the_largest_pipeline_component_on_the_gpu() -> None:
-    from shared.config import ModelEntry
-    from shared.vram.estimate import estimate_model
+    from shared.config.schema import ModelEntry
+    from shared.planning.estimate import estimate_model
 
     def flux(offload: bool, quantization: str = "none") -> ModelEntry:
         return ModelEntry(name="artist", kind="image_generation", backend="diffusers", path="/nonexistent/flux",

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from shared import transport
-from shared.images import BadImage, ImageLimits, check_image
-from shared.messages import MESSAGE_TYPES, ChatRequest, ChatTurn, ErrorCode, HeartbeatEvent, StatusRequest
+from services.coordinator.images import BadImage, ImageLimits, check_image
+from shared.wire import transport
+from shared.wire.messages import MESSAGE_TYPES, ChatRequest, ChatTurn, ErrorCode, HeartbeatEvent, StatusRequest
 
 LIMITS = ImageLimits(max_bytes=8_000_000, max_side=4096, max_pixels=16_000_000)
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,7 +15,7 @@ from services.gateway.openai_schema import (
 )
 from services.gateway.state import GatewayConfigError, api_key
 from shared.client import BusyError, DeadlineError, WorkerDeadError
-from shared.config import GatewaySettings
+from shared.config.schema import GatewaySettings
 
 HELLO = [{"role": "user", "content": "hi"}]
 

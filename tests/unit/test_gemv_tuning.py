@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton", reason="Triton is not installed (the dev extra installs it on Linux x86-64)")
 
-from shared.backends import gemv  # noqa: E402
-from shared.vram.disk_cache import cached  # noqa: E402
+from shared.kernels import gemv  # noqa: E402
+from shared.planning.disk_cache import cached  # noqa: E402
 
 
 def test_a_tuned_tiling_is_kept_on_disk_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

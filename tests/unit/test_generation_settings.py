@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from shared.backends.endings import finish_sentence
-from shared.backends.hf_causal import sampling_for
-from shared.backends.sampling import Sampling, penalisable_tokens, penalise_repeats
-from shared.config import GenerationDefaults
-from shared.messages import GenerationOptions
+from shared.config.schema import GenerationDefaults
+from shared.engine.endings import finish_sentence
+from shared.engine.sampling import Sampling, penalisable_tokens, penalise_repeats
+from shared.models.hf_causal import sampling_for
+from shared.wire.messages import GenerationOptions
 
 
 def run(pieces: list[str], budget: int, per_piece: int = 4, limit: int = 1000) -> str:

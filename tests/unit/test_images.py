@@ -9,8 +9,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from shared.images import BadImage, ImageLimits, check_image
-from shared.messages import ErrorCode
+from services.coordinator.images import BadImage, ImageLimits, check_image
+from shared.wire.messages import ErrorCode
 
 LIMITS = ImageLimits(max_bytes=200_000, max_side=4096, max_pixels=4_000_000)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from services.coordinator.lifecycle import JobLifecycle
-from shared.messages import DoneEvent, ErrorCode, ErrorEvent, Message, ProgressEvent, StageRestartedEvent
+from shared.wire.messages import DoneEvent, ErrorCode, ErrorEvent, Message, ProgressEvent, StageRestartedEvent
 
 
 def lifecycle() -> tuple[JobLifecycle, list[Message], list[str]]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.process import guard_user_text
+from shared.runtime.process import guard_user_text
 
 PROMPT = "draw my secret lighthouse " * 400
 QUOTE = ("The following part of your input was truncated because CLIP can only handle sequences up to 77 "
@@ -69,7 +69,7 @@ def test_other_records_pass_untouched(diffusers_log) -> None:
 
 
 def test_lyra_up_makes_logs_an_older_stack_left_readable_owner_only(tmp_path) -> None:
-    from shared.stack import make_private
+    from shared.cli.stack import make_private
 
     run_dir = tmp_path / "run"
     (run_dir / "logs").mkdir(parents=True, mode=0o755)

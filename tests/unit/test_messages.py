@@ -6,8 +6,8 @@ import msgpack
 import pytest
 from pydantic import ValidationError
 
-from shared import messages as m
-from shared.transport import WireError, decode, encode
+from shared.wire import messages as m
+from shared.wire.transport import WireError, decode, encode
 
 SAMPLES: list[m.Message] = [
     m.ChatRequest(text="hi", image=b"\x89PNG\x00\xff", specialist="artist",

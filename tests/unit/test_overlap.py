@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from shared.backends import overlap  # noqa: E402
+from shared.kernels import overlap  # noqa: E402
 
 
 def test_never_off_cuda() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.backends.placement import (
+from shared.planning.placement import (
     PlacementError,
     expand_layer_ranges,
     resolve_device_map,
@@ -108,6 +108,6 @@ def test_whole_model_summaries(device_map: dict | None, fallback: str, expected:
 
 def test_module_does_not_import_torch() -> None:
     """`lyra plan` runs in the coordinator's environment, which never imports torch."""
-    code = "import sys, shared.backends.placement; sys.exit('torch' in sys.modules)"
+    code = "import sys, shared.planning.placement; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, timeout=60).returncode == 0

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import LyraConfig, load_config, parse_config
-from shared.vram.estimate import GB
-from shared.vram.plan import Plan, assess, make_plan, render_table, reparse, voice_rebalance
-from shared.vram.search import apply_changes
+from shared.config.schema import LyraConfig, load_config, parse_config
+from shared.planning.estimate import GB
+from shared.planning.plan import Plan, assess, make_plan, render_table, reparse, voice_rebalance
+from shared.planning.search import apply_changes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -127,8 +127,8 @@ def test_alternatives_for_architecture_sized_models() -> None:
 
 
 def test_process_shares_never_overlap_and_leave_each_neighbour_its_plan() -> None:
-    from shared.vram.plan import assess
-    from shared.vram.shares import planned_bytes, process_shares
+    from shared.planning.plan import assess
+    from shared.planning.shares import planned_bytes, process_shares
 
     config = load_config(CONFIGS / "a6000x2.toml")
     plan = assess(config)

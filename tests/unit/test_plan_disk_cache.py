@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import load_config
-from shared.vram import disk_cache
-from shared.vram.architectures import get_architecture
-from shared.vram.inventory import _count_architecture, inventory_from_architecture
-from shared.vram.plan import make_plan, render_table
+from shared.config.schema import load_config
+from shared.planning import disk_cache
+from shared.planning.architectures import get_architecture
+from shared.planning.inventory import _count_architecture, inventory_from_architecture
+from shared.planning.plan import make_plan, render_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_an_inventory_survives_the_round_trip(cache_home: Path) -> None:
 
 def test_the_shipped_two_gpu_plan_is_the_same_from_the_cache(cache_home: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.vram import inventory, layout, plan
+    from shared.planning import inventory, layout, plan
 
     def forget() -> None:  # this process's own caches (earlier tests filled them before the cache home moved)
         for cached in (inventory_from_architecture, layout._sizes, layout._strategy_layout, layout._meta_model,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, parse_config
-from shared.vram.estimate import split_across_gpus
-from shared.vram.plan import estimate_cached, make_plan
+from shared.config.schema import ConfigError, parse_config
+from shared.planning.estimate import split_across_gpus
+from shared.planning.plan import estimate_cached, make_plan
 
 README_MAP = {"model.layers.0-39": 0, "model.layers.40-79": 1, "model.embed_tokens": 0, "model.norm": 1,
               "lm_head": 1}

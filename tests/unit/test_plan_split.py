@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.config import load_config, parse_config
-from shared.vram.architectures import build_config, build_on_meta, get_architecture
-from shared.vram.estimate import GB, estimate_model
-from shared.vram.inventory import inventory_from_architecture
-from shared.vram.layout import place_model
-from shared.vram.plan import assess, estimate_cached, make_plan
+from shared.config.schema import load_config, parse_config
+from shared.planning.architectures import build_config, build_on_meta, get_architecture
+from shared.planning.estimate import GB, estimate_model
+from shared.planning.inventory import inventory_from_architecture
+from shared.planning.layout import place_model
+from shared.planning.plan import assess, estimate_cached, make_plan
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

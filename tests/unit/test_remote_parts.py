@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared import keys
-from shared.backends import openai_remote as remote
-from shared.backends import openai_wire as wire
-from shared.config import ConfigError, RemoteSettings, parse_config
-from shared.messages import ErrorCode
-from shared.vram.plan import make_plan, render_table
+from shared.config.schema import ConfigError, RemoteSettings, parse_config
+from shared.models import openai_remote as remote
+from shared.models import openai_wire as wire
+from shared.planning.plan import make_plan, render_table
+from shared.wire import keys
+from shared.wire.messages import ErrorCode
 from tests.stackproc import fake_config
 
 VOICE = {"backend": "openai", "remote": {"base_url": "http://10.0.0.7:8000/v1/", "model": "llama-70b"}}
@@ -144,7 +144,7 @@ def test_a_client_finds_its_curve_keys_only_where_curve_is_on(tmp_path: Path, mo
 
 def test_doctor_says_where_a_remote_model_runs_and_misses_its_key(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.doctor import model_checks
+    from shared.cli.doctor import model_checks
 
     voice = {**VOICE, "remote": {**VOICE["remote"], "api_key_env": "LYRA_TEST_NO_SUCH_KEY"}}
     monkeypatch.delenv("LYRA_TEST_NO_SUCH_KEY", raising=False)
@@ -157,7 +157,7 @@ def test_doctor_says_where_a_remote_model_runs_and_misses_its_key(tmp_path: Path
 
 
 def test_lyra_up_leaves_a_service_another_host_runs_to_that_host(tmp_path: Path) -> None:
-    from shared.stack import stack_env
+    from shared.cli.stack import stack_env
 
     config = parse_config(fake_config(tmp_path, services__specialist_host={"gpus": [1], "external": True}))
     env = stack_env(config)
@@ -168,7 +168,7 @@ def test_lyra_up_leaves_a_service_another_host_runs_to_that_host(tmp_path: Path)
 def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_one(tmp_path: Path) -> None:
     import json
 
-    from shared.doctor import engine_checks
+    from shared.cli.doctor import engine_checks
 
     folders = {}
     small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.router import scoring
-from services.router.decider import RouteDecider, config_labels
-from shared.backends.base import BackendError, LoadContext, load_model
-from shared.cli_render import route_note
-from shared.config import ConfigError, load_config, parse_config
-from shared.messages import ChatTurn, DoneEvent
+from shared.cli.render import route_note
+from shared.config.schema import ConfigError, load_config, parse_config
+from shared.models.base import BackendError, LoadContext, load_model
+from shared.routing import scoring
+from shared.routing.decider import RouteDecider, config_labels
+from shared.wire.messages import ChatTurn, DoneEvent
 from tests.stackproc import ROOT, fake_config, to_toml
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.stack_secret import SecretError, create_secret, ensure_secret, matches, read_secret
+from shared.wire.stack_secret import SecretError, create_secret, ensure_secret, matches, read_secret
 
 
 def test_secret_is_0600_fresh_each_time_and_read_back(tmp_path: Path) -> None:

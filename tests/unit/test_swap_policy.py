@@ -14,8 +14,8 @@ from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, RequestQueue, Route
 from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError
-from shared.config import parse_config
-from shared.messages import ChatRequest, LoadReply, LoadRequest, MemoryReading, Message, UnloadRequest
+from shared.config.schema import parse_config
+from shared.wire.messages import ChatRequest, LoadReply, LoadRequest, MemoryReading, Message, UnloadRequest
 from tests.stackproc import fake_config
 
 NAMES = ["a", "b", "c"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import parse_config
-from shared.vram.estimate import GB, estimate_model
-from shared.vram.inventory import architecture_shape
-from shared.vram.ledger_bytes import estimate_per_gpu
-from shared.vram.plan import assess
-from shared.vram.tensor_parallel import exchange_bytes, rank_bytes, sharded_fraction
+from shared.config.schema import parse_config
+from shared.planning.estimate import GB, estimate_model
+from shared.planning.inventory import architecture_shape
+from shared.planning.ledger_bytes import estimate_per_gpu
+from shared.planning.plan import assess
+from shared.planning.rank_shares import exchange_bytes, rank_bytes, sharded_fraction
 
 
 def config(architecture: str, parallel: str, **voice: object):
@@ -91,7 +91,7 @@ def test_each_rank_counts_its_all_reduces_own_buffers(world: int) -> None:
 
 
 def test_doctor_recommends_tensor_ranks_only_over_a_fast_peer_link() -> None:
-    from shared.backends.p2p import PeerLink, recommend, voice_parallel_check
+    from shared.distributed.p2p import PeerLink, recommend, voice_parallel_check
 
     assert recommend(PeerLink(0, 1, True, 370.0), "none")[0] == "tensor"
     assert recommend(PeerLink(0, 1, True, 8.0), "none") == (

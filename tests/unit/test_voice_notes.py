@@ -6,7 +6,7 @@ import pytest
 
 from services.voice.handlers import compose_voice_prompt
 from services.voice.notes import unreadable
-from shared.messages import ChatTurn, SynthesizeRequest
+from shared.wire.messages import ChatTurn, SynthesizeRequest
 
 READABLE = [
     "The image shows a red circle in the middle of a blue square.",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from services.voice import ranks
-from shared.backends.base import BackendError
-from shared.config import parse_config
-from shared.messages import MemoryReading
+from shared.config.schema import parse_config
+from shared.models.base import BackendError
+from shared.wire.messages import MemoryReading
 from tests.stackproc import fake_config, to_toml
 
 
@@ -40,7 +40,7 @@ def test_tensor_ranks_are_one_per_gpu_unless_set_for_the_cpu() -> None:
 def test_rank0_uses_only_its_gpu_sees_all_and_still_knows_the_voices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       parallel: str, own: list[int],
                                                                       pinned: str | None) -> None:
-    from shared.process import physical_gpus
+    from shared.runtime.process import physical_gpus
 
     config = fake_config(tmp_path / "run")
     config["voice"]["parallel"] = parallel

@@ -1,0 +1,373 @@
+"""`lyra`: start, inspect, talk to and stop a Lyra Runtime stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from shared.cli import stack
+from shared.cli.render import VoiceText, route_note, save_image
+from shared.client import Client, LyraError, StackNotFoundError, find_stack
+from shared.config.paths import ProjectFileMissing, default_config
+from shared.config.schema import ConfigError, load_config
+from shared.wire.messages import (
+    DoneEvent,
+    ImageEvent,
+    RouteEvent,
+    StageFinishedEvent,
+    StageRestartedEvent,
+    StageStartedEvent,
+    StatusReply,
+    TokenEvent,
+)
+from shared.wire.names import PROGRAMS
+
+
+class InputError(Exception):
+    """What the user gave on the command line cannot be used (an unreadable file, no text); one line says why."""
+
+
+GB = 1e9  # the planner's unit (accelerate's "47GB"): `lyra status` and `lyra plan` agree
+
+
+def _gb(value: int | None) -> str:
+    return "-" if value is None else f"{value / GB:.2f}"
+
+
+def render_status(status: StatusReply) -> str:
+    """A human table of services, GPUs and the queue."""
+    # Columns as wide as their longest entry: "diffusers,transformers" must not run into the next one.
+    backend = max([len("backend"), *(len(s.backend or "-") for s in status.services)]) + 2
+    resident = max([len("resident"), *(len(", ".join(s.resident) or "-") for s in status.services)]) + 2
+    lines = [f"coordinator: {status.client_endpoint}   queue: {status.queue_depth} waiting"
+             f"{', running ' + status.running if status.running else ''}",
+             f"{'service':<16}{'state':<9}{'pid':>8}  {'backend':<{backend}}{'resident':<{resident}}placement"]
+    for s in status.services:
+        placement = ", ".join(f"{k}={v}" for k, v in s.placement.items()) or "-"
+        lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<{backend}}"
+                     f"{', '.join(s.resident) or '-':<{resident}}{placement}")
+        if s.cached:
+            held = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s.cached.items())
+            lines.append(f"{'':<16}host weight cache (least recently used first): {held}")
+    if status.gpus:
+        lines.append(f"{'gpu':<6}{'budget GB':>10}{'estimated':>11}{'measured':>10}  resident")
+        for g in status.gpus:
+            lines.append(f"{g.gpu:<6}{_gb(g.budget_bytes):>10}{_gb(g.estimated_bytes):>11}{_gb(g.measured_bytes):>10}"
+                         f"  {', '.join(g.resident) or '-'}")
+    if status.counters:
+        lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in status.counters.items()))
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from shared.planning.plan import make_plan, render_table
+
+    plan = make_plan(config)
+    if not plan.ok:
+        print(render_table(plan))
+        if not args.force:
+            print("lyra: this config does not fit its GPUs (above); fix it or pass --force", file=sys.stderr)
+            return 2
+    print(f"starting Lyra Runtime with {config.source} (run directory {config.run_dir()})", flush=True)
+    status = stack.up(config, args.timeout, lambda line: print(f"  {line}", flush=True))
+    print(render_status(status))
+    return 0
+
+
+def target_run_dir(args: argparse.Namespace) -> Path:
+    """The run directory a command acts on: --run-dir, else -c CONFIG's, else the stack `lyra chat` would use."""
+    if getattr(args, "run_dir", None):
+        return Path(args.run_dir)
+    if getattr(args, "config", None):
+        return load_config(args.config).run_dir()
+    record = find_stack()
+    if "run_dir" not in record:
+        raise InputError("LYRA_ENDPOINT names an endpoint, not a stack: pass --run-dir or -c CONFIG")
+    return Path(record["run_dir"])
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        run_dir = target_run_dir(args)
+    except StackNotFoundError as exc:  # nothing live; a stale record was cleaned up on the way
+        print(f"no stack was running ({exc.message})")
+        return 0
+    print(f"stopped the stack in {run_dir}" if stack.down(run_dir, args.timeout) else "no stack was running")
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    done = stack.supervisorctl(target_run_dir(args), *args.args)
+    print((done.stdout + done.stderr).rstrip())
+    return done.returncode
+
+
+def endpoint_of(args: argparse.Namespace) -> str:
+    """--endpoint, else the live stack's (--run-dir, $LYRA_RUN_DIR, the one started last, the default)."""
+    return args.endpoint or find_stack(args.run_dir)["client_endpoint"]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(endpoint_of(args)) as client:
+        status = client.status(timeout_s=args.timeout)
+    print(status.model_dump_json(indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run_dir = target_run_dir(args)
+    log = run_dir / "logs" / f"{args.service}.log"
+    if not log.exists():
+        print(f"no log at {log}", file=sys.stderr)
+        return 1
+    lines = log.read_text(errors="replace").splitlines()
+    print("\n".join(lines[-args.lines:]))
+    if args.follow:
+        with log.open(errors="replace") as fh:
+            fh.seek(0, 2)
+            while True:
+                line = fh.readline()
+                if line:
+                    print(line, end="", flush=True)
+                else:
+                    time.sleep(0.2)
+    return 0
+
+
+def print_summary(done: DoneEvent) -> None:
+    """Route, scores and timings after an answer."""
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
+    print(f"route: {done.specialist}{route_note(done)}   scores: {scores}")
+    order = ("queue", "route", "load", "specialist", "voice", "total")
+    print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
+    for cut in done.truncated or []:
+        print(f"truncated: the {cut.stage} ({cut.model}) read only the last {cut.kept_tokens} of {cut.prompt_tokens} "
+              f"prompt tokens (max_context {cut.max_context}); the oldest text was dropped")
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """The turn's text: the argument, `-` for stdin, or --file PATH (no argv length limit either way)."""
+    if args.file is not None and args.text is not None:
+        raise InputError("give the text as an argument or with --file, not both")
+    if args.file is not None:
+        text = sys.stdin.read() if args.file == "-" else read_input(args.file, "prompt file").decode(
+            "utf-8", errors="replace")
+    elif args.text is None:
+        raise InputError("no text: pass it as an argument, `-` to read stdin, or --file PATH")
+    else:
+        text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise InputError("the prompt is empty")
+    return text
+
+
+def read_input(path: str, what: str) -> bytes:
+    """A file the user named, or InputError with the reason in one line."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
+               "stop": args.stop}
+    options = {k: v for k, v in options.items() if v is not None}
+    text = prompt_text(args)
+    image = read_input(args.image, "image") if args.image else None
+    done = None
+    answer = VoiceText()
+    with Client(endpoint_of(args), timeout_s=args.timeout) as client:
+        for event in client.stream(text, image=image, specialist=args.specialist, **options):
+            if args.json:
+                done = event if isinstance(event, DoneEvent) else done
+                continue
+            if isinstance(event, (TokenEvent, StageRestartedEvent)):
+                print(answer.feed(event), end="", flush=True)
+                if isinstance(event, StageRestartedEvent) and event.stage != "voice":
+                    print(f"[{event.service} restarted during {event.stage}: running it again]", file=sys.stderr)
+            elif isinstance(event, RouteEvent) and args.verbose:
+                print(f"[route -> {event.specialist}]", file=sys.stderr)
+            elif isinstance(event, (StageStartedEvent, StageFinishedEvent)) and args.verbose:
+                print(f"[{event.type.removesuffix('_event')} {event.stage}]", file=sys.stderr)
+            elif isinstance(event, ImageEvent):
+                where = save_image(event, args.out) if args.out else "not saved; pass --out DIR"
+                print(f"\n[image {event.image.width}x{event.image.height}: {where}]", file=sys.stderr)
+            elif isinstance(event, DoneEvent):
+                done = event
+    assert done is not None
+    if args.json:
+        payload = done.model_dump(mode="json", exclude={"image"})
+        if done.image is not None and args.out:
+            payload["image_path"] = str(save_image(ImageEvent(image=done.image), args.out))
+        print(json.dumps(payload, indent=2))
+    else:
+        print()
+        print_summary(done)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shared.planning.plan import make_plan, render_table
+
+    config = load_config(args.config)
+    plan = make_plan(config)
+    cache = weight_cache_report(config, plan)
+    if args.json:
+        print(json.dumps({**json.loads(plan.to_json()), "weight_cache": cache}, indent=2))
+    else:
+        print(render_table(plan))
+        print(render_weight_cache(cache))
+    return 0 if plan.ok else 1
+
+
+def weight_cache_report(config, plan) -> dict:
+    """The host weight cache's size and which specialists' weights it can hold at once."""
+    weights = {p.name: p.estimate.weights for p in plan.placements if p.role == "specialist"}
+    size = int(config.weight_cache.size_gb * 1e9)
+    quantized = sorted(n for n, e in config.specialists.items() if e.quantization == "int8")  # 4-bit is cached
+    cacheable = {n: b for n, b in weights.items() if n not in quantized}
+    return {"size_bytes": size, "pinned": config.weight_cache.pin, "specialist_weight_bytes": weights,
+            "holds_all": size > 0 and sum(cacheable.values()) <= size,
+            "too_large": sorted(name for name, b in cacheable.items() if size and b > size),
+            "not_cached_quantized": quantized}
+
+
+def render_weight_cache(cache: dict) -> str:
+    """One paragraph about the host weight cache."""
+    if not cache["size_bytes"]:
+        return "\nhost weight cache: off (weight_cache.size_gb = 0): every swap reloads from the checkpoint"
+    held = ", ".join(f"{n} {b / 1e9:.1f}" for n, b in cache["specialist_weight_bytes"].items())
+    verdict = "holds every cacheable specialist at once" if cache["holds_all"] else "evicts least recently used"
+    extra = f"; too large to cache: {', '.join(cache['too_large'])}" if cache["too_large"] else ""
+    if cache["not_cached_quantized"]:
+        extra += f"; int8, so reloaded on every swap: {', '.join(cache['not_cached_quantized'])}"
+    return (f"\nhost weight cache: {cache['size_bytes'] / 1e9:.1f} GB "
+            f"({'pinned' if cache['pinned'] else 'pageable'}) of host RAM, {verdict}{extra}\n"
+            f"  specialist weights (GB): {held}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from shared.cli.doctor import diagnose, render
+
+    checks = diagnose(load_config(args.config or default_config()))
+    print(render(checks))
+    failed = [c for c in checks if c.status == "fail"]
+    print(f"\n{len(failed)} check(s) failed" if failed else "\nall checks passed")
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shared.cli.demo import QUICK_SCRIPT, SCRIPT, run_demo
+
+    return run_demo(args.config, args.timeout, args.out, QUICK_SCRIPT if args.quick else SCRIPT)
+
+
+RUN_DIR_HELP = "the stack's run directory (default: $LYRA_RUN_DIR, else the stack started last)"
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from shared.cli.keys import keys_command
+
+    return keys_command(args.config, args.dir, tuple(args.client or ()), args.force)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from shared.cli.route_report import run_route
+
+    return run_route(load_config(args.config or default_config()), args.text, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `lyra` argument parser."""
+    parser = argparse.ArgumentParser(prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start the stack under supervisord and wait until every service registered")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness (model loads)")
+    p.add_argument("--force", action="store_true", help="start even when `lyra plan` says it does not fit")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop every service of a stack (default: the one `lyra chat` uses)")
+    p.add_argument("-c", "--config", help="stop the stack of this config's run directory")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("ctl", help="supervisorctl for a stack: `lyra ctl status`, `lyra ctl restart router`")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_ctl)
+    p = sub.add_parser("status", help="services, resident models, per-GPU ledger, queue")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--endpoint")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("chat", help="send one turn; streams the answer")
+    p.add_argument("text", nargs="?", help="the turn's text; `-` reads it from stdin")
+    p.add_argument("--file", help="read the turn's text from this file (`-`: stdin)")
+    p.add_argument("--specialist", help="force a specialist (skips the router)")
+    p.add_argument("--image", help="attach an image file")
+    p.add_argument("--out", help="directory to save a generated image in")
+    p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the reply before TEXT (repeatable)")
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--endpoint")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
+    p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("plan", help="per-GPU memory plan of a config, computed from the checkpoints; exit 1 if it "
+                                     "cannot run")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("doctor", help="check GPUs, topology, attention, packages and placement for a config")
+    p.add_argument("-c", "--config", default=None, help="config (default: the embedded default, configs/default.toml)")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("demo", help="start the embedded default, hold a short scripted conversation, stop")
+    p.add_argument("-c", "--config", help="config to demo (default: configs/default.toml)")
+    p.add_argument("--out", default="lyra-demo-images", help="directory for the images the artist makes")
+    p.add_argument("--quick", action="store_true", help="four turns, one for each specialist, instead of six")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("keys", help="make CurveZMQ key files: the coordinator's, one per worker, one per client")
+    p.add_argument("-c", "--config", help="write to this config's runtime.keys_dir (default ~/.config/lyra/keys)")
+    p.add_argument("--dir", help="write here instead")
+    p.add_argument("--client", action="append", metavar="NAME", help="a client key pair to make (repeatable; "
+                   "default: one named client)")
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("route", help="how the router scores a turn (scores, nearest examples); no stack needed")
+    p.add_argument("text", nargs="+", help="one or more turns to route")
+    p.add_argument("-c", "--config", default=None, help="config (default: the embedded default, configs/default.toml)")
+    p.add_argument("--json", action="store_true", help="one JSON object per turn")
+    p.set_defaults(func=cmd_route)
+    p = sub.add_parser("logs", help="print a service's log")
+    p.add_argument("service", choices=PROGRAMS)
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--run-dir", help=RUN_DIR_HELP)
+    p.set_defaults(func=cmd_logs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, stack.StackError, InputError, ProjectFileMissing) as exc:
+        print(f"lyra: {exc}", file=sys.stderr)
+        return 2
+    except LyraError as exc:
+        print(f"lyra: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+

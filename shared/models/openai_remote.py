@@ -1,0 +1,387 @@
+"""The `openai` backend: a text model served by any OpenAI-compatible server (vLLM, SGLang, TGI, Ollama, ...).
+
+The worker process stays where it is (router, specialist host or voice) and forwards each call over HTTP
+with httpx: replies stream back piece by piece as the server's SSE chunks arrive. Nothing is loaded here,
+so the model takes no local memory. Every failure of the server becomes one typed `RemoteError` naming the
+URL: unreachable, a refused key (401/403), an unknown model (404), rate limited (429, retried with
+back-off first), a server error (5xx), silence past `read_timeout_s`, or a stream that ends before the
+server said it was done. A cancel aborts the HTTP request at once (it runs as an asyncio task on this
+model's own event loop thread, which the call's thread waits on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+
+from shared.config.schema import ModelEntry
+from shared.engine.cancel import Cancelled
+from shared.models.base import BackendError, LoadContext, LoadedModel, generation_settings, render_template
+from shared.models.openai_wire import (
+    RETRIED_STATUSES,
+    RemoteError,
+    RemoteModelMissing,
+    RemoteServerError,
+    RemoteStreamCut,
+    ReplyState,
+    backoff_s,
+    parse_sse_line,
+    status_error,
+    transport_error,
+)
+from shared.wire.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WAIT_SLICE_S = 0.05  # how often a waiting call looks at its cancel flag
+TOP_LOGPROBS = 20  # alternatives asked for when the router scores labels by the first token
+ROUTE_REPLY_TOKENS = 16  # room for a label name when the router asks the server to name one
+
+
+# ---------------------------------------------------------------- the event loop the HTTP calls run on
+
+
+class LoopThread:
+    """One asyncio loop on a daemon thread; sync callers run coroutines on it and can abort them."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"remote-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start `coro` on the loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def wait(self, future: concurrent.futures.Future[T], cancel: threading.Event | None) -> T:
+        """The coroutine's result; a cancel aborts it (its HTTP request is closed) and raises Cancelled."""
+        while True:
+            if cancel is not None and cancel.is_set():
+                future.cancel()
+                raise Cancelled()
+            try:
+                return future.result(timeout=WAIT_SLICE_S)
+            except concurrent.futures.TimeoutError:
+                continue
+
+    def stop(self) -> None:
+        """Stop the loop and let its thread end."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=2)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class RemoteModel(LoadedModel):
+    """A model served elsewhere: calls go to `remote.base_url` as OpenAI chat completions."""
+
+    def __init__(self, entry: ModelEntry, context: LoadContext) -> None:
+        self.entry = entry
+        self.settings = entry.remote
+        self.context = context
+        self.api_key = _api_key(entry)
+        self.loop = LoopThread(entry.name)
+        self.http = self.loop.wait(self.loop.submit(self._client()), None)
+        self.usage: tuple[int, int, str] | None = None
+        self.logprobs_offered: bool | None = {"on": True, "off": False}.get(self.settings.logprobs)
+
+    async def _client(self) -> httpx.AsyncClient:
+        s = self.settings
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.AsyncClient(base_url=s.base_url, headers=headers, trust_env=False,
+                                 timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s))
+
+    # ------------------------------------------------------------ LoadedModel
+
+    def memory(self) -> list[MemoryReading]:
+        """Nothing here: the weights live on the server (the ledger counts zero local bytes)."""
+        return []
+
+    def placement(self) -> dict[str, str]:
+        return {self.entry.name: f"remote {self.settings.base_url} ({self.settings.model})"}
+
+    def engine_kind(self) -> str:
+        return "remote"
+
+    def unload(self) -> None:
+        """Close the HTTP connections and the loop thread."""
+        try:
+            self.loop.wait(self.loop.submit(self.http.aclose()), None)
+        finally:
+            self.loop.stop()
+
+    def last_usage(self) -> tuple[int, int, str] | None:
+        """The server's own token counts of the last reply (when it sent them)."""
+        return self.usage
+
+    # ------------------------------------------------------------ health
+
+    def check_health(self, cancel: threading.Event | None = None) -> list[str]:
+        """GET /v1/models: the model ids the server offers; raises a RemoteError when it cannot answer."""
+        body = self.loop.wait(self.loop.submit(self._send("GET", "/models", None, "GET /models")), cancel)
+        ids = [str(item.get("id")) for item in body.get("data", []) if isinstance(item, dict)]
+        if self.settings.model not in ids:
+            offered = ", ".join(ids[:10]) or "none"
+            raise RemoteModelMissing(f"{self.settings.base_url} does not serve {self.settings.model!r} (it offers: "
+                                     f"{offered}); set remote.model to one of them")
+        return ids
+
+    # ------------------------------------------------------------ requests
+
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None, what: str) -> dict[str, Any]:
+        """One JSON request with retries on 429/502/503/504; the decoded body of the answer."""
+        async with self._response(method, path, body, what) as response:
+            try:
+                await response.aread()
+            except httpx.HTTPError as exc:
+                raise transport_error(self.settings, exc, what, started=True) from None
+        try:
+            return response.json()
+        except ValueError:
+            raise RemoteServerError(f"{self.settings.base_url} answered {what} with a body that is not JSON") from None
+
+    def _response(self, method: str, path: str, body: dict[str, Any] | None, what: str) -> _OpenResponse:
+        return _OpenResponse(self, method, path, body, what)
+
+    async def _stream(self, body: dict[str, Any], state: ReplyState) -> AsyncIterator[str]:
+        """Text pieces of one streamed chat completion, as the server sends them."""
+        what = f"the {self.entry.name} reply"
+        started = False
+        try:
+            async with self._response("POST", "/chat/completions", body, what) as response:
+                async for line in response.aiter_lines():
+                    piece = parse_sse_line(line, state, self.settings.base_url)
+                    if piece:
+                        started = True
+                        yield piece
+        except httpx.HTTPError as exc:
+            raise transport_error(self.settings, exc, what, started) from None
+        if not (state.done or state.finish_reason):
+            raise RemoteStreamCut(f"the stream from {self.settings.base_url} ended before the server finished "
+                                  f"{what} (no finish_reason, no [DONE])")
+
+    def _body(self, messages: list[ChatTurn], options: GenerationOptions, **extra: Any) -> dict[str, Any]:
+        settings = generation_settings(self.entry.generation, options)
+        body: dict[str, Any] = {
+            "model": self.settings.model, "messages": [{"role": t.role, "content": t.content} for t in messages],
+            "max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
+            "top_p": settings["top_p"], **extra,
+        }
+        if settings["seed"] is not None:
+            body["seed"] = settings["seed"]
+        if settings["stop"]:
+            body["stop"] = list(settings["stop"])
+        return body
+
+    def generate(self, messages: list[ChatTurn], options: GenerationOptions,
+                 cancel: threading.Event) -> Iterator[str]:
+        """Stream the server's reply piece by piece; a cancel closes the HTTP request."""
+        state = ReplyState()
+        body = self._body(messages, options, stream=True, stream_options={"include_usage": True})
+        yield from self._pieces(self._stream(body, state), cancel)
+        completion = state.completion_tokens or 0
+        self.usage = (state.prompt_tokens or 0, completion, "length" if state.finish_reason == "length" else "stop")
+
+    def _pieces(self, stream: AsyncIterator[str], cancel: threading.Event) -> Iterator[str]:
+        """Carry an async stream's items to this thread through a queue, aborting it on cancel or early exit."""
+        handoff: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for piece in stream:
+                    handoff.put(("piece", piece))
+                handoff.put(("end", None))
+            except BaseException as exc:  # CancelledError included: the consumer must always hear an ending
+                handoff.put(("error", exc))
+                raise
+
+        future = self.loop.submit(pump())
+        try:
+            while True:
+                if cancel.is_set():
+                    raise Cancelled()
+                try:
+                    kind, value = handoff.get(timeout=WAIT_SLICE_S)
+                except queue.Empty:
+                    continue
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value if isinstance(value, RemoteError) else RemoteStreamCut(
+                        f"the stream from {self.settings.base_url} failed: {type(value).__name__}: {value}")
+                yield value
+        finally:
+            future.cancel()
+
+    # ------------------------------------------------------------ router
+
+    def classify(self, messages: list[ChatTurn], labels: list[RouteLabel], template: str,
+                 cancel: threading.Event) -> dict[str, float]:
+        """Probability per label: from the first token's logprobs when the server offers them, else from the
+        label the server names in a short greedy reply (all the probability on it)."""
+        prompt = self._route_prompt(messages, labels, template)
+        if self.logprobs_offered is not False:
+            scores = self._logprob_scores(prompt, labels, cancel)
+            if scores is not None:
+                return scores
+        return self._named_scores(prompt, labels, cancel)
+
+    def _route_prompt(self, messages: list[ChatTurn], labels: list[RouteLabel], template: str) -> list[ChatTurn]:
+        text = next((turn.content for turn in reversed(messages) if turn.role == "user"), "")
+        listing = "\n".join(f"- {label.name}: {label.description}" for label in labels)
+        system = [ChatTurn(role="system", content=self.entry.system_prompt)] if self.entry.system_prompt else []
+        return [*system, ChatTurn(role="user", content=render_template(template, listing, text))]
+
+    def _logprob_scores(self, prompt: list[ChatTurn], labels: list[RouteLabel],
+                        cancel: threading.Event) -> dict[str, float] | None:
+        body = self._body(prompt, GenerationOptions(max_new_tokens=1, temperature=0.0),
+                          logprobs=True, top_logprobs=TOP_LOGPROBS)
+        try:
+            reply = self.loop.wait(self.loop.submit(self._send("POST", "/chat/completions", body, "routing")), cancel)
+        except RemoteServerError as exc:
+            if self.logprobs_offered:  # "on": the operator said the server has them
+                raise
+            log.info("%s: the server refused logprobs (%s); routing by the label it names", self.entry.name, exc)
+            self.logprobs_offered = False
+            return None
+        top = _top_logprobs(reply)
+        if top is None:
+            if self.logprobs_offered:
+                raise RemoteServerError(f"{self.settings.base_url} returned no logprobs (remote.logprobs = 'on')")
+            log.info("%s: the server returns no logprobs; routing by the label it names", self.entry.name)
+            self.logprobs_offered = False
+            return None
+        self.logprobs_offered = True
+        return label_probabilities_from_logprobs(top, [label.name for label in labels])
+
+    def _named_scores(self, prompt: list[ChatTurn], labels: list[RouteLabel],
+                      cancel: threading.Event) -> dict[str, float]:
+        body = self._body(prompt, GenerationOptions(max_new_tokens=ROUTE_REPLY_TOKENS, temperature=0.0))
+        reply = self.loop.wait(self.loop.submit(self._send("POST", "/chat/completions", body, "routing")), cancel)
+        text = str((((reply.get("choices") or [{}])[0]).get("message") or {}).get("content") or "")
+        scores = label_probabilities_from_text(text, [label.name for label in labels])
+        if len(set(scores.values())) == 1:
+            log.warning("%s: the routing reply names no specialist (%d characters); every label scores the same",
+                        self.entry.name, len(text))
+        return scores
+
+
+class _OpenResponse:
+    """`async with`: a streamed response with a success status, after retries with back-off; else a RemoteError."""
+
+    def __init__(self, model: RemoteModel, method: str, path: str, body: dict[str, Any] | None, what: str) -> None:
+        self.model, self.method, self.path, self.body, self.what = model, method, path, body, what
+        self.response: httpx.Response | None = None
+
+    async def __aenter__(self) -> httpx.Response:
+        settings = self.model.settings
+        for attempt in range(settings.retries + 1):
+            try:
+                request = self.model.http.build_request(self.method, self.path, json=self.body)
+                response = await self.model.http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise transport_error(settings, exc, self.what, started=False) from None
+            if response.status_code < 400:
+                self.response = response
+                return response
+            await response.aread()
+            await response.aclose()
+            if response.status_code not in RETRIED_STATUSES or attempt == settings.retries:
+                raise status_error(settings, response, self.what)
+            pause = backoff_s(settings, attempt, response.headers.get("retry-after"))
+            log.warning("%s: %s answered %d to %s; retry %d of %d in %.2f s", self.model.entry.name,
+                        settings.base_url, response.status_code, self.what, attempt + 1, settings.retries, pause)
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.response is not None:
+            await self.response.aclose()
+
+
+def _top_logprobs(reply: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The first generated token's alternatives in a chat completion, or None when the server sent none."""
+    try:
+        content = reply["choices"][0]["logprobs"]["content"]
+        return list(content[0]["top_logprobs"]) or None
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def label_probabilities_from_logprobs(top: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+    """Softmax over labels of the probability mass of first tokens that begin each label's name.
+
+    A token counts for a label when, stripped and lower-cased, it is a non-empty prefix of the name ("phil"
+    for "philosopher"). Labels no listed token begins get the smallest listed logprob minus 10.
+    """
+    floor = min((float(item.get("logprob", 0.0)) for item in top), default=0.0) - 10.0
+    masses: dict[str, float] = {}
+    for name in names:
+        found = [float(item["logprob"]) for item in top if _begins(str(item.get("token", "")), name)]
+        masses[name] = _logsumexp(found) if found else floor
+    return _softmax(masses)
+
+
+def label_probabilities_from_text(text: str, names: list[str]) -> dict[str, float]:
+    """All the probability on the label named earliest in `text` (case-insensitive); equal when none is."""
+    lowered = text.lower()
+    positions = {name: lowered.find(name.lower()) for name in names}
+    named = [name for name, at in positions.items() if at >= 0]
+    if not named:
+        return {name: 1.0 / len(names) for name in names}
+    first = min(named, key=positions.__getitem__)
+    return {name: 1.0 if name == first else 0.0 for name in names}
+
+
+def _begins(token: str, name: str) -> bool:
+    piece = token.strip().lower()
+    return bool(piece) and name.lower().startswith(piece)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _softmax(logits: dict[str, float]) -> dict[str, float]:
+    top = max(logits.values())
+    weights = {name: math.exp(v - top) for name, v in logits.items()}
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
+def _api_key(entry: ModelEntry) -> str | None:
+    """The Bearer key from the variable `remote.api_key_env` names (never from the config file)."""
+    name = entry.remote.api_key_env
+    if not name:
+        return None
+    key = os.environ.get(name, "")
+    if not key:
+        raise BackendError(f"model {entry.name!r}: remote.api_key_env names ${name}, which is not set (or empty) in "
+                           "this service's environment")
+    return key
+
+
+def load(entry: ModelEntry, context: LoadContext) -> RemoteModel:
+    """Backend entry point: connect, check the server's health and that it serves the model."""
+    model = RemoteModel(entry, context)
+    try:
+        offered = model.check_health()
+    except BaseException:
+        model.unload()
+        raise
+    log.info("%s runs remotely at %s as %r (the server offers %d model(s))", entry.name, entry.remote.base_url,
+             entry.remote.model, len(offered))
+    return model
+
