@@ -1,6 +1,6 @@
 """The tensor ranks' all-reduces alone: µs per call inside a CUDA graph, and whether each equals NCCL's sum.
 
-    python bench/all_reduce.py --out DIR [--kinds nccl,symmetric,peer] [--sizes 4096,8192,16384,65536]
+    python bench/all_reduce.py --out DIR [--kinds nccl,peer] [--sizes 4096,8192,16384,65536]
 
 A decode step of a tensor-parallel voice makes two all-reduces per layer of one token's hidden vector
 (Llama-3-8B: 4096 values, 70B: 8192), one after another, each waiting for the matrix product before it.
@@ -37,8 +37,8 @@ def rank_main(rank: int, world: int, store_path: str, kind: str, sizes: list[int
     torch.cuda.set_device(place)
     join(rank, world, place, dist.FileStore(store_path, world))
     try:
-        reduce = make_reduce(kind, place, torch.bfloat16)
-    except Exception as exc:  # symmetric memory needs P2P and a recent PyTorch
+        reduce = make_reduce(kind, place)
+    except Exception as exc:  # the peer all-reduce needs P2P and a recent PyTorch
         if rank == 0:
             results.put({"kind": kind, "error": f"{type(exc).__name__}: {exc}"[:300]})
         return
@@ -102,7 +102,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--kinds", default="nccl,symmetric,peer")
+    parser.add_argument("--kinds", default="nccl,peer")
     parser.add_argument("--sizes", default="4096,8192,16384,65536")
     parser.add_argument("--calls", type=int, default=64)
     args = parser.parse_args()

@@ -11,8 +11,8 @@ tokens can be compared. Each run decodes through the production engine (`shared.
 - pipeline: layers 0..n/2-1 and the embeddings on GPU 0, the rest and the head on GPU 1 (what
   `device_map = "auto"` does); the engine runs its static cache eagerly (one graph cannot span devices);
 - tensor: two processes, NCCL, each holding half of every layer; the step, all-reduces included, is
-  replayed from a CUDA graph; once with each all-reduce: NCCL, PyTorch's symmetric-memory one-shot, and
-  Lyra's one-shot over peer memory (`shared.distributed.peer_reduce`), the last two where CUDA P2P works.
+  replayed from a CUDA graph; once with each all-reduce: NCCL, and Lyra's one-shot over peer memory
+  (`shared.distributed.peer_reduce`) where CUDA P2P works.
 ms/token = (time for N+1 tokens - time for 1) / N, median of 3 runs each. HBM floors: the bytes one GPU
 reads per token over its bandwidth (tensor: its rank's share, head and embeddings included), and the
 ideal split (all weights / (2 x bandwidth)). Targets: tensor >= 1.6x one GPU (8B); 70B tensor <= 1.3x
@@ -41,12 +41,6 @@ REPEATS = 3
 WHOLE_HEAD_ENV = "LYRA_BENCH_WHOLE_HEAD"  # set: tensor ranks keep the LM head whole (to compare with the split)
 ENGINE_ENV = "LYRA_BENCH_ENGINE"
 PROFILE_ENV = "LYRA_BENCH_PROFILE"
-TORCH_PRODUCTS_ENV = "LYRA_BENCH_TORCH_PRODUCTS"  # set: the fused step keeps inductor's products (an A/B run)
-PLAIN_EXCHANGE_ENV = "LYRA_BENCH_PLAIN_EXCHANGE"  # set: the peer all-reduce and the norm as two kernels (A/B)
-RANK_PRODUCTS_ENV = "LYRA_BENCH_RANK_PRODUCTS"  # set: tensor ranks use Lyra's product kernels too (A/B)
-NO_PUSH_ENV = "LYRA_BENCH_NO_PUSH"  # set: rank products do not push their rows to the peers (A/B)
-FIRST_KERNEL_MERGE_ENV = "LYRA_BENCH_FIRST_KERNEL_MERGE"  # set: attention merges its chunks in its first kernel
-PRELOAD_ENV = "LYRA_BENCH_PRELOAD"  # weights a thread of a product kernel reads before its input is ready (A/B)
 SEED = 1234
 BANDWIDTH_TB_S = {"H200": 4.8, "H100": 3.35, "A100": 2.0, "A6000": 0.768}
 SHAPES = {"8b": "llama-3-8b", "70b": "llama-3-70b", "tiny": "tiny"}
@@ -70,38 +64,13 @@ def engine_for(model: Any, max_context: int, wrap: Any = None) -> Any:
     from shared.engine.decode import DecodeEngine
 
     kind = os.environ.get(ENGINE_ENV, "graphs")  # an environment variable: the spawned ranks read it too
-    if os.environ.get(RANK_PRODUCTS_ENV):
-        from shared.engine import fused_step as fused_decode
-
-        fused_decode.PRODUCTS_ON_RANKS = True
-    if os.environ.get(PLAIN_EXCHANGE_ENV):
-        from shared.distributed.peer_reduce import PeerReduce
-
-        PeerReduce.add_norm = None  # the fused step then sums, and normalises in a kernel of its own
-    if os.environ.get(FIRST_KERNEL_MERGE_ENV):
-        from shared.kernels import decode_attention
-
-        decode_attention.COUNTERS = 1024  # counters made from now on: every call merges in its first kernel
-        decode_attention._counters.clear()
-    if os.environ.get(PRELOAD_ENV):
-        from shared.kernels import gemv
-
-        gemv.PRELOAD_PER_THREAD = int(os.environ[PRELOAD_ENV])
-    if os.environ.get(NO_PUSH_ENV):
-        from shared.distributed.peer_reduce import PeerReduce
-
-        PeerReduce.product = None  # o and down then end without sending; the exchange pushes and gathers
-    if os.environ.get(TORCH_PRODUCTS_ENV):
-        from shared.kernels import gemv
-
-        gemv._tried[gemv._where(next(model.parameters()).device), next(model.parameters()).dtype] = False
     engine = DecodeEngine(model, SimpleNamespace(eos_token_id=None), "voice", kind, max_context, wrap=wrap)
     engine.eos = set()  # random weights: never stop early, every run makes the same number of tokens
     return engine
 
 
 def products(engine: Any) -> str:
-    """How the fused step multiplies: each product's tuned tiling (or cuBLAS), or inductor's products."""
+    """How the fused step multiplies: each product's tuned tiling (or cuBLAS), or inductor's products (ranks)."""
     from shared.engine.fused_step import tiling_name
     from shared.kernels import overlap
 
@@ -109,8 +78,7 @@ def products(engine: Any) -> str:
     if step is None or not step.products:
         return "inductor"
     launch = "dependent launch" if overlap.enabled(step.embed.device) else "stream order"
-    push = "; o and down push to the peers" if step.push else ""
-    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items()) + f"; {launch}{push}"
+    return ", ".join(f"{name} {tiling_name(tile)}" for name, tile in step.tiles.items()) + f"; {launch}"
 
 
 def decode(engine: Any, prompt: Any, count: int) -> list[int]:
@@ -262,8 +230,8 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
     group = join(rank, world, place, dist.FileStore(store_path, world))
     shard, dtype = Shard(rank, world), dtype_of(device, precision)
     try:
-        reduce = make_reduce(all_reduce, place, dtype)
-    except Exception as exc:  # symmetric memory needs P2P-capable GPUs and a recent PyTorch
+        reduce = make_reduce(all_reduce, place)
+    except Exception as exc:  # the peer all-reduce needs P2P-capable GPUs and a recent PyTorch
         if rank == 0:
             results.put({"run": f"tensor x{world} ({all_reduce})", "error": f"{type(exc).__name__}: {exc}"[:300]})
         return
@@ -340,7 +308,7 @@ def run_shape(shape: str, device: str, tokens: int, max_context: int, runs: set[
         rows.append(one_device(shape, device, tokens, max_context, share=2))
     if device == "cuda" and "pipeline" in runs:
         rows.append(pipeline(shape, tokens, max_context))
-    kinds = ("nccl", "symmetric", "peer")
+    kinds = ("nccl", "peer")
     reductions = [kind for kind in kinds if kind in runs and (device == "cuda" or kind == "nccl")]
     rows += [tensor(shape, device, kind, tokens, max_context) for kind in reductions]
     whole = next((r["read_gb"] for r in rows if r["run"] == "pipeline x2" and "read_gb" in r),
@@ -380,27 +348,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=4096)
-    parser.add_argument("--runs", default="one,pipeline,nccl,symmetric,peer",
+    parser.add_argument("--runs", default="one,pipeline,nccl,peer",
                         help="which placements to time (also: alone, rank 0's share of two without its exchanges, "
                              "on one GPU)")
     parser.add_argument("--engine", default="graphs", choices=["graphs", "compiled", "fused", "eager"],
                         help="the decode engine of every run (compiled: torch.compile before graph capture)")
     parser.add_argument("--profile", action="store_true", help="write each run's heaviest GPU kernels under --out")
-    parser.add_argument("--torch-products", action="store_true",
-                        help="the fused step keeps inductor's products and norms instead of Lyra's kernels")
-    parser.add_argument("--rank-products", action="store_true",
-                        help="tensor ranks multiply with Lyra's product kernels too (by default only one GPU does)")
-    parser.add_argument("--plain-exchange", action="store_true",
-                        help="the fused step's peer all-reduce does not compute the next norm (two kernels)")
     parser.add_argument("--whole-head", action="store_true", help="tensor ranks keep the LM head whole on each rank")
-    parser.add_argument("--no-push", action="store_true",
-                        help="with --rank-products: o and down do not send their rows to the peers from their own "
-                             "kernel (the exchange does, in a kernel of its own)")
-    parser.add_argument("--preload", type=int, default=0,
-                        help="weights a product kernel's thread reads before its input is ready (default: "
-                             "shared/kernels/gemv.py's PRELOAD_PER_THREAD; 1: one block, as before)")
-    parser.add_argument("--merge-in-first-kernel", action="store_true",
-                        help="the attention's last chunk of each KV head merges the chunks (no second kernel)")
     parser.add_argument("--no-overlap", action="store_true",
                         help="Lyra's kernels without programmatic dependent launch (shared/kernels/overlap.py)")
     args = parser.parse_args()
@@ -410,18 +364,6 @@ def main() -> None:
         os.environ[overlap.ENV] = "0"  # the spawned ranks read it too
     if args.whole_head:
         os.environ[WHOLE_HEAD_ENV] = "1"
-    if args.torch_products:
-        os.environ[TORCH_PRODUCTS_ENV] = "1"
-    if args.plain_exchange:
-        os.environ[PLAIN_EXCHANGE_ENV] = "1"
-    if args.rank_products:
-        os.environ[RANK_PRODUCTS_ENV] = "1"
-    if args.no_push:
-        os.environ[NO_PUSH_ENV] = "1"
-    if args.merge_in_first_kernel:
-        os.environ[FIRST_KERNEL_MERGE_ENV] = "1"
-    if args.preload:
-        os.environ[PRELOAD_ENV] = str(args.preload)
     os.environ[ENGINE_ENV] = args.engine
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -434,9 +376,7 @@ def main() -> None:
             row.setdefault("shape", shape)
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "voice_tp" + ("_torch_products" if args.torch_products else "") + \
-        ("_rank_products" if args.rank_products else "") + ("_plain_exchange" if args.plain_exchange else "") + ".json"
-    (args.out / name).write_text(json.dumps(rows, indent=2))
+    (args.out / "voice_tp.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -204,7 +204,6 @@ class ModelEntry(Section):
     max_context: int = Field(default=4096, ge=16)
     device_map: str | dict[str, int | str] = ""  # "" = whole model on the service's first device
     max_memory: dict[str, str] = {}  # per relative GPU index, e.g. {"0" = "47GB"}
-    compile: bool = False  # opt-in torch.compile
     # How replies are decoded (causal LMs and perception's language model): "graphs" replays each step from a
     # CUDA graph over a static KV cache; "compiled" also compiles the step with torch.compile first (fused
     # kernels, a slower first load); "eager" runs the same step eagerly. Without CUDA, or for a model split
@@ -215,9 +214,9 @@ class ModelEntry(Section):
     parallel: Literal["pipeline", "tensor"] = "pipeline"
     ranks: int = Field(default=0, ge=0, le=16)  # tensor ranks; 0 = one per GPU of the service (CPU: set it)
     # Tensor ranks' all-reduce: "nccl" (the process group); on CUDA GPUs with peer access also "peer" (Lyra's
-    # one-shot kernel over peer memory, shared.distributed.peer_reduce) or "symmetric" (PyTorch's one-shot).
+    # one-shot kernel over peer memory, shared.distributed.peer_reduce).
     # "auto": "peer" where every rank can set it up, else "nccl" (gloo on the CPU).
-    all_reduce: Literal["auto", "nccl", "symmetric", "peer"] = "auto"
+    all_reduce: Literal["auto", "nccl", "peer"] = "auto"
     # Benchmarks only: tensor ranks fill every weight with seeded random values of the shape that `path`'s
     # config.json describes (the folder holds config.json and a tokenizer, no weight files), so shapes too
     # large for the disk (70B: 141 GB) run through the whole stack. Replies are noise; `lyra status` says so.
@@ -235,6 +234,16 @@ class ModelEntry(Section):
     parameters_b: float = Field(default=0.0, ge=0)  # parameter count in billions, for planning without files
     fake: FakeBehaviour = FakeBehaviour()
     remote: RemoteSettings = RemoteSettings()  # backend = "openai": the server that runs this model
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "compile" in data:
+            raise ValueError("compile is no longer a setting: write engine = \"compiled\" for a compiled decode step")
+        if isinstance(data, dict) and data.get("all_reduce") == "symmetric":
+            raise ValueError("all_reduce = \"symmetric\" is no longer offered (the peer all-reduce was faster): write "
+                             "all_reduce = \"peer\" or \"auto\"")
+        return data
 
     @model_validator(mode="after")
     def _needs_weights(self) -> ModelEntry:

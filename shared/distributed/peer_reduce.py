@@ -37,7 +37,6 @@ WORD_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
 logger = logging.getLogger(__name__)
 _kernel: Any = None  # made on first use (importing Triton takes a second)
-_norm_kernel: Any = None
 _exchanges: dict[int, PeerReduce] = {}  # what the custom op finds by its integer handle
 
 
@@ -71,44 +70,9 @@ class PeerReduce:
             return tensor
         return torch.ops.lyra.peer_all_reduce(tensor, self.handle)
 
-    def add_norm(self, partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, eps: float,
-                 pushed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + the sum of every rank's `partial`, RMSNorm of it): the all-reduce and the next norm, one kernel.
-
-        The same words, epochs and slots as a plain call (one program does the work of the plain call's
-        programs), so plain and fused calls can follow each other in any order. The same bits as the
-        all-reduce followed by `gemv.add_norm`. `pushed`: `partial` came from `product()`, which already
-        sent it to the peers; this kernel only gathers.
-        """
-        if not self.fits(partial.numel(), partial.dtype, partial.device):
-            if pushed:
-                raise ValueError(f"peer all-reduce: a pushed partial of {partial.numel()} {partial.dtype} values "
-                                 "cannot have been pushed")
-            from shared.kernels.gemv import add_norm
-
-            return add_norm(residual, gain, eps, self(partial))
-        return torch.ops.lyra.peer_add_norm(partial, residual, gain, eps, self.handle, pushed)
-
     def fits(self, count: int, dtype: torch.dtype, device: torch.device) -> bool:
         """True when `count` values of `dtype` on `device` travel through the peer buffer (else NCCL)."""
         return count <= self.capacity and dtype in WORD_BITS and torch.device(device) == self.buffer.device
-
-    def product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: Any) -> torch.Tensor:
-        """`gemv.gemv(x, weight, bias)` with `tile`, whose kernel also sends each row to the peers as it ends.
-
-        The exchange then costs no kernel of its own: `add_norm(..., pushed=True)` gathers. Only for results
-        that `fits()`; `tile` is a `gemv.Tiling` (cuBLAS cannot push).
-        """
-        if not self.fits(weight.shape[0], x.dtype, x.device):
-            raise ValueError(f"peer all-reduce: a product of {weight.shape[0]} {x.dtype} rows on {x.device} cannot "
-                             f"push into a buffer of {self.capacity} on {self.buffer.device}")
-        return torch.ops.lyra.peer_gemv(x, weight, bias, tile.rows, tile.columns, tile.warps, tile.stages, self.handle)
-
-    def push_to(self) -> Any:
-        """Where `gemv.run_product` sends a result: this exchange's buffers and epochs (`gemv.Push`)."""
-        from shared.kernels.gemv import Push
-
-        return Push(self.table, self.epochs, self.capacity, self.rank, self.world, BLOCK)
 
     def failures(self) -> int:
         """How many waits gave up on a peer since start (0 on a healthy group)."""
@@ -149,58 +113,6 @@ def _(tensor: torch.Tensor, handle: int) -> torch.Tensor:
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("lyra::peer_add_norm", mutates_args=())
-def _peer_add_norm(partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, eps: float,
-                   handle: int, pushed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    exchange = _exchanges[handle]
-    summed, normed = torch.empty_like(residual), torch.empty_like(residual)
-    with torch.cuda.device(partial.device):
-        exchange_norm_words(partial.contiguous(), residual.contiguous(), gain, summed, normed, eps, exchange.table,
-                            exchange.epochs, exchange.failed, exchange.capacity, exchange.rank, exchange.world,
-                            push=not pushed)
-    return summed, normed
-
-
-@_peer_add_norm.register_fake
-def _(partial: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, eps: float,
-      handle: int, pushed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(residual), torch.empty_like(residual)
-
-
-@torch.library.custom_op("lyra::peer_gemv", mutates_args=())
-def _peer_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, columns: int, warps: int,
-               stages: int, handle: int) -> torch.Tensor:
-    from shared.kernels import gemv
-
-    exchange = _exchanges[handle]
-    return gemv.run_product(x, weight, bias, False, gemv.Tiling(rows, columns, warps, stages), exchange.push_to())
-
-
-@_peer_gemv.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, columns: int, warps: int,
-      stages: int, handle: int) -> torch.Tensor:
-    return x.new_empty(1, weight.shape[0])
-
-
-def exchange_norm_words(source: torch.Tensor, residual: torch.Tensor, gain: torch.Tensor, summed: torch.Tensor,
-                        normed: torch.Tensor, eps: float, table: torch.Tensor, epochs: torch.Tensor,
-                        failed: torch.Tensor, capacity: int, rank: int, world: int, push: bool = True,
-                        gather: bool = True, spins: int = SPINS) -> None:
-    """`exchange_words` of one row, then residual + sum into `summed` and its RMSNorm into `normed`, in one program.
-
-    The program covers every block a plain call's programs would, with their epochs and slots.
-    """
-    global _norm_kernel
-    if _norm_kernel is None:
-        _norm_kernel = _make_kernel(norm=True)
-    count = source.numel()
-    blocks = 1 << max(-(-count // BLOCK) - 1, 0).bit_length()
-    launch = overlap.options(source.device)
-    _norm_kernel[(1,)](source, residual, gain, summed, normed, table, epochs, failed, count, capacity, spins, eps,
-                       RANK=rank, WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK, BLOCKS=blocks, PUSH=push,
-                       GATHER=gather, PDL=bool(launch), num_warps=min(16, 4 * blocks), **launch)
-
-
 def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor, epochs: torch.Tensor,
                    failed: torch.Tensor, capacity: int, rank: int, world: int, push: bool = True,
                    gather: bool = True, spins: int = SPINS) -> None:
@@ -220,12 +132,9 @@ def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor,
                                    GATHER=gather, PDL=bool(launch), **launch)
 
 
-def _make_kernel(norm: bool = False) -> Any:
+def _make_kernel() -> Any:
     import triton
     import triton.language as tl
-
-    if norm:
-        return _make_norm_kernel(triton, tl)
 
     @triton.jit
     def exchange(source, out, table, epochs, failed, count, capacity, spins, RANK: tl.constexpr,
@@ -275,63 +184,3 @@ def _make_kernel(norm: bool = False) -> Any:
             tl.store(epochs + program, epoch)
 
     return exchange
-
-
-def _make_norm_kernel(triton: Any, tl: Any) -> Any:
-    @triton.jit
-    def exchange_norm(source, residual, gain, summed, normed, table, epochs, failed, count, capacity, spins, eps,
-                      RANK: tl.constexpr, WORLD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCKS: tl.constexpr, PUSH: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # overlap.py
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        blocks = tl.arange(0, BLOCKS)  # row b: what the plain call's program b does
-        used = blocks * BLOCK < count
-        offsets = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        inside = offsets < count
-        epoch = tl.load(epochs + blocks, mask=used, other=0) + 1
-        stamp = (epoch & 0xFFFFFFFF).to(tl.uint64)[:, None]
-        slot = (epoch & 1)[:, None]
-        mine = tl.load(source + offsets, mask=inside, other=0.0)
-        if BITS == 16:
-            bits = mine.to(tl.uint16, bitcast=True).to(tl.uint64)
-        else:
-            bits = mine.to(tl.uint32, bitcast=True).to(tl.uint64)
-        if PUSH:
-            words = (stamp << 32) | bits
-            for peer in tl.static_range(WORLD):
-                if peer != RANK:
-                    theirs = tl.load(table + peer).to(tl.pointer_type(tl.uint64))
-                    tl.store(theirs + (slot * WORLD + RANK) * capacity + offsets, words, mask=inside)
-        if GATHER:
-            own = tl.load(table + RANK).to(tl.pointer_type(tl.uint64))
-            total = tl.zeros((BLOCKS, BLOCK), tl.float32)
-            for peer in tl.static_range(WORLD):  # rank order, as the plain call adds
-                if peer == RANK:
-                    total += mine.to(tl.float32)
-                else:
-                    where = own + (slot * WORLD + peer) * capacity + offsets
-                    words = tl.load(where, mask=inside, other=0, volatile=True)
-                    polls = 0
-                    while (tl.max(tl.max(tl.where(inside & ((words >> 32) != stamp), 1, 0), 1), 0) > 0) & \
-                            (polls < spins):
-                        words = tl.load(where, mask=inside, other=0, volatile=True)
-                        polls += 1
-                    if polls >= spins:
-                        tl.atomic_add(failed, 1)
-                    if BITS == 16:
-                        theirs = (words & 0xFFFF).to(tl.uint16).to(source.dtype.element_ty, bitcast=True)
-                    else:
-                        theirs = (words & 0xFFFFFFFF).to(tl.uint32).to(source.dtype.element_ty, bitcast=True)
-                    total += theirs.to(tl.float32)
-            dtype = summed.dtype.element_ty
-            reduced = total.to(dtype).to(tl.float32)  # the all-reduce's result, as a plain call returns it
-            hidden = (tl.load(residual + offsets, mask=inside, other=0.0).to(tl.float32) + reduced).to(dtype)
-            tl.store(summed + offsets, hidden, mask=inside)
-            wide = hidden.to(tl.float32)
-            scale = tl.rsqrt(tl.sum(tl.sum(wide * wide, 1), 0) / count + eps)
-            weight = tl.load(gain + offsets, mask=inside, other=0.0).to(tl.float32)
-            tl.store(normed + offsets, (weight * (wide * scale).to(dtype).to(tl.float32)).to(dtype), mask=inside)
-            tl.store(epochs + blocks, epoch, mask=used)
-
-    return exchange_norm

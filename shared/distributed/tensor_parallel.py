@@ -33,14 +33,13 @@ from shared.engine.fused_step import GATHER_ATTRIBUTE, REDUCE_ATTRIBUTE
 from shared.models.base import BackendError
 from shared.models.hf_causal import HfCausalModel, attention_implementation
 from shared.models.hf_checks import check_entry, checkpoint_source
-from shared.planning import rank_shares as plan
 
 logger = logging.getLogger(__name__)
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
 ROW = ("o_proj", "down_proj")  # input columns split; their outputs are summed across ranks
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SYMMETRIC_BUFFER_BYTES = plan.SYMMETRIC_BUFFER_BYTES  # one-shot all-reduce buffer; larger (prefill): NCCL
+ALL_REDUCES = ("auto", "nccl", "peer")
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -291,48 +290,17 @@ def nccl_reduce(group: Any = None) -> Reduce:
     return reduce
 
 
-class SymmetricReduce:
-    """One-shot all-reduce over PyTorch symmetric memory: each GPU reads its peers' buffers directly.
-
-    Tensors larger than the buffer (a long prefill) fall back to the process group's all-reduce.
-    """
-
-    name = "symmetric"
-
-    def __init__(self, device: torch.device, dtype: torch.dtype, group: Any = None) -> None:
-        import torch.distributed as dist
-
-        from shared.distributed.peer_reduce import symmetric_buffer
-
-        group = group or dist.group.WORLD
-        self.group_name = group.group_name
-        elements = SYMMETRIC_BUFFER_BYTES // torch.empty((), dtype=dtype).element_size()
-        self.buffer, _ = symmetric_buffer(elements, dtype, device, group)
-        self.fallback = nccl_reduce(group)
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        count = tensor.numel()
-        if count > self.buffer.numel() or tensor.dtype != self.buffer.dtype:
-            return self.fallback(tensor)
-        staged = self.buffer[:count]
-        ops = torch.ops.symm_mem
-        if hasattr(ops, "one_shot_all_reduce_copy"):  # copies the input in its own kernel: one launch, not two
-            return ops.one_shot_all_reduce_copy(staged, tensor.reshape(-1), "sum", self.group_name).view_as(tensor)
-        staged.copy_(tensor.reshape(-1))
-        return ops.one_shot_all_reduce(staged, "sum", self.group_name).view_as(tensor)
-
-
-def make_reduce(kind: str, device: torch.device, dtype: torch.dtype) -> Reduce:
-    """The all-reduce a rank's layers call: "nccl" (the process group), "symmetric" or "peer" (CUDA only).
+def make_reduce(kind: str, device: torch.device) -> Reduce:
+    """The all-reduce a rank's layers call: "nccl" (the process group) or "peer" (CUDA only).
 
     "peer" is Lyra's one-shot kernel over peer memory (shared.distributed.peer_reduce). "auto" is "peer" where
     every rank can set it up (CUDA, Triton, peer memory), else "nccl"; the ranks agree before choosing.
     """
-    if kind in ("symmetric", "peer") and device.type != "cuda":
+    if kind not in ALL_REDUCES:
+        raise TensorParallelError(f"all_reduce = {kind!r}: use one of {', '.join(ALL_REDUCES)}")
+    if kind == "peer" and device.type != "cuda":
         raise TensorParallelError(f"all_reduce = {kind!r} needs CUDA GPUs with peer access; on {device.type} "
                                   "ranks use all_reduce = \"nccl\" (gloo on the CPU)")
-    if kind == "symmetric":
-        return SymmetricReduce(device, dtype)
     if kind == "peer":
         from shared.distributed.peer_reduce import PeerReduce
 
@@ -441,7 +409,7 @@ def load_voice_rank(entry: Any, physical_gpu: int | None, ranks: RankGroup) -> R
                                   f"not {source!r} (download it first)")
     dtype = DTYPES.get(entry.dtype, torch.bfloat16 if on_gpu else torch.float32)
     try:
-        reduce = make_reduce(entry.all_reduce, ranks.device, dtype)
+        reduce = make_reduce(entry.all_reduce, ranks.device)
         model = load_rank(folder, dtype, attention_implementation(entry, on_gpu, dtype), Shard(ranks.rank, ranks.world),
                           ranks.device, reduce, random=entry.random_weights)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -38,12 +38,6 @@ FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)  # what the step'
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm decoders with RMSNorm, rotary q/k and a gated SiLU MLP
 REDUCE_ATTRIBUTE = "tensor_parallel_reduce"  # set on a rank's model: sums row-parallel outputs over ranks
 GATHER_ATTRIBUTE = "tensor_parallel_gather"  # set on a rank's model whose LM head is split: the whole logits
-# Lyra's product kernels (shared.kernels.gemv) on tensor-parallel ranks too, with o and down pushing their
-# rows to the peers. Off until that path has run on two GPUs: before the overlapped launches (overlap.py)
-# inductor's were as fast or faster on ranks (2 x H200, fused, peer: 70B 18.75 ms a token against 19.33;
-# 8B 3.02 and 2.96); with them a rank's share alone is faster on Lyra's (1 x H200, 8B: 2.47-2.51 ms
-# against 2.74). bench/voice_tp.py --rank-products measures it.
-PRODUCTS_ON_RANKS = False
 
 
 def problems(model: Any) -> list[str]:
@@ -171,16 +165,12 @@ class FusedStep:
         self.positions = torch.arange(max_len, device=self.embed.device)
         self.kernel = decode_attention.prepare(self.embed.device, self.head_dim, self.embed.dtype, step=True)
         stacked = all(layer.qkv is not None and layer.gate_up is not None for layer in self.layers)
-        # Triton products and norms (gemv), with the attention kernel: 7 kernels a layer, plus the exchanges
-        self.products = self.kernel and stacked and (self.reduce is None or PRODUCTS_ON_RANKS) and \
+        # Triton products and norms (gemv), with the attention kernel: 7 kernels a layer. One GPU only: on
+        # tensor ranks inductor's products were as fast or faster (2 x H200, fused, peer: 70B 18.75 ms a token
+        # against 19.33 on the kernels; 8B 3.02 and 2.96), so ranks keep them.
+        self.products = self.kernel and stacked and self.reduce is None and \
             gemv.prepare(self.embed.device, self.embed.dtype)
-        # Ranks on the kernels with the peer all-reduce: o and down send their rows to the peers as they end,
-        # and the next norm's kernel gathers them (no exchange kernel of its own)
-        self.push = bool(self.products and self.reduce is not None and callable(getattr(self.reduce, "product", None))
-                         and callable(getattr(self.reduce, "add_norm", None))
-                         and self.reduce.fits(self.embed.shape[1], self.embed.dtype, self.embed.device))
-        # Once: a swap moves the weights, not their shapes (again if o or down went to cuBLAS, which cannot push)
-        if self.products and (not self.tiles or (self.push and None in (self.tiles["output"], self.tiles["down"]))):
+        if self.products and not self.tiles:  # once: a swap moves the weights, not their shapes
             self.tiles = self._tune()
 
     def _tune(self) -> dict[str, gemv.Tiling | None]:
@@ -190,9 +180,9 @@ class FusedStep:
         started = time.perf_counter()
         with torch.no_grad():
             tiles = {"qkv": gemv.tune([layer.qkv for layer in self.layers]),
-                     "output": gemv.tune([layer.output for layer in self.layers], kernels_only=self.push),
+                     "output": gemv.tune([layer.output for layer in self.layers]),
                      "gate_up": gemv.tune([layer.gate_up for layer in self.layers], gated=True),
-                     "down": gemv.tune([layer.down for layer in self.layers], kernels_only=self.push),
+                     "down": gemv.tune([layer.down for layer in self.layers]),
                      "head": gemv.tune([self.head])}
         if self.embed.device.type == "cuda":
             logger.info("fused step: products tuned in %.1fs: %s", time.perf_counter() - started,
@@ -234,41 +224,20 @@ class FusedStep:
         The residual sum is added where the next norm reads it, so it never costs a kernel of its own.
         """
         hidden = self.embed.index_select(0, token.view(1))  # [1, hidden]
-        partial: torch.Tensor | None = None  # the previous block's output (this rank's part), not yet added
+        partial: torch.Tensor | None = None  # the previous block's output, not yet added
         for layer, cached in zip(self.layers, cache.layers, strict=True):
-            hidden, normed = self._add_norm(hidden, layer.input_norm, partial)
+            hidden, normed = gemv.add_norm(hidden, layer.input_norm, self.eps, partial)
             qkv = gemv.product(normed, layer.qkv, layer.qkv_bias, tile=self.tiles["qkv"])
             attended = decode_attention.attend_step(qkv, self.cos, self.sin, cached.keys, cached.values,
                                                     position.view(1), self.scaling, layer.kv_rows // self.head_dim)
-            partial = self._row_parallel(attended.reshape(1, -1), layer.output, layer.output_bias, "output")
-            hidden, normed = self._add_norm(hidden, layer.post_norm, partial)
+            partial = gemv.product(attended.reshape(1, -1), layer.output, layer.output_bias, tile=self.tiles["output"])
+            hidden, normed = gemv.add_norm(hidden, layer.post_norm, self.eps, partial)
             active = gemv.product(normed, layer.gate_up, gated=True, tile=self.tiles["gate_up"])
-            partial = self._row_parallel(active, layer.down, None, "down")
+            partial = gemv.product(active, layer.down, tile=self.tiles["down"])
         torch._foreach_add_([cached.cumulative_length for cached in cache.layers], 1)
-        _, normed = self._add_norm(hidden, self.final_norm, partial)
+        _, normed = gemv.add_norm(hidden, self.final_norm, self.eps, partial)
         logits = gemv.product(normed, self.head, tile=self.tiles["head"])
         return self.gather(logits) if self.gather is not None else logits
-
-    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      name: str) -> torch.Tensor:
-        """o or down: this rank's part of the block's output, already on its way to the peers where `push`."""
-        if self.push:
-            return self.reduce.product(x, weight, bias, self.tiles[name])
-        return gemv.product(x, weight, bias, tile=self.tiles[name])
-
-    def _add_norm(self, hidden: torch.Tensor, gain: torch.Tensor,
-                  partial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden + the ranks' summed `partial`, its norm); the peer all-reduce does both in its own kernel."""
-        if partial is None:
-            return gemv.add_norm(hidden, gain, self.eps)
-        if self.reduce is None:
-            return gemv.add_norm(hidden, gain, self.eps, partial)
-        fused = getattr(self.reduce, "add_norm", None)
-        if self.push:
-            return fused(partial, hidden, gain, self.eps, pushed=True)
-        if fused is not None:
-            return fused(partial, hidden, gain, self.eps)
-        return gemv.add_norm(hidden, gain, self.eps, self.reduce(partial))
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm in float32, as the model's own norm (the same function the kernels are checked against)."""

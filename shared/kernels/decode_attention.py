@@ -9,7 +9,10 @@ serves every step and reads only what has been written.
 It is split-K ("flash decoding"): the cache is cut into fixed chunks; one program per (KV head, chunk)
 computes an online softmax over its chunk for all the query heads that share that KV head (grouped-query
 attention without copying KV heads), and a second kernel merges the chunks' partial results by their
-log-sum-exp. Chunks beyond the length do nothing. Written in Triton. `prepare()` compiles and tries it
+log-sum-exp. Chunks beyond the length do nothing. The merge stays a kernel of its own: done by the last
+chunk of each KV head to finish, in the first kernel, it made a 70B rank's token 0.58 ms slower (17.60
+against 17.02 ms, 1 x H200, bench/results/h200_voice_tp_rank_alone.json): that program merges its query
+heads one after another. Written in Triton. `prepare()` compiles and tries it
 once per device, head size and dtype, outside any graph capture, and remembers whether it gave the plain
 attention's answer; `usable()` then says so (False for anything not prepared). It runs on CUDA with
 Triton installed, or under Triton's CPU interpreter (TRITON_INTERPRET=1), which the tests use.
@@ -38,15 +41,6 @@ MIN_DOT = 16  # Triton's matrix products need every side of at least 16
 logger = logging.getLogger(__name__)
 _kernels_made: tuple | None = None  # Triton kernels, made on first use (importing Triton takes a second)
 _tried: dict[tuple[torch.device, int, torch.dtype, bool], bool] = {}  # prepare()'s verdicts (the last: step)
-# KV heads a call may have and still merge its chunks in its first kernel (the last chunk of each head to
-# finish merges them). 0: the merge stays a kernel of its own. At the 70B shape the merging program's 8
-# query heads one after another made a rank's token 0.58 ms slower (17.60 against 17.02 ms, 1 x H200, same
-# call, bench/results/h200_voice_tp_rank_alone.json); bench/voice_tp.py --merge-in-first-kernel measures it.
-COUNTERS = 0
-# Per device: chunks of each KV head done, back to 0 after each call. Calls on one device must not run at
-# once (two streams or graphs replayed side by side would mix their counts); a worker decodes one request
-# at a time, and each worker is a process of its own.
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _where(device: torch.device) -> torch.device:
@@ -73,8 +67,6 @@ def prepare(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool 
     key = (device, head_dim, dtype, step)
     if key in _tried:
         return _tried[key]
-    if device not in _counters:  # made here, before any capture: a graph's own memory would die with it
-        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     reason = ""
     if importlib.util.find_spec("triton") is None:
         reason = "Triton is not installed"
@@ -285,20 +277,16 @@ def _partial_then_merge(kernels: tuple, queries: torch.Tensor, cos: torch.Tensor
     partial = torch.empty((kv_heads, chunks, group, dim), dtype=torch.float32, device=queries.device)
     lse = torch.empty((kv_heads, chunks, group), dtype=torch.float32, device=queries.device)
     out = queries.new_empty((kv_heads, group, dim))
-    counters = _counters.get(queries.device)
-    merged = counters is not None and kv_heads <= counters.numel()  # else the merge is a kernel of its own
     launch = overlap.options(queries.device)
     padded_chunks = 1 << max(chunks - 1, 0).bit_length()
     partial_kernel[(kv_heads, chunks)](
         queries, cos, sin, keys, values, position, partial, lse, scale,
         keys.stride(1), keys.stride(2), values.stride(1), values.stride(2), length, chunks, cos.shape[0],
-        counters if merged else lse, out,
         KV_HEADS=kv_heads, GROUP=group, PADDED=max(MIN_DOT, 1 << (group - 1).bit_length()), DIM=dim, CHUNK=CHUNK,
         BLOCK=BLOCK, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", STEP=step, PDL=bool(launch),
-        MERGE=merged, CHUNKS_PADDED=padded_chunks, **launch)
-    if not merged:
-        merge_kernel[(kv_heads * group,)](partial, lse, out, chunks, GROUP=group, DIM=dim, CHUNKS_PADDED=padded_chunks,
-                                          PDL=bool(launch), **launch)
+        **launch)
+    merge_kernel[(kv_heads * group,)](partial, lse, out, chunks, GROUP=group, DIM=dim, CHUNKS_PADDED=padded_chunks,
+                                      PDL=bool(launch), **launch)
     return out
 
 
@@ -308,10 +296,9 @@ def _kernels() -> tuple:
 
     @triton.jit
     def partial_kernel(queries, cos, sin, keys, values, position, partial, lse, scale, key_head, key_row, value_head,
-                       value_row, cache_length, chunk_count, table_length, counters, out, KV_HEADS: tl.constexpr,
+                       value_row, cache_length, chunk_count, table_length, KV_HEADS: tl.constexpr,
                        GROUP: tl.constexpr, PADDED: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr,
-                       MERGE: tl.constexpr, CHUNKS_PADDED: tl.constexpr):
+                       BLOCK: tl.constexpr, PRECISION: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr):
         head = tl.program_id(0)
         chunk = tl.program_id(1)
         if PDL:  # overlap.py: the projection, the cache and the position come from kernels before
@@ -385,21 +372,6 @@ def _kernels() -> tuple:
         out_at = (head * chunk_count + chunk) * GROUP + rows
         tl.store(partial + out_at[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
         tl.store(lse + out_at, tl.where(used, best + tl.log(tl.where(used, total, 1.0)), float("-inf")), mask=real)
-        if MERGE:  # the last of this KV head's chunks to finish merges them all: no second kernel
-            tl.debug_barrier()  # every thread's stores above are issued before the count says so
-            done = tl.atomic_add(counters + head, 1, sem="acq_rel", scope="gpu")
-            if done == chunk_count - 1:
-                every = tl.arange(0, CHUNKS_PADDED)
-                stored = every < chunk_count
-                for member in tl.static_range(GROUP):  # as merge_kernel, one query head at a time
-                    where = (head * chunk_count + every) * GROUP + member
-                    logs = tl.load(lse + where, mask=stored, other=float("-inf"), cache_modifier=".cg")
-                    shares = tl.exp(logs - tl.max(logs, 0))  # chunk 0 always holds position 0: the max is finite
-                    parts = tl.load(partial + where[:, None] * DIM + dims[None, :], mask=stored[:, None], other=0.0,
-                                    cache_modifier=".cg")
-                    merged = tl.sum(parts * shares[:, None], 0) / tl.sum(shares, 0)
-                    tl.store(out + (head * GROUP + member) * DIM + dims, merged.to(out.dtype.element_ty))
-                tl.store(counters + head, 0)  # ready for the next call, which starts after this kernel ends
 
     @triton.jit
     def merge_kernel(partial, lse, out, chunk_count, GROUP: tl.constexpr, DIM: tl.constexpr,

@@ -55,7 +55,10 @@ TILING = Tiling(rows=2, columns=1024, warps=4, stages=1)  # where nothing was tu
 CANDIDATES = (Tiling(2, 1024, 4, 1), Tiling(4, 512, 4, 2), Tiling(16, 256, 4, 3), Tiling(16, 1024, 8, 3),
               Tiling(8, 512, 4, 1), Tiling(1, 1024, 4, 1), Tiling(8, 256, 2, 3), Tiling(2, 512, 2, 1))
 TUNING_REPLAYS = 3
-PRELOAD_PER_THREAD = 64  # weights a thread reads before its product's input is ready (registers: 32 of them in bf16)
+# Weights a thread reads before its product's input is ready (registers: 32 of them in bf16). Measured on
+# 1 x H200, 8B fused: 4.18-4.19 ms a token, against 4.46 reading one block before the wait
+# (bench/results/h200_voice_tp_preload.json).
+PRELOAD_PER_THREAD = 64
 READ_AHEAD_TRIAL = Tiling(rows=8, columns=128, warps=1, stages=1)  # prepare(): blocks read ahead, then the loop
 
 
@@ -137,13 +140,12 @@ def _error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).abs() / expected.float().abs().clamp(min=1.0)).max().item()
 
 
-def tune(weights: list[torch.Tensor], gated: bool = False, kernels_only: bool = False) -> Tiling | None:
+def tune(weights: list[torch.Tensor], gated: bool = False) -> Tiling | None:
     """The fastest way to multiply a row by each of `weights` in turn, as a decode step reads them.
 
     Each candidate tiling (and, for plain products, cuBLAS: None) is timed over all of `weights`, one
     product each, replayed from a CUDA graph: the weights come from HBM, not from L2, and launches cost
     what they cost in the step. A tiling this GPU cannot compile is skipped. Off CUDA: `TILING`.
-    `kernels_only`: no cuBLAS (a product that pushes its result to tensor-parallel peers).
 
     The pick is kept in ~/.cache/lyra/tuning under the GPU, the shapes, the dtype and the versions of
     torch, Triton and this file: later loads on this machine reuse it, so a restart multiplies in the
@@ -154,11 +156,11 @@ def tune(weights: list[torch.Tensor], gated: bool = False, kernels_only: bool = 
         return TILING
     from shared.planning.disk_cache import cached
 
-    return cached(tuning_key(weights, gated, kernels_only), lambda: _fastest(weights, gated, kernels_only),
+    return cached(tuning_key(weights, gated), lambda: _fastest(weights, gated),
                   encode=_encode, decode=_decode, folder="tuning")
 
 
-def tuning_key(weights: list[torch.Tensor], gated: bool, kernels_only: bool = False) -> str:
+def tuning_key(weights: list[torch.Tensor], gated: bool) -> str:
     """What a tuning result depends on: the device, the products' shapes and dtype, the software."""
     import hashlib
 
@@ -168,8 +170,7 @@ def tuning_key(weights: list[torch.Tensor], gated: bool, kernels_only: bool = Fa
     device = torch.cuda.get_device_name(first.device) if first.device.type == "cuda" else str(first.device)
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     return (f"gemv|{device}|torch {torch.__version__}|triton {triton.__version__}|{code}|{first.dtype}|"
-            f"{len(weights)} x {tuple(first.shape)} stride {first.stride(0)}|gated {gated}|"
-            f"kernels only {kernels_only}")
+            f"{len(weights)} x {tuple(first.shape)} stride {first.stride(0)}|gated {gated}")
 
 
 def _encode(tile: Tiling | None) -> dict[str, int] | None:
@@ -181,11 +182,11 @@ def _decode(data: dict[str, int] | None) -> Tiling | None:
     return None if data is None else Tiling(**data)
 
 
-def _fastest(weights: list[torch.Tensor], gated: bool, kernels_only: bool = False) -> Tiling | None:
+def _fastest(weights: list[torch.Tensor], gated: bool) -> Tiling | None:
     """`tune`'s measurement, uncached."""
     first = weights[0]
     x = torch.randn(1, first.shape[1], dtype=first.dtype, device=first.device)
-    ways: list[Tiling | None] = list(CANDIDATES) + ([] if gated or kernels_only else [None])
+    ways: list[Tiling | None] = list(CANDIDATES) + ([] if gated else [None])
     timed: list[tuple[float, int]] = []
     for index, tile in enumerate(ways):
         try:
@@ -293,48 +294,21 @@ def _made() -> tuple[Any, Any]:
     return _kernels
 
 
-@dataclass(frozen=True)
-class Push:
-    """Where a product also sends its result, as the peer all-reduce's words (shared.distributed.peer_reduce).
-
-    table: every rank's buffer address; epochs: this rank's counter per block of `block` elements.
-    """
-
-    table: torch.Tensor
-    epochs: torch.Tensor
-    capacity: int
-    rank: int
-    world: int
-    block: int
-
-
 @torch.library.custom_op("lyra::gemv", mutates_args=())
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, rows: int, columns: int,
           warps: int, stages: int) -> torch.Tensor:
-    return run_product(x, weight, bias, gated, Tiling(rows, columns, warps, stages))
-
-
-def run_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, tile: Tiling,
-                push: Push | None = None) -> torch.Tensor:
-    """Launch the product kernel (the custom ops' body); with `push`, it also sends the result to the peers."""
     product, _ = _made()
     launch = overlap.options(x.device)
     if weight.stride(1) != 1:  # a copy made now: the kernel must not read it before the wait
         weight, launch = weight.contiguous(), {}
     count = weight.shape[0] // 2 if gated else weight.shape[0]
     out = x.new_empty(1, count)
-    words = {"PUSH": False, "RANK": 0, "WORLD": 1, "EPOCH_BLOCK": 1, "BITS": 16}
-    table, epochs, capacity = out, out, 0
-    if push is not None:
-        words = {"PUSH": True, "RANK": push.rank, "WORLD": push.world, "EPOCH_BLOCK": push.block,
-                 "BITS": torch.finfo(x.dtype).bits}
-        table, epochs, capacity = push.table, push.epochs, push.capacity
+    tile = Tiling(rows, columns, warps, stages)
     with _launch(x.device):
         product[(-(-count // tile.rows),)](
             x.contiguous(), weight, out, bias if bias is not None else out, count, weight.shape[1], weight.stride(0),
-            table, epochs, capacity, GATED=gated, BIAS=bias is not None, ROWS=tile.rows, COLUMNS=tile.columns,
-            PDL=bool(launch), **words, PRELOAD=preload(tile, weight.shape[1], gated), num_warps=tile.warps,
-            num_stages=tile.stages, **launch)
+            GATED=gated, BIAS=bias is not None, ROWS=tile.rows, COLUMNS=tile.columns, PDL=bool(launch),
+            PRELOAD=preload(tile, weight.shape[1], gated), num_warps=tile.warps, num_stages=tile.stages, **launch)
     return out
 
 
@@ -383,10 +357,8 @@ def _make_kernels() -> tuple[Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def product(x, weight, out, bias, count, width, stride, table, epochs, capacity, GATED: tl.constexpr,
-                BIAS: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr, PDL: tl.constexpr, PUSH: tl.constexpr,
-                RANK: tl.constexpr, WORLD: tl.constexpr, EPOCH_BLOCK: tl.constexpr, BITS: tl.constexpr,
-                PRELOAD: tl.constexpr):
+    def product(x, weight, out, bias, count, width, stride, GATED: tl.constexpr, BIAS: tl.constexpr,
+                ROWS: tl.constexpr, COLUMNS: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         inside = rows < count
         steps = tl.arange(0, COLUMNS)
@@ -422,19 +394,7 @@ def _make_kernels() -> tuple[Any, Any]:
             gate = total.to(dtype).to(tl.float32)
             up = tl.sum(ups, 1).to(dtype).to(tl.float32)
             total = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
-        result = total.to(dtype)
-        tl.store(out + rows, result, mask=inside)
-        if PUSH:  # each row to every peer as the peer all-reduce's word: epoch above, bits below (peer_reduce.py)
-            epoch = tl.load(epochs + rows // EPOCH_BLOCK, mask=inside, other=0) + 1
-            if BITS == 16:
-                bits = result.to(tl.uint16, bitcast=True).to(tl.uint64)
-            else:
-                bits = result.to(tl.uint32, bitcast=True).to(tl.uint64)
-            words = ((epoch & 0xFFFFFFFF).to(tl.uint64) << 32) | bits
-            for peer in tl.static_range(WORLD):
-                if peer != RANK:
-                    theirs = tl.load(table + peer).to(tl.pointer_type(tl.uint64))
-                    tl.store(theirs + ((epoch & 1) * WORLD + RANK) * capacity + rows, words, mask=inside)
+        tl.store(out + rows, total.to(dtype), mask=inside)
 
     @triton.jit
     def norm(hidden, addend, gain, residual, normed, width, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,

@@ -63,8 +63,6 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise BackendError(f"model {entry.name!r}: could not load {source} {gguf_file or ''}: {exc}") from exc
     model.eval()
-    if entry.compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
     loaded = HfCausalModel(entry, model, tokenizer, context.physical_gpus[:gpu_count])
     if context.service != ROUTER:  # the router scores labels in one forward pass; it never decodes
         loaded.prepare()
@@ -187,12 +185,9 @@ class HfCausalModel(TransformersModel):
 
     def unload(self) -> None:
         """Drop the model and tokenizer and hand cached GPU blocks back to the driver."""
-        compiled = self.entry.compile and self.model is not None
         self.drop_engine()
         self.prefixes.clear()
         self.model = self.tokenizer = None
-        if compiled:
-            torch.compiler.reset()  # compiled graphs can keep parameters alive
         release_memory()
         logger.info("unloaded %s", self.entry.name)
 

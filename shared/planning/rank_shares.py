@@ -10,8 +10,8 @@ Per rank, over `world` ranks (one per GPU):
     activations = one prefill's working set with the MLP's intermediate and the attention heads split:
                   context x (4 x hidden + 3 x intermediate / world) elements, the fp32 logits row, and the
                   captured step's graph pool (its score rows split by heads; cuBLAS workspaces whole)
-    exchange    = the all-reduce's own buffers: peer memory for "peer" (and "auto", which tries it first),
-                  the one-shot buffer for "symmetric"; NCCL's buffers are part of its communicator
+    exchange    = the all-reduce's own buffers: peer memory for "peer" (and "auto", which tries it first);
+                  NCCL's buffers are part of its communicator
     overhead    = the fragmentation share of this rank's weights and KV cache
 The CUDA context of each rank is the voice service's context reserve on that GPU, counted by the plan
 as for any process pinned there. Nothing here imports torch.
@@ -32,7 +32,6 @@ from shared.planning.inventory import ModelShape, inventory_for
 
 PEER_CAPACITY = 256 * 1024  # elements per rank region of the peer all-reduce (shared/distributed/peer_reduce.py)
 PEER_BLOCK = 512  # elements per program of that all-reduce: one epoch counter each
-SYMMETRIC_BUFFER_BYTES = 8 * 1024**2  # one-shot all-reduce buffer; larger (prefill) tensors go through NCCL
 
 
 def sharded_fraction(shape: ModelShape) -> float:
@@ -48,11 +47,9 @@ def sharded_fraction(shape: ModelShape) -> float:
 
 def exchange_bytes(all_reduce: str, world: int) -> int:
     """The buffers a rank's all-reduce allocates besides the process group's: two slots per rank of 8-byte words
-    and the epoch counters (peer), or the one-shot buffer (symmetric)."""
+    and the epoch counters (peer)."""
     if all_reduce in ("auto", "peer"):
         return 2 * world * PEER_CAPACITY * 8 + -(-PEER_CAPACITY // PEER_BLOCK) * 8 + 4
-    if all_reduce == "symmetric":
-        return SYMMETRIC_BUFFER_BYTES
     return 0
 
 

@@ -180,46 +180,6 @@ def test_tuned_products_equal_torch_in_a_graph(dtype: torch.dtype) -> None:
     torch.testing.assert_close(normed, gemv.add_norm_reference(x, weights[0][0, :4096], 1e-5, x)[1], **tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_products_pushing_to_peers_and_the_gathering_norm_in_a_graph(dtype: torch.dtype) -> None:
-    """Two simulated ranks on one GPU: each product sends its rows from its own kernel, each norm gathers them.
-
-    Replayed from a CUDA graph, alternating with plain exchanges, with dependent launch where the GPU has it:
-    every replay takes fresh epochs and every rank gets the same sum.
-    """
-    from shared.kernels import gemv
-    from tests.models.interpreted_peer_reduce import Group, expected_sum
-
-    generator = torch.Generator(device="cuda").manual_seed(0)
-
-    def draw(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, device="cuda", generator=generator) * scale).to(dtype)
-
-    group = Group(2, capacity=4096, device="cuda")
-    inputs = [draw(1, 2048) for _ in range(2)]
-    weights = [draw(4096, 2048, scale=0.02) for _ in range(2)]
-    residual, gain = draw(1, 4096), draw(4096)
-    tile = gemv.Tiling(2, 1024, 4, 1)
-    group.pushed_add_norm(inputs, weights, residual, gain, tile)  # compiled outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = group.pushed_add_norm(inputs, weights, residual, gain, tile)
-        plain = group.all_reduce([inputs[0] * 2, inputs[1]])
-    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    for _ in range(3):
-        inputs[0].mul_(-1)  # each replay reads the inputs' new values
-        graph.replay()
-        parts = [gemv.gemv_reference(x, weight) for x, weight in zip(inputs, weights, strict=True)]
-        wanted_sum, wanted_norm = gemv.add_norm_reference(residual, gain, 1e-5, expected_sum(parts))
-        for summed, normed in outs:
-            assert torch.equal(summed, outs[0][0]) and torch.equal(normed, outs[0][1])
-            torch.testing.assert_close(summed, wanted_sum, **tolerance)
-            torch.testing.assert_close(normed, wanted_norm, **tolerance)
-        assert all(torch.equal(out, expected_sum([inputs[0] * 2, inputs[1]])) for out in plain)
-    assert [int(failed) for failed in group.failed] == [0, 0]
-    assert all(int(epochs[0]) == 1 + 2 * 3 for epochs in group.epochs)
-
-
 def test_dependent_launch_is_tried_and_used_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from shared.kernels import overlap
 

@@ -73,9 +73,10 @@ def test_other_architectures_run_on_the_gpu(architecture_name: str, tiny_checkpo
     loaded.unload()
 
 
-def test_compiled_forward_generates(tiny_checkpoints: dict[str, Path]) -> None:
-    loaded = hf_causal.load(tiny.entry("compiled", tiny_checkpoints["llama"], compile=True),
+def test_the_compiled_engine_generates(tiny_checkpoints: dict[str, Path]) -> None:
+    loaded = hf_causal.load(tiny.entry("compiled", tiny_checkpoints["llama"], engine="compiled"),
                             tiny.cpu_context(gpus=PHYSICAL))
+    assert loaded.engine_kind() == "compiled graphs"
     _exercise(loaded)
     loaded.unload()
 

@@ -49,21 +49,6 @@ def test_kernel_equals_attention_over_the_positions_in_use(kv: int, group: int, 
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize(("kv", "group", "length", "position"), [(2, 4, 1024, 700), (3, 2, 600, 10)])
-def test_the_last_chunk_to_finish_merges_as_the_merge_kernel_does(kv: int, group: int, length: int, position: int,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    assert decode_attention.prepare(torch.device("cpu"), 32, torch.float32)
-    counters = torch.zeros(16, dtype=torch.int32)  # room for every head: the merge moves into the first kernel
-    monkeypatch.setitem(decode_attention._counters, torch.device("cpu"), counters)
-    query, keys, values = cache_of(kv, group, 32, length, position, torch.float32)
-    at = torch.tensor([position])
-    merged = [decode_attention.decode_attention(query, keys, values, at, 0.2) for _ in range(2)]
-    assert not counters.any()  # every call leaves the counts at zero for the next
-    monkeypatch.setattr(decode_attention, "_counters", {})  # no counters: the merge is a kernel of its own
-    apart = decode_attention.decode_attention(query, keys, values, at, 0.2)
-    assert torch.equal(merged[0], apart) and torch.equal(merged[1], apart)
-
-
 def test_head_sizes_the_kernel_cannot_take_are_refused() -> None:
     assert not decode_attention.prepare(torch.device("cpu"), 80, torch.float32)
     assert not decode_attention.prepare(torch.device("cpu"), 8, torch.float32)

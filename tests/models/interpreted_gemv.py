@@ -7,13 +7,10 @@ so exact comparisons use float32 and float16.
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from shared.distributed.tensor_parallel import Shard, nccl_reduce
+from shared.distributed.tensor_parallel import Shard
 from shared.engine import fused_step as fused_decode
 from shared.engine.fused_step import FusedStep
 from shared.kernels import gemv
@@ -110,38 +107,7 @@ def test_the_step_keeps_torchs_operations_where_the_kernels_are_refused(monkeypa
     assert greedy(model, step)[0] == expected
 
 
-def rank_tokens(rank: int, store: str, results: object) -> None:
-    import torch.distributed as dist
-    from transformers import LlamaConfig
-
-    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
-    gemv.TILING = COARSE
-    fused_decode.PRODUCTS_ON_RANKS = True  # off by default on ranks (inductor's are as fast there)
-    try:
-        model = rank_model(LlamaConfig, Shard(rank, 2), nccl_reduce())
-        with torch.inference_mode():
-            step = FusedStep(model, CONTEXT)
-        tokens, logits = greedy(model, step)
-        results.put((rank, step.products, tokens, logits.tolist()))  # plain lists: the process ends
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_ranks_on_the_kernels_decode_as_one_process() -> None:
-    from transformers import LlamaConfig
-
-    expected_tokens, expected_logits = greedy(rank_model(LlamaConfig, Shard(0, 1)))
-    results = mp.get_context("spawn").Queue()
-    with tempfile.TemporaryDirectory() as folder:  # the ranks inherit TRITON_INTERPRET
-        mp.start_processes(rank_tokens, nprocs=2, start_method="spawn", args=(f"{folder}/store", results))
-    reported = sorted((results.get(timeout=60) for _ in range(2)), key=lambda item: item[0])
-    for _rank, products, tokens, logits in reported:
-        assert products
-        assert tokens == expected_tokens
-        torch.testing.assert_close(torch.tensor(logits), expected_logits, rtol=1e-4, atol=1e-4)
-
-
-def test_ranks_keep_inductors_products_unless_asked() -> None:
+def test_ranks_keep_inductors_products() -> None:
     from transformers import LlamaConfig
 
     model = rank_model(LlamaConfig, Shard(0, 1))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.distributed.peer_reduce import BLOCK, exchange_norm_words, exchange_words
-from shared.kernels.gemv import Push, Tiling, add_norm_reference, gemv_reference, run_product
+from shared.distributed.peer_reduce import BLOCK, exchange_words
 
 pytestmark = pytest.mark.models
 CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges
@@ -38,29 +37,6 @@ class Group:
         for rank, part in enumerate(parts):
             exchange_words(part, outs[rank], self.table, self.epochs[rank], self.failed[rank], self.capacity, rank,
                            self.world, push=False, gather=True, spins=spins)
-        return outs
-
-    def add_norm(self, parts: list[torch.Tensor], residual: torch.Tensor, gain: torch.Tensor,
-                 eps: float = 1e-5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every rank's (residual + sum of parts, its norm) from the fused kernel."""
-        outs = [(torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))) for _ in parts]
-        for push, gather in ((True, False), (False, True)):
-            for rank, part in enumerate(parts):
-                exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.epochs[rank],
-                                    self.failed[rank], self.capacity, rank, self.world, push=push, gather=gather)
-        return outs
-
-
-    def pushed_add_norm(self, inputs: list[torch.Tensor], weights: list[torch.Tensor], residual: torch.Tensor,
-                        gain: torch.Tensor, tile: Tiling, eps: float = 1e-5) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every rank's product pushed from its kernel, then every rank's gather, residual sum and norm."""
-        parts = [run_product(x, weight, None, False, tile, Push(self.table, self.epochs[rank], self.capacity, rank,
-                                                                  self.world, BLOCK))
-                 for rank, (x, weight) in enumerate(zip(inputs, weights, strict=True))]
-        outs = [(torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))) for _ in parts]
-        for rank, part in enumerate(parts):
-            exchange_norm_words(part, residual, gain, *outs[rank], eps, self.table, self.epochs[rank],
-                                self.failed[rank], self.capacity, rank, self.world, push=False, gather=True, spins=100)
         return outs
 
 
@@ -117,48 +93,3 @@ def test_a_peer_that_never_pushes_is_counted_not_waited_for_forever() -> None:
     assert int(group.failed[0]) == 1  # rank 0 waited for rank 1 and gave up
     assert int(group.failed[1]) == 0  # rank 1 got rank 0's words
     assert torch.equal(outs[1], torch.full((BLOCK,), 10.0, dtype=torch.bfloat16))
-
-
-@pytest.mark.parametrize(("world", "dtype", "count"), [(2, torch.float16, 1000), (3, torch.float32, 3 * BLOCK - 1),
-                                                       (2, torch.float32, 5)])
-def test_the_fused_norm_equals_the_sum_then_the_norm(world: int, dtype: torch.dtype, count: int) -> None:
-    group = Group(world)
-    generator = torch.Generator().manual_seed(count)
-    residual, gain = (torch.randn(1, count, generator=generator).to(dtype) for _ in range(2))
-    for call in range(4):  # fused and plain calls alternate: the epochs and slots stay in step
-        parts = [torch.randn(1, count, generator=generator).to(dtype) * (call + 1) for _ in range(world)]
-        if call % 2:
-            assert all(torch.equal(out, expected_sum(parts)) for out in group.all_reduce(parts))
-            continue
-        wanted_sum, wanted_norm = add_norm_reference(residual, gain, 1e-5, expected_sum(parts))
-        for summed, normed in group.add_norm(parts, residual, gain):
-            assert torch.equal(summed, wanted_sum)  # the same rounded sums as the plain call and the model
-            torch.testing.assert_close(normed, wanted_norm, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
-    assert [int(failed) for failed in group.failed] == [0] * world
-
-
-@pytest.mark.parametrize(("world", "dtype", "count", "tile"), [
-    (2, torch.float16, 1000, Tiling(16, 64, 4, 1)),  # rows in two epoch blocks, the second partly masked
-    (3, torch.float32, 2 * BLOCK + 3, Tiling(1, 128, 2, 1)),
-])
-def test_products_that_push_their_rows_then_a_gathering_norm_equal_the_plain_exchange(
-        world: int, dtype: torch.dtype, count: int, tile: Tiling) -> None:
-    group = Group(world)
-    generator = torch.Generator().manual_seed(count)
-    width = 96  # each rank's share of the input columns
-    residual, gain = (torch.randn(1, count, generator=generator).to(dtype) for _ in range(2))
-    for call in range(4):  # pushed and plain calls alternate: the epochs and slots stay in step
-        inputs = [torch.randn(1, width, generator=generator).to(dtype) for _ in range(world)]
-        weights = [(torch.randn(count, width, generator=generator) * 0.1 * (call + 1)).to(dtype) for _ in range(world)]
-        parts = [gemv_reference(x, weight) for x, weight in zip(inputs, weights, strict=True)]
-        if call % 2:
-            assert all(torch.equal(out, expected_sum(parts)) for out in group.all_reduce(parts))
-            continue
-        wanted_sum, wanted_norm = add_norm_reference(residual, gain, 1e-5, expected_sum(parts))
-        outs = group.pushed_add_norm(inputs, weights, residual, gain, tile)
-        for summed, normed in outs:
-            assert torch.equal(summed, outs[0][0])  # every rank holds the same bits
-            torch.testing.assert_close(summed, wanted_sum, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
-            torch.testing.assert_close(normed, wanted_norm, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-3)
-    assert [int(failed) for failed in group.failed] == [0] * world
-    assert all(int(epochs[0]) == 4 for epochs in group.epochs)

@@ -140,3 +140,11 @@ def test_the_engine_counts_the_tokens_it_read_and_wrote(tiny_checkpoints: dict[s
     "".join(model.generate(QUESTION, GenerationOptions(temperature=0.0, max_new_tokens=12, stop=[stop]),
                            threading.Event()))
     assert model.last_usage()[0] == prompt and model.last_usage()[1] < 12 and model.last_usage()[2] == "stop"
+
+
+def test_a_compile_setting_is_refused_with_the_engine_to_write() -> None:
+    from shared.config.schema import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match='write engine = "compiled"') as refused:
+        parse_config({"router": {}, "specialists": {"pragmatist": {}}, "voice": {"compile": True}})
+    assert "\n" not in str(refused.value)

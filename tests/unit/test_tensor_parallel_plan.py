@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config.schema import parse_config
+from shared.config.schema import ConfigError, parse_config
 from shared.planning.estimate import GB, estimate_model
 from shared.planning.inventory import architecture_shape
 from shared.planning.ledger_bytes import estimate_per_gpu
@@ -83,11 +83,16 @@ def test_each_rank_counts_its_all_reduces_own_buffers(world: int) -> None:
     shape = architecture_shape("llama-3-8b")
     shares = {kind: rank_bytes(estimate_model(config("llama-3-8b", "tensor", all_reduce=kind).voice),
                                config("llama-3-8b", "tensor", all_reduce=kind).voice, shape, world)
-              for kind in ("nccl", "peer", "auto", "symmetric")}
+              for kind in ("nccl", "peer", "auto")}
     peer_words = 2 * world * 256 * 1024 * 8  # two slots per rank of 8-byte words, in every rank's buffer
     assert shares["peer"] - shares["nccl"] == exchange_bytes("peer", world) >= peer_words
     assert shares["auto"] == shares["peer"]  # auto tries the peer all-reduce first
-    assert shares["symmetric"] - shares["nccl"] == 8 * 1024**2
+
+
+def test_the_removed_symmetric_all_reduce_is_refused_with_what_to_write() -> None:
+    with pytest.raises(ConfigError, match='write all_reduce = "peer" or "auto"'):
+        parse_config({"router": {}, "specialists": {"pragmatist": {}}, "voice": {
+            "backend": "transformers", "path": "x", "parallel": "tensor", "all_reduce": "symmetric"}})
 
 
 def test_doctor_recommends_tensor_ranks_only_over_a_fast_peer_link() -> None:
