@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GB = 1e9
+from shared.config.units import GB  # noqa: E402
 
 
 def _component(arch: str, name: str):

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.decode import lyra  # noqa: E402 - the one helper that runs the CLI for benchmarks
-
-GB = 1e9
+from shared.config.units import GB  # noqa: E402
 
 
 def build_checkpoints(work: Path) -> dict[str, Path]:

@@ -14,6 +14,7 @@ from services.coordinator.pipeline import Pipeline
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.coordinator.workers import WorkerRegistry
 from shared.config.schema import LyraConfig
+from shared.config.units import MB
 from shared.wire.messages import (
     AcceptedEvent,
     CancelRequest,
@@ -35,7 +36,7 @@ def bad_image(config: LyraConfig, msg: ChatRequest) -> BadImage | None:
     if msg.image is None:
         return None
     runtime = config.runtime
-    limits = ImageLimits(max_bytes=int(runtime.max_image_mb * 1e6), max_side=runtime.max_image_side,
+    limits = ImageLimits(max_bytes=int(runtime.max_image_mb * MB), max_side=runtime.max_image_side,
                          max_pixels=int(runtime.max_image_megapixels * 1e6))
     try:
         check_image(msg.image, limits)

@@ -6,6 +6,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+from shared.config.units import MB
 from shared.wire.messages import ErrorCode
 
 # The decoders the stack accepts (Pillow names). Fewer decoders, fewer ways for a crafted file to reach
@@ -40,8 +41,8 @@ _CORRUPT = (OSError, ValueError, SyntaxError, EOFError)
 def check_image(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
     """Return (format, width, height) of a decodable image within the limits, or raise BadImage."""
     if len(data) > limits.max_bytes:
-        raise BadImage(ErrorCode.image_too_large, f"the image is {len(data) / 1e6:.1f} MB; the limit is "
-                                                  f"{limits.max_bytes / 1e6:.1f} MB (runtime.max_image_mb)")
+        raise BadImage(ErrorCode.image_too_large, f"the image is {len(data) / MB:.1f} MB; the limit is "
+                                                  f"{limits.max_bytes / MB:.1f} MB (runtime.max_image_mb)")
     fmt, width, height = _header(data, limits)
     if width < 1 or height < 1 or max(width, height) > limits.max_side or width * height > limits.max_pixels:
         raise BadImage(ErrorCode.image_dimensions, f"the image is {width}x{height}; the limit is "

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.config.schema import GpuEntry, LyraConfig, ModelEntry
+from shared.config.units import GB
 from shared.wire.messages import GpuSnapshot, MemoryReading
-
-GB = 10**9  # decimal, as budgets and accelerate's "47GB" are written
 
 
 @dataclass

@@ -27,6 +27,7 @@ from services.coordinator.swap import Residency
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
 from shared.config.schema import LyraConfig
+from shared.config.units import MB
 from shared.wire import keys, transport
 from shared.wire.messages import ErrorCode, Message
 from shared.wire.names import WORKER_SERVICES
@@ -70,10 +71,10 @@ class Coordinator:
                                               secret if config.client_needs_secret() else None,
                                               lambda: transport.send_frames(self._handoff(), [b"i", b"", b"", b""]))
         runtime = config.runtime
-        self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * 1e6)
+        self.pacer = ClientPacer(runtime.client_max_msgs_per_s, runtime.client_max_mb_per_s * MB)
         self.worker_handlers = WorkerHandlers(config, self.registry, self.residency,
                                               None if config.curve_on(config.worker_endpoint()) else secret)
-        self.backlog = ReplyBacklog(int(runtime.client_queue_mb * 1024 * 1024))
+        self.backlog = ReplyBacklog(int(runtime.client_queue_mb * MB))
         self._local = threading.local()
         self.handoff_sockets: list[transport.Endpoint] = []
 

@@ -15,6 +15,7 @@ from services.gateway.errors import GatewayError, invalid
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import Upstream
 from shared.config.schema import GatewaySettings, LyraConfig
+from shared.config.units import MB
 
 T = TypeVar("T")
 
@@ -54,7 +55,7 @@ class Gateway:
         self.artists = [n for n, e in config.specialists.items() if e.kind == "image_generation"]
         # base64 grows bytes by 4/3; leave room for the rest of the JSON around an image
         self.turn_s = 1.0  # moving average of a turn's seconds
-        self.max_body_bytes = int(config.runtime.max_image_mb * 1024 * 1024 * 4 / 3) + 1024 * 1024
+        self.max_body_bytes = int(config.runtime.max_image_mb * MB * 4 / 3) + MB
 
     def authorize(self, request: Request) -> None:
         """401 unless the request carries `Authorization: Bearer <key>` (when a key is configured)."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 from shared.config.schema import ModelEntry
+from shared.config.units import GB
 from shared.models.base import BackendError, LoadContext, LoadedModel, SpecialistOutput, load_model, truncation
 from shared.runtime.worker_loop import Handler, Worker
 from shared.wire.messages import (
@@ -47,7 +48,7 @@ class SpecialistHost(Worker):
         if settings.size_gb > 0 and any(e.backend != "fake" for e in self.entries.values()):
             from shared.models.weight_cache import HostWeightCache
 
-            self.cache = HostWeightCache(int(settings.size_gb * 1e9), settings.pin)
+            self.cache = HostWeightCache(int(settings.size_gb * GB), settings.pin)
 
     def cached(self) -> dict[str, int]:
         return self.cache.sizes() if self.cache else {}
@@ -97,7 +98,7 @@ class SpecialistHost(Worker):
         started = time.perf_counter()
         model.prepare()  # the weights moved: the decode engine re-captures its graphs against them
         log.info("swapped %s in from the host cache: %.2f GB in %.3fs (%.1f GB/s); decode engine %s ready in %.3fs",
-                 name, copy.nbytes / 1e9, seconds, copy.nbytes / 1e9 / max(seconds, 1e-9), model.engine_kind(),
+                 name, copy.nbytes / GB, seconds, copy.nbytes / GB / max(seconds, 1e-9), model.engine_kind(),
                  time.perf_counter() - started)
         return model
 

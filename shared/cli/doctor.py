@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config.schema import LyraConfig
+from shared.config.units import GB, format_gb
 from shared.wire.names import WORKER_SERVICES
-
-GB = 10**9
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def gpu_checks(config: LyraConfig) -> tuple[list[Check], bool]:
     count = torch.cuda.device_count()
     for i in range(count):
         props = torch.cuda.get_device_properties(i)
-        checks.append(Check("info", f"GPU {i}", f"{props.name}, {props.total_memory / GB:.1f} GB"))
+        checks.append(Check("info", f"GPU {i}", f"{props.name}, {format_gb(props.total_memory)}"))
     for gpu in config.gpus:
         if gpu.index >= count:
             checks.append(Check("fail", f"config GPU {gpu.index}", f"only {count} GPU(s) visible",
@@ -151,8 +150,8 @@ def placement_checks(config: LyraConfig) -> list[Check]:
     plan = assess(config)
     checks = []
     for p in plan.placements:
-        where = ", ".join(f"GPU {g}: {b / GB:.1f} GB" for g, b in p.split.per_gpu.items()) or "CPU"
-        checks.append(Check("info", f"placement {p.name}", f"{p.estimate.total / GB:.1f} GB -> {where}"))
+        where = ", ".join(f"GPU {g}: {format_gb(b)}" for g, b in p.split.per_gpu.items()) or "CPU"
+        checks.append(Check("info", f"placement {p.name}", f"{format_gb(p.estimate.total)} -> {where}"))
     checks.append(Check("pass" if plan.ok else "fail", "VRAM plan", "fits" if plan.ok else "does not fit",
                         "" if plan.ok else f"see `lyra plan -c {config.source}` for the arithmetic and options"))
     return checks

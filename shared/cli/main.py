@@ -13,6 +13,7 @@ from shared.cli.render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError, StackNotFoundError, find_stack
 from shared.config.paths import ProjectFileMissing, default_config
 from shared.config.schema import ConfigError, load_config
+from shared.config.units import GB, format_gb
 from shared.wire.messages import (
     DoneEvent,
     ImageEvent,
@@ -28,9 +29,6 @@ from shared.wire.names import PROGRAMS
 
 class InputError(Exception):
     """What the user gave on the command line cannot be used (an unreadable file, no text); one line says why."""
-
-
-GB = 1e9  # the planner's unit (accelerate's "47GB"): `lyra status` and `lyra plan` agree
 
 
 def _gb(value: int | None) -> str:
@@ -50,7 +48,7 @@ def render_status(status: StatusReply) -> str:
         lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<{backend}}"
                      f"{', '.join(s.resident) or '-':<{resident}}{placement}")
         if s.cached:
-            held = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in s.cached.items())
+            held = ", ".join(f"{k} {format_gb(v, 2)}" for k, v in s.cached.items())
             lines.append(f"{'':<16}host weight cache (least recently used first): {held}")
     if status.gpus:
         lines.append(f"{'gpu':<6}{'budget GB':>10}{'estimated':>11}{'measured':>10}  resident")
@@ -228,7 +226,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def weight_cache_report(config, plan) -> dict:
     """The host weight cache's size and which specialists' weights it can hold at once."""
     weights = {p.name: p.estimate.weights for p in plan.placements if p.role == "specialist"}
-    size = int(config.weight_cache.size_gb * 1e9)
+    size = int(config.weight_cache.size_gb * GB)
     quantized = sorted(n for n, e in config.specialists.items() if e.quantization == "int8")  # 4-bit is cached
     cacheable = {n: b for n, b in weights.items() if n not in quantized}
     return {"size_bytes": size, "pinned": config.weight_cache.pin, "specialist_weight_bytes": weights,
@@ -241,12 +239,12 @@ def render_weight_cache(cache: dict) -> str:
     """One paragraph about the host weight cache."""
     if not cache["size_bytes"]:
         return "\nhost weight cache: off (weight_cache.size_gb = 0): every swap reloads from the checkpoint"
-    held = ", ".join(f"{n} {b / 1e9:.1f}" for n, b in cache["specialist_weight_bytes"].items())
+    held = ", ".join(f"{n} {b / GB:.1f}" for n, b in cache["specialist_weight_bytes"].items())
     verdict = "holds every cacheable specialist at once" if cache["holds_all"] else "evicts least recently used"
     extra = f"; too large to cache: {', '.join(cache['too_large'])}" if cache["too_large"] else ""
     if cache["not_cached_quantized"]:
         extra += f"; int8, so reloaded on every swap: {', '.join(cache['not_cached_quantized'])}"
-    return (f"\nhost weight cache: {cache['size_bytes'] / 1e9:.1f} GB "
+    return (f"\nhost weight cache: {format_gb(cache['size_bytes'])} "
             f"({'pinned' if cache['pinned'] else 'pageable'}) of host RAM, {verdict}{extra}\n"
             f"  specialist weights (GB): {held}")
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.client import stack_record
+from shared.config.units import MB
 from shared.wire import keys, transport
 from shared.wire.messages import (
     TERMINAL_TYPES,
@@ -318,7 +319,7 @@ class Client:
         self.ctx = transport.new_context()
         # On tcp a refused handshake (Curve keys) is watched for, so the caller hears it, not a timeout.
         self.watched = self.endpoint.startswith("tcp://")
-        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024),
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * MB),
                                              curve=curve, watch=self.watched)
 
     def close(self) -> None:
@@ -437,7 +438,7 @@ class AsyncClient:
         self.secret = secret or _stack_secret(self.endpoint)
         self.ctx = transport.new_async_context()
         self.watched = self.endpoint.startswith("tcp://")  # a refused Curve handshake is heard, as in Client
-        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * 1024 * 1024),
+        self.sock = transport.connect_dealer(self.ctx, self.endpoint, int(max_message_mb * MB),
                                              curve=curve or _curve_keys(self.endpoint), watch=self.watched)
         self._inboxes: dict[str, asyncio.Queue[Any]] = {}
         self._reader: asyncio.Task[None] | None = None

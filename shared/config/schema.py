@@ -13,6 +13,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.config.units import MB
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 
 NETWORK_HEARTBEAT_TIMEOUT_S = 10.0  # heartbeat_timeout_s's default when workers connect over a network
@@ -47,6 +48,7 @@ class RuntimeSettings(Section):
     secret_file: str = ""  # default: <run_dir>/stack.secret, written (0600) by `lyra up`
     stage_retries: int = Field(default=1, ge=0, le=5)  # re-runs of a stage whose worker died or restarted
     queue_size: int = Field(default=16, ge=1, le=100_000)
+    # Sizes in MB are decimal (10^6 bytes), like every unit in Lyra Runtime (shared.config.units).
     max_message_mb: float = Field(default=32.0, gt=0, le=1024)
     max_image_mb: float = Field(default=16.0, gt=0, le=1024)  # an attached image's file size
     max_image_side: int = Field(default=8192, ge=16)  # pixels on the longer side
@@ -396,11 +398,11 @@ class LyraConfig(Section):
 
     def client_queue_frames(self) -> int:
         """Frames zmq may hold per client connection: `client_queue_mb` over the largest frame, at least 2."""
-        return max(2, int(self.runtime.client_queue_mb * 1024 * 1024) // self.max_message_bytes())
+        return max(2, int(self.runtime.client_queue_mb * MB) // self.max_message_bytes())
 
     def max_message_bytes(self) -> int:
         """Largest frame any socket accepts."""
-        return int(self.runtime.max_message_mb * 1024 * 1024)
+        return int(self.runtime.max_message_mb * MB)
 
     def models_of(self, service: str) -> dict[str, ModelEntry]:
         """The models a worker service runs, by name."""

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 
 from shared.config.schema import LyraConfig
+from shared.config.units import GB
 from shared.wire.names import VOICE
 
-GB = 10**9
 PROBE_BYTES = 256 * 1024**2
 REPEATS = 5
 TENSOR_MIN_GB_S = 20.0  # below this a peer copy is going through host memory: ranks would wait on it

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from shared.config.units import GB
+
 log = logging.getLogger(__name__)
 
 ALIGN = 256  # bytes; keeps every view aligned for any dtype and for fast copies
@@ -185,13 +187,13 @@ class HostWeightCache:
         unique = {_key(t): t for *_, t in _tensors(modules)}
         size = sum(t.numel() * t.element_size() for t in unique.values())
         if size > self.capacity:
-            log.info("not caching %s: %.2f GB exceeds the cache size", name, size / 1e9)
+            log.info("not caching %s: %.2f GB exceeds the cache size", name, size / GB)
             return None, []
         evicted = []
         for victim in list(self.copies):
             if self.used() + size <= self.capacity:
                 break
-            log.info("weight cache full: evicting %s (%.2f GB)", victim, self.copies[victim].nbytes / 1e9)
+            log.info("weight cache full: evicting %s (%.2f GB)", victim, self.copies[victim].nbytes / GB)
             del self.copies[victim]
             evicted.append(victim)
         started = time.perf_counter()
@@ -199,7 +201,7 @@ class HostWeightCache:
         first = next((t for m in modules.values() for t in m.parameters()), None)
         copy.device = first.device if first is not None else torch.device("cpu")
         self.copies[name] = copy
-        log.info("cached %s in host RAM (%.2f GB, %s) in %.2fs", name, copy.nbytes / 1e9,
+        log.info("cached %s in host RAM (%.2f GB, %s) in %.2fs", name, copy.nbytes / GB,
                  "pinned" if copy.host.is_pinned() else "pageable", time.perf_counter() - started)
         return copy, evicted
 

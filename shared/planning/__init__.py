@@ -5,11 +5,11 @@
 """
 
 from shared.planning.architectures import ARCHITECTURES, ArchitectureSpec, Component, get_architecture
-from shared.planning.estimate import GB, GpuSplit, MemoryEstimate, estimate_model, split_across_gpus
+from shared.planning.estimate import GpuSplit, MemoryEstimate, estimate_model, split_across_gpus
 from shared.planning.plan import Plan, Verdict, make_plan, render_table
 from shared.planning.search import Alternative, Change
 
 __all__ = [
-    "ARCHITECTURES", "GB", "Alternative", "ArchitectureSpec", "Change", "Component", "GpuSplit", "MemoryEstimate",
+    "ARCHITECTURES", "Alternative", "ArchitectureSpec", "Change", "Component", "GpuSplit", "MemoryEstimate",
     "Plan", "Verdict", "estimate_model", "get_architecture", "make_plan", "render_table", "split_across_gpus",
 ]

@@ -1,6 +1,6 @@
 """How much GPU memory a model will need, computed before anything is loaded.
 
-All sizes are bytes; reports use GB = 10**9 bytes (the unit accelerate gives "47GB" in max_memory).
+All sizes are bytes; reports use GB = 10**9 bytes (shared.config.units; accelerate's "47GB" in max_memory).
 
     total = weights + kv_cache + recurrent_state + activations + overhead
 
@@ -42,23 +42,20 @@ import re
 from dataclasses import dataclass, field, replace
 
 from shared.config.schema import LyraConfig, ModelEntry
+from shared.config.units import GB, MiB, format_gb, parse_size
 from shared.planning.architectures import get_architecture
 from shared.planning.inventory import ModelShape, ParameterInventory, architecture_shape, inventory_for
 from shared.wire.names import WORKER_SERVICES
 
-GB = 10**9
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 INT8_BYTES_PER_WEIGHT = 1.0
 INT8_SCALE_BYTES_PER_ROW = 4  # fp32 SCB per output row
 NF4_BLOCKSIZE = 64
 NF4_BYTES_PER_WEIGHT = 0.5 + 4 / NF4_BLOCKSIZE  # packed 4-bit + fp32 absmax per block = 0.5625
 IMAGE_WORKSPACE_BYTES = 3 * GB
-GRAPH_WORKSPACE_BYTES = 96 * 1024**2  # cuBLAS workspaces of the streams a decode step is captured on
+GRAPH_WORKSPACE_BYTES = 96 * MiB  # cuBLAS workspaces of the streams a decode step is captured on
 FRAGMENTATION = 0.05
 UNITS_WITHOUT_LAYERS = 100  # split granularity when the layer count is unknown
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNIT = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -255,16 +252,6 @@ def _dtype_label(entry: ModelEntry, inventory: ParameterInventory, element: floa
 # ----------------------------------------------------------------------------- placement
 
 
-def parse_size(value: str | int | float) -> int:
-    """Bytes from an accelerate-style size: 47GB (10^9), 47GiB (2^30), 4700MB, or a plain number."""
-    if isinstance(value, int | float):
-        return int(value)
-    match = _SIZE.match(value)
-    if not match:
-        raise ValueError(f"cannot read memory size {value!r} (expected e.g. '47GB' or '44GiB')")
-    return int(float(match.group(1)) * _UNIT[(match.group(2) or "B").upper()])
-
-
 def cuda_context_bytes(config: LyraConfig) -> dict[int, int]:
     """CUDA context reserve per physical GPU: one per worker process pinned to it."""
     reserve = {gpu.index: int(gpu.context_reserve_gb * GB) for gpu in config.gpus}
@@ -372,5 +359,5 @@ def _materialise(estimate: MemoryEstimate, gpus: list[int], counts: list[int], s
         if count:
             per_gpu[physical] = round(proportional * count / units) + estimate.activations
     spilled = round(estimate.weights * spilled_units / units)
-    notes = (f"{spilled / GB:.1f} GB of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
+    notes = (f"{format_gb(spilled)} of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
     return GpuSplit(per_gpu, spilled, notes)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config.schema import ModelEntry
+from shared.config.units import format_gb
 from shared.planning import disk_cache
 from shared.planning.architectures import build_config, build_on_meta, get_architecture
 from shared.planning.device_split import QUANTIZED_COMPONENTS
@@ -277,7 +278,7 @@ def _read_gguf(path: str) -> ParameterInventory:
     linear, rows, other = _counts(tensors, rows_axis=-1)  # GGUF lists dimensions innermost first
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     return ParameterInventory("gguf", linear, rows, other, stored, 4.0, _gguf_shape(reader, tensors),
-                              detail=f"{file.name}, {stored / 1e9:.2f} GB quantized on disk")
+                              detail=f"{file.name}, {format_gb(stored, 2)} quantized on disk")
 
 
 # ----------------------------------------------------------------------------- meta device / count

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.config.schema import ModelEntry
+from shared.config.units import format_gb, parse_size
 from shared.planning import device_split, disk_cache
 from shared.planning.architectures import build_on_meta, get_architecture
-from shared.planning.estimate import FRAGMENTATION, GB, GpuSplit, MemoryEstimate, parse_size, split_across_gpus
+from shared.planning.estimate import FRAGMENTATION, GpuSplit, MemoryEstimate, split_across_gpus
 from shared.planning.inventory import locate_checkpoint
 from shared.planning.placement import STRATEGIES, resolve_device_map
 from shared.planning.rank_shares import voice_split
@@ -79,7 +80,7 @@ def _split(estimate: MemoryEstimate, gpus: list[int], sizes: dict[str, float],
         kv = estimate.kv_cache * _share(layers, attention, device)
         state = estimate.recurrent_state * _share(layers, set(layers) - attention, device)
         per_gpu[gpus[device]] = round(weights + kv + state + FRAGMENTATION * (weights + kv)) + estimate.activations
-    notes = (f"{spilled / GB:.1f} GB of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
+    notes = (f"{format_gb(spilled)} of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
     return GpuSplit(per_gpu, round(spilled), notes, weight_bytes)
 
 

@@ -15,15 +15,14 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from shared.config.schema import ConfigError, LyraConfig, ModelEntry, parse_config
+from shared.config.units import GB, format_gb, parse_size
 from shared.planning.estimate import (
-    GB,
     REMOTE_SOURCE,
     UNITS_WITHOUT_LAYERS,
     GpuSplit,
     MemoryEstimate,
     cuda_context_bytes,
     estimate_model,
-    parse_size,
 )
 from shared.planning.layout import place_model
 from shared.planning.search import Alternative, search_alternatives
@@ -165,7 +164,7 @@ def max_memory_problems(config: LyraConfig) -> list[str]:
         for key, size in entry.max_memory.items():
             if key.isdigit() and int(key) < len(gpus) and parse_size(size) > budgets.get(gpus[int(key)], 0):
                 problems.append(f"{entry.name}: max_memory[{key!r}] = {size} is more than GPU {gpus[int(key)]}'s "
-                                f"budget of {_gb(budgets.get(gpus[int(key)], 0))}")
+                                f"budget of {format_gb(budgets.get(gpus[int(key)], 0))}")
     return problems
 
 
@@ -190,20 +189,21 @@ def _baseline_problems(gpus: tuple[GpuBudget, ...], router: Placement, voice: Pl
     problems = [f"{p.name}: {note}" for p in (router, voice) for note in p.split.notes if p.split.spilled]
     for gpu in gpus:
         if gpu.free < 0:
-            parts = [f"{label} {_gb(size)}" for label, size in (("router", gpu.router), ("voice", gpu.voice)) if size]
-            parts.append(f"{len(gpu.processes)} CUDA contexts {_gb(gpu.contexts)}")
-            problems.append(f"GPU {gpu.index}: baseline {_gb(gpu.baseline)} ({' + '.join(parts)}) exceeds its "
-                            f"budget {_gb(gpu.budget)} by {_gb(-gpu.free)}")
+            held = (("router", gpu.router), ("voice", gpu.voice))
+            parts = [f"{label} {format_gb(size)}" for label, size in held if size]
+            parts.append(f"{len(gpu.processes)} CUDA contexts {format_gb(gpu.contexts)}")
+            problems.append(f"GPU {gpu.index}: baseline {format_gb(gpu.baseline)} ({' + '.join(parts)}) exceeds its "
+                            f"budget {format_gb(gpu.budget)} by {format_gb(-gpu.free)}")
     return problems
 
 
 def _overflow_reason(gpu: GpuBudget, spec: Placement, peak: int) -> str:
     share = spec.split.per_gpu.get(gpu.index, 0)
     if not share:
-        return (f"GPU {gpu.index}: the baseline alone needs {_gb(peak)} > budget {_gb(gpu.budget)}, "
-                f"short by {_gb(peak - gpu.budget)}")
-    return (f"GPU {gpu.index}: needs {_gb(peak)} (baseline {_gb(gpu.baseline)} + {spec.name} {_gb(share)}) "
-            f"> budget {_gb(gpu.budget)}, short by {_gb(peak - gpu.budget)}")
+        return (f"GPU {gpu.index}: the baseline alone needs {format_gb(peak)} > budget {format_gb(gpu.budget)}, "
+                f"short by {format_gb(peak - gpu.budget)}")
+    return (f"GPU {gpu.index}: needs {format_gb(peak)} (baseline {format_gb(gpu.baseline)} + {spec.name} "
+            f"{format_gb(share)}) > budget {format_gb(gpu.budget)}, short by {format_gb(peak - gpu.budget)}")
 
 
 def _verdict(gpus: tuple[GpuBudget, ...], spec: Placement, baseline_spill: int) -> Verdict:
@@ -302,16 +302,13 @@ def _why_nothing_helps(config: LyraConfig, specialist: str) -> tuple[str, ...]:
     """What the specialist needs at its smallest, for a verdict no alternative could fix."""
     entry = config.specialists[specialist]
     smallest = estimate_cached(entry.model_copy(update={"quantization": "4bit"}))
-    budgets = ", ".join(_gb(int(g.budget_gb * GB)) for g in config.gpus)
+    budgets = ", ".join(format_gb(int(g.budget_gb * GB)) for g in config.gpus)
     notes = tuple(f"{specialist}: {note}" for note in smallest.notes if "stay 16-bit" in note)
-    return (f"{specialist}: even in 4-bit it needs {_gb(smallest.total)} by itself (GPU budgets: {budgets})", *notes)
+    needs = f"{specialist}: even in 4-bit it needs {format_gb(smallest.total)} by itself (GPU budgets: {budgets})"
+    return (needs, *notes)
 
 
 # ----------------------------------------------------------------------------- rendering
-
-
-def _gb(value: int) -> str:
-    return f"{value / GB:.1f} GB"
 
 
 def _num(value: int) -> str:
@@ -358,7 +355,7 @@ def _where(estimate: MemoryEstimate, per_gpu: str) -> str:
 
 def _verdict_rows(v: Verdict) -> list[str]:
     peak = ", ".join(f"GPU {gpu} {_num(size)}" for gpu, size in sorted(v.peak.items())) or "no GPU (CPU only)"
-    state = "fits" if v.fits else f"DOES NOT FIT by {_gb(v.shortfall)}"
+    state = "fits" if v.fits else f"DOES NOT FIT by {format_gb(v.shortfall)}"
     rows = [f"specialist {v.specialist:<13} {state:<26} peak: {peak}"]
     rows += [f"    - {reason}" for reason in v.reasons]
     if not v.fits:

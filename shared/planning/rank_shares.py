@@ -20,6 +20,7 @@ as for any process pinned there. Nothing here imports torch.
 from __future__ import annotations
 
 from shared.config.schema import ModelEntry
+from shared.config.units import format_gb
 from shared.planning.estimate import (
     FRAGMENTATION,
     GRAPH_WORKSPACE_BYTES,
@@ -77,5 +78,5 @@ def voice_split(estimate: MemoryEstimate, entry: ModelEntry, gpus: list[int], de
     if estimate.source == "declared":  # memory_gb: the whole voice, shared equally by its ranks
         return GpuSplit(dict.fromkeys(gpus, estimate.total // len(gpus)))
     share = rank_bytes(estimate, entry, inventory_for(entry).shape, len(gpus))
-    note = f"tensor parallel: {len(gpus)} ranks of {share / 1e9:.1f} GB (weights split by heads and columns)"
+    note = f"tensor parallel: {len(gpus)} ranks of {format_gb(share)} (weights split by heads and columns)"
     return GpuSplit(dict.fromkeys(gpus, share), 0, (note,))

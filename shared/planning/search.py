@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.config.schema import LyraConfig, ServicePlacement
+from shared.config.units import format_gb
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE
 
 QUANT_LEVEL = {"none": 0, "int8": 1, "4bit": 2}
@@ -71,7 +72,7 @@ class Alternative:
 
     def describe(self) -> str:
         """All changes on one line, with the headroom left on each GPU they change."""
-        room = ", ".join(f"GPU {gpu} {spare / 1e9:.1f} GB" for gpu, spare in sorted(self.headroom.items()))
+        room = ", ".join(f"GPU {gpu} {format_gb(spare)}" for gpu, spare in sorted(self.headroom.items()))
         return "; ".join(change.describe() for change in self.changes) + f"  (headroom {room})"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from shared.config.schema import LyraConfig
+from shared.config.units import GB
 from shared.planning.plan import SERVICE_OF_ROLE, Plan, assess
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,6 @@ def cap_this_process(config: LyraConfig, service: str, physical_gpus: list[int])
         fraction = min(1.0, shares[gpu] / total)
         torch.cuda.set_per_process_memory_fraction(fraction, relative)
         fractions[gpu] = fraction
-        log.info("GPU %d: %s may allocate %.1f GB (%.0f%% of the card)", gpu, service, shares[gpu] / 1e9,
+        log.info("GPU %d: %s may allocate %.1f GB (%.0f%% of the card)", gpu, service, shares[gpu] / GB,
                  fraction * 100)
     return fractions

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 
 from shared.config.schema import ModelEntry
+from shared.config.units import GB
 from shared.engine.cancel import Cancelled
 from shared.models.base import BackendError, LoadContext, LoadedModel, SpecialistOutput, WireGarbage
 from shared.planning.ledger_bytes import estimate_per_gpu
@@ -78,7 +79,7 @@ class FakeModel(LoadedModel):
         """The declared footprint, placed the way the planner places it, reported as if measured."""
         gpus = self.context.physical_gpus
         if not gpus:
-            size = int(self.entry.memory_gb * 10**9)
+            size = int(self.entry.memory_gb * GB)
             return [MemoryReading(device="cpu", allocated_bytes=size, reserved_bytes=size)]
         return [MemoryReading(device=f"gpu:{g}", allocated_bytes=size, reserved_bytes=size)
                 for g, size in estimate_per_gpu(self.entry, gpus).items()]

@@ -27,7 +27,9 @@ from shared.wire.messages import MESSAGE_ADAPTER, MESSAGE_TYPES, SCHEMA_MAJOR, E
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+# runtime.max_message_mb's default: 32 MB, decimal like every size (shared.config.units, which the wire sits
+# below and so cannot import).
+DEFAULT_MAX_BYTES = 32 * 10**6
 # zmq drops the connection of a peer whose frame exceeds MAXMSGSIZE. We set it well above the
 # application limit so a merely-too-large frame still arrives and gets a typed `too_large` reply,
 # while an absurd one cannot exhaust memory.

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from shared.client import BadImageError
+from shared.config.units import MB
 from shared.wire import transport
 from shared.wire.messages import ChatRequest, ChatTurn, ErrorEvent, StatusRequest
 from tests.unit.test_fuzz_wire import dds_with_unknown_pixel_format, tiff, tiff_with_float_strip_offsets
@@ -210,8 +211,8 @@ def test_frames_slow_to_validate_do_not_starve_heartbeats(shared_stack) -> None:
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    with open(f"/proc/{pid}/status") as status:  # VmRSS is in kB of 1024 bytes
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) * 1024 / MB
 
 
 def test_a_flood_of_large_frames_is_held_to_the_byte_bound(make_stack) -> None:

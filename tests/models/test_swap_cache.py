@@ -13,6 +13,7 @@ import pytest
 
 from services.specialist_host.handlers import SpecialistHost
 from shared.config.schema import parse_config
+from shared.config.units import GB
 from shared.models.base import LoadContext
 from shared.models.tiny import flux as tiny_flux
 from shared.models.tiny import llava as tiny_llava
@@ -105,7 +106,7 @@ def test_parking_drops_the_device_copy_and_a_small_cache_evicts(checkpoints: dic
     assert copy.device_buffer is not None
     assert copy.device_buffer.data_ptr() <= weight.data_ptr() < copy.device_buffer.data_ptr() + copy.nbytes
     # a cache that holds only one model: loading another evicts the parked one, whose model is dropped
-    small = host(checkpoints, cache_gb=copy.nbytes * 1.5 / 1e9)
+    small = host(checkpoints, cache_gb=copy.nbytes * 1.5 / GB)
     swap_to(small, "pragmatist")
     swap_to(small, "perception")
     assert "pragmatist" not in small.parked and list(small.cached()) == ["perception"]

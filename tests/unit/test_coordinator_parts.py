@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from services.coordinator.handlers import invalid_chat
-from services.coordinator.ledger import GB, OverBudget, VramLedger, split_estimate
+from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.voice.handlers import compose_voice_prompt
 from shared.config.schema import parse_config
+from shared.config.units import GB
 from shared.wire.messages import ChatRequest, ChatTurn, MemoryReading, SynthesizeRequest
 from tests.stackproc import fake_config
 

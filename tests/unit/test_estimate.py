@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from shared.config.schema import ModelEntry
+from shared.config.units import GB
 from shared.planning.architectures import ARCHITECTURES, build_on_meta, get_architecture
-from shared.planning.estimate import GB, estimate_model, parse_size, split_across_gpus
+from shared.planning.estimate import estimate_model, split_across_gpus
 from shared.planning.inventory import inventory_for, inventory_from_architecture
 
 
@@ -195,14 +196,6 @@ def test_split_auto_balances_and_max_memory_spills() -> None:
     assert explicit.per_gpu[1] > 2.5 * explicit.per_gpu[0]
 
 
-def test_parse_size_units() -> None:
-    assert parse_size("47GB") == 47 * 10**9
-    assert parse_size("44GiB") == 44 * 2**30
-    assert parse_size("1500 MB") == 1500 * 10**6
-    with pytest.raises(ValueError, match="cannot read"):
-        parse_size("lots")
-
-
 def test_the_decode_graph_pool_is_planned_only_where_a_graph_is_captured() -> None:
     from shared.config.schema import parse_config
     from shared.planning.estimate import activation_bytes, decode_graph_bytes
@@ -216,7 +209,7 @@ def test_the_decode_graph_pool_is_planned_only_where_a_graph_is_captured() -> No
     shape = inventory_for(entry()).shape
     assert shape is not None
     # Calibrated on the Llama-3-8B shape at 4096 tokens: 0.235 GB measured on an H200 beside the static cache.
-    assert decode_graph_bytes(entry(), shape) / 1e9 == pytest.approx(0.235, abs=0.01)
+    assert decode_graph_bytes(entry(), shape) / GB == pytest.approx(0.235, abs=0.01)
     assert decode_graph_bytes(entry(engine="eager"), shape) == 0
     assert decode_graph_bytes(entry(device_map="auto"), shape) == 0
     assert activation_bytes(entry(), shape, 2) - activation_bytes(entry(engine="eager"), shape, 2) > 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shared.config.schema import LyraConfig, load_config, parse_config
-from shared.planning.estimate import GB
+from shared.config.units import GB
 from shared.planning.plan import Plan, assess, make_plan, render_table, reparse, voice_rebalance
 from shared.planning.search import apply_changes
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from shared.config.schema import load_config, parse_config
+from shared.config.units import GB
 from shared.planning.architectures import build_config, build_on_meta, get_architecture
-from shared.planning.estimate import GB, estimate_model
+from shared.planning.estimate import estimate_model
 from shared.planning.inventory import inventory_from_architecture
 from shared.planning.layout import place_model
 from shared.planning.plan import assess, estimate_cached, make_plan

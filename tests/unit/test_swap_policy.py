@@ -9,12 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.coordinator.counters import Counters
-from services.coordinator.ledger import GB, VramLedger
+from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, RequestQueue, Route
 from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError
 from shared.config.schema import parse_config
+from shared.config.units import GB
 from shared.wire.messages import ChatRequest, LoadReply, LoadRequest, MemoryReading, Message, UnloadRequest
 from tests.stackproc import fake_config
 
