@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.config.schema import ConfigError, parse_config
-from shared.planning.estimate import GB, estimate_model
+from shared.config.units import GB
+from shared.planning.estimate import estimate_model
 from shared.planning.inventory import architecture_shape
 from shared.planning.ledger_bytes import estimate_per_gpu
 from shared.planning.plan import assess
