@@ -1,0 +1,212 @@
+"""Weight-only quantized products for decode steps: one row times an int8 or int4 weight, as Triton kernels.
+
+A decode step reads every weight once per token, so its time is the weights' bytes over the memory's
+bandwidth. Quantized weights read fewer bytes only if the product reads them packed and widens them in
+registers; a kernel that first writes a bf16 copy (or a library path that cannot be captured in a CUDA
+graph) reads more than the bf16 model did. The two forms:
+
+- `int8`: one signed byte per weight, one scale per output row (symmetric): w = q * scale[row].
+- `int4`: two weights per byte, one scale and one zero point per row and group of `group` input columns
+  (asymmetric, q in 0..15): w = (q - zero) * scale. Byte i of a group holds column i of the group in its
+  low nibble and column i + group/2 in its high one, so each half of a group multiplies a contiguous
+  half of the input (checkpoints in other layouts, AWQ's and GPTQ's, are repacked to this one at load).
+
+`quantize_int8` / `quantize_int4` make them from a float weight by rounding to nearest; `dequantize` is
+the reference; `product` runs the kernel (a custom op, so a graph or torch.compile takes it as one call).
+They run on CUDA with Triton, or under Triton's interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+FORMS = ("int8", "int4")
+GROUP = 128  # input columns per int4 scale: the common AWQ/GPTQ group
+_kernels: dict[str, Any] = {}  # made on first use (importing Triton takes a second)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one product is cut: output rows per program; per inner step, input columns (int8) or groups (int4)."""
+
+    rows: int = 4
+    columns: int = 512
+    groups: int = 2
+    warps: int = 4
+
+
+TILING = Tiling()
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A [out_features, in_features] weight in one of FORMS; `zeros` and `group` only for int4."""
+
+    form: Literal["int8", "int4"]
+    packed: torch.Tensor  # int8 [out, in], or uint8 [out, in // 2] for int4
+    scales: torch.Tensor  # [out] for int8, [out, in // group] for int4; the activations' dtype
+    zeros: torch.Tensor | None
+    group: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes a product reads: packed weights, scales and zero points."""
+        parts = [self.packed, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Round-to-nearest int8 with one symmetric scale per output row."""
+    wide = weight.float()
+    scales = (wide.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    packed = torch.round(wide / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", packed, scales.to(weight.dtype), None, 0, weight.shape[1])
+
+
+def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> QuantizedWeight:
+    """Round-to-nearest int4 with a scale and a zero point per row and `group` input columns."""
+    rows, columns = weight.shape
+    if columns % group or group % 2:
+        raise ValueError(f"int4: {columns} input columns are not a whole number of groups of {group}")
+    wide = weight.float().view(rows, columns // group, group)
+    low, high = wide.amin(dim=2), wide.amax(dim=2)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    zeros = torch.round(-low / scales).clamp(0, 15)
+    q = (torch.round(wide / scales[..., None]) + zeros[..., None]).clamp(0, 15).to(torch.uint8)
+    half = group // 2
+    packed = (q[..., :half] | (q[..., half:] << 4)).view(rows, columns // 2)
+    return QuantizedWeight("int4", packed.contiguous(), scales.to(weight.dtype), zeros.to(weight.dtype), group,
+                           columns)
+
+
+def dequantize(weight: QuantizedWeight) -> torch.Tensor:
+    """The float32 weight a quantized one stands for (the reference every kernel is checked against)."""
+    if weight.form == "int8":
+        return weight.packed.float() * weight.scales.float()[:, None]
+    rows, half = weight.out_features, weight.group // 2
+    packed = weight.packed.view(rows, -1, half)
+    q = torch.cat((packed & 15, packed >> 4), dim=2).float()  # [rows, groups, group]
+    return ((q - weight.zeros.float()[..., None]) * weight.scales.float()[..., None]).view(rows, weight.in_features)
+
+
+def product_reference(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [1, in] times the dequantized weight, summed in float32, rounded to x's dtype as the kernel does."""
+    return (x.float() @ dequantize(weight).T).to(x.dtype)
+
+
+def product(x: torch.Tensor, weight: QuantizedWeight, tile: Tiling = TILING) -> torch.Tensor:
+    """x [1, in] (bf16, fp16 or fp32) times a quantized weight: [1, out] in x's dtype."""
+    if x.shape != (1, weight.in_features):
+        raise ValueError(f"quantized product: input {tuple(x.shape)} for a weight of {weight.in_features} columns")
+    if weight.form == "int8":
+        return torch.ops.lyra.int8_product(x, weight.packed, weight.scales, tile.rows, tile.columns, tile.warps)
+    return torch.ops.lyra.int4_product(x, weight.packed, weight.scales, weight.zeros, weight.group, tile.rows,
+                                       tile.groups, tile.warps)
+
+
+@torch.library.custom_op("lyra::int8_product", mutates_args=())
+def _int8_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, rows: int, columns: int,
+                  warps: int) -> torch.Tensor:
+    out = x.new_empty(1, packed.shape[0])
+    with _on(x.device):
+        _made("int8")[(_programs(packed.shape[0], rows),)](x, packed, scales, out, packed.shape[0], packed.shape[1],
+                                                            ROWS=rows, COLUMNS=columns, num_warps=warps)
+    return out
+
+
+@_int8_product.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, rows: int, columns: int,
+      warps: int) -> torch.Tensor:
+    return x.new_empty(1, packed.shape[0])
+
+
+@torch.library.custom_op("lyra::int4_product", mutates_args=())
+def _int4_product(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                  rows: int, groups: int, warps: int) -> torch.Tensor:
+    out = x.new_empty(1, packed.shape[0])
+    with _on(x.device):
+        _made("int4")[(_programs(packed.shape[0], rows),)](x, packed, scales, zeros, out, packed.shape[0],
+                                                            packed.shape[1] * 2 // group, ROWS=rows, HALF=group // 2,
+                                                            GROUPS=groups, num_warps=warps)
+    return out
+
+
+@_int4_product.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, rows: int,
+      groups: int, warps: int) -> torch.Tensor:
+    return x.new_empty(1, packed.shape[0])
+
+
+def _programs(count: int, rows: int) -> int:
+    return (count + rows - 1) // rows
+
+
+def _on(device: torch.device) -> Any:
+    """The device context a launch needs (the interpreter needs none)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _made(form: str) -> Any:
+    if not _kernels:
+        _kernels.update(_make_kernels())
+    return _kernels[form]
+
+
+def _make_kernels() -> dict[str, Any]:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_product(x, weight, scales, out, count, width, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        inside = rows < count
+        steps = tl.arange(0, COLUMNS)
+        sums = tl.zeros((ROWS, COLUMNS), tl.float32)
+        for start in range(0, width, COLUMNS):
+            columns = start + steps
+            present = columns < width
+            value = tl.load(x + columns, mask=present, other=0.0).to(tl.float32)
+            both = inside[:, None] & present[None, :]
+            sums += tl.load(weight + rows[:, None] * width + columns[None, :], mask=both, other=0).to(tl.float32) \
+                * value[None, :]
+        scale = tl.load(scales + rows, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out + rows, (tl.sum(sums, 1) * scale).to(out.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def int4_product(x, packed, scales, zeros, out, count, groups, ROWS: tl.constexpr, HALF: tl.constexpr,
+                     GROUPS: tl.constexpr):
+        # One inner step reads GROUPS groups of each row: [ROWS, GROUPS, HALF] bytes, two weights a byte.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        inside = rows < count
+        in_step = tl.arange(0, GROUPS)
+        within = tl.arange(0, HALF)
+        sums = tl.zeros((ROWS, GROUPS), tl.float32)
+        for first in range(0, groups, GROUPS):
+            group = first + in_step  # [GROUPS]
+            present = group < groups
+            byte_at = group[:, None] * HALF + within[None, :]  # [GROUPS, HALF] byte columns
+            both = inside[:, None, None] & present[None, :, None]
+            byte = tl.load(packed + rows[:, None, None] * (groups * HALF) + byte_at[None, :, :], mask=both, other=0)
+            low_x = tl.load(x + group[:, None] * (2 * HALF) + within[None, :], mask=present[:, None],
+                            other=0.0).to(tl.float32)  # [GROUPS, HALF]: the group's first half
+            high_x = tl.load(x + group[:, None] * (2 * HALF) + HALF + within[None, :], mask=present[:, None],
+                             other=0.0).to(tl.float32)
+            low, high = (byte & 15).to(tl.float32), (byte >> 4).to(tl.float32)
+            dot = tl.sum(low * low_x[None, :, :] + high * high_x[None, :, :], 2)  # [ROWS, GROUPS]
+            x_sum = tl.sum(low_x + high_x, 1)  # [GROUPS]: what the zero point subtracts
+            at = rows[:, None] * groups + group[None, :]
+            mask = inside[:, None] & present[None, :]
+            scale = tl.load(scales + at, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros + at, mask=mask, other=0.0).to(tl.float32)
+            sums += scale * (dot - zero * x_sum[None, :])
+        tl.store(out + rows, tl.sum(sums, 1).to(out.dtype.element_ty), mask=inside)
+
+    return {"int8": int8_product, "int4": int4_product}
