@@ -28,10 +28,8 @@ from typing import Any
 import torch
 
 from shared.kernels import overlap
-from shared.planning import rank_shares as plan
+from shared.planning.rank_shares import PEER_BLOCK, PEER_CAPACITY, peer_epochs, peer_words
 
-CAPACITY = plan.PEER_CAPACITY  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
-BLOCK = plan.PEER_BLOCK  # elements per program (the plan counts these buffers: plan.exchange_bytes)
 SPINS = 1 << 24  # polls before a wait gives up (several seconds: far past any healthy step)
 WORD_BITS = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
 
@@ -45,17 +43,17 @@ class PeerReduce:
 
     name = "peer"
 
-    def __init__(self, device: torch.device, group: Any = None, capacity: int = CAPACITY) -> None:
+    def __init__(self, device: torch.device, group: Any = None, capacity: int = PEER_CAPACITY) -> None:
         import torch.distributed as dist
 
         group = group or dist.group.WORLD
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.capacity, self.group = capacity, group
         with torch.cuda.device(device):
-            self.buffer, handle = symmetric_buffer(2 * self.world * capacity, torch.int64, device, group)
+            self.buffer, handle = symmetric_buffer(peer_words(self.world, capacity), torch.int64, device, group)
             self.buffer.zero_()
             self.table = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
-            self.epochs = torch.zeros(-(-capacity // BLOCK), dtype=torch.int64, device=device)
+            self.epochs = torch.zeros(peer_epochs(capacity), dtype=torch.int64, device=device)
             self.failed = torch.zeros(1, dtype=torch.int32, device=device)
             torch.cuda.synchronize(device)
         dist.barrier(group=group)  # no peer writes into a buffer before its owner has zeroed it
@@ -127,9 +125,9 @@ def exchange_words(source: torch.Tensor, out: torch.Tensor, table: torch.Tensor,
         _kernel = _make_kernel()
     count = source.numel()
     launch = overlap.options(source.device)
-    _kernel[(-(-count // BLOCK),)](source, out, table, epochs, failed, count, capacity, spins, RANK=rank,
-                                   WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=BLOCK, PUSH=push,
-                                   GATHER=gather, PDL=bool(launch), **launch)
+    _kernel[(-(-count // PEER_BLOCK),)](source, out, table, epochs, failed, count, capacity, spins, RANK=rank,
+                                        WORLD=world, BITS=WORD_BITS[source.dtype], BLOCK=PEER_BLOCK, PUSH=push,
+                                        GATHER=gather, PDL=bool(launch), **launch)
 
 
 def _make_kernel() -> Any:

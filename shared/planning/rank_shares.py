@@ -31,8 +31,22 @@ from shared.planning.estimate import (
 )
 from shared.planning.inventory import ModelShape, inventory_for
 
-PEER_CAPACITY = 256 * 1024  # elements per rank region of the peer all-reduce (shared/distributed/peer_reduce.py)
-PEER_BLOCK = 512  # elements per program of that all-reduce: one epoch counter each
+# The peer all-reduce's buffers (shared/distributed/peer_reduce.py allocates them from these; the plan counts them).
+PEER_CAPACITY = 256 * 1024  # elements per rank region: a step's vectors and a split head's logits; larger: NCCL
+PEER_BLOCK = 512  # elements per program: one epoch counter each
+PEER_WORD_BYTES = 8  # each element travels as one word: its bits and the call's epoch
+EPOCH_BYTES = 8
+FAILURE_COUNT_BYTES = 4
+
+
+def peer_words(world: int, capacity: int = PEER_CAPACITY) -> int:
+    """Words in one rank's peer buffer: two slots (alternate epochs), each a region of `capacity` per rank."""
+    return 2 * world * capacity
+
+
+def peer_epochs(capacity: int = PEER_CAPACITY) -> int:
+    """Epoch counters of one rank: one per program of PEER_BLOCK elements."""
+    return -(-capacity // PEER_BLOCK)
 
 
 def sharded_fraction(shape: ModelShape) -> float:
@@ -50,7 +64,7 @@ def exchange_bytes(all_reduce: str, world: int) -> int:
     """The buffers a rank's all-reduce allocates besides the process group's: two slots per rank of 8-byte words
     and the epoch counters (peer)."""
     if all_reduce in ("auto", "peer"):
-        return 2 * world * PEER_CAPACITY * 8 + -(-PEER_CAPACITY // PEER_BLOCK) * 8 + 4
+        return peer_words(world) * PEER_WORD_BYTES + peer_epochs() * EPOCH_BYTES + FAILURE_COUNT_BYTES
     return 0
 
 

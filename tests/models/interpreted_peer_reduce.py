@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.distributed.peer_reduce import BLOCK, exchange_words
+from shared.distributed.peer_reduce import exchange_words
+from shared.planning.rank_shares import PEER_BLOCK as BLOCK
+from shared.planning.rank_shares import peer_epochs, peer_words
 
 pytestmark = pytest.mark.models
 CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges
@@ -23,9 +25,10 @@ class Group:
 
     def __init__(self, world: int, capacity: int = CAPACITY, device: str = "cpu") -> None:
         self.world, self.capacity = world, capacity
-        self.buffers = [torch.zeros(2 * world * capacity, dtype=torch.int64, device=device) for _ in range(world)]
+        self.buffers = [torch.zeros(peer_words(world, capacity), dtype=torch.int64, device=device)
+                        for _ in range(world)]
         self.table = torch.tensor([buffer.data_ptr() for buffer in self.buffers], dtype=torch.int64, device=device)
-        self.epochs = [torch.zeros(capacity // BLOCK, dtype=torch.int64, device=device) for _ in range(world)]
+        self.epochs = [torch.zeros(peer_epochs(capacity), dtype=torch.int64, device=device) for _ in range(world)]
         self.failed = [torch.zeros(1, dtype=torch.int32, device=device) for _ in range(world)]
 
     def all_reduce(self, parts: list[torch.Tensor], skip_push: int = -1, spins: int = 100) -> list[torch.Tensor]:
