@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from shared.config.schema import default_keys_dir, load_config
+from shared.config.paths import default_keys_dir
+from shared.config.schema import load_config
 from shared.wire.keys import DEFAULT_CLIENT, KeyFileError, make_keys
 from shared.wire.names import WORKER_SERVICES
 

@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from shared.config.schema import default_run_dir
+from shared.config.paths import default_run_dir, state_dir
 
 RECORD = "stack.json"
 SUPERVISORD_PID = "supervisord.pid"
@@ -32,8 +32,7 @@ class NoStack(Exception):
 
 def pointer_file() -> Path:
     """Where `lyra up` notes the run directory of the stack it started last."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "lyra" / "stack.json"
+    return state_dir() / "stack.json"
 
 
 def record_path(run_dir: Path) -> Path:

@@ -24,10 +24,31 @@ def project_file(relative: str) -> Path:
     raise ProjectFileMissing(f"{relative} is not in {' nor '.join(str(p) for p in places)}: reinstall lyra-runtime")
 
 
+def _xdg_home(variable: str, fallback: str) -> Path:
+    """An XDG base directory: $variable when set and not empty, else `fallback` under the home directory."""
+    return Path(os.environ.get(variable) or os.path.expanduser(fallback))
+
+
 def lyra_cache() -> Path:
     """Lyra Runtime's folder in the user's cache directory ($XDG_CACHE_HOME/lyra, else ~/.cache/lyra)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "lyra"
+    return _xdg_home("XDG_CACHE_HOME", "~/.cache") / "lyra"
+
+
+def state_dir() -> Path:
+    """Lyra Runtime's folder in the user's state directory ($XDG_STATE_HOME/lyra, else ~/.local/state/lyra):
+    the pointer to the stack `lyra up` started last."""
+    return _xdg_home("XDG_STATE_HOME", "~/.local/state") / "lyra"
+
+
+def default_keys_dir() -> Path:
+    """$XDG_CONFIG_HOME/lyra/keys (~/.config/lyra/keys): where Curve keys live unless runtime.keys_dir says."""
+    return _xdg_home("XDG_CONFIG_HOME", "~/.config") / "lyra" / "keys"
+
+
+def default_run_dir() -> Path:
+    """The run directory of a config that sets none: $XDG_RUNTIME_DIR/lyra, else /tmp/lyra-<uid>."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "lyra" if base else Path(f"/tmp/lyra-{os.getuid()}")
 
 
 def default_config() -> Path:

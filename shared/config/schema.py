@@ -13,16 +13,11 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.config.paths import default_keys_dir, default_run_dir
 from shared.config.units import MB
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 
 NETWORK_HEARTBEAT_TIMEOUT_S = 10.0  # heartbeat_timeout_s's default when workers connect over a network
-
-
-def default_run_dir() -> Path:
-    """The run directory of a config that sets none: $XDG_RUNTIME_DIR/lyra, else /tmp/lyra-<uid>."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(base) / "lyra" if base else Path(f"/tmp/lyra-{os.getuid()}")
 
 
 class ConfigError(Exception):
@@ -413,11 +408,6 @@ class LyraConfig(Section):
         if service == SPECIALIST_HOST:
             return dict(self.specialists)
         raise KeyError(service)
-
-
-def default_keys_dir() -> Path:
-    """$XDG_CONFIG_HOME/lyra/keys (~/.config/lyra/keys): where Curve keys live unless runtime.keys_dir says."""
-    return Path(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")) / "lyra" / "keys"
 
 
 def _check_fallback(routing: RouterSettings, specialists: dict[str, ModelEntry]) -> None:
