@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -15,6 +14,7 @@ from services.gateway.errors import GatewayError, invalid
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import Upstream
 from shared.config.schema import GatewaySettings, LyraConfig
+from shared.config.secrets import MissingApiKey, api_key_from_env
 from shared.config.units import MB
 
 T = TypeVar("T")
@@ -28,17 +28,15 @@ class GatewayConfigError(Exception):
 
 def api_key(settings: GatewaySettings, source: str) -> str | None:
     """The Bearer key from the variable `api_key_env` names; refuses an open non-loopback bind."""
-    if settings.api_key_env:
-        key = os.environ.get(settings.api_key_env, "")
-        if not key:
-            raise GatewayConfigError(f"{source}: gateway.api_key_env names ${settings.api_key_env}, which is unset "
-                                     "or empty; export the key in that variable before `lyra up`")
-        return key
-    if settings.host not in LOOPBACK:
+    try:
+        key = api_key_from_env(settings.api_key_env, "gateway.api_key_env")
+    except MissingApiKey as exc:
+        raise GatewayConfigError(f"{source}: {exc}; export the key in that variable before `lyra up`") from None
+    if key is None and settings.host not in LOOPBACK:
         raise GatewayConfigError(f"{source}: gateway.host = {settings.host!r} is not loopback and no API key is "
                                  "set; set gateway.api_key_env to the name of a variable holding a key, or bind "
                                  "127.0.0.1")
-    return None
+    return key
 
 
 class Gateway:

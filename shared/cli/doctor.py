@@ -9,7 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config.schema import LyraConfig
+from shared.config.schema import LyraConfig, ModelEntry
+from shared.config.secrets import MissingApiKey, api_key_from_env
 from shared.config.units import GB, format_gb
 from shared.wire.names import WORKER_SERVICES
 
@@ -97,13 +98,22 @@ def model_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
         elif entry.backend == "diffusers" and entry.quantization != "none" and not (
                 has_cuda and _installed("bitsandbytes")):
             problems = [f"quantization = {entry.quantization!r} needs a CUDA GPU and bitsandbytes"]
-        if entry.backend == "openai" and entry.remote.api_key_env and not os.environ.get(entry.remote.api_key_env):
-            problems = [f"remote.api_key_env names ${entry.remote.api_key_env}, which is not set here"]
+        if entry.backend == "openai":
+            problems = _remote_key_problems(entry)
         ready = f"remote at {entry.remote.base_url} (its worker checks GET /v1/models at load)" \
             if entry.backend == "openai" else f"{entry.backend} backend ready"
         status = "fail" if problems else "pass"
         checks.append(Check(status, f"model {entry.name}", "; ".join(problems) or ready))
     return checks
+
+
+def _remote_key_problems(entry: ModelEntry) -> list[str]:
+    """Whether the key a remote model's worker sends is in this environment, which `lyra up` passes on to it."""
+    try:
+        api_key_from_env(entry.remote.api_key_env, "remote.api_key_env")
+    except MissingApiKey as exc:
+        return [f"{exc} here"]
+    return []
 
 
 def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
