@@ -295,7 +295,8 @@ class GatewaySettings(Section):
     port: int = Field(default=8000, ge=0, le=65535)  # 0 = a free port (tests)
     # The NAME of an environment variable that holds the Bearer key; the key itself never sits in this file.
     api_key_env: str = ""
-    max_concurrency: int = Field(default=64, ge=1, le=10_000)  # coordinator connections held open at once
+    max_concurrency: int = Field(default=64, ge=1, le=10_000,  # coordinator connections held open at once
+                                 description="Requests in flight through the gateway; one more is answered 429.")
     keepalive_s: float = Field(default=5.0, gt=0, le=300)  # SSE comment interval while a stream waits
     request_timeout_s: float = Field(default=900.0, gt=0)  # longest a request may wait for its terminal event
 
