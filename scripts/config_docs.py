@@ -50,45 +50,29 @@ DESCRIPTIONS: dict[str, str] = {
     "endpoint beyond loopback raises `heartbeat_timeout_s`'s default to 10 s.",
     "RuntimeSettings.allow_remote": "Allow tcp endpoints beyond loopback (they then need `curve = true`).",
     "RuntimeSettings.secret_file": "The stack secret's file.",
-    "RuntimeSettings.max_image_mb": "Largest image a request may attach; a larger one is refused with "
-    "`image_too_large`.",
-    "RuntimeSettings.max_image_side": "Largest image side accepted; a larger one is refused with `image_dimensions`.",
-    "RuntimeSettings.drain_s": "How long the running request may take to finish after SIGTERM.",
-    "RuntimeSettings.keys_dir": "Where `lyra keys` writes, and every process reads, the CurveZMQ key files.",
-    "Scheduling.max_overtakes": "How many times a waiting request may be overtaken by a later one whose "
-    "specialist is already resident.",
-    "WeightCacheSettings.size_gb": "Host RAM the specialist host may fill with specialist weights.",
-    "GenerationDefaults.temperature": "Sampling temperature.",
-    "ImageDefaults.width": "Image width.",
-    "RemoteSettings.base_url": "The server's OpenAI API base URL (`http://` or `https://`).",
-    "ModelEntry.path": "Where the weights are.",
-    "ModelEntry.device_map": "Layer placement over the service's GPUs: a strategy (`auto`, `balanced`, "
-    "`balanced_low_0`, `sequential`) or a table of module names (ranges such as `model.layers.0-39`) to GPU indices "
-    "relative to the service.",
-    "ModelEntry.max_memory": "Memory caps per GPU for a device-map strategy.",
-    "ModelEntry.engine": "The decode engine: `graphs` (the default), `compiled`, `fused` (Lyra's own one-token step "
-    "for Llama, Mistral and Qwen2 decoders; other models get `compiled`) or `eager`; see decode-engine.md.",
-    "RouterSettings.prompt_template": "The router's prompt: `{labels}` becomes the routable specialists' names and "
-    "descriptions, `{text}` the turn.",
-    "RouterSettings.calibrate": "Calibrate label scores against content-free input. On by default; a router with "
-    "`backend = \"openai\"` defaults to off.",
-    "GatewaySettings.host": "The address the gateway listens on.",
-    "GatewaySettings.port": "The port the gateway listens on.",
     "RuntimeSettings.queue_size": "Requests that may wait in the coordinator's queue; one more is answered `busy` "
     "with the queue depth.",
     "RuntimeSettings.max_message_mb": "Largest frame any socket accepts; a larger one is answered `too_large`.",
+    "RuntimeSettings.max_image_mb": "Largest image a request may attach; a larger one is refused with "
+    "`image_too_large`.",
+    "RuntimeSettings.max_image_side": "Largest image side accepted; a larger one is refused with `image_dimensions`.",
     "RuntimeSettings.max_image_megapixels": "Largest image area accepted, read from the header before any pixel is "
     "decoded; a larger one is refused with `image_dimensions`.",
     "RuntimeSettings.client_max_mb_per_s": "Each client's pace in megabytes per second (a burst of one second's "
     "worth); the excess is answered `busy` before it is decoded.",
     "RuntimeSettings.heartbeat_interval_s": "How often workers send a heartbeat (with their measured memory).",
     "RuntimeSettings.heartbeat_timeout_s": "Silence after which a worker counts as gone; must exceed twice "
-    "`heartbeat_interval_s`. A request that needs a missing or restarting worker waits this long for it. The "
-    "default is 10 s when the worker endpoint is tcp beyond loopback.",
+    "`heartbeat_interval_s`. A request that needs a missing or restarting worker waits this long for it. The default "
+    "is 10 s when the worker endpoint is tcp beyond loopback.",
+    "RuntimeSettings.drain_s": "How long the running request may take to finish after SIGTERM.",
+    "RuntimeSettings.keys_dir": "Where `lyra keys` writes, and every process reads, the CurveZMQ key files.",
     "Deadlines.route": "Longest the route stage may take.",
     "Deadlines.load": "Longest the load stage (making the specialist resident) may take.",
     "Deadlines.specialist": "Longest the specialist stage may take.",
     "Deadlines.voice": "Longest the voice stage may take.",
+    "Scheduling.max_overtakes": "How many times a waiting request may be overtaken by a later one whose specialist is "
+    "already resident.",
+    "WeightCacheSettings.size_gb": "Host RAM the specialist host may fill with specialist weights.",
     "GpuEntry.index": "The physical GPU's index on its host, as `nvidia-smi` numbers it; `services.<name>.gpus` "
     "refers to it.",
     "GpuEntry.name": "A label for the GPU in `lyra plan` and `lyra status`.",
@@ -96,19 +80,11 @@ DESCRIPTIONS: dict[str, str] = {
     "it.",
     "ServicePlacement.gpus": "Physical GPUs (indices of `[[gpus]]`) the process is pinned to through "
     "`CUDA_VISIBLE_DEVICES`; empty = CPU only.",
-    "GenerationDefaults.max_new_tokens": "Longest reply in tokens, unless the request sets its own.",
-    "GenerationDefaults.top_p": "Nucleus sampling: sample from the smallest set of tokens whose probabilities add up "
-    "to this (1 = off).",
-    "GenerationDefaults.seed": "Seed for sampled replies; unset = not seeded.",
-    "ImageDefaults.height": "Image height in pixels when the request sets none.",
-    "FakeBehaviour.misbehave": "Misbehave on purpose (tests): hang, crash, send garbage or answer with an error.",
-    "FakeBehaviour.misbehave_on": "Which call misbehaves.",
-    "RemoteSettings.connect_timeout_s": "Longest wait to open a connection to the server.",
-    "RemoteSettings.max_backoff_s": "Longest wait between two retries.",
-    "ModelEntry.kind": "What the model does: text (`causal_lm`), pictures (`image_generation`, the artist) or "
-    "answers about an attached image (`vision_language`, perception).",
+    "ModelEntry.kind": "What the model does: text (`causal_lm`), pictures (`image_generation`, the artist) or answers "
+    "about an attached image (`vision_language`, perception).",
     "ModelEntry.backend": "What runs it: `fake` (a test double), `transformers`, `diffusers` (image generation) or "
     "`openai` (an OpenAI-compatible server, see `remote`).",
+    "ModelEntry.path": "Where the weights are.",
     "ModelEntry.dtype": "Weight and compute dtype; `auto` is bfloat16 on a GPU and float32 on the CPU.",
     "ModelEntry.quantization": "Quantize the weights at load with bitsandbytes: `int8` (LLM.int8) or `4bit` (NF4); "
     "needs a CUDA GPU; see quantization.md.",
@@ -116,9 +92,32 @@ DESCRIPTIONS: dict[str, str] = {
     "`flash-attn` is installed, else PyTorch SDPA.",
     "ModelEntry.max_context": "Tokens of context: the KV cache the engine allocates and the plan counts; a longer "
     "prompt is cut from the left.",
+    "ModelEntry.device_map": "Layer placement over the service's GPUs: a strategy (`auto`, `balanced`, "
+    "`balanced_low_0`, `sequential`) or a table of module names (ranges such as `model.layers.0-39`) to GPU indices "
+    "relative to the service.",
+    "ModelEntry.max_memory": "Memory caps per GPU for a device-map strategy.",
+    "ModelEntry.engine": "The decode engine: `graphs` (the default), `compiled`, `fused` (Lyra's own one-token step "
+    "for Llama, Mistral and Qwen2 decoders; other models get `compiled`) or `eager`; see decode-engine.md.",
     "ModelEntry.system_prompt": "The system turn of every prompt this model gets.",
-    "RouterSettings.fallback": "The specialist for turns whose best score is below `min_confidence`; must be "
-    "routable.",
+    "GenerationDefaults.max_new_tokens": "Longest reply in tokens, unless the request sets its own.",
+    "GenerationDefaults.temperature": "Sampling temperature.",
+    "GenerationDefaults.top_p": "Nucleus sampling: sample from the smallest set of tokens whose probabilities add up "
+    "to this (1 = off).",
+    "GenerationDefaults.seed": "Seed for sampled replies; unset = not seeded.",
+    "ImageDefaults.width": "Image width.",
+    "ImageDefaults.height": "Image height in pixels when the request sets none.",
+    "FakeBehaviour.misbehave": "Misbehave on purpose (tests): hang, crash, send garbage or answer with an error.",
+    "FakeBehaviour.misbehave_on": "Which call misbehaves.",
+    "RemoteSettings.base_url": "The server's OpenAI API base URL (`http://` or `https://`).",
+    "RemoteSettings.connect_timeout_s": "Longest wait to open a connection to the server.",
+    "RemoteSettings.max_backoff_s": "Longest wait between two retries.",
+    "RouterSettings.prompt_template": "The router's prompt: `{labels}` becomes the routable specialists' names and "
+    "descriptions, `{text}` the turn.",
+    "RouterSettings.calibrate": "Calibrate label scores against content-free input. On by default; a router with "
+    "`backend = \"openai\"` defaults to off.",
+    "RouterSettings.fallback": "The specialist for turns whose best score is below `min_confidence`; must be routable.",
+    "GatewaySettings.host": "The address the gateway listens on.",
+    "GatewaySettings.port": "The port the gateway listens on.",
 }
 
 # The unit of a setting whose name does not end in one of SUFFIX_UNITS' suffixes.
@@ -139,14 +138,8 @@ UNITS: dict[str, str] = {
     "ModelEntry.max_context": "tokens",
     "ModelEntry.parameters_b": "10^9 parameters",
 }
-# What the code multiplies each `_mb` setting by today (GB is 10^9 bytes everywhere).
-MB_IN_CODE: dict[str, str] = {
-    "RuntimeSettings.max_message_mb": "MB; counted as 2^20 bytes",
-    "RuntimeSettings.max_image_mb": "MB; counted as 10^6 bytes (the gateway's body limit: 2^20)",
-    "RuntimeSettings.client_max_mb_per_s": "MB/s; counted as 10^6 bytes",
-    "RuntimeSettings.client_queue_mb": "MB; counted as 2^20 bytes",
-}
-SUFFIX_UNITS = (("_gb", "GB (10^9 bytes)"), ("_s", "s"))
+# A setting's unit from its name, first match wins: sizes are decimal (shared/config/units.py).
+SUFFIX_UNITS = (("_gb", "GB (10^9 bytes)"), ("_mb_per_s", "MB/s (10^6 bytes)"), ("_mb", "MB (10^6 bytes)"), ("_s", "s"))
 
 INTRO = """\
 # Configuration
@@ -158,8 +151,8 @@ One TOML file configures a whole stack: every process reads it (supervisord pass
 naming the file and the field, e.g. `configs/x.toml: specialists.pragmatist.backend: Input should be
 'fake', 'transformers', 'diffusers' or 'openai'`. Unknown keys are errors (they are usually typos).
 
-Units: GB is 10^9 bytes everywhere; `_s` settings are seconds; what each `_mb` setting counts is in its
-unit column. Shipped configs: `configs/dev.toml` (fake workers), `configs/default.toml` (the embedded
+Units: GB is 10^9 bytes and MB 10^6 bytes everywhere (`shared/config/units.py`); `_s` settings are
+seconds. Shipped configs: `configs/dev.toml` (fake workers), `configs/default.toml` (the embedded
 SmolLM2 default), `configs/a6000x2.toml` and `configs/a6000x2-fp16.toml` (the reference 2 x 48 GB box),
 `configs/h100x1.toml` (one 80 GB card).
 """
@@ -296,8 +289,8 @@ def toml_value(value: Any) -> str:
 def unit(cls: type[BaseModel], name: str) -> str:
     """A setting's unit: from the tables above, else from its name's suffix."""
     key = f"{cls.__name__}.{name}"
-    if key in MB_IN_CODE or key in UNITS:
-        return MB_IN_CODE.get(key) or UNITS[key]
+    if key in UNITS:
+        return UNITS[key]
     for suffix, word in SUFFIX_UNITS:
         if name.endswith(suffix):
             return word
@@ -395,7 +388,7 @@ def missing_descriptions() -> list[str]:
 def stale_entries() -> list[str]:
     """Keys of this script's tables that name no setting (a setting renamed or removed)."""
     known = {f"{cls.__name__}.{name}" for cls, name in every_setting()} | FILLED_BY_LOADER
-    return sorted(key for table in (DESCRIPTIONS, UNITS, MB_IN_CODE) for key in table if key not in known)
+    return sorted(key for table in (DESCRIPTIONS, UNITS) for key in table if key not in known)
 
 
 def main(argv: list[str] | None = None) -> int:
