@@ -1,12 +1,10 @@
 """The `openai` backend: a text model served by any OpenAI-compatible server (vLLM, SGLang, TGI, Ollama, ...).
 
-The worker process stays where it is (router, specialist host or voice) and forwards each call over HTTP
-with httpx: replies stream back piece by piece as the server's SSE chunks arrive. Nothing is loaded here,
-so the model takes no local memory. Every failure of the server becomes one typed `RemoteError` naming the
-URL: unreachable, a refused key (401/403), an unknown model (404), rate limited (429, retried with
-back-off first), a server error (5xx), silence past `read_timeout_s`, or a stream that ends before the
-server said it was done. A cancel aborts the HTTP request at once (it runs as an asyncio task on this
-model's own event loop thread, which the call's thread waits on).
+The worker process stays where it is (router, specialist host or voice) and forwards each call through the
+`openai` package's async client: replies stream back piece by piece as the server sends them. Nothing is
+loaded here, so the model takes no local memory. Every failure of the server becomes one typed `RemoteError`
+naming the URL (`openai_wire`). A cancel closes the HTTP stream at once: each call runs as an asyncio task on
+this model's own event loop thread, which the call's thread waits on.
 """
 
 from __future__ import annotations
@@ -18,10 +16,12 @@ import math
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
+import openai
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from shared.config.schema import ModelEntry
 from shared.engine.cancel import Cancelled
@@ -32,11 +32,8 @@ from shared.models.openai_wire import (
     RemoteModelMissing,
     RemoteServerError,
     RemoteStreamCut,
-    ReplyState,
     backoff_s,
-    parse_sse_line,
-    status_error,
-    transport_error,
+    remote_error,
 )
 from shared.wire.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
 
@@ -46,6 +43,7 @@ T = TypeVar("T")
 WAIT_SLICE_S = 0.05  # how often a waiting call looks at its cancel flag
 TOP_LOGPROBS = 20  # alternatives asked for when the router scores labels by the first token
 ROUTE_REPLY_TOKENS = 16  # room for a label name when the router asks the server to name one
+NO_KEY = "no-key"  # the client insists on a key; with none set, its Authorization header is left out instead
 
 
 # ---------------------------------------------------------------- the event loop the HTTP calls run on
@@ -92,15 +90,15 @@ class RemoteModel(LoadedModel):
         self.context = context
         self.api_key = _api_key(entry)
         self.loop = LoopThread(entry.name)
-        self.http = self.loop.wait(self.loop.submit(self._client()), None)
+        self.client = self.loop.wait(self.loop.submit(self._connect()), None)
         self.usage: tuple[int, int, str] | None = None
         self.logprobs_offered: bool | None = {"on": True, "off": False}.get(self.settings.logprobs)
 
-    async def _client(self) -> httpx.AsyncClient:
-        s = self.settings
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.AsyncClient(base_url=s.base_url, headers=headers, trust_env=False,
-                                 timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s))
+    async def _connect(self) -> openai.AsyncOpenAI:
+        # Re-sends are ours (`_call`): the package's own back-off cannot take remote.backoff_s and max_backoff_s.
+        # Proxy variables are ignored: the server is usually on the same network.
+        return openai.AsyncOpenAI(api_key=self.api_key or NO_KEY, base_url=self.settings.base_url, max_retries=0,
+                                  http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
 
     # ------------------------------------------------------------ LoadedModel
 
@@ -117,7 +115,7 @@ class RemoteModel(LoadedModel):
     def unload(self) -> None:
         """Close the HTTP connections and the loop thread."""
         try:
-            self.loop.wait(self.loop.submit(self.http.aclose()), None)
+            self.loop.wait(self.loop.submit(self.client.close()), None)
         finally:
             self.loop.stop()
 
@@ -129,8 +127,9 @@ class RemoteModel(LoadedModel):
 
     def check_health(self, cancel: threading.Event | None = None) -> list[str]:
         """GET /v1/models: the model ids the server offers; raises a RemoteError when it cannot answer."""
-        body = self.loop.wait(self.loop.submit(self._send("GET", "/models", None, "GET /models")), cancel)
-        ids = [str(item.get("id")) for item in body.get("data", []) if isinstance(item, dict)]
+        page = self.loop.wait(self.loop.submit(self._call(
+            lambda: self.client.models.list(**self._sent_with()), "GET /models")), cancel)
+        ids = [str(model.id) for model in page.data]
         if self.settings.model not in ids:
             offered = ", ".join(ids[:10]) or "none"
             raise RemoteModelMissing(f"{self.settings.base_url} does not serve {self.settings.model!r} (it offers: "
@@ -139,37 +138,58 @@ class RemoteModel(LoadedModel):
 
     # ------------------------------------------------------------ requests
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None, what: str) -> dict[str, Any]:
-        """One JSON request with retries on 429/502/503/504; the decoded body of the answer."""
-        async with self._response(method, path, body, what) as response:
-            try:
-                await response.aread()
-            except httpx.HTTPError as exc:
-                raise transport_error(self.settings, exc, what, started=True) from None
-        try:
-            return response.json()
-        except ValueError:
-            raise RemoteServerError(f"{self.settings.base_url} answered {what} with a body that is not JSON") from None
+    def _sent_with(self) -> dict[str, Any]:
+        """Each request's timeouts and headers, from the settings as they are now."""
+        # The package fills the key, organisation and project from OPENAI_* variables meant for api.openai.com;
+        # none of them may reach another server, so each of those headers is ours or left out.
+        headers: dict[str, Any] = {"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()}
+        if not self.api_key:
+            headers["Authorization"] = openai.Omit()
+        timeout = openai.Timeout(self.settings.read_timeout_s, connect=self.settings.connect_timeout_s)
+        return {"timeout": timeout, "extra_headers": headers}
 
-    def _response(self, method: str, path: str, body: dict[str, Any] | None, what: str) -> _OpenResponse:
-        return _OpenResponse(self, method, path, body, what)
+    async def _call(self, send: Callable[[], Awaitable[T]], what: str) -> T:
+        """`send()`, re-sent after a 429, 502, 503 or 504 with back-off (Retry-After wins); a RemoteError else."""
+        settings = self.settings
+        for attempt in range(settings.retries + 1):
+            try:
+                return await send()
+            except openai.APIStatusError as exc:
+                if exc.status_code not in RETRIED_STATUSES or attempt == settings.retries:
+                    raise remote_error(settings, exc, what) from None
+                pause = backoff_s(settings, attempt, exc.response.headers.get("retry-after"))
+                log.warning("%s: %s answered %d to %s; retry %d of %d in %.2f s", self.entry.name,
+                            settings.base_url, exc.status_code, what, attempt + 1, settings.retries, pause)
+                await asyncio.sleep(pause)
+            except openai.OpenAIError as exc:
+                raise remote_error(settings, exc, what) from None
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _stream(self, body: dict[str, Any], state: ReplyState) -> AsyncIterator[str]:
         """Text pieces of one streamed chat completion, as the server sends them."""
         what = f"the {self.entry.name} reply"
+        stream = await self._call(
+            lambda: self.client.chat.completions.create(**body, stream=True, **self._sent_with()), what)
         started = False
         try:
-            async with self._response("POST", "/chat/completions", body, what) as response:
-                async for line in response.aiter_lines():
-                    piece = parse_sse_line(line, state, self.settings.base_url)
+            async with stream:  # closes the HTTP response however the loop ends: a cancel included
+                async for chunk in stream:
+                    piece = _read_chunk(chunk, state)
                     if piece:
                         started = True
                         yield piece
-        except httpx.HTTPError as exc:
-            raise transport_error(self.settings, exc, what, started) from None
-        if not (state.done or state.finish_reason):
+        except openai.OpenAIError as exc:
+            raise remote_error(self.settings, exc, what, started) from None
+        except ValueError:  # a `data:` line that is not JSON
+            raise RemoteStreamCut(f"{self.settings.base_url} sent a stream chunk that is not JSON during {what}") \
+                from None
+        if not state.finish_reason:
             raise RemoteStreamCut(f"the stream from {self.settings.base_url} ended before the server finished "
-                                  f"{what} (no finish_reason, no [DONE])")
+                                  f"{what} (no finish_reason)")
+
+    async def _complete(self, body: dict[str, Any], what: str) -> ChatCompletion:
+        """One chat completion, not streamed (the router's short replies)."""
+        return await self._call(lambda: self.client.chat.completions.create(**body, **self._sent_with()), what)
 
     def _body(self, messages: list[ChatTurn], options: GenerationOptions, **extra: Any) -> dict[str, Any]:
         settings = generation_settings(self.entry.generation, options)
@@ -186,12 +206,12 @@ class RemoteModel(LoadedModel):
 
     def generate(self, messages: list[ChatTurn], options: GenerationOptions,
                  cancel: threading.Event) -> Iterator[str]:
-        """Stream the server's reply piece by piece; a cancel closes the HTTP request."""
+        """Stream the server's reply piece by piece; a cancel closes the HTTP stream."""
         state = ReplyState()
-        body = self._body(messages, options, stream=True, stream_options={"include_usage": True})
+        body = self._body(messages, options, stream_options={"include_usage": True})
         yield from self._pieces(self._stream(body, state), cancel)
-        completion = state.completion_tokens or 0
-        self.usage = (state.prompt_tokens or 0, completion, "length" if state.finish_reason == "length" else "stop")
+        self.usage = (state.prompt_tokens, state.completion_tokens,
+                      "length" if state.finish_reason == "length" else "stop")
 
     def _pieces(self, stream: AsyncIterator[str], cancel: threading.Event) -> Iterator[str]:
         """Carry an async stream's items to this thread through a queue, aborting it on cancel or early exit."""
@@ -248,7 +268,7 @@ class RemoteModel(LoadedModel):
         body = self._body(prompt, GenerationOptions(max_new_tokens=1, temperature=0.0),
                           logprobs=True, top_logprobs=TOP_LOGPROBS)
         try:
-            reply = self.loop.wait(self.loop.submit(self._send("POST", "/chat/completions", body, "routing")), cancel)
+            reply = self.loop.wait(self.loop.submit(self._complete(body, "routing")), cancel)
         except RemoteServerError as exc:
             if self.logprobs_offered:  # "on": the operator said the server has them
                 raise
@@ -268,8 +288,8 @@ class RemoteModel(LoadedModel):
     def _named_scores(self, prompt: list[ChatTurn], labels: list[RouteLabel],
                       cancel: threading.Event) -> dict[str, float]:
         body = self._body(prompt, GenerationOptions(max_new_tokens=ROUTE_REPLY_TOKENS, temperature=0.0))
-        reply = self.loop.wait(self.loop.submit(self._send("POST", "/chat/completions", body, "routing")), cancel)
-        text = str((((reply.get("choices") or [{}])[0]).get("message") or {}).get("content") or "")
+        reply = self.loop.wait(self.loop.submit(self._complete(body, "routing")), cancel)
+        text = str(_attribute(reply, "choices", 0, "message", "content") or "")
         scores = label_probabilities_from_text(text, [label.name for label in labels])
         if len(set(scores.values())) == 1:
             log.warning("%s: the routing reply names no specialist (%d characters); every label scores the same",
@@ -277,58 +297,50 @@ class RemoteModel(LoadedModel):
         return scores
 
 
-class _OpenResponse:
-    """`async with`: a streamed response with a success status, after retries with back-off; else a RemoteError."""
+@dataclass
+class ReplyState:
+    """What a streamed reply told us besides the text: how it ended and the server's token counts."""
 
-    def __init__(self, model: RemoteModel, method: str, path: str, body: dict[str, Any] | None, what: str) -> None:
-        self.model, self.method, self.path, self.body, self.what = model, method, path, body, what
-        self.response: httpx.Response | None = None
-
-    async def __aenter__(self) -> httpx.Response:
-        settings = self.model.settings
-        for attempt in range(settings.retries + 1):
-            try:
-                request = self.model.http.build_request(self.method, self.path, json=self.body)
-                response = await self.model.http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise transport_error(settings, exc, self.what, started=False) from None
-            if response.status_code < 400:
-                self.response = response
-                return response
-            await response.aread()
-            await response.aclose()
-            if response.status_code not in RETRIED_STATUSES or attempt == settings.retries:
-                raise status_error(settings, response, self.what)
-            pause = backoff_s(settings, attempt, response.headers.get("retry-after"))
-            log.warning("%s: %s answered %d to %s; retry %d of %d in %.2f s", self.model.entry.name,
-                        settings.base_url, response.status_code, self.what, attempt + 1, settings.retries, pause)
-            await asyncio.sleep(pause)
-        raise AssertionError("unreachable")  # the loop returns or raises
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.response is not None:
-            await self.response.aclose()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
-def _top_logprobs(reply: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The first generated token's alternatives in a chat completion, or None when the server sent none."""
-    try:
-        content = reply["choices"][0]["logprobs"]["content"]
-        return list(content[0]["top_logprobs"]) or None
-    except (KeyError, IndexError, TypeError):
-        return None
+def _read_chunk(chunk: ChatCompletionChunk, state: ReplyState) -> str | None:
+    """The text piece of one streamed chunk (None when it carries none); notes its usage and finish reason."""
+    state.prompt_tokens = _attribute(chunk, "usage", "prompt_tokens") or state.prompt_tokens
+    state.completion_tokens = _attribute(chunk, "usage", "completion_tokens") or state.completion_tokens
+    state.finish_reason = _attribute(chunk, "choices", 0, "finish_reason") or state.finish_reason
+    return _attribute(chunk, "choices", 0, "delta", "content") or None
 
 
-def label_probabilities_from_logprobs(top: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
+def _top_logprobs(reply: ChatCompletion) -> list[tuple[str, float]] | None:
+    """The first generated token's alternatives (token, logprob), or None when the server sent none."""
+    top = _attribute(reply, "choices", 0, "logprobs", "content", 0, "top_logprobs") or []
+    return [(str(item.token), float(item.logprob)) for item in top] or None
+
+
+def _attribute(value: Any, *path: str | int) -> Any:
+    """`value.a[0].b...`, or None where a server left a part out (the package does not check replies)."""
+    for step in path:
+        try:
+            value = value[step] if isinstance(step, int) else getattr(value, step)
+        except (AttributeError, IndexError, TypeError):
+            return None
+    return value
+
+
+def label_probabilities_from_logprobs(top: list[tuple[str, float]], names: list[str]) -> dict[str, float]:
     """Softmax over labels of the probability mass of first tokens that begin each label's name.
 
-    A token counts for a label when, stripped and lower-cased, it is a non-empty prefix of the name ("phil"
-    for "philosopher"). Labels no listed token begins get the smallest listed logprob minus 10.
+    `top`: (token, logprob) of the first token's alternatives. A token counts for a label when, stripped and
+    lower-cased, it is a non-empty prefix of the name ("phil" for "philosopher"). Labels no listed token begins
+    get the smallest listed logprob minus 10.
     """
-    floor = min((float(item.get("logprob", 0.0)) for item in top), default=0.0) - 10.0
+    floor = min((logprob for _, logprob in top), default=0.0) - 10.0
     masses: dict[str, float] = {}
     for name in names:
-        found = [float(item["logprob"]) for item in top if _begins(str(item.get("token", "")), name)]
+        found = [logprob for token, logprob in top if _begins(token, name)]
         masses[name] = _logsumexp(found) if found else floor
     return _softmax(masses)
 

@@ -1,16 +1,17 @@
-"""`backend = "openai"` against live servers on loopback: a test double for the failures (401, 429, 5xx, a cut
-or silent stream, a server that is down) and `transformers serve` (a real OpenAI-compatible server of another
-project, serving the embedded SmolLM2) for the happy path through the whole stack."""
+"""`backend = "openai"` against live servers on loopback: a test double for the failures (401, 429, 5xx, a cut,
+garbled or silent stream, a server that is down) and `transformers serve` (a real OpenAI-compatible server of
+another project, serving the embedded SmolLM2) for the happy path through the whole stack."""
 
 from __future__ import annotations
 
+import email.utils
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -22,7 +23,7 @@ from shared.engine.cancel import Cancelled
 from shared.models import openai_remote, openai_wire
 from shared.models.base import BackendError, LoadContext, load_model
 from shared.wire.messages import ChatTurn, ErrorCode, GenerationOptions, RouteLabel
-from tests.remotedouble import RemoteDouble
+from tests.remotedouble import STATUSES, RemoteDouble
 
 KEY_ENV = "LYRA_TEST_REMOTE_KEY"
 KEY = "remote-key-0123456789"
@@ -68,16 +69,49 @@ def test_streams_piece_by_piece_with_the_servers_usage(double: RemoteDouble) -> 
         sent = double.bodies[-1]
         assert sent["stream"] and sent["max_tokens"] == 9 and sent["seed"] == 3 and sent["model"] == "echo"
         assert model.memory() == [] and "remote" in model.placement()["voice"]
+        assert list(model.generate(HELLO, GenerationOptions(max_new_tokens=3), threading.Event())) == [
+            "one", " two", " three"]
+        assert model.last_usage() == (7, 3, "length")  # the server cut it at max_tokens
     finally:
         model.unload()
 
 
-def test_a_wrong_key_is_refused_with_401_naming_the_variable_not_the_key(double: RemoteDouble,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openai_variables_meant_for_api_openai_com_never_reach_the_server(double: RemoteDouble,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("OPENAI_API_KEY", "sk-for-api-openai-com"), ("OPENAI_ORG_ID", "org-mine"),
+                        ("OPENAI_PROJECT_ID", "proj-mine")):
+        monkeypatch.setenv(name, value)
+    model = load(double.base_url)
+    try:
+        list(model.generate(HELLO, GenerationOptions(), threading.Event()))
+    finally:
+        model.unload()
+    sent = double.headers[-1]
+    assert sent["authorization"] == f"Bearer {KEY}"  # the key remote.api_key_env names, not OPENAI_API_KEY
+    assert "openai-organization" not in sent and "openai-project" not in sent
+    server = RemoteDouble(None).start()  # a server without a key: no Authorization header at all
+    try:
+        model = load_model(ModelEntry(name="voice", backend="openai",
+                                      remote={"base_url": server.base_url, "model": "echo"}),
+                           LoadContext("voice", [], None))  # type: ignore[arg-type]
+        try:
+            assert "".join(model.generate(HELLO, GenerationOptions(), threading.Event())).startswith("one")
+        finally:
+            model.unload()
+    finally:
+        server.stop()
+    assert server.headers and not any("authorization" in sent or "openai-organization" in sent
+                                      for sent in server.headers)
+
+
+def test_a_wrong_key_is_refused_with_401_at_once_naming_the_variable_not_the_key(
+        double: RemoteDouble, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, "not-the-key")
+    asked = len(double.headers)
     with pytest.raises(openai_wire.RemoteKeyRefused, match="401") as err:
-        load(double.base_url)
+        load(double.base_url, retries=3)
     assert KEY_ENV in str(err.value) and "not-the-key" not in str(err.value)
+    assert len(double.headers) == asked + 1  # not re-sent: another try would get the same answer
     monkeypatch.delenv(KEY_ENV)
     with pytest.raises(BackendError, match=f"{KEY_ENV}, which is not set"):
         load(double.base_url)
@@ -95,6 +129,33 @@ def test_429_is_retried_with_back_off_then_busy_when_it_persists(double: RemoteD
             list(model.generate(HELLO, GenerationOptions(), threading.Event()))
         assert err.value.code == ErrorCode.busy and double.base_url in str(err.value)
     finally:
+        model.unload()
+
+
+def test_retry_after_sets_the_pause_before_a_resend_up_to_max_backoff_s(double: RemoteDouble) -> None:
+    model = load(double.base_url, "ratelimit", retries=1, max_backoff_s=5.0)  # backoff_s is 0.01
+    try:
+        for in_s in (None, 2.5):  # "1" (seconds), then an HTTP date 2.5 s ahead (1.5 to 2.5 s: whole seconds)
+            retry_after = "1" if in_s is None else email.utils.formatdate(time.time() + in_s, usegmt=True)
+            double.failures, double.seen, double.retry_after = 1, {}, retry_after
+            started = time.monotonic()
+            assert "".join(model.generate(HELLO, GenerationOptions(), threading.Event())).startswith("one")
+            assert 0.95 <= time.monotonic() - started < 4 and double.seen["ratelimit"] == 2
+        model.settings = model.settings.model_copy(update={"max_backoff_s": 0.2})
+        double.failures, double.seen, double.retry_after = 1, {}, "120"
+        started = time.monotonic()
+        assert "".join(model.generate(HELLO, GenerationOptions(), threading.Event())).startswith("one")
+        assert 0.15 <= time.monotonic() - started < 2  # capped by remote.max_backoff_s, not 120 s
+        model.settings = model.settings.model_copy(update={"max_backoff_s": 60.0})
+        double.failures, double.seen, double.retry_after = 1, {}, "30"
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        started = time.monotonic()
+        with pytest.raises(Cancelled):  # a cancel during the pause ends it
+            list(model.generate(HELLO, GenerationOptions(), cancel))
+        assert time.monotonic() - started < 2
+    finally:
+        double.retry_after = "0"
         model.unload()
 
 
@@ -124,13 +185,52 @@ def test_a_stream_cut_midway_is_a_worker_error_naming_the_url(double: RemoteDoub
         model.unload()
 
 
+@pytest.mark.parametrize(("model", "kind", "said"), [
+    ("erring", openai_wire.RemoteServerError, "failed mid-stream during the voice reply: CUDA out of memory"),
+    ("garbled", openai_wire.RemoteStreamCut, "not JSON"),
+    ("unfinished", openai_wire.RemoteStreamCut, "ended before the server finished the voice reply"),
+])
+def test_a_stream_that_fails_after_its_first_piece_names_how(double: RemoteDouble, model: str, kind: type,
+                                                              said: str) -> None:
+    loaded = load(double.base_url, model)
+    got: list[str] = []
+    try:
+        with pytest.raises(kind, match=said) as err:
+            for piece in loaded.generate(HELLO, GenerationOptions(), threading.Event()):
+                got.append(piece)
+        assert got[0] == "one" and double.base_url in str(err.value) and err.value.code == ErrorCode.worker_error
+    finally:
+        loaded.unload()
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_each_http_status_has_its_typed_error_with_the_servers_sentence(double: RemoteDouble, status: int) -> None:
+    kind, code = {401: (openai_wire.RemoteKeyRefused, ErrorCode.worker_error),
+                  403: (openai_wire.RemoteKeyRefused, ErrorCode.worker_error),
+                  404: (openai_wire.RemoteModelMissing, ErrorCode.worker_error),
+                  429: (openai_wire.RemoteBusy, ErrorCode.busy)}.get(
+        status, (openai_wire.RemoteServerError, ErrorCode.worker_error))
+    model = load(double.base_url, f"status-{status}", retries=1)
+    double.seen = {}
+    try:
+        with pytest.raises(kind) as err:
+            list(model.generate(HELLO, GenerationOptions(), threading.Event()))
+    finally:
+        model.unload()
+    assert err.value.code == code and str(status) in str(err.value)
+    assert double.base_url in str(err.value) and "the server's sentence" in str(err.value)
+    assert double.seen[f"status-{status}"] == (2 if status == 429 else 1)  # only a 429 (and 502-504) is re-sent
+
+
 def test_a_silent_server_times_out_and_a_cancel_aborts_at_once(double: RemoteDouble) -> None:
     model = load(double.base_url, "silent", read_timeout_s=0.5)
+    double.disconnected = {}
     try:
         started = time.monotonic()
         with pytest.raises(openai_wire.RemoteTimeout, match=r"sent nothing for 0\.5 s"):
             list(model.generate(HELLO, GenerationOptions(), threading.Event()))
         assert time.monotonic() - started < 5
+        assert eventually(lambda: double.disconnected.get("silent") == 1)  # the timed-out stream was closed
         model.settings = model.settings.model_copy(update={"read_timeout_s": 60.0})
         cancel = threading.Event()
         threading.Timer(0.3, cancel.set).start()
@@ -138,8 +238,18 @@ def test_a_silent_server_times_out_and_a_cancel_aborts_at_once(double: RemoteDou
         with pytest.raises(Cancelled):
             list(model.generate(HELLO, GenerationOptions(), cancel))
         assert time.monotonic() - started < 2  # the HTTP request was aborted, not waited out
+        assert eventually(lambda: double.disconnected.get("silent") == 2)  # the server saw the stream closed
     finally:
         model.unload()
+
+
+def eventually(condition: Callable[[], bool], within_s: float = 2.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_a_server_that_is_down_is_unreachable_and_an_unknown_model_is_named(double: RemoteDouble) -> None:
