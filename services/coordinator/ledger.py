@@ -3,10 +3,15 @@
 Every line is one worker process on one GPU. A line's bytes are the measured usage once the worker has
 reported it, else the estimate; each process also pays a CUDA-context reserve on every GPU it touches.
 A load is admitted only when the GPU's total after the load stays inside its budget.
+
+The ledger keeps no record of who holds what: its lines are derived, each time they are read, from the
+footprints it is given (the worker registry's record of what each worker reported holding, and its latest
+readings), so a registration, a heartbeat and a load reply all show in it at once and can never disagree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared.config.schema import GpuEntry, LyraConfig, ModelEntry
@@ -26,6 +31,25 @@ class LedgerLine:
         return self.measured if self.measured is not None else self.estimated
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What one worker process occupies: the models it holds, their estimate per GPU, its latest readings."""
+
+    service: str
+    models: tuple[str, ...]
+    estimated: dict[int, int]  # physical GPU -> bytes, for `models`
+    readings: tuple[MemoryReading, ...] = ()
+
+
+def measured_on(readings: tuple[MemoryReading, ...], gpu: int) -> int | None:
+    """What a process measured on `gpu` (torch's reserve or NVML's count, the larger), if it reported it."""
+    found = None
+    for reading in readings:
+        if reading.device == f"gpu:{gpu}":
+            found = max(reading.reserved_bytes, reading.nvml_used_bytes or 0)
+    return found
+
+
 class OverBudget(Exception):
     """A load would exceed a GPU's budget; the message carries the arithmetic."""
 
@@ -38,11 +62,11 @@ def split_estimate(entry: ModelEntry, gpus: list[int]) -> dict[int, int]:
 
 
 class VramLedger:
-    """Budget per physical GPU and who holds what on it."""
+    """Budget per physical GPU, and who holds what on it (derived from `footprints` whenever it is read)."""
 
-    def __init__(self, config: LyraConfig) -> None:
+    def __init__(self, config: LyraConfig, footprints: Callable[[], list[Footprint]] = list) -> None:
         self.gpus: dict[int, GpuEntry] = {g.index: g for g in config.gpus}
-        self.lines: dict[tuple[int, str], LedgerLine] = {}
+        self.footprints = footprints  # the worker registry's record, as footprints
 
     def budget(self, gpu: int) -> int:
         return int(self.gpus[gpu].budget_gb * GB)
@@ -50,35 +74,27 @@ class VramLedger:
     def reserve(self, gpu: int) -> int:
         return int(self.gpus[gpu].context_reserve_gb * GB)
 
+    def lines(self) -> dict[tuple[int, str], LedgerLine]:
+        """(GPU, service) -> that process's line, for every GPU its held models are estimated on."""
+        lines = {}
+        for footprint in self.footprints():
+            for gpu, size in footprint.estimated.items():
+                if gpu in self.gpus:
+                    lines[(gpu, footprint.service)] = LedgerLine(list(footprint.models), size,
+                                                                 measured_on(footprint.readings, gpu))
+        return lines
+
     def used(self, gpu: int, without: str | None = None) -> int:
         """Bytes in use on `gpu`, optionally leaving one service's line out."""
-        return sum(line.bytes() + self.reserve(gpu) for (g, svc), line in self.lines.items()
-                   if g == gpu and svc != without and (line.models or line.measured))
+        return sum(line.bytes() + self.reserve(gpu) for (g, svc), line in self.lines().items()
+                   if g == gpu and svc != without)
 
-    def set_resident(self, service: str, models: list[str], estimates: dict[int, int]) -> None:
-        """Record what `service` holds now, with fresh estimates (measurements come separately)."""
-        for key in [k for k in self.lines if k[1] == service]:
-            del self.lines[key]
-        for gpu, size in estimates.items():
-            if gpu in self.gpus:
-                self.lines[(gpu, service)] = LedgerLine(models=list(models), estimated=size)
-
-    def measure(self, service: str, readings: list[MemoryReading]) -> list[str]:
-        """Reconcile a service's lines with its measured memory; returns warnings (>10% off)."""
-        warnings = []
-        for reading in readings:
-            if not reading.device.startswith("gpu:"):
-                continue
-            gpu = int(reading.device.split(":")[1])
-            line = self.lines.get((gpu, service))
-            if line is None:
-                continue
-            measured = max(reading.reserved_bytes, reading.nvml_used_bytes or 0)
-            if line.models and line.estimated and abs(measured - line.estimated) > 0.1 * line.estimated:
-                warnings.append(f"{service} on GPU {gpu}: estimated {line.estimated / GB:.2f} GB, "
-                                f"measured {measured / GB:.2f} GB")
-            line.measured = measured
-        return warnings
+    def estimate_warnings(self, service: str) -> list[str]:
+        """Lines of `service` whose measurement is more than 10% off the estimate."""
+        return [f"{service} on GPU {gpu}: estimated {line.estimated / GB:.2f} GB, measured {line.measured / GB:.2f} GB"
+                for (gpu, svc), line in self.lines().items()
+                if svc == service and line.measured is not None and line.estimated
+                and abs(line.measured - line.estimated) > 0.1 * line.estimated]
 
     def check(self, service: str, model: str, estimates: dict[int, int]) -> None:
         """Raise OverBudget unless `service` can hold `model` (replacing what it holds) on every GPU."""
@@ -97,9 +113,9 @@ class VramLedger:
 
     def snapshot(self) -> list[GpuSnapshot]:
         """One line per GPU for status and done events."""
-        out = []
+        out, every = [], self.lines()
         for gpu in sorted(self.gpus):
-            lines = {svc: line for (g, svc), line in self.lines.items() if g == gpu}
+            lines = {svc: line for (g, svc), line in every.items() if g == gpu}
             measured = [line.measured for line in lines.values() if line.measured is not None]
             out.append(GpuSnapshot(
                 gpu=gpu, budget_bytes=self.budget(gpu),

@@ -23,7 +23,7 @@ from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.pipeline import Pipeline
 from services.coordinator.prefetch import Prefetcher
 from services.coordinator.requests import RequestQueue
-from services.coordinator.swap import Residency
+from services.coordinator.swap import Residency, footprints
 from services.coordinator.worker_handlers import WorkerHandlers
 from services.coordinator.workers import WorkerRegistry
 from shared.config.schema import LyraConfig
@@ -51,8 +51,8 @@ class Coordinator:
         self.ctx = transport.new_context()
         self.stopping = threading.Event()
         self.queue = RequestQueue(config.runtime.queue_size, config.scheduling.max_overtakes)
-        self.ledger = VramLedger(config)
         self.registry = WorkerRegistry(WORKER_SERVICES, config.runtime.heartbeat_timeout_s, self._send_to_worker)
+        self.ledger = VramLedger(config, lambda: footprints(config, self.registry))  # lines derived from the registry
         self.counters = Counters()
         self.residency = Residency(config, self.registry, self.ledger, self.counters)
         self.pipeline = Pipeline(config, self.registry, self.ledger, self.residency, self.counters,

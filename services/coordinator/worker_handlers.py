@@ -2,7 +2,9 @@
 
 A worker is known by the connection its accepted registration came over, not by the name it claims:
 a process without the stack secret is refused and logged and never receives a call, and a process whose
-registration was superseded is told to register again rather than being silently ignored.
+registration was superseded is told to register again rather than being silently ignored. Every report of
+what a worker holds (registration, heartbeat, load or unload reply) goes into the registry here, in the
+order the worker sent them, before any call waiting on it hears of it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from shared.wire.messages import (
     ErrorCode,
     ErrorEvent,
     HeartbeatEvent,
+    LoadReply,
     Message,
     RegisterReply,
     RegisterRequest,
@@ -41,7 +44,8 @@ class WorkerHandlers:
         self.residency = residency
         self.secret = secret  # None only with runtime.auth = "none"
         self.strangers = QuietLog(log)  # a stranger's flood must not become a flood of log lines
-        self.table: dict[type, Handler] = {RegisterRequest: self.register, HeartbeatEvent: self.heartbeat}
+        self.table: dict[type, Handler] = {RegisterRequest: self.register, HeartbeatEvent: self.heartbeat,
+                                           LoadReply: self.load_reply}
 
     def handle(self, got: Received) -> list[Message]:
         """Replies for one frame from the worker socket."""
@@ -54,6 +58,10 @@ class WorkerHandlers:
         handler = self.table.get(type(msg))
         if handler is not None:
             return handler(msg, got.peer, service)
+        return self._reply(msg, service)
+
+    def _reply(self, msg: Message, service: str | None) -> list[Message]:
+        """A call's stream event or reply: to the call waiting for it (a registered connection's only)."""
         if service is None:
             self.strangers.warning("%s from an unregistered connection refused", msg.type)  # type: ignore[attr-defined]
             return [self._register_first(msg)]
@@ -61,6 +69,14 @@ class WorkerHandlers:
         if not self.registry.deliver(service, msg) and not isinstance(msg, WorkerError):
             log.debug("late %s from %s for %s dropped", msg.type, service, msg.parent_id)  # type: ignore[attr-defined]
         return []
+
+    def load_reply(self, msg: Message, peer: bytes, service: str | None) -> list[Message]:
+        """What the host holds after a load or unload: recorded even when its call was given up (a deadline)."""
+        assert isinstance(msg, LoadReply)
+        if service is not None:
+            self.registry.loaded(service, msg)
+            self.residency.reported(service)
+        return self._reply(msg, service)
 
     def _malformed(self, got: Received, service: str | None) -> list[Message]:
         assert got.error is not None
@@ -82,7 +98,7 @@ class WorkerHandlers:
         assert isinstance(msg, HeartbeatEvent)
         if service is None or not self.registry.heartbeat(service, msg):
             return [self._register_first(msg)]
-        self.residency.measured(service, msg.memory)
+        self.residency.reported(service)
         return []
 
     def register(self, msg: Message, peer: bytes, service: str | None) -> list[Message]:
@@ -91,7 +107,7 @@ class WorkerHandlers:
         if problem is not None:
             return [problem]
         restarted = self.registry.register(msg, peer)
-        self.residency.reported(msg.service, msg.resident, msg.memory)
+        self.residency.reported(msg.service)
         log.info("%s %s (pid %d, instance %s, resident %s)", msg.service,
                  "registered" if restarted else "re-registered", msg.pid, msg.instance, msg.resident or "nothing")
         return [RegisterReply(parent_id=msg.id, heartbeat_interval_s=self.config.runtime.heartbeat_interval_s)]

@@ -3,6 +3,10 @@
 The I/O thread feeds `WorkerRegistry` (registrations, heartbeats, replies); the pipeline thread makes
 calls through it. A call ends with the worker's reply or one `StageError`: worker error, deadline,
 cancellation, or the worker dying or restarting mid-call. It never waits without a bound.
+
+The registry is the one record of what each worker holds: every report from the worker itself (its
+registration, each heartbeat, each load or unload reply) replaces it, in the order the worker sent them.
+The VRAM ledger's lines and the preload record are derived from it, never kept beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from shared.wire.messages import (
     CancelCallRequest,
     ErrorCode,
     HeartbeatEvent,
+    LoadReply,
     MemoryReading,
     Message,
     RegisterRequest,
@@ -55,6 +60,18 @@ class WorkerGone:
     instance: str = ""  # the instance that went away; a call already resent to a newer one ignores it
 
 
+@dataclass(frozen=True)
+class Holding:
+    """What one worker holds, copied from the registry: its models, memory readings and their estimates."""
+
+    service: str
+    instance: str
+    resident: tuple[str, ...]
+    epoch: int  # changes whenever `resident` does (a load, an unload, a restart)
+    memory: tuple[MemoryReading, ...]
+    estimates: dict[str, dict[int, int]]  # the worker's own: model -> GPU -> bytes
+
+
 @dataclass
 class WorkerState:
     """The coordinator's view of one worker process."""
@@ -74,6 +91,13 @@ class WorkerState:
     registrations: int = 0
     estimates: dict[str, dict[int, int]] = field(default_factory=dict)  # model -> GPU -> bytes
     cached: dict[str, int] = field(default_factory=dict)  # host weight cache: model -> bytes
+    epoch: int = 0  # bumped whenever `resident` changes: what a preload made resident is still there iff unchanged
+
+    def holds(self, resident: list[str], restarted: bool = False) -> None:
+        """Record what the worker reports it holds now (the one place `resident` changes)."""
+        if restarted or list(resident) != self.resident:
+            self.epoch += 1
+        self.resident = list(resident)
 
 
 @dataclass
@@ -114,7 +138,8 @@ class WorkerRegistry:
             self.peers[peer] = msg.service
             state.peer = peer
             state.instance, state.pid, state.backend = msg.instance, msg.pid, msg.backend
-            state.capabilities, state.resident = list(msg.capabilities), list(msg.resident)
+            state.capabilities = list(msg.capabilities)
+            state.holds(msg.resident, restarted)
             state.memory, state.placement = list(msg.memory), dict(msg.placement)
             state.estimates = {m: {int(g): b for g, b in per.items()} for m, per in msg.estimates.items()}
             state.last_seen, state.alive = time.monotonic(), True
@@ -128,9 +153,17 @@ class WorkerRegistry:
             state = self.workers[service]
             if state.instance != beat.instance or not state.alive:
                 return False
-            state.last_seen, state.resident = time.monotonic(), list(beat.resident)
+            state.last_seen = time.monotonic()
+            state.holds(beat.resident)
             state.busy_with, state.memory, state.cached = beat.busy_with, list(beat.memory), dict(beat.cached)
             return True
+
+    def loaded(self, service: str, reply: LoadReply) -> None:
+        """Record what a worker holds after a load or unload it reports (also one whose caller gave up on it)."""
+        with self.lock:
+            state = self.workers[service]
+            state.holds(reply.resident)
+            state.memory, state.placement = list(reply.memory), dict(reply.placement)
 
     def service_of(self, peer: bytes) -> str | None:
         """The service whose current registration came over connection `peer`, if any."""
@@ -297,16 +330,17 @@ class WorkerRegistry:
                 for s in self.workers.values()
             ]
 
-    def set_resident(self, service: str, resident: list[str], placement: dict[str, str]) -> None:
-        """What a worker holds after a load or unload it just reported."""
+    def holding(self, service: str) -> Holding:
+        """A copy of what `service` holds now."""
         with self.lock:
-            self.workers[service].resident = list(resident)
-            self.workers[service].placement = dict(placement)
+            s = self.workers[service]
+            return Holding(s.service, s.instance, tuple(s.resident), s.epoch, tuple(s.memory),
+                           {m: dict(per) for m, per in s.estimates.items()})
 
-    def estimate(self, service: str, model: str) -> dict[int, int] | None:
-        """The worker's estimate of `model` per physical GPU, if it sent one."""
+    def holdings(self) -> list[Holding]:
+        """What every worker holds now (one consistent copy)."""
         with self.lock:
-            return self.workers[service].estimates.get(model)
+            return [self.holding(service) for service in self.workers]
 
     def resident(self, service: str) -> list[str]:
         with self.lock:

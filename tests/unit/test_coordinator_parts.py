@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.coordinator.handlers import invalid_chat
-from services.coordinator.ledger import OverBudget, VramLedger, split_estimate
+from services.coordinator.ledger import Footprint, OverBudget, VramLedger, split_estimate
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, QueueFull, RequestQueue
 from services.voice.handlers import compose_voice_prompt
@@ -46,14 +46,13 @@ def test_queue_take_times_out_and_drain_returns_waiting() -> None:
     assert q.drain() == waiting and q.take(0.01) is None
 
 
-def ledger(tmp_path: Path) -> tuple[VramLedger, object]:
-    config = parse_config(fake_config(tmp_path))
-    return VramLedger(config), config
+def ledger(tmp_path: Path, held: list[Footprint]) -> VramLedger:
+    """A ledger whose lines come from `held` (the registry's record, in the coordinator), read at each use."""
+    return VramLedger(parse_config(fake_config(tmp_path)), lambda: list(held))
 
 
 def test_ledger_admits_within_budget_and_refuses_with_arithmetic(tmp_path: Path) -> None:
-    book, _config = ledger(tmp_path)
-    book.set_resident("voice", ["voice"], {0: 15 * GB, 1: 15 * GB})
+    book = ledger(tmp_path, [Footprint("voice", ("voice",), {0: 15 * GB, 1: 15 * GB})])
     book.check("specialist_host", "pragmatist", {1: 30 * GB})  # 15 + 0.5 + 30 + 0.5 = 46 <= 47
     with pytest.raises(OverBudget) as err:
         book.check("specialist_host", "big", {1: 32 * GB})
@@ -62,16 +61,16 @@ def test_ledger_admits_within_budget_and_refuses_with_arithmetic(tmp_path: Path)
 
 
 def test_ledger_uses_measured_bytes_and_warns_when_estimate_is_off(tmp_path: Path) -> None:
-    book, _ = ledger(tmp_path)
-    book.set_resident("specialist_host", ["a"], {1: 10 * GB})
-    warnings = book.measure("specialist_host", [MemoryReading(device="gpu:1", allocated_bytes=12 * GB,
-                                                              reserved_bytes=12 * GB)])
+    reading = MemoryReading(device="gpu:1", allocated_bytes=12 * GB, reserved_bytes=12 * GB)
+    held = [Footprint("specialist_host", ("a",), {1: 10 * GB}, (reading,))]
+    book = ledger(tmp_path, held)
+    warnings = book.estimate_warnings("specialist_host")
     assert warnings and "estimated 10.00 GB" in warnings[0]
     assert book.used(1) == 12 * GB + int(0.5 * GB)
     snap = {g.gpu: g for g in book.snapshot()}
     assert snap[1].measured_bytes == 12 * GB and snap[1].resident == ["specialist_host:a"]
-    book.set_resident("specialist_host", [], {})
-    assert book.used(1) == 0
+    held[:] = [Footprint("specialist_host", (), {})]  # the host reported holding nothing
+    assert book.used(1) == 0 and book.snapshot()[1].resident == []
 
 
 def test_split_estimate_spreads_over_the_process_gpus(tmp_path: Path) -> None:

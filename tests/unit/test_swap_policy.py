@@ -8,16 +8,14 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.coordinator.counters import Counters
-from services.coordinator.ledger import VramLedger
 from services.coordinator.lifecycle import JobLifecycle
 from services.coordinator.requests import Job, RequestQueue, Route
-from services.coordinator.swap import Residency
 from services.coordinator.workers import StageError
 from shared.config.schema import parse_config
 from shared.config.units import GB
-from shared.wire.messages import ChatRequest, LoadReply, LoadRequest, MemoryReading, Message, UnloadRequest
+from shared.wire.messages import ChatRequest
 from tests.stackproc import fake_config
+from tests.unit.simulated_host import SimulatedStack
 
 NAMES = ["a", "b", "c"]
 
@@ -59,37 +57,6 @@ def test_grouping_never_overtakes_a_request_more_than_n_times(first: list[str], 
         assert [j.ticket for j in order] == sorted(j.ticket for j in jobs)
 
 
-class SimulatedHost:
-    """Stands in for WorkerRegistry: a specialist host that loads whatever it is told, one at a time."""
-
-    def __init__(self, sizes: dict[str, float]) -> None:
-        self.sizes = sizes
-        self.resident_models: list[str] = []
-        self.lock = threading.RLock()
-
-    def resident(self, service: str) -> list[str]:
-        return list(self.resident_models)
-
-    def wait_up(self, *args: object) -> None:
-        return None
-
-    def estimate(self, service: str, model: str) -> None:
-        return None  # no worker estimate: the ledger falls back to memory_gb
-
-    def set_resident(self, service: str, resident: list[str], placement: dict[str, str]) -> None:
-        self.resident_models = list(resident)
-
-    def call_reply(self, service: str, request: Message, *args: object) -> Message:
-        if isinstance(request, UnloadRequest):
-            self.resident_models.remove(request.model)
-        elif isinstance(request, LoadRequest):
-            assert not self.resident_models, "the host was asked to hold two specialists"
-            self.resident_models = [request.model]
-        size = int(self.sizes.get(self.resident_models[0], 0) * GB) if self.resident_models else 0
-        return LoadReply(parent_id=request.id, model=request.model, resident=list(self.resident_models), seconds=0,
-                         memory=[MemoryReading(device="gpu:1", allocated_bytes=size, reserved_bytes=size)])
-
-
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.sampled_from(NAMES), min_size=1, max_size=25),
        st.lists(st.floats(5, 40), min_size=3, max_size=3))
@@ -97,14 +64,11 @@ def test_random_swaps_never_put_a_gpu_over_budget(sequence: list[str], sizes: li
     raw = fake_config(Path("/tmp/lyra-sim"), specialists={
         name: {"backend": "fake", "memory_gb": size} for name, size in zip(NAMES, sizes, strict=True)})
     config = parse_config(raw)
-    ledger = VramLedger(config)
-    ledger.set_resident("voice", ["voice"], {0: 15 * GB, 1: 15 * GB})
-    ledger.set_resident("router", ["router"], {0: 8 * GB})
-    host = SimulatedHost(dict(zip(NAMES, sizes, strict=True)))
-    residency = Residency(config, host, ledger, Counters())  # type: ignore[arg-type]
+    stack = SimulatedStack(config)  # voice 15 + 15 GB and router 8 GB resident, from their memory_gb
+    ledger, residency = stack.ledger, stack.residency
     refused = 0
     for specialist in sequence:
-        if host.resident("specialist_host") == [specialist]:
+        if stack.held == [specialist]:
             continue
         try:
             with residency.lock:
