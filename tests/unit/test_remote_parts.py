@@ -101,7 +101,7 @@ def test_back_off_doubles_is_capped_and_honours_retry_after_in_seconds_or_as_a_d
 
 
 def test_a_client_finds_its_curve_keys_only_where_curve_is_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.client import _curve_keys
+    from shared.client.discovery import curve_keys as _curve_keys
     from tests.stackproc import to_toml
 
     directory = tmp_path / "keys"
