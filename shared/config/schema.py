@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config.paths import default_keys_dir, default_run_dir
+from shared.config.toml_reader import TOMLDecodeError, parse_toml
 from shared.config.units import MB
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 
@@ -515,9 +515,9 @@ def load_config(path: str | os.PathLike[str]) -> LyraConfig:
     """Read and validate a TOML config file."""
     file = Path(path).expanduser()
     try:
-        raw = tomllib.loads(file.read_text())
+        raw = parse_toml(file.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
     return parse_config(raw, source=str(file.resolve()))
