@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
 from shared.kernels import overlap
+from shared.kernels.devices import resolve, runs_here
 
 CHUNK = 256  # cache positions per program: at short lengths one program per KV head does all the work
 BLOCK = 64  # positions per inner step
@@ -43,16 +43,9 @@ _kernels_made: tuple | None = None  # Triton kernels, made on first use (importi
 _tried: dict[tuple[torch.device, int, torch.dtype, bool], bool] = {}  # prepare()'s verdicts (the last: step)
 
 
-def _where(device: torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def usable(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool = False) -> bool:
     """True when `prepare()` found the kernel (with `step`: `attend_step`'s) working for this device, size, dtype."""
-    return _tried.get((_where(device), head_dim, dtype, step), False)
+    return runs_here(device) and _tried.get((resolve(device), head_dim, dtype, step), False)
 
 
 def prepare(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool = False) -> bool:
@@ -63,7 +56,9 @@ def prepare(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool 
     not a power of two of at least 16, the CPU without the interpreter, or a kernel that does not compile
     or answers wrongly (the caller then keeps the masked matmuls).
     """
-    device = _where(device)
+    device = resolve(device)
+    if not runs_here(device):
+        return False
     key = (device, head_dim, dtype, step)
     if key in _tried:
         return _tried[key]
@@ -72,8 +67,6 @@ def prepare(device: torch.device, head_dim: int, dtype: torch.dtype, step: bool 
         reason = "Triton is not installed"
     elif head_dim & (head_dim - 1) or head_dim < MIN_DOT:
         reason = f"head size {head_dim} is not a power of two of at least {MIN_DOT}"
-    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reason = f"{device.type} is not a CUDA device"
     else:
         reason = _trial_step(device, head_dim, dtype) if step else _trial(device, head_dim, dtype)
     _tried[key] = not reason

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from shared.kernels import overlap
+from shared.kernels.devices import resolve, runs_here
 
 logger = logging.getLogger(__name__)
 _kernels: tuple[Any, Any] | None = None  # made on first use (importing Triton takes a second)
@@ -62,16 +62,9 @@ PRELOAD_PER_THREAD = 64
 READ_AHEAD_TRIAL = Tiling(rows=8, columns=128, warps=1, stages=1)  # prepare(): blocks read ahead, then the loop
 
 
-def _where(device: torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """True when `prepare()` found the kernels working for this device and dtype."""
-    return _tried.get((_where(device), dtype), False)
+    return runs_here(device) and _tried.get((resolve(device), dtype), False)
 
 
 def prepare(device: torch.device, dtype: torch.dtype) -> bool:
@@ -81,17 +74,13 @@ def prepare(device: torch.device, dtype: torch.dtype) -> bool:
     the CPU without the interpreter, or a kernel that does not compile or answers wrongly (the caller then
     keeps torch's operations).
     """
-    device = _where(device)
+    device = resolve(device)
+    if not runs_here(device):
+        return False
     key = (device, dtype)
     if key in _tried:
         return _tried[key]
-    reason = ""
-    if importlib.util.find_spec("triton") is None:
-        reason = "Triton is not installed"
-    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reason = f"{device.type} is not a CUDA device"
-    else:
-        reason = _trial(device, dtype)
+    reason = "Triton is not installed" if importlib.util.find_spec("triton") is None else _trial(device, dtype)
     _tried[key] = not reason
     if reason and device.type == "cuda":
         logger.warning("decode product kernels not used on %s (%s): %s; the step keeps torch's operations",

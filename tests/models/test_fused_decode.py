@@ -51,6 +51,14 @@ def greedy(model: torch.nn.Module, step: object = None) -> tuple[list[int], torc
         return tokens, logits.clone()
 
 
+def test_on_the_cpu_the_step_runs_torchs_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Triton's interpreter the CPU never runs Lyra's kernels, whatever the kernel tests left behind."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with torch.inference_mode():
+        step = FusedStep(rank_model(LlamaConfig, Shard(0, 1)), CONTEXT)
+    assert not step.kernel and not step.products
+
+
 @pytest.mark.parametrize("kind", [LlamaConfig, Qwen2Config])
 def test_fused_step_equals_the_models_own_step(kind: type) -> None:
     model = rank_model(kind, Shard(0, 1))

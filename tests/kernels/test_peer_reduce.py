@@ -1,10 +1,9 @@
 """The peer all-reduce kernel sums every rank's tensor, the same bits on every rank, call after call.
 
-Run by Triton's CPU interpreter (see tests/models/test_decode_attention.py, which runs this file in a
-process of its own). Ranks are simulated in one process: each has its own buffer, epoch counters and
-failure count, and the table holds every buffer's address as a real group's would. The interpreter runs
-one program at a time, so a rank that waited for a peer's words would wait forever: every rank pushes
-first, then every rank gathers (on a GPU one launch does both).
+Run by Triton's CPU interpreter (tests/kernels/conftest.py). Ranks are simulated in one process: each
+has its own buffer, epoch counters and failure count, and the table holds every buffer's address as a
+real group's would. The interpreter runs one program at a time, so a rank that waited for a peer's words
+would wait forever: every rank pushes first, then every rank gathers (on a GPU one launch does both).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from shared.distributed.peer_reduce import exchange_words
 from shared.planning.rank_shares import PEER_BLOCK as BLOCK
 from shared.planning.rank_shares import peer_epochs, peer_words
 
+pytest.importorskip("triton", reason="Triton is not installed (the dev extra installs it on Linux x86-64)")
 pytestmark = pytest.mark.models
 CAPACITY = 3 * BLOCK  # three programs' worth: sizes below cross program edges
 
