@@ -57,7 +57,8 @@ def curve_keys(endpoint: str) -> transport.CurveKeys | None:
 
 
 def _keys_dir_for(endpoint: str) -> Path | None:
-    from shared.config.schema import ConfigError, default_keys_dir, load_config
+    from shared.config.paths import default_keys_dir
+    from shared.config.schema import ConfigError, load_config
 
     if os.environ.get("LYRA_KEYS_DIR"):
         return Path(os.environ["LYRA_KEYS_DIR"])

@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +23,7 @@ import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from shared.config.schema import ModelEntry
+from shared.config.secrets import MissingApiKey, api_key_from_env
 from shared.engine.cancel import Cancelled
 from shared.models.base import BackendError, LoadContext, LoadedModel, generation_settings, render_template
 from shared.models.openai_wire import (
@@ -375,14 +375,10 @@ def _softmax(logits: dict[str, float]) -> dict[str, float]:
 
 def _api_key(entry: ModelEntry) -> str | None:
     """The Bearer key from the variable `remote.api_key_env` names (never from the config file)."""
-    name = entry.remote.api_key_env
-    if not name:
-        return None
-    key = os.environ.get(name, "")
-    if not key:
-        raise BackendError(f"model {entry.name!r}: remote.api_key_env names ${name}, which is not set (or empty) in "
-                           "this service's environment")
-    return key
+    try:
+        return api_key_from_env(entry.remote.api_key_env, "remote.api_key_env")
+    except MissingApiKey as exc:
+        raise BackendError(f"model {entry.name!r}: {exc} in this service's environment") from None
 
 
 def load(entry: ModelEntry, context: LoadContext) -> RemoteModel:

@@ -113,7 +113,7 @@ def test_a_wrong_key_is_refused_with_401_at_once_naming_the_variable_not_the_key
     assert KEY_ENV in str(err.value) and "not-the-key" not in str(err.value)
     assert len(double.headers) == asked + 1  # not re-sent: another try would get the same answer
     monkeypatch.delenv(KEY_ENV)
-    with pytest.raises(BackendError, match=f"{KEY_ENV}, which is not set"):
+    with pytest.raises(BackendError, match=f"{KEY_ENV}, which is unset or empty"):
         load(double.base_url)
 
 
