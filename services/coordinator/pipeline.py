@@ -2,7 +2,9 @@
 
 Runs on the coordinator's pipeline thread, strictly one request at a time. It talks to workers only
 through `WorkerRegistry.call` and to the client only through the job's lifecycle, so it needs no sockets
-itself. A stage whose worker dies or restarts runs again on the new instance (`runtime.stage_retries`).
+itself. A stage whose worker dies or restarts runs again on the new instance (`runtime.stage_retries`);
+the specialist stage goes only to a host instance that holds its specialist, reloaded into it if not
+(a restarted host holds nothing), however the stage reached it: first send, re-send, or re-run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from services.coordinator.counters import Counters
 from services.coordinator.ledger import VramLedger
 from services.coordinator.requests import Job, Route
 from services.coordinator.swap import Residency
-from services.coordinator.workers import StageError, WorkerRegistry
+from services.coordinator.workers import Needs, StageError, WorkerRegistry
 from shared.config.schema import LyraConfig
 from shared.wire.messages import (
     ChatTurn,
@@ -110,20 +112,15 @@ class Pipeline:
                                      f"{wait:g} s to re-run {stage}", service, stage) from None
 
     def _stage(self, job: Job, timings: dict[str, float], stage: str, service: str, model: str | None,
-               request: Callable[[], Message], deadline: float, before: Callable[[], None] = lambda: None) -> Message:
-        """Run a streaming stage: a fresh call per attempt (its own id), `before` ahead of each re-run."""
+               request: Callable[[], Message], deadline: float, needs: Needs | None = None) -> Message:
+        """Run a streaming stage: a fresh call per attempt (its own id), each to an instance that `needs` allows."""
         job.life.started(stage, service, model)
         begun = time.monotonic()
         wait = self.config.runtime.heartbeat_timeout_s
-        first = True
 
         def attempt() -> Message:
-            nonlocal first
-            if not first:
-                before()
-            first = False
             reply: Message | None = None
-            for item in self.registry.call(service, request(), deadline, job.cancel, stage, wait):
+            for item in self.registry.call(service, request(), deadline, job.cancel, stage, wait, needs):
                 if isinstance(item, TokenEvent):
                     job.life.token(item.text, item.stage)
                 else:
@@ -152,7 +149,8 @@ class Pipeline:
         result = self._stage(job, timings, "specialist", SPECIALIST_HOST, specialist,
                              lambda: RunSpecialistRequest(parent_id=job.id, model=specialist, messages=turns,
                                                           image=job.request.image, options=job.request.options),
-                             deadlines.specialist, before=lambda: residency.restore(specialist, job.id, job.cancel))
+                             deadlines.specialist,
+                             Needs(specialist, lambda: residency.restore(specialist, job.id, job.cancel)))
         self._expect(result, SpecialistReply, SPECIALIST_HOST)
         assert isinstance(result, SpecialistReply)
         if result.image is not None:

@@ -87,8 +87,10 @@ class Coordinator:
             self.handoff_sockets.append(sock)
         return sock
 
-    def _send_to_worker(self, service: str, msg: Message) -> None:
-        transport.send_frames(self._handoff(), [b"w", service.encode(), msg.id.encode(), transport.encode(msg)])
+    def _send_to_worker(self, service: str, msg: Message, instance: str = "") -> None:
+        """Send to `service`'s `instance` ("" = whichever is registered when the I/O thread sends it)."""
+        transport.send_frames(self._handoff(), [b"w", service.encode(), msg.id.encode(), transport.encode(msg),
+                                                instance.encode()])
 
     def _send_to_client(self, peer: bytes, request_id: str, msg: Message) -> None:
         transport.send_frames(self._handoff(), [b"c", peer, request_id.encode(), transport.encode(msg)])
@@ -210,17 +212,18 @@ class Coordinator:
             self._forward(transport.recv_frames(self.inbox))
 
     def _forward(self, frames: list[bytes]) -> None:
-        kind, peer, request_id, payload = frames
+        kind, peer, request_id, payload, *rest = frames
         if kind == b"i":  # image checks finished on the intake thread
             for client, reply in self.client_handlers.finish_checked():
                 transport.send(self.clients, reply, client)
             return
         if kind == b"w":
-            service = peer.decode()
-            worker = self.registry.peer_of(service)
+            service, instance = peer.decode(), rest[0].decode()
+            # Only to the instance the call was made ready on: a newer one may not hold what it needs.
+            worker = self.registry.peer_of(service, instance)
             if worker is None or not transport.send_encoded(self.workers, payload, worker):
-                log.warning("%s is not connected; its call %s waits for it to come back", service,
-                            request_id.decode())
+                log.warning("%s%s is not connected; its call %s waits for it to come back", service,
+                            f" instance {instance}" if instance else "", request_id.decode())
                 self.registry.unreachable(service, request_id.decode(), worker)
             return
         if not self.backlog.send(self.clients, peer, request_id.decode(), payload):

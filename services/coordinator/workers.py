@@ -6,7 +6,9 @@ cancellation, or the worker dying or restarting mid-call. It never waits without
 
 The registry is the one record of what each worker holds: every report from the worker itself (its
 registration, each heartbeat, each load or unload reply) replaces it, in the order the worker sent them.
-The VRAM ledger's lines and the preload record are derived from it, never kept beside it.
+The VRAM ledger's lines and the preload record are derived from it, never kept beside it. A call is
+addressed to one instance of its worker: a message is never handed to a newer instance than the one the
+call's preconditions (the model it needs resident) were checked against.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from shared.wire.messages import (
 log = logging.getLogger(__name__)
 
 WAIT_STEP_S = 0.05
+RESTORE_TRIES = 3  # loads of a needed model before a call gives up (each may meet another restart)
 
 
 class StageError(Exception):
@@ -58,6 +61,14 @@ class WorkerGone:
     unsent: bool = False  # the request never reached the worker, so sending it again is safe
     code: ErrorCode = ErrorCode.worker_dead
     instance: str = ""  # the instance that went away; a call already resent to a newer one ignores it
+
+
+@dataclass(frozen=True)
+class Needs:
+    """A model the instance receiving a call must hold, and how to make it hold it (a swap, budget checked)."""
+
+    model: str
+    restore: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -111,13 +122,13 @@ class WorkerRegistry:
     """Thread-safe registry of workers and of calls waiting on them."""
 
     def __init__(self, services: tuple[str, ...], heartbeat_timeout_s: float,
-                 send: Callable[[str, Message], None]) -> None:
+                 send: Callable[[str, Message, str], None]) -> None:
         self.lock = threading.RLock()
         self.workers = {name: WorkerState(service=name) for name in services}
         self.pending: dict[str, PendingCall] = {}
         self.peers: dict[bytes, str] = {}  # routing id of each registered connection -> service
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.send = send  # thread-safe "send this message to that worker"
+        self.send = send  # thread-safe "send this message to that worker's instance" ("" = whichever is registered)
         self.changed = threading.Condition(self.lock)
 
     # ------------------------------------------------------------ fed by the I/O thread
@@ -170,10 +181,14 @@ class WorkerRegistry:
         with self.lock:
             return self.peers.get(peer)
 
-    def peer_of(self, service: str) -> bytes | None:
-        """Where to send to `service`: its registered connection (None before it registered)."""
+    def peer_of(self, service: str, instance: str = "") -> bytes | None:
+        """Where to send to `service`: its registered connection; None before it registered, or when `instance`
+        is given and another instance has registered since (the message was meant for the one before)."""
         with self.lock:
-            return self.workers[service].peer or None
+            state = self.workers[service]
+            if instance and state.instance != instance:
+                return None
+            return state.peer or None
 
     def seen(self, service: str) -> None:
         with self.lock:
@@ -197,7 +212,7 @@ class WorkerRegistry:
         """A request could not be delivered to connection `peer`: the worker is gone (it may be restarting)."""
         with self.lock:
             state = self.workers[service]
-            if peer is None or peer == state.peer:  # not a newer instance that registered meanwhile
+            if peer is not None and peer == state.peer:  # the registered connection itself is gone
                 state.alive = False
             call = self.pending.get(call_id)
             if call is not None:
@@ -245,16 +260,32 @@ class WorkerRegistry:
                 self.changed.wait(min(left, WAIT_STEP_S * 4))
             return self.workers[service]
 
+    def ready(self, service: str, needs: Needs | None, cancel: threading.Event, missing_wait_s: float) -> str:
+        """The instance a call goes to: registered, alive, and holding `needs.model` (restored first if not)."""
+        for _ in range(RESTORE_TRIES):
+            state = self.wait_up(service, missing_wait_s, cancel)
+            with self.lock:
+                if not state.alive:
+                    continue  # it went away again since wait_up returned
+                if needs is None or needs.model in state.resident:
+                    return state.instance
+            needs.restore()
+        if needs is None:
+            raise StageError(ErrorCode.worker_dead, f"{service} went away {RESTORE_TRIES} times as a call to it was "
+                             "sent", service)
+        raise StageError(ErrorCode.worker_error, f"{service} does not hold {needs.model} after {RESTORE_TRIES} "
+                         "loads of it", service)
+
     def call(self, service: str, request: Message, deadline_s: float, cancel: threading.Event,
-             stage: str, missing_wait_s: float) -> Iterator[Message]:
-        """Send `request` to `service`; yield its stream events, then its reply; raise StageError."""
-        state = self.wait_up(service, missing_wait_s, cancel)
+             stage: str, missing_wait_s: float, needs: Needs | None = None) -> Iterator[Message]:
+        """Send `request` to `service` (to an instance holding `needs.model`, when given); yield its stream
+        events, then its reply; raise StageError."""
+        call = PendingCall(service, self.ready(service, needs, cancel, missing_wait_s))
         with self.lock:
-            call = PendingCall(service, state.instance)
             self.pending[request.id] = call
         try:
-            self.send(service, request)
-            yield from self._await(call, request, deadline_s, cancel, stage, missing_wait_s)
+            self.send(service, request, call.instance)
+            yield from self._await(call, request, deadline_s, cancel, stage, missing_wait_s, needs)
         finally:
             with self.lock:
                 self.pending.pop(request.id, None)
@@ -269,16 +300,16 @@ class WorkerRegistry:
         return reply
 
     def _await(self, call: PendingCall, request: Message, deadline_s: float, cancel: threading.Event,
-               stage: str, missing_wait_s: float) -> Iterator[Message]:
+               stage: str, missing_wait_s: float, needs: Needs | None) -> Iterator[Message]:
         service, deadline = call.service, time.monotonic() + deadline_s
         resent = False
         while True:
             if cancel.is_set():
-                self.send(service, CancelCallRequest(parent_id=request.id))
+                self.send(service, CancelCallRequest(parent_id=request.id), call.instance)
                 raise StageError(ErrorCode.cancelled, f"cancelled during {stage}", service, stage)
             left = deadline - time.monotonic()
             if left <= 0:
-                self.send(service, CancelCallRequest(parent_id=request.id))
+                self.send(service, CancelCallRequest(parent_id=request.id), call.instance)
                 raise StageError(ErrorCode.deadline,
                                  f"{service} did not finish {stage} within its {deadline_s:g} s deadline", service,
                                  stage)
@@ -289,12 +320,17 @@ class WorkerRegistry:
             if isinstance(item, WorkerGone) and item.instance != call.instance:
                 continue  # news of an instance this call no longer waits on (it was resent to a newer one)
             if isinstance(item, WorkerGone) and item.unsent and not resent:
+                # The instance it was addressed to is gone: the next one may hold nothing (a restarted specialist
+                # host), so it is made ready the way a first send is. Waiting and restoring have bounds of their
+                # own and do not eat into the stage's deadline.
                 log.info("%s was unreachable; waiting for it to come back, then resending", service)
-                state = self.wait_up(service, missing_wait_s, cancel, replacing=None)
+                began = time.monotonic()
+                instance = self.ready(service, needs, cancel, missing_wait_s)
+                deadline += time.monotonic() - began
                 with self.lock:
-                    call.instance = state.instance
+                    call.instance = instance
                 resent = True
-                self.send(service, request)
+                self.send(service, request, instance)
                 continue
             if isinstance(item, WorkerGone):
                 raise StageError(item.code, f"{item.reason} during {stage}", service, stage, call.instance)

@@ -1,5 +1,5 @@
-"""One record of what each worker holds: the registry's, from the workers' own reports; the ledger's lines
-and the preload record are derived from it."""
+"""One record of what each worker holds: the registry's, from the workers' own reports; the ledger's lines,
+the preload record and where a call may go are derived from it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from services.coordinator.workers import StageError
+from services.coordinator.workers import Needs, StageError
 from shared.config.schema import parse_config
 from shared.wire.messages import (
+    ChatTurn,
     ErrorCode,
     LoadRequest,
     Message,
+    RunSpecialistRequest,
+    SpecialistReply,
     WorkerError,
 )
 from shared.wire.names import SPECIALIST_HOST
@@ -85,3 +88,30 @@ def test_a_preload_unloaded_before_its_request_is_counted_as_wasted(stack: Simul
     stack.residency.preload("philosopher", "next", threading.Event())
     swap(stack, "pragmatist")
     assert stack.counters.values["wasted_preloads"] == 1
+
+
+def run(stack: SimulatedStack, specialist: str) -> SpecialistReply:
+    request = RunSpecialistRequest(model=specialist, messages=[ChatTurn(role="user", content="x")])
+    needs = Needs(specialist, lambda: stack.residency.restore(specialist, "r", threading.Event()))
+    items = list(stack.registry.call(HOST, request, 5.0, threading.Event(), "specialist", 1.0, needs))
+    assert isinstance(items[-1], SpecialistReply)
+    return items[-1]
+
+
+def test_a_call_needing_a_specialist_reloads_it_into_a_restarted_host_first(stack: SimulatedStack) -> None:
+    swap(stack, "pragmatist")
+    instance = stack.restart_host()
+    assert run(stack, "pragmatist").text == "ran"
+    kinds = [(type(msg).__name__, to) for _, msg, to in stack.sent[-2:]]
+    assert kinds == [("LoadRequest", instance), ("RunSpecialistRequest", instance)]
+
+
+def test_a_call_resent_after_the_host_restarted_reloads_its_specialist_first(stack: SimulatedStack) -> None:
+    """The host exits as the call is sent (`supervisorctl restart` between two requests): the call goes again,
+    to the new instance, once it holds the specialist."""
+    swap(stack, "pragmatist")
+    stack.die_before = RunSpecialistRequest
+    assert run(stack, "pragmatist").text == "ran"
+    runs = [to for _, msg, to in stack.sent if isinstance(msg, RunSpecialistRequest)]
+    assert len(runs) == 2 and runs[0] != runs[1] == stack.registry.holding(HOST).instance
+    assert stack.held == ["pragmatist"]
