@@ -81,7 +81,8 @@ class ClientHandlers:
     def handle(self, got: Received, stopping: bool) -> list[Message]:
         """Replies for one received frame (malformed frames get a typed error)."""
         if got.error is not None:
-            self.refusals.warning("client message refused: %s: %s", got.error.code.value, got.error.message)
+            self.refusals.warning("client message refused: %s: %s", got.error.code.value, got.error.message,
+                                  key=got.error.code.value)
             return [self._error(got.error.msg_id, got.error.code, got.error.message)]
         msg = got.message
         assert msg is not None and got.peer is not None
@@ -90,7 +91,8 @@ class ClientHandlers:
             return [self._error(msg.id, ErrorCode.invalid_request,
                                 f"{msg.type} is not a client request")]  # type: ignore[attr-defined]
         if self.secret is not None and not matches(self.secret, msg.secret):  # type: ignore[attr-defined]
-            log.warning("%s without the stack secret refused", msg.type)  # type: ignore[attr-defined]
+            self.refusals.warning("%s without the stack secret refused", msg.type,  # type: ignore[attr-defined]
+                                  key="no secret")
             return [self._error(msg.id, ErrorCode.unauthorized, "this tcp endpoint needs the stack secret: pass "
                                 f"secret= or set LYRA_SECRET (it is in {self.config.secret_path()})")]
         return handler(msg, got.peer, stopping)

@@ -97,21 +97,55 @@ class ClientPacer:
             del self.buckets[peer]
 
 
-class QuietLog:
-    """Warnings that a flood could repeat thousands of times a second: at most one line a second, with a count."""
+@dataclass
+class _Window:
+    """One kind of refusal: when it may be logged again, and what was held back meanwhile."""
 
-    def __init__(self, logger: logging.Logger, every_s: float = 1.0) -> None:
+    next_at: float = 0.0
+    suppressed: int = 0
+    last: str = ""  # the last one held back, as it would have read
+
+
+class QuietLog:
+    """Refusals that a flood could repeat thousands of times a second: per kind (`key`), at most one line a
+    second, the next line counting those held back; `flush` reports those still untold once their second is up."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 max_kinds: int = 256) -> None:
         self.logger = logger
         self.every_s = every_s
-        self.next_at = 0.0
-        self.suppressed = 0
+        self.clock = clock
+        self.max_kinds = max_kinds  # kinds are chosen by our code, but never let them grow without a bound
+        self.windows: dict[str, _Window] = {}
 
-    def warning(self, text: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
+    def warning(self, text: str, *args: object, key: str = "") -> None:
+        self.log(logging.WARNING, text, *args, key=key)
+
+    def error(self, text: str, *args: object, key: str = "") -> None:
+        self.log(logging.ERROR, text, *args, key=key)
+
+    def log(self, level: int, text: str, *args: object, key: str = "") -> None:
+        now = self.clock()
+        window = self.windows.get(key)
+        if window is None:
+            if len(self.windows) >= self.max_kinds:
+                self.flush(force=True)
+                self.windows.clear()
+            window = self.windows[key] = _Window()
+        if now < window.next_at:
+            window.suppressed += 1
+            window.last = text % args if args else text
             return
-        if self.suppressed:
-            text += f" (and {self.suppressed} more refusals in the last {self.every_s:g}s)"
-        self.suppressed, self.next_at = 0, now + self.every_s
-        self.logger.warning(text, *args)
+        if window.suppressed:
+            text += f" (and {window.suppressed} more refusals in the last {self.every_s:g}s)"
+        window.suppressed, window.next_at = 0, now + self.every_s
+        self.logger.log(level, text, *args)
+
+    def flush(self, force: bool = False) -> None:
+        """Log the count of refusals held back whose window has closed (a flood that stopped is still told)."""
+        now = self.clock()
+        for window in self.windows.values():
+            if window.suppressed and (force or now >= window.next_at):
+                self.logger.warning("%d more refusals like this within %gs were not logged (the last: %s)",
+                                    window.suppressed, self.every_s, window.last)
+                window.suppressed, window.next_at = 0, now + self.every_s

@@ -165,6 +165,8 @@ class Coordinator:
             for request_id in self.backlog.retry(self.clients):
                 self._client_lost(request_id)
             self._log_refused_handshakes()
+            self.client_handlers.refusals.flush()  # a flood of refusals that stopped still gets its count logged
+            self.worker_handlers.strangers.flush()
             if time.monotonic() - now > self.config.runtime.heartbeat_interval_s:
                 # This pass was long (a burst of large frames): heartbeats that arrived meanwhile wait unread in
                 # the worker socket, and must count before anyone is judged silent.

@@ -43,7 +43,9 @@ class WorkerHandlers:
         self.registry = registry
         self.residency = residency
         self.secret = secret  # None only with runtime.auth = "none"
-        self.strangers = QuietLog(log)  # a stranger's flood must not become a flood of log lines
+        # A stranger's flood must not become a flood of log lines: refusals are logged at most once a second per
+        # kind, with a count of those held back (20,000 registrations without the secret wrote 20,000 lines).
+        self.strangers = QuietLog(log)
         self.table: dict[type, Handler] = {RegisterRequest: self.register, HeartbeatEvent: self.heartbeat,
                                            LoadReply: self.load_reply}
 
@@ -119,13 +121,15 @@ class WorkerHandlers:
             self.strangers.warning("registration as unknown service %r (pid %d) refused", name, msg.pid)
             return ErrorEvent(parent_id=msg.id, code=ErrorCode.invalid_request, message=f"unknown service {name!r}")
         if self.secret is not None and not matches(self.secret, msg.secret):
-            log.warning("registration as %s (pid %d) refused: %s stack secret", msg.service, msg.pid,
-                        "wrong" if msg.secret else "no")
+            which = "wrong" if msg.secret else "no"
+            self.strangers.warning("registration as %s (pid %d) refused: %s stack secret", msg.service, msg.pid,
+                                   which, key=f"{msg.service} {which} secret")
             return ErrorEvent(parent_id=msg.id, code=ErrorCode.unauthorized,
                               message=f"registration as {msg.service} refused: it must carry the stack secret "
                                       f"from {self.config.secret_path()} (written by `lyra up`)")
         if msg.schema_version.split(".")[0] != str(SCHEMA_MAJOR):
-            log.error("%s speaks schema %s; refused", msg.service, msg.schema_version)
+            self.strangers.error("%s speaks schema %s; refused", msg.service, msg.schema_version[:32],
+                                 key=f"{msg.service} schema")
             return ErrorEvent(parent_id=msg.id, code=ErrorCode.schema_version,
                               message=f"schema {msg.schema_version} refused: the coordinator speaks {SCHEMA_MAJOR}.x")
         return None
