@@ -276,6 +276,11 @@ class Coordinator:
 
 def run(config: LyraConfig) -> int:
     """Entry point used by `python -m services.coordinator`."""
+    for endpoint in (config.client_endpoint(), config.worker_endpoint()):
+        problem = transport.endpoint_problem(endpoint)  # a shared directory: refused before anything is bound
+        if problem is not None:
+            log.critical("coordinator cannot start: %s", problem)
+            return 2
     try:
         coordinator = Coordinator(config)
     except (SecretError, keys.KeyFileError) as exc:  # an exposed or missing secret or key: refuse to serve

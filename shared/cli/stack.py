@@ -21,6 +21,7 @@ from typing import Any
 from shared.client import Client, LyraError, stack_record
 from shared.config.paths import project_file
 from shared.config.schema import LyraConfig
+from shared.wire import transport
 from shared.wire.messages import StatusReply
 from shared.wire.names import GATEWAY, WORKER_SERVICES
 from shared.wire.stack_secret import create_secret
@@ -111,6 +112,10 @@ def up(config: LyraConfig, timeout_s: float, progress: Callable[[str], None]) ->
     Whatever goes wrong after supervisord started (a program that keeps crashing, the timeout), the
     stack is stopped again before the StackError is raised: `up` never leaves a broken stack running.
     """
+    for endpoint in (config.client_endpoint(), config.worker_endpoint()):
+        problem = transport.endpoint_problem(endpoint)  # the coordinator would refuse it: say so before starting
+        if problem is not None:
+            raise StackError(problem)
     run_dir = claim(config)
     make_private(run_dir)
     if config.runtime.auth == "secret":

@@ -158,13 +158,46 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
 # ---------------------------------------------------------------- sockets
 
 
+class EndpointError(Exception):
+    """An endpoint this process refuses to bind; the message says why and what to change."""
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why an ipc:// endpoint must not be bound, or None: its directory exists and every user may write to it
+    (a shared one like /tmp, where anyone could put a socket of their own in its place)."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    directory = Path(endpoint[len("ipc://"):]).parent
+    try:
+        mode = directory.stat().st_mode
+    except FileNotFoundError:
+        return None  # it will be created, private
+    if mode & stat.S_IWOTH:
+        return (f"refusing ipc endpoint {endpoint}: its directory {directory} is writable by every user (mode "
+                f"{stat.S_IMODE(mode):04o}); put the socket in a private directory, e.g. the run directory")
+    return None
+
+
 def prepare_endpoint(endpoint: str) -> None:
-    """Create the private directory of an ipc:// endpoint (mode 0700) and remove a stale socket file."""
+    """Make an ipc:// endpoint's directory ready and remove a stale socket file; raise EndpointError for a
+    directory every user may write to.
+
+    Directories that are missing are created owner-only (0700, whatever the umask); an existing directory's
+    mode is never changed: Lyra did not create it, and it may be shared (as root, chmod 0700 of /tmp would
+    lock every other user out of it).
+    """
+    problem = endpoint_problem(endpoint)
+    if problem is not None:
+        raise EndpointError(problem)
     if not endpoint.startswith("ipc://"):
         return
     path = Path(endpoint[len("ipc://"):])
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, stat.S_IRWXU)
+    for directory in reversed([d for d in (path.parent, *path.parent.parents) if not d.exists()]):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, left as it is
+        os.chmod(directory, stat.S_IRWXU)
     if path.exists():
         path.unlink()
 
