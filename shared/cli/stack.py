@@ -83,11 +83,14 @@ def stack_env(config: LyraConfig) -> dict[str, str]:
 def make_private(run_dir: Path) -> None:
     """Owner-only run directory and logs, including logs an older stack left readable.
 
-    supervisord's umask makes new files 0600, but it appends to an existing log without changing its mode.
+    supervisord's umask makes the files of its programs 0600, but it opens its own log before applying it
+    (0644 under a login's umask), and it appends to an existing log without changing its mode: so the log
+    is created here, 0600, before supervisord starts.
     """
     for directory in (run_dir, run_dir / "logs"):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
+    (run_dir / "supervisord.log").touch(mode=0o600)
     for path in [*(run_dir / "logs").iterdir(), *run_dir.glob("supervisord.log*")]:
         if path.is_file():
             os.chmod(path, 0o600)

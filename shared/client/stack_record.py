@@ -42,6 +42,8 @@ def record_path(run_dir: Path) -> Path:
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     """Record a started stack in its run directory and point the state home at it."""
+    record_path(run_dir).touch(mode=0o600)
+    record_path(run_dir).chmod(0o600)  # owner only, like everything in the run directory (an old record too)
     record_path(run_dir).write_text(json.dumps(record, indent=2))
     pointer_file().parent.mkdir(parents=True, exist_ok=True)
     pointer_file().write_text(json.dumps({"run_dir": str(run_dir)}))
