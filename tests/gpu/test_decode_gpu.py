@@ -12,6 +12,7 @@ from shared.engine import decode
 from shared.models import hf_causal
 from shared.models.weight_cache import HostWeightCache
 from shared.wire.messages import ChatTurn, GenerationOptions
+from tests.gpu.memory import settle
 from tests.models import tiny
 
 pytestmark = [pytest.mark.models, pytest.mark.gpu,
@@ -82,14 +83,19 @@ def test_the_fused_build_hands_back_the_weights_it_restacked() -> None:
     def slack() -> int:  # what torch's allocator holds beyond live tensors
         return torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
-    torch.cuda.empty_cache()
-    before = slack()
+    settle()  # what earlier tests left is freed now, not during the build
     engine = decode.DecodeEngine(model, tiny.build_tokenizer(), "fused", "fused", 512)
     engine.prepare()
     assert engine.describe() == "fused graphs"
+    torch.cuda.synchronize()
+    built = slack()
+    torch.cuda.empty_cache()
     # q/k/v and gate/up were copied side by side (0.64 GB) and the originals freed: kept, most of them stayed
-    # with the allocator (7.4 of 9.1 GB at the 8B shape); what the build may add is its graph pool's slack
-    assert slack() - before < 0.1 * weights
+    # with the allocator (7.4 of 9.1 GB at the 8B shape). The build hands back every block it can, so one
+    # more empty_cache() finds next to nothing. (How much the slack grows depends on what earlier tests left
+    # in this process: 15 MB alone, 504 MB after test_gpu_swap and test_hf_causal_gpu, all of it in segments
+    # that still hold live blocks, which no empty_cache() returns; 1 x H100.)
+    assert built - slack() < 0.02 * weights, (built, slack())
     engine.release()
 
 

@@ -11,6 +11,7 @@ import torch
 
 from shared.models import hf_causal
 from shared.wire.messages import ChatTurn, GenerationOptions, RouteLabel
+from tests.gpu.memory import settle
 from tests.models import tiny
 
 pytestmark = [pytest.mark.models, pytest.mark.gpu,
@@ -35,7 +36,7 @@ def _exercise(loaded: hf_causal.HfCausalModel) -> None:
 
 
 def test_whole_model_on_the_first_gpu_and_unload_returns_memory(tiny_checkpoints: dict[str, Path]) -> None:
-    torch.cuda.empty_cache()
+    settle()  # what earlier tests left is freed now, not by this test's unload
     baseline = torch.cuda.memory_allocated(0)
     loaded = hf_causal.load(tiny.entry("gpu", tiny_checkpoints["llama"]), tiny.cpu_context(gpus=PHYSICAL))
     assert loaded.model.device == torch.device("cuda", 0)
