@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from queue import SimpleQueue
 
+from services.coordinator.admission import option_problem
 from services.coordinator.images import BadImage, ImageLimits, check_image
 from services.coordinator.intake import QuietLog, SlowIntake
 from services.coordinator.ledger import VramLedger
@@ -53,7 +54,7 @@ def invalid_chat(config: LyraConfig, msg: ChatRequest) -> str | None:
         return "the last message of the conversation must be the user's"
     if msg.specialist and msg.specialist not in config.specialists:
         return f"unknown specialist {msg.specialist!r}; choose one of {', '.join(config.specialists)}"
-    return None
+    return option_problem(config, msg)
 
 
 class ClientHandlers:

@@ -112,6 +112,18 @@ def _clip(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+# Pydantic's errors for a value of the right type outside its documented range.
+RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+                          "too_long", "too_short", "string_too_long", "string_too_short", "multiple_of"})
+
+
+def _options_out_of_range(kind: str, errors: list[Any]) -> bool:
+    """A well-formed chat request whose only fault is option values outside their ranges: `invalid_request`
+    (unacceptable, as ErrorCode says of bad options), not `bad_message` (malformed)."""
+    return kind == "chat_request" and all(
+        tuple(error["loc"][1:2]) == ("options",) and error["type"] in RANGE_ERRORS for error in errors)
+
+
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse and validate one frame; raise WireError for anything else (and nothing else)."""
     if len(frame) > max_bytes:
@@ -147,8 +159,12 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     try:
         return MESSAGE_ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        first = errors[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "(message)"
+        if _options_out_of_range(kind, errors):
+            raise WireError(ErrorCode.invalid_request, f"{_clip(where)} is {_clip(repr(first['input']))}: "
+                            f"{_clip(first['msg'], 200)}", msg_id) from None
         raise WireError(ErrorCode.bad_message, f"invalid {kind}: {_clip(where)}: {_clip(first['msg'], 200)}",
                         msg_id) from None
     except Exception as exc:  # a validator tripped on a shape it never expected: still only our wire error
