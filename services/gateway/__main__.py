@@ -14,6 +14,9 @@ import uvicorn
 from services.gateway.app import build_app
 from services.gateway.state import Gateway, GatewayConfigError
 from shared.config.schema import ConfigError, load_config
+from shared.runtime.parent_watch import end_with_parent
+from shared.runtime.process import EXIT_GRACE_S
+from shared.wire.names import GATEWAY
 
 log = logging.getLogger("services.gateway")
 
@@ -33,6 +36,7 @@ def run(config_path: str) -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests get runtime.drain_s to finish."""
     try:
         config = load_config(config_path)
+        end_with_parent(GATEWAY, config.runtime.drain_s + EXIT_GRACE_S)  # never outlives its supervisord
         os.environ["LYRA_CONFIG"] = config.source  # its coordinator clients find this config's Curve keys
         gw = Gateway(config)
         sock = bind(config.gateway.host, config.gateway.port)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from shared.cli import stack
 from shared.cli.render import VoiceText, route_note, save_image
-from shared.client import Client, LyraError, StackNotFoundError, find_stack
+from shared.client import Client, LyraError, find_stack, leftovers, stack_record
 from shared.config.paths import ProjectFileMissing, default_config
 from shared.config.schema import ConfigError, load_config
 from shared.config.units import GB, format_gb
@@ -89,12 +90,16 @@ def target_run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    try:
+    if args.run_dir or args.config:
         run_dir = target_run_dir(args)
-    except StackNotFoundError as exc:  # nothing live; a stale record was cleaned up on the way
-        print(f"no stack was running ({exc.message})")
-        return 0
-    print(f"stopped the stack in {run_dir}" if stack.down(run_dir, args.timeout) else "no stack was running")
+    elif os.environ.get("LYRA_ENDPOINT") and not os.environ.get("LYRA_RUN_DIR"):
+        raise InputError("LYRA_ENDPOINT names an endpoint, not a stack: pass --run-dir or -c CONFIG")
+    else:  # the stack `lyra chat` would use, live or not: a stack whose supervisord died may have left processes
+        run_dir = stack_record.current_run_dir()
+    stopped = stack.down(run_dir, args.timeout)
+    print(f"stopped {stopped}" if stopped else f"no stack was running in {run_dir}")
+    if not leftovers.can_scan():
+        print(f"note: {leftovers.SCAN_UNAVAILABLE}")
     return 0
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.client import Client, LyraError, stack_record
+from shared.client import Client, LyraError, leftovers, stack_record
 from shared.config.paths import project_file
 from shared.config.schema import LyraConfig
 from shared.wire import transport
@@ -28,6 +28,7 @@ from shared.wire.stack_secret import create_secret
 
 CRASH_STARTS = 3  # a program started this many times while `up` waits keeps crashing: give up
 LOG_TAIL = 15  # lines of the failing service's log that `up` prints
+ORPHAN_STOP_S = 15  # like supervisord's stopwaitsecs: a service drains within runtime.drain_s of SIGTERM
 
 
 class StackError(Exception):
@@ -99,13 +100,12 @@ def make_private(run_dir: Path) -> None:
 def claim(config: LyraConfig) -> Path:
     """The config's run directory, refused (StackError naming the owner's pid) while a live stack uses it."""
     run_dir = config.run_dir()
-    stale = stack_record.record_path(run_dir)
-    if stale.exists() and supervisord_pid(run_dir) is None:
-        stack_record.clean_stale(run_dir, {"client_endpoint": config.client_endpoint(),
-                                           "worker_endpoint": config.worker_endpoint()})
     reason = stack_record.in_use(run_dir, [config.client_endpoint(), config.worker_endpoint()])
     if reason is not None:
         raise StackError(reason)
+    if stack_record.record_path(run_dir).exists():  # a stack that is gone, processes and all: its files go
+        stack_record.clean_stale(run_dir, {"client_endpoint": config.client_endpoint(),
+                                           "worker_endpoint": config.worker_endpoint()})
     return run_dir
 
 
@@ -228,17 +228,29 @@ def wait_ready(endpoint: str, timeout_s: float, progress: Callable[[str], None],
             time.sleep(0.3)
 
 
-def down(run_dir: Path, timeout_s: float = 60) -> bool:
-    """Stop every service and the supervisord of `run_dir`; True when something was running."""
+def down(run_dir: Path, timeout_s: float = 60) -> str | None:
+    """Stop every service and the supervisord of `run_dir`, and whatever an earlier stack left running there
+    (its supervisord killed); what was stopped, in words, or None when nothing ran."""
     pid = supervisord_pid(run_dir)
-    if pid is None:
-        stack_record.remove_record(run_dir)
-        return False
-    supervisorctl(run_dir, "shutdown", timeout_s=timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while supervisord_pid(run_dir) is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if supervisord_pid(run_dir) is not None:  # supervisord itself is stuck: end it and its group
-        os.kill(pid, signal.SIGKILL)
+    stopped = None
+    if pid is not None:
+        supervisorctl(run_dir, "shutdown", timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while supervisord_pid(run_dir) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if supervisord_pid(run_dir) is not None:  # supervisord itself is stuck: end it and its group
+            os.kill(pid, signal.SIGKILL)
+        stopped = f"the stack in {run_dir}"
+    left = leftovers.stack_processes(run_dir)
+    if left:
+        still = leftovers.stop(left, min(timeout_s, ORPHAN_STOP_S))
+        if still:
+            raise StackError(f"could not stop {leftovers.describe(still)} of the stack in {run_dir}")
+        stopped = f"{stopped}, and what was left of an earlier one: " if stopped else \
+            f"what was left of the stack in {run_dir}: "
+        stopped += leftovers.describe(left)
+    record = stack_record.read_record(run_dir)
+    if record is not None:
+        stack_record.clean_stale(run_dir, record)  # sockets and control files nobody serves any more
     stack_record.remove_record(run_dir)
-    return True
+    return stopped

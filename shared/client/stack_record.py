@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from shared.client import leftovers
 from shared.config.paths import default_run_dir, state_dir
 
 RECORD = "stack.json"
@@ -61,6 +62,11 @@ def _pointed_run_dir() -> Path | None:
         return Path(json.loads(pointer_file().read_text())["run_dir"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record in `run_dir`, live or stale; None when there is none (or it is unreadable)."""
+    return _read(record_path(run_dir))
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -152,20 +158,30 @@ def clean_stale(run_dir: Path, record: dict[str, Any]) -> list[str]:
     return [str(record_path(run_dir)), *removed]
 
 
+def current_run_dir() -> Path:
+    """The run directory commands act on by default: $LYRA_RUN_DIR, else the stack started last's, else the
+    default one (whether or not a stack lives there)."""
+    if os.environ.get("LYRA_RUN_DIR"):
+        return Path(os.environ["LYRA_RUN_DIR"])
+    return _pointed_run_dir() or default_run_dir()
+
+
 def live_record(run_dir: Path | None = None) -> dict[str, Any]:
     """The record of the live stack of `run_dir` (default: the one started last, else the default run dir).
 
     Raises NoStack when there is none; a stale record is cleaned up first and the message says so.
     """
     if run_dir is None:
-        run_dir = Path(os.environ["LYRA_RUN_DIR"]) if os.environ.get("LYRA_RUN_DIR") else (
-            _pointed_run_dir() or default_run_dir())
+        run_dir = current_run_dir()
     record = _read(record_path(run_dir))
     if record is None:
         remove_record(run_dir)  # a pointer to a stopped stack leads nowhere
         raise NoStack(f"no running Lyra stack found in {run_dir}: start one with `lyra up -c CONFIG` "
                       "(or pass --run-dir / set LYRA_RUN_DIR or LYRA_ENDPOINT)")
     if supervisord_pid(run_dir) is None:
+        left = leftovers.stack_processes(run_dir)
+        if left:  # keep the record: `lyra down` finds the run directory through it
+            raise NoStack(orphans_message(run_dir, left, record.get("supervisord_pid")))
         clean_stale(run_dir, record)
         raise NoStack(f"the stack recorded in {run_dir} is gone (supervisord pid {record.get('supervisord_pid')} "
                       "is not running); its state and socket files were removed: start it again with "
@@ -189,13 +205,24 @@ def endpoint_gone(endpoint: str) -> str | None:
             "the stack is gone; start it with `lyra up -c CONFIG`")
 
 
+def orphans_message(run_dir: Path, left: list[leftovers.StackProcess], supervisord: object = None) -> str:
+    """What to say about processes of a stack whose supervisord is gone, and how to stop them."""
+    lost = f" (pid {supervisord})" if supervisord else ""
+    return (f"the stack in {run_dir} lost its supervisord{lost}, but processes of it still run: "
+            f"{leftovers.describe(left)}; stop them with `lyra down --run-dir {run_dir}`")
+
+
 def in_use(run_dir: Path, endpoints: list[str]) -> str | None:
-    """Why a new stack may not start in `run_dir` with `endpoints`: a live owner, named by pid; else None."""
+    """Why a new stack may not start in `run_dir` with `endpoints`: a live owner or processes an earlier stack
+    left there, named by pid; else None."""
     owner = supervisord_pid(run_dir)
     if owner is not None:
         config = (_read(record_path(run_dir)) or {}).get("config", "?")
         return (f"run directory {run_dir} is in use by a live Lyra stack (supervisord pid {owner}, config {config}): "
                 f"stop it with `lyra down --run-dir {run_dir}`, or give this config its own runtime.run_dir")
+    left = leftovers.stack_processes(run_dir)
+    if left:
+        return orphans_message(run_dir, left, (_read(record_path(run_dir)) or {}).get("supervisord_pid"))
     return taken(endpoints)
 
 

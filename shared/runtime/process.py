@@ -8,6 +8,7 @@ import os
 import sys
 
 from shared.config.schema import ConfigError, LyraConfig, load_config
+from shared.runtime.parent_watch import end_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,14 @@ def guard_user_text(debug_content: bool) -> None:
     logging.setLogRecordFactory(guarded)
 
 
+EXIT_GRACE_S = 5.0  # beyond runtime.drain_s: how long a service whose supervisor died may take to stop
+
+
 def config_from_args(service: str, argv: list[str] | None = None) -> LyraConfig:
-    """Parse `--config` (default: $LYRA_CONFIG) and load it, exiting with one clear line on error."""
+    """Parse `--config` (default: $LYRA_CONFIG) and load it, exiting with one clear line on error.
+
+    The process ends with its supervisor from here on (see `parent_watch`).
+    """
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}")
     parser.add_argument("--config", "-c", default=os.environ.get("LYRA_CONFIG", ""), help="TOML config file")
     args = parser.parse_args(argv)
@@ -63,6 +70,7 @@ def config_from_args(service: str, argv: list[str] | None = None) -> LyraConfig:
     except ConfigError as exc:
         log.critical("%s", exc)
         raise SystemExit(2) from None
+    end_with_parent(service, config.runtime.drain_s + EXIT_GRACE_S)
     guard_user_text(config.runtime.debug_content)
     return config
 

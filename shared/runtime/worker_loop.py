@@ -163,6 +163,7 @@ class ServiceLoop:
         self.stopping = threading.Event()
         self.registered = False
         self.refusals = 0  # failed Curve handshakes with the coordinator
+        self.secret: str | None = None  # the stack secret this worker started with; never replaced
 
     # ------------------------------------------------------------ job thread
 
@@ -226,6 +227,7 @@ class ServiceLoop:
         except KeyFileError as exc:
             log.critical("cannot connect to the coordinator under Curve: %s", exc)
             return 2
+        self._secret()  # bound to the stack this process was started for, before a model load of minutes
         self.worker.startup()
         sock = transport.connect_dealer(
             self.ctx, self.config.worker_endpoint(), self.config.max_message_bytes(), identity=self.identity,
@@ -337,7 +339,10 @@ class ServiceLoop:
                      "superseded this one): registering again")
             self.registered = False
         elif msg.code == ErrorCode.unauthorized:
-            # Keep trying (the secret file is read again each time): `lyra up` may be writing a new one.
+            if self._belongs_to_an_earlier_stack():
+                log.critical("the coordinator refused this worker, and %s now holds another stack's secret: this "
+                             "worker belongs to a stack started before it; exiting", self.config.secret_path())
+                os._exit(2)
             log.error("the coordinator refused this worker: %s", msg.message)
             self.registered = False
         elif msg.code == ErrorCode.schema_version:
@@ -362,14 +367,27 @@ class ServiceLoop:
         )
 
     def _secret(self) -> str | None:
-        """The stack secret, read afresh for every registration attempt (a new `lyra up` writes a new one)."""
+        """The stack secret this worker started with: read once, then kept.
+
+        A new `lyra up` in the same run directory writes a new secret, and a coordinator of that stack must
+        refuse a worker left from the one before (it would serve another config's models, or none): so the
+        file is read again only until it was read once.
+        """
         if self.config.runtime.auth == "none" or self.config.curve_on(self.config.worker_endpoint()):
             return None  # under Curve our key proves who we are; the secret file stays on the coordinator's host
+        if self.secret is None:
+            try:
+                self.secret = read_secret(self.config.secret_path())
+            except SecretError as exc:
+                log.error("registering without the stack secret: %s", exc)
+        return self.secret
+
+    def _belongs_to_an_earlier_stack(self) -> bool:
+        """Whether the secret file now holds another secret than the one this worker started with."""
         try:
-            return read_secret(self.config.secret_path())
-        except SecretError as exc:
-            log.error("registering without the stack secret: %s", exc)
-            return None
+            return self.secret is not None and read_secret(self.config.secret_path()) != self.secret
+        except SecretError:
+            return False
 
     def _heartbeat(self) -> HeartbeatEvent:
         call = self.current

@@ -34,7 +34,8 @@ def our_processes(run_dir: Path) -> list[str]:
     """Live (non-zombie) processes started for the stack of `run_dir` (other stacks may run meanwhile)."""
     from shared.cli.stack import supervisord_pid
 
-    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
+    # -ww: whole command lines; pytest sets COLUMNS, and ps cut each line there, before the run directory
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
     services = [line for line in out if "services." in line and str(run_dir.parent) in line and " Z" not in line]
     pid = supervisord_pid(run_dir)
     return services + ([f"supervisord {pid}"] if pid is not None else [])
