@@ -14,12 +14,10 @@ from services.gateway.errors import GatewayError, invalid
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.upstream import Upstream
 from shared.config.schema import GatewaySettings, LyraConfig
-from shared.config.secrets import MissingApiKey, api_key_from_env
+from shared.config.secrets import MissingApiKey, gateway_key
 from shared.config.units import MB
 
 T = TypeVar("T")
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class GatewayConfigError(Exception):
@@ -29,14 +27,9 @@ class GatewayConfigError(Exception):
 def api_key(settings: GatewaySettings, source: str) -> str | None:
     """The Bearer key from the variable `api_key_env` names; refuses an open non-loopback bind."""
     try:
-        key = api_key_from_env(settings.api_key_env, "gateway.api_key_env")
+        return gateway_key(settings.host, settings.api_key_env, source)
     except MissingApiKey as exc:
-        raise GatewayConfigError(f"{source}: {exc}; export the key in that variable before `lyra up`") from None
-    if key is None and settings.host not in LOOPBACK:
-        raise GatewayConfigError(f"{source}: gateway.host = {settings.host!r} is not loopback and no API key is "
-                                 "set; set gateway.api_key_env to the name of a variable holding a key, or bind "
-                                 "127.0.0.1")
-    return key
+        raise GatewayConfigError(str(exc)) from None
 
 
 class Gateway:

@@ -110,6 +110,8 @@ def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-d
              script: tuple[tuple[str, bool], ...] = SCRIPT) -> int:
     """The whole demo; returns the exit status."""
     config = load_config(config_path or default_config())
+    # The demo talks to the coordinator and stops the stack when done: an HTTP API would only claim a port.
+    config = config.model_copy(update={"gateway": config.gateway.model_copy(update={"enabled": False})})
     print(f"Lyra Runtime demo on {Path(config.source).name}: starting the stack (first start loads the models)...",
           flush=True)
     began = time.monotonic()

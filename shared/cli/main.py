@@ -63,6 +63,7 @@ def render_status(status: StatusReply) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    stack.preflight(config)  # a busy port or an unset key is the first thing said, before any plan or load
     from shared.planning.plan import make_plan, render_table
 
     plan = make_plan(config)
@@ -74,6 +75,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"starting Lyra Runtime with {config.source} (run directory {config.run_dir()})", flush=True)
     status = stack.up(config, args.timeout, lambda line: print(f"  {line}", flush=True))
     print(render_status(status))
+    url = stack.gateway_url(config.run_dir())
+    print(f"OpenAI-compatible API: {url}" if url else "no HTTP API: [gateway] enabled = false in this config")
     return 0
 
 
@@ -115,15 +118,20 @@ def endpoint_of(args: argparse.Namespace) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(endpoint_of(args)) as client:
+    record = {"client_endpoint": args.endpoint} if args.endpoint else find_stack(args.run_dir)
+    with Client(record["client_endpoint"]) as client:
         status = client.status(timeout_s=args.timeout)
-    print(status.model_dump_json(indent=2) if args.json else render_status(status))
+    if args.json:
+        print(status.model_dump_json(indent=2))
+        return 0
+    url = stack.gateway_url(Path(record["run_dir"])) if "run_dir" in record else None
+    print(render_status(status) + (f"\nOpenAI-compatible API: {url}" if url else ""))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     run_dir = target_run_dir(args)
-    log = run_dir / "logs" / f"{args.service}.log"
+    log = run_dir / "logs" / (stack.PREVIOUS_LOGS if args.previous else "") / f"{args.service}.log"
     if not log.exists():
         print(f"no log at {log}", file=sys.stderr)
         return 1
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=PROGRAMS)
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--previous", action="store_true", help="the log of the stack that ran in this run directory "
+                   "before the current one (`lyra up` sets it aside)")
     p.add_argument("--run-dir", help=RUN_DIR_HELP)
     p.set_defaults(func=cmd_logs)
     return parser

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared.cli import ports
 from shared.client import Client, LyraError, leftovers, stack_record
 from shared.config.paths import project_file
 from shared.config.schema import LyraConfig
+from shared.config.secrets import MissingApiKey, gateway_key
 from shared.wire import transport
 from shared.wire.messages import StatusReply
 from shared.wire.names import GATEWAY, WORKER_SERVICES
@@ -28,6 +31,7 @@ from shared.wire.stack_secret import create_secret
 
 CRASH_STARTS = 3  # a program started this many times while `up` waits keeps crashing: give up
 LOG_TAIL = 15  # lines of the failing service's log that `up` prints
+PREVIOUS_LOGS = "previous"  # logs/previous/: the logs of the stack that ran in this run directory before
 ORPHAN_STOP_S = 15  # like supervisord's stopwaitsecs: a service drains within runtime.drain_s of SIGTERM
 
 
@@ -109,17 +113,67 @@ def claim(config: LyraConfig) -> Path:
     return run_dir
 
 
+def preflight(config: LyraConfig) -> None:
+    """StackError for what would stop `config`'s stack once started, found before anything starts or loads:
+    its endpoints, a live stack or what is left of one in its run directory, the gateway's key and port."""
+    for endpoint in (config.client_endpoint(), config.worker_endpoint()):
+        problem = transport.endpoint_problem(endpoint)  # the coordinator would refuse it: say so before starting
+        if problem is not None:
+            raise StackError(problem)
+    reason = stack_record.in_use(config.run_dir(), [config.client_endpoint(), config.worker_endpoint()])
+    if reason is not None:
+        raise StackError(reason)
+    problem = gateway_problem(config)
+    if problem is not None:
+        raise StackError(problem)
+
+
+def gateway_problem(config: LyraConfig) -> str | None:
+    """Why the gateway `config` enables could not start here (its key variable, its port); None when it can."""
+    settings = config.gateway
+    if not settings.enabled:
+        return None
+    try:
+        gateway_key(settings.host, settings.api_key_env, config.source)
+    except MissingApiKey as exc:
+        return str(exc)
+    problem = ports.bind_problem(settings.host, settings.port) if settings.port else None
+    if problem is not None:
+        return (f"{config.source}: the gateway's port {problem}: stop that process, or set gateway.port to a free "
+                "port (0 picks one at start)")
+    return None
+
+
+def set_aside_logs(run_dir: Path) -> None:
+    """Move an earlier stack's logs to logs/previous/ (replacing older ones), so `lyra logs` shows only this one's."""
+    logs = run_dir / "logs"
+    earlier = [p for p in [*logs.glob("*.log*"), *run_dir.glob("supervisord.log*")] if p.is_file()]
+    if not earlier:
+        return
+    previous = logs / PREVIOUS_LOGS
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir(mode=0o700)
+    for path in earlier:
+        path.rename(previous / path.name)
+
+
+def gateway_url(run_dir: Path) -> str | None:
+    """The base URL (`.../v1`) of the gateway serving for the stack in `run_dir`, from the record it writes."""
+    try:
+        return json.loads((run_dir / "gateway.json").read_text())["url"] + "/v1"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def up(config: LyraConfig, timeout_s: float, progress: Callable[[str], None]) -> StatusReply:
     """Start supervisord for `config`, wait until every service registered, record the stack.
 
     Whatever goes wrong after supervisord started (a program that keeps crashing, the timeout), the
     stack is stopped again before the StackError is raised: `up` never leaves a broken stack running.
     """
-    for endpoint in (config.client_endpoint(), config.worker_endpoint()):
-        problem = transport.endpoint_problem(endpoint)  # the coordinator would refuse it: say so before starting
-        if problem is not None:
-            raise StackError(problem)
+    preflight(config)
     run_dir = claim(config)
+    set_aside_logs(run_dir)
     make_private(run_dir)
     if config.runtime.auth == "secret":
         create_secret(config.secret_path())  # a fresh one per stack: workers must present it to register

@@ -41,3 +41,11 @@ def test_the_wheel_carries_every_config_and_supervisord_conf(tmp_path):
     assert expected <= set(data)
     assert any(n.startswith("shared/wire/") for n in names)
     assert any(n.startswith("services/coordinator/") for n in names)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
+def test_every_shipped_config_serves_the_http_api_on_loopback_without_a_key(config: str) -> None:
+    from shared.config.schema import load_config
+
+    gateway = load_config(ROOT / "configs" / config).gateway
+    assert (gateway.enabled, gateway.host, gateway.api_key_env) == (True, "127.0.0.1", "")
