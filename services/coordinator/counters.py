@@ -31,7 +31,15 @@ class Counters:
             self.values[name] = self.values.get(name, 0) + 1
 
     def swapped(self, unloaded: str | None, loaded: str, source: str | None, seconds: float) -> None:
-        """Count a swap and keep its record for status (and the gateway's metrics)."""
+        """Count a swap and keep its record for status (and the gateway's metrics).
+
+        A load the host answers with "resident" loaded nothing: it finished a load whose request was cancelled
+        (loads run to their end), and this request found the model there. That is `already_resident`, not a
+        swap, so `swaps` stays the sum of `swaps_from_host_cache` and `swaps_from_checkpoint`.
+        """
+        if source == "resident":
+            self.bump("already_resident")
+            return
         kind = source if source in ("host_cache", "checkpoint") else "unknown"
         with self.lock:
             self.values["swaps"] += 1

@@ -12,7 +12,7 @@ from pathlib import Path
 from shared.config.schema import LyraConfig, ModelEntry
 from shared.config.secrets import MissingApiKey, api_key_from_env
 from shared.config.units import GB, format_gb
-from shared.wire.names import WORKER_SERVICES
+from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,14 @@ def attention_checks(has_cuda: bool) -> list[Check]:
 def model_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
     """Per-model problems found without loading (missing packages, impossible options)."""
     checks = []
-    for entry in [config.router, *config.specialists.values(), config.voice]:
+    services = [(ROUTER, config.router), *((SPECIALIST_HOST, e) for e in config.specialists.values()),
+                (VOICE, config.voice)]
+    for service, entry in services:
         problems: list[str] = []
         if entry.backend in ("transformers",) and _installed("torch"):
             from shared.models.hf_causal import check_entry
 
-            problems = check_entry(entry, has_cuda)
+            problems = check_entry(entry, has_cuda, config.gpus_of(service))
         if entry.backend == "diffusers" and not _installed("diffusers"):
             problems = ["diffusers is not installed: pip install diffusers"]
         elif entry.backend == "diffusers" and entry.quantization != "none" and not (

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from shared.cli import stack
-from shared.cli.render import VoiceText, route_note, save_image
+from shared.cli.render import VoiceText, print_summary, render_status, save_image
 from shared.client import Client, LyraError, find_stack, leftovers, stack_record
 from shared.config.paths import ProjectFileMissing, default_config
-from shared.config.schema import ConfigError, load_config
+from shared.config.schema import ConfigError, LyraConfig, load_config
 from shared.config.units import GB, format_gb
 from shared.wire.messages import (
     DoneEvent,
@@ -22,7 +24,6 @@ from shared.wire.messages import (
     StageFinishedEvent,
     StageRestartedEvent,
     StageStartedEvent,
-    StatusReply,
     TokenEvent,
 )
 from shared.wire.names import PROGRAMS
@@ -32,37 +33,20 @@ class InputError(Exception):
     """What the user gave on the command line cannot be used (an unreadable file, no text); one line says why."""
 
 
-def _gb(value: int | None) -> str:
-    return "-" if value is None else f"{value / GB:.2f}"
+CONFIG_HELP = "the stack's TOML config (default: the embedded default, configs/default.toml)"
 
 
-def render_status(status: StatusReply) -> str:
-    """A human table of services, GPUs and the queue."""
-    # Columns as wide as their longest entry: "diffusers,transformers" must not run into the next one.
-    backend = max([len("backend"), *(len(s.backend or "-") for s in status.services)]) + 2
-    resident = max([len("resident"), *(len(", ".join(s.resident) or "-") for s in status.services)]) + 2
-    lines = [f"coordinator: {status.client_endpoint}   queue: {status.queue_depth} waiting"
-             f"{', running ' + status.running if status.running else ''}",
-             f"{'service':<16}{'state':<9}{'pid':>8}  {'backend':<{backend}}{'resident':<{resident}}placement"]
-    for s in status.services:
-        placement = ", ".join(f"{k}={v}" for k, v in s.placement.items()) or "-"
-        lines.append(f"{s.service:<16}{s.state:<9}{s.pid or '-':>8}  {s.backend or '-':<{backend}}"
-                     f"{', '.join(s.resident) or '-':<{resident}}{placement}")
-        if s.cached:
-            held = ", ".join(f"{k} {format_gb(v, 2)}" for k, v in s.cached.items())
-            lines.append(f"{'':<16}host weight cache (least recently used first): {held}")
-    if status.gpus:
-        lines.append(f"{'gpu':<6}{'budget GB':>10}{'estimated':>11}{'measured':>10}  resident")
-        for g in status.gpus:
-            lines.append(f"{g.gpu:<6}{_gb(g.budget_bytes):>10}{_gb(g.estimated_bytes):>11}{_gb(g.measured_bytes):>10}"
-                         f"  {', '.join(g.resident) or '-'}")
-    if status.counters:
-        lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in status.counters.items()))
-    return "\n".join(lines)
+def config_of(args: argparse.Namespace) -> LyraConfig:
+    """-c CONFIG, else the embedded default: one rule for every command that takes a config, said when it applies."""
+    if args.config:
+        return load_config(args.config)
+    path = default_config()
+    print(f"lyra: no -c CONFIG: using the embedded default, {path}", file=sys.stderr)
+    return load_config(path)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = config_of(args)
     stack.preflight(config)  # a busy port or an unset key is the first thing said, before any plan or load
     from shared.planning.plan import make_plan, render_table
 
@@ -107,9 +91,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    done = stack.supervisorctl(target_run_dir(args), *args.args)
-    print((done.stdout + done.stderr).rstrip())
-    return done.returncode
+    run_dir = target_run_dir(args)
+    done = stack.supervisorctl(run_dir, *args.args)
+    if args.args[:1] != ["status"]:
+        print((done.stdout + done.stderr).rstrip())
+        return done.returncode
+    text, code = stack.ctl_status(run_dir, done)
+    print(text)
+    return code
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
@@ -147,17 +136,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 else:
                     time.sleep(0.2)
     return 0
-
-
-def print_summary(done: DoneEvent) -> None:
-    """Route, scores and timings after an answer."""
-    scores = ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
-    print(f"route: {done.specialist}{route_note(done)}   scores: {scores}")
-    order = ("queue", "route", "load", "specialist", "voice", "total")
-    print("timings: " + "  ".join(f"{k} {done.timings[k]:.3f}s" for k in order if k in done.timings))
-    for cut in done.truncated or []:
-        print(f"truncated: the {cut.stage} ({cut.model}) read only the last {cut.kept_tokens} of {cut.prompt_tokens} "
-              f"prompt tokens (max_context {cut.max_context}); the oldest text was dropped")
 
 
 def prompt_text(args: argparse.Namespace) -> str:
@@ -225,7 +203,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from shared.planning.plan import make_plan, render_table
 
-    config = load_config(args.config)
+    config = config_of(args)
     plan = make_plan(config)
     cache = weight_cache_report(config, plan)
     if args.json:
@@ -265,7 +243,7 @@ def render_weight_cache(cache: dict) -> str:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from shared.cli.doctor import diagnose, render
 
-    checks = diagnose(load_config(args.config or default_config()))
+    checks = diagnose(config_of(args))
     print(render(checks))
     failed = [c for c in checks if c.status == "fail"]
     print(f"\n{len(failed)} check(s) failed" if failed else "\nall checks passed")
@@ -290,15 +268,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from shared.cli.route_report import run_route
 
-    return run_route(load_config(args.config or default_config()), args.text, args.json)
+    return run_route(config_of(args), args.text, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lyra` argument parser."""
-    parser = argparse.ArgumentParser(prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving")
+    parser = argparse.ArgumentParser(
+        prog="lyra", description="Lyra Runtime: router -> specialist -> voice serving",
+        epilog="Every command that takes a config (-c CONFIG) uses the embedded default, configs/default.toml, "
+               "when none is given; `down -c CONFIG` picks the stack to stop.")
+    parser.add_argument("--version", action="version", version=f"lyra {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="start the stack under supervisord and wait until every service registered")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_HELP)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness (model loads)")
     p.add_argument("--force", action="store_true", help="start even when `lyra plan` says it does not fit")
     p.set_defaults(func=cmd_up)
@@ -335,14 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("plan", help="per-GPU memory plan of a config, computed from the checkpoints; exit 1 if it "
                                      "cannot run")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("doctor", help="check GPUs, topology, attention, packages and placement for a config")
-    p.add_argument("-c", "--config", default=None, help="config (default: the embedded default, configs/default.toml)")
+    p.add_argument("-c", "--config", help=CONFIG_HELP)
     p.set_defaults(func=cmd_doctor)
     p = sub.add_parser("demo", help="start the embedded default, hold a short scripted conversation, stop")
-    p.add_argument("-c", "--config", help="config to demo (default: configs/default.toml)")
+    p.add_argument("-c", "--config", help=CONFIG_HELP)
     p.add_argument("--out", default="lyra-demo-images", help="directory for the images the artist makes")
     p.add_argument("--quick", action="store_true", help="four turns, one for each specialist, instead of six")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -356,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
     p = sub.add_parser("route", help="how the router scores a turn (scores, nearest examples); no stack needed")
     p.add_argument("text", nargs="+", help="one or more turns to route")
-    p.add_argument("-c", "--config", default=None, help="config (default: the embedded default, configs/default.toml)")
+    p.add_argument("-c", "--config", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object per turn")
     p.set_defaults(func=cmd_route)
     p = sub.add_parser("logs", help="print a service's log")
@@ -370,8 +352,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    """The installed lyra-runtime's version."""
+    try:
+        return importlib.metadata.version("lyra-runtime")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # here, not at exit: a reader that left is noticed below
+        return code
+    except BrokenPipeError:
+        # `lyra status | head`: the reader left. Stop quietly, as a Unix filter does; stdout goes to /dev/null so
+        # the interpreter's final flush has nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def run(argv: list[str] | None) -> int:
+    """Parse `argv` and run its command; errors a person can act on become one line and an exit status."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -22,11 +22,11 @@ from typing import Any
 from shared.cli import ports
 from shared.client import Client, LyraError, leftovers, stack_record
 from shared.config.paths import project_file
-from shared.config.schema import LyraConfig
+from shared.config.schema import ConfigError, LyraConfig, load_config
 from shared.config.secrets import MissingApiKey, gateway_key
 from shared.wire import transport
 from shared.wire.messages import StatusReply
-from shared.wire.names import GATEWAY, WORKER_SERVICES
+from shared.wire.names import COORDINATOR, GATEWAY, PROGRAMS, WORKER_SERVICES
 from shared.wire.stack_secret import create_secret
 
 CRASH_STARTS = 3  # a program started this many times while `up` waits keeps crashing: give up
@@ -59,6 +59,34 @@ def supervisorctl(run_dir: Path, *args: str, timeout_s: float = 60) -> subproces
 def supervisord_pid(run_dir: Path) -> int | None:
     """The pid of the live supervisord running the stack in `run_dir`, or None."""
     return stack_record.supervisord_pid(run_dir)
+
+
+def enabled_programs(config: LyraConfig) -> list[str]:
+    """The programs `config` runs here: the coordinator, the workers no other host runs, the gateway if enabled."""
+    workers = [s for s in WORKER_SERVICES if not config.runs_elsewhere(s)]
+    return [COORDINATOR, *workers, *([GATEWAY] if config.gateway.enabled else [])]
+
+
+def ctl_status(run_dir: Path, done: subprocess.CompletedProcess[str]) -> tuple[str, int]:
+    """`supervisorctl status`'s lines and exit status, judged by the stack's config: a program the config does not
+    run (a disabled gateway, a worker on another host) is marked so and fails nothing; 0 when every one it runs
+    is RUNNING, else 3 (supervisorctl's own code)."""
+    text = (done.stdout + done.stderr).rstrip()
+    if done.returncode not in (0, 3):  # supervisord unreachable, a name it does not know: its word stands
+        return text, done.returncode
+    try:
+        enabled = enabled_programs(load_config((stack_record.read_record(run_dir) or {})["config"]))
+    except (KeyError, ConfigError):
+        return text, done.returncode  # no record or config to judge by: supervisorctl's word stands
+    lines, healthy = [], True
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in PROGRAMS and name not in enabled:
+            line += "   (not run by this config)"
+        elif name in PROGRAMS:
+            healthy = healthy and rest.split()[:1] == ["RUNNING"]
+        lines.append(line)
+    return "\n".join(lines), 0 if healthy else 3
 
 
 def programs(run_dir: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config.paths import default_keys_dir, default_run_dir
+from shared.config.problems import describe
 from shared.config.toml_reader import TOMLDecodeError, parse_toml
 from shared.config.units import MB
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
@@ -474,10 +475,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> LyraConfig:
     try:
         config = LyraConfig.model_validate({**_named(raw), "source": source})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
+        raise ConfigError(describe(exc, source, LyraConfig)) from None
     _check_endpoints(config)
     return _with_example_files(config)
 

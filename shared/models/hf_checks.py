@@ -21,14 +21,17 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def check_entry(entry: ModelEntry, has_cuda: bool) -> list[str]:
+def check_entry(entry: ModelEntry, has_cuda: bool, assigned_gpus: list[int] | None = None) -> list[str]:
     """Problems that would stop a transformers `entry` from loading, found without loading it ([] = none).
 
     The checks hold for every transformers model kind (`lyra doctor` runs them on vision models too).
+    `assigned_gpus`, the GPUs the config gives the model's service, words a missing GPU as the machine's lack
+    (`lyra doctor` on a CPU box) rather than the service's (a worker pinned to no GPU).
     """
-    problems = _source_problems(entry) + _hardware_problems(entry, has_cuda)
+    problems = _source_problems(entry) + _hardware_problems(entry, has_cuda, _no_gpu(assigned_gpus))
     try:
-        placement.resolve_device_map(entry.device_map, _ANY_GPU if has_cuda else 0)
+        # GPUs the config assigns on a machine without any: the machine's lack is the problem said above
+        placement.resolve_device_map(entry.device_map, _ANY_GPU if has_cuda or assigned_gpus else 0)
         if has_cuda:
             placement.resolve_max_memory(entry.max_memory, _ANY_GPU)
     except placement.PlacementError as exc:
@@ -57,18 +60,27 @@ def _source_problems(entry: ModelEntry) -> list[str]:
     return problems
 
 
-def _hardware_problems(entry: ModelEntry, has_cuda: bool) -> list[str]:
+def _no_gpu(assigned_gpus: list[int] | None) -> str:
+    """Why there is no CUDA GPU to load on, in words."""
+    if assigned_gpus:
+        return (f"the config assigns this service GPU{'s' if len(assigned_gpus) > 1 else ''} "
+                f"{','.join(map(str, assigned_gpus))} but this machine has none")
+    return "this service has none"
+
+
+def _hardware_problems(entry: ModelEntry, has_cuda: bool, no_gpu: str) -> list[str]:
     problems = []
     if entry.attn_implementation == "flash_attention_2":
         if not installed("flash_attn"):
             problems.append("attn_implementation = \"flash_attention_2\" needs the flash-attn package: "
                             "pip install flash-attn (or set attn_implementation = \"sdpa\")")
         elif not has_cuda:
-            problems.append("attn_implementation = \"flash_attention_2\" needs a CUDA GPU and this service has none")
+            problems.append(f"attn_implementation = \"flash_attention_2\" needs a CUDA GPU and {no_gpu}")
     if entry.quantization != "none":
         if not has_cuda:
-            problems.append(f"quantization = {entry.quantization!r} runs through bitsandbytes on a CUDA GPU and this "
-                            "service has none; give the service a GPU or set quantization = \"none\"")
+            fix = "run it on a CUDA machine" if "machine" in no_gpu else "give the service a GPU"
+            problems.append(f"quantization = {entry.quantization!r} runs through bitsandbytes on a CUDA GPU and "
+                            f"{no_gpu}; {fix} or set quantization = \"none\"")
         elif not installed("bitsandbytes"):
             problems.append(f"quantization = {entry.quantization!r} needs bitsandbytes: pip install bitsandbytes")
     return problems

@@ -14,6 +14,7 @@ import pytest
 
 from shared.cli.stack import programs
 from shared.client import Client, StackNotFoundError, find_stack
+from shared.wire.messages import StageStartedEvent
 from tests.integration.test_supervisord import left_behind, lyra
 from tests.stackproc import ROOT, fake_config, to_toml
 
@@ -173,3 +174,15 @@ def test_counters_say_what_they_count(make_stack) -> None:
     assert counters["already_resident"] == no_swap == len(prompts) - counters["swaps"]
     assert counters["swaps_from_checkpoint"] == counters["swaps"] >= 3  # fakes have no host weight cache
     assert counters["swaps_from_host_cache"] == 0 and "cache_hits" not in counters
+
+
+def test_swap_counters_add_up_after_a_cancelled_load(make_stack) -> None:
+    """The host finishes a load its request cancelled (loads ignore cancels); the next load finds it resident."""
+    stack = make_stack(specialists__philosopher__fake={"load_s": 1.0, "triggers": True})
+    with stack.client() as client:
+        for event in client.stream("meaning of life", specialist="philosopher"):
+            if isinstance(event, StageStartedEvent) and event.stage == "load":
+                break  # leaving the stream cancels the request mid-load
+        assert client.chat("meaning of life", specialist="philosopher").specialist == "philosopher"
+        counters = client.status().counters
+    assert counters["swaps"] == counters["swaps_from_checkpoint"] + counters["swaps_from_host_cache"], counters
