@@ -164,8 +164,8 @@ def tilings():
     return {
         "int8": [Tiling(rows=r, columns=c, warps=w) for r, c, w in ((4, 512, 4), (8, 256, 4), (2, 1024, 4),
                                                                      (16, 256, 8), (4, 1024, 8), (1, 2048, 4))],
-        "int4": [Tiling(rows=r, groups=g, warps=w) for r, g, w in ((4, 2, 4), (8, 2, 4), (8, 4, 4), (16, 2, 8),
-                                                                    (4, 4, 4), (2, 8, 4), (16, 4, 8), (32, 2, 8))],
+        "int4": [Tiling(rows=r, groups=g, warps=w) for r, g, w in ((8, 4, 4), (8, 8, 4), (16, 8, 8), (32, 4, 8),
+                                                                    (16, 4, 4), (8, 16, 8), (4, 8, 4), (32, 8, 8))],
     }
 
 

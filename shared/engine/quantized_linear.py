@@ -21,7 +21,7 @@ class QuantizedLinear(torch.nn.Module):
     """nn.Linear's forward over an int8 or int4 weight; the kernel for one row, a dequantized copy for many."""
 
     def __init__(self, weight: quant_gemv.QuantizedWeight, bias: torch.Tensor | None,
-                 tile: quant_gemv.Tiling = quant_gemv.TILING) -> None:
+                 tile: quant_gemv.Tiling | None = None) -> None:
         super().__init__()
         self.form, self.group, self.tile = weight.form, weight.group, tile
         self.in_features, self.out_features = weight.in_features, weight.out_features
