@@ -96,8 +96,9 @@ DESCRIPTIONS: dict[str, str] = {
     "`balanced_low_0`, `sequential`) or a table of module names (ranges such as `model.layers.0-39`) to GPU indices "
     "relative to the service.",
     "ModelEntry.max_memory": "Memory caps per GPU for a device-map strategy.",
-    "ModelEntry.engine": "The decode engine: `graphs` (the default), `compiled`, `fused` (Lyra's own one-token step "
-    "for Llama, Mistral and Qwen2 decoders; other models get `compiled`) or `eager`; see decode-engine.md.",
+    "ModelEntry.engine": "The decode engine: `auto` (the default: `fused` where it runs on Lyra's kernels, else "
+    "`graphs`), `graphs`, `compiled`, `fused` (Lyra's own one-token step for Llama, Mistral and Qwen2 decoders; "
+    "other models get `compiled`) or `eager`; see decode-engine.md.",
     "ModelEntry.system_prompt": "The system turn of every prompt this model gets.",
     "GenerationDefaults.max_new_tokens": "Longest reply in tokens, unless the request sets its own.",
     "GenerationDefaults.temperature": "Sampling temperature.",

@@ -119,8 +119,9 @@ def _remote_key_problems(entry: ModelEntry) -> list[str]:
 
 
 def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
-    """Text models on the default engine that the fused step could decode faster: the step's own load-time
-    check (`fused_decode.problems`) run on the model its config.json describes, built on the meta device."""
+    """Text models the fused step could decode faster: what `auto` picks for them, or the line that gives it to one
+    left on `graphs`; the step's own load-time check (`fused_step.problems`) run on the model its config.json
+    describes, built on the meta device."""
     if not has_cuda:  # on the CPU every engine decodes with transformers' dynamic cache
         return []
     import json
@@ -134,7 +135,7 @@ def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
     checks = []
     for section, entry in [*((f"specialists.{n}", e) for n, e in config.specialists.items()), ("voice", config.voice)]:
         described = Path(entry.path).expanduser() / "config.json" if entry.path else None
-        if entry.backend != "transformers" or entry.kind != "causal_lm" or entry.engine != "graphs" or \
+        if entry.backend != "transformers" or entry.kind != "causal_lm" or entry.engine not in ("auto", "graphs") or \
                 entry.quantization != "none" or described is None:
             continue
         try:
@@ -147,11 +148,17 @@ def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
         if problems(model):
             continue
         triton = "" if _installed("triton") else " once Triton is installed (pip install triton)"
+        if entry.engine == "auto":
+            checks.append(Check("pass" if not triton else "info", f"engine {entry.name}",
+                                f"auto: a {model.config.model_type} model, which the fused engine decodes on Lyra's "
+                                f"kernels{triton or ' (lyra status shows it once loaded)'}",
+                                "pip install triton" if triton else ""))
+            continue
         checks.append(Check("info", f"engine {entry.name}",
-                            f"graphs (the default); a {model.config.model_type} model, which the fused engine "
+                            f"graphs; a {model.config.model_type} model, which the fused engine "
                             f"decodes on Lyra's kernels{triton}: 0.55-0.60 s against 0.90-1.03 s for 128 tokens "
                             "at 8B on an H200, first load about 15 s longer (README, Decoding)",
-                            f'engine = "fused" in [{section}]'))
+                            f'engine = "auto" (the default) or "fused" in [{section}]'))
     return checks
 
 

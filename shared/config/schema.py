@@ -202,11 +202,12 @@ class ModelEntry(Section):
     max_context: int = Field(default=4096, ge=16)
     device_map: str | dict[str, int | str] = ""  # "" = whole model on the service's first device
     max_memory: dict[str, str] = {}  # per relative GPU index, e.g. {"0" = "47GB"}
-    # How replies are decoded (causal LMs and perception's language model): "graphs" replays each step from a
-    # CUDA graph over a static KV cache; "compiled" also compiles the step with torch.compile first (fused
-    # kernels, a slower first load); "eager" runs the same step eagerly. Without CUDA, or for a model split
-    # over devices, all run eagerly; `lyra status` shows what runs and why.
-    engine: Literal["graphs", "compiled", "fused", "eager"] = "graphs"
+    # How replies are decoded (causal LMs and perception's language model): "auto" runs the fused step where it
+    # runs on Lyra's kernels (a Llama-family model in float weights on one GPU), else "graphs"; "graphs" replays
+    # each step from a CUDA graph over a static KV cache; "fused" also where only torch.compile can run it (a
+    # slower first load); "compiled" compiles transformers' step; "eager" runs it eagerly. Without CUDA, or
+    # for a model split over devices, all run eagerly; `lyra status` shows what runs and why.
+    engine: Literal["auto", "graphs", "compiled", "fused", "eager"] = "auto"
     # Voice over several GPUs: "pipeline" places layers with device_map (the GPUs take turns); "tensor" runs
     # one process per GPU, each holding its share of every layer (see shared.distributed.tensor_parallel).
     parallel: Literal["pipeline", "tensor"] = "pipeline"

@@ -1,6 +1,8 @@
 """The decode engine every transformers causal LM runs: prefill, then one token a step, handed out in batches.
 
-Three runners share one loop:
+`auto` (the default) picks the fastest step a model allows: the fused step where it runs on Lyra's kernels (a
+Llama-family model in float weights on one GPU with Triton), else transformers' own step in a CUDA graph, and
+says why in `describe()`, which `lyra status` shows. Three runners share one loop:
 - `graphs` (a CUDA device holding the whole model): a static KV cache of `max_context` tokens and the
   one-token forward replayed from a CUDA graph. The step reads its token from a fixed buffer, marks its
   position in a fixed attention mask and advances the cache's own position counter, all on the GPU, so
@@ -30,12 +32,13 @@ import torch
 from shared.engine.attention import use_grouped_decode
 from shared.engine.cancel import Cancelled
 from shared.engine.detokenize import IncrementalText
-from shared.engine.fused_step import FusedStep
+from shared.engine.fused_step import REDUCE_ATTRIBUTE, FusedStep
+from shared.engine.fused_step import problems as fused_problems
 from shared.engine.sampling import Sampling, penalisable_tokens, penalise_repeats, pick_token
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("graphs", "compiled", "fused", "eager")
+ENGINES = ("auto", "graphs", "compiled", "fused", "eager")
 BATCH = 4  # tokens per host read: one event and one detokenization per batch, never per token
 # Inductor times Triton kernels against cuBLAS for each matrix shape and fuses norms into the products:
 # 4% faster per token than the default mode on an H200 (8B), for a longer first compile.
@@ -218,6 +221,8 @@ class DecodeEngine:
         self.wrap = wrap or (lambda runner: runner)  # e.g. tensor-parallel rank 0 announcing each step
 
     def _step_function(self) -> Any:
+        if self.wanted == "auto":
+            return self._auto_step()
         if self.wanted == "fused" and not self.fallback:
             try:
                 return self._fused_step()
@@ -229,6 +234,37 @@ class DecodeEngine:
         if self.compiled is None:
             self.compiled = torch.compile(decode_step, dynamic=False)
         return self.compiled
+
+    def _auto_step(self) -> Any:
+        """`auto`: the fused step where it runs on Lyra's kernels (no compile, the fastest); else transformers' own
+        step in a CUDA graph (None). `fallback` says why not fused, and then stays: later builds skip the try."""
+        if not self.fallback:
+            try:
+                if self._fusable():
+                    return self.fused.__call__  # type: ignore[union-attr]
+            except Exception as exc:  # the step's build failed: graphs serve
+                logger.warning("%s: the fused step failed to build, decoding with graphs: %s", self.name, exc)
+                self.fallback = f"fused step failed: {str(exc).splitlines()[0][:200]}"
+        self.fused = None
+        return None
+
+    def _fusable(self) -> bool:
+        """Whether the fused step runs on Lyra's kernels here, bound to the weights; `fallback` says why not."""
+        found = fused_problems(self.model)
+        if found:
+            self.fallback = f"fused step unsupported: {'; '.join(found)}"
+            return False
+        if getattr(self.model, REDUCE_ATTRIBUTE, None) is not None:  # Lyra's products run on one GPU only
+            self.fallback = "a tensor rank: Lyra's kernels run on one GPU; engine = \"fused\" compiles the step"
+            return False
+        if self.fused is None:
+            self.fused = FusedStep(self.model, self.max_context)
+        else:
+            self.fused.bind(self.model)
+        if not self.fused.products:  # the fused step would then be compiled with torch.compile: minutes at first load
+            self.fallback = "Lyra's kernels do not run here (Triton, this GPU or dtype); engine = \"fused\" compiles"
+            return False
+        return True
 
     def _fused_step(self) -> Any:
         if self.fused is None:
@@ -295,16 +331,24 @@ class DecodeEngine:
                     self.reason = f"split over devices; {exc}"
             return DynamicRunner(self.model)
         try:
-            graphs = self.wanted in ("graphs", "compiled", "fused")
+            graphs = self.wanted in ("auto", "graphs", "compiled", "fused")
             runner = StaticRunner(self.model, self.max_context, graphs=graphs, step_function=self._step_function())
-            compiled = self.wanted in ("compiled", "fused")
-            runner.kind = f"{'fused' if self.fused and not self.fallback else 'compiled'} graphs" if compiled \
-                else runner.kind
+            fused = self.fused is not None and not self.fallback
+            if self.wanted in ("compiled", "fused") or fused:
+                runner.kind = f"{'fused' if fused else 'compiled'} graphs"
             self.reason = self.fallback if self.wanted == "fused" else "" if graphs else "eager"
+            if self.wanted == "auto":
+                model_type = getattr(self.model.config, "model_type", "?")
+                self.reason = f"auto: {self.fallback}" if self.fallback else \
+                    f"auto: a {model_type} model, on Lyra's kernels"
             return runner
         except UnsupportedModel as exc:
             self.reason = str(exc)
         except Exception as exc:  # a forward that cannot be captured or compiled: serve eagerly, say why
+            if self.wanted == "auto" and self.fused is not None and not self.fallback:  # transformers' step next
+                logger.warning("%s: the fused step failed to capture, decoding with graphs: %s", self.name, exc)
+                self.fallback, self.fused = f"fused step failed: {str(exc).splitlines()[0][:200]}", None
+                return self._build()
             logger.warning("%s: %s decode step failed to build, decoding eagerly: %s", self.name, self.wanted, exc,
                            exc_info=True)
             self.reason = f"{self.wanted} failed: {str(exc).splitlines()[0][:120]}"
