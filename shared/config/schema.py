@@ -7,6 +7,7 @@ one `ConfigError` that names the file and the offending field.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.config.paths import default_keys_dir, default_run_dir
 from shared.config.problems import describe
-from shared.config.toml_reader import TOMLDecodeError, parse_toml
 from shared.config.units import MB
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 
@@ -514,9 +514,9 @@ def load_config(path: str | os.PathLike[str]) -> LyraConfig:
     """Read and validate a TOML config file."""
     file = Path(path).expanduser()
     try:
-        raw = parse_toml(file.read_text())
+        raw = tomllib.loads(file.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such config file") from None
-    except TOMLDecodeError as exc:
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
     return parse_config(raw, source=str(file.resolve()))

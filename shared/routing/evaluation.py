@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import threading
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config.toml_reader import parse_toml
 from shared.routing.decider import RouteDecider, config_labels
 
 
 def load_labelled(path: Path) -> dict[str, list[str]]:
     """A TOML file of `specialist = ["prompt", ...]` lists."""
-    return {name: list(prompts) for name, prompts in parse_toml(path.read_text(encoding="utf-8")).items()}
+    return {name: list(prompts) for name, prompts in tomllib.loads(path.read_text(encoding="utf-8")).items()}
 
 
 @dataclass(frozen=True)
