@@ -28,17 +28,55 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
+import zmq
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shared.client import CoordinatorRestartedError
 from shared.wire.keys import identity, make_keys
 from shared.wire.messages import StageFinishedEvent, StageRestartedEvent, TokenEvent
-from shared.wire.transport import raw_roundtrip_benchmark
 from tests.stackproc import StackProcesses
 
 VOICE_TOKENS = 20
 TOKEN_DELAY_S = 0.02
 
+
+
+def raw_roundtrip_benchmark(n: int, payload: bytes, kind: str = "ipc") -> list[float]:
+    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo, for bench comparisons: over ipc, tcp on
+    loopback, or tcp with CurveZMQ (`kind` = "ipc", "tcp" or "curve"; Curve without a ZAP handler here)."""
+    ctx = zmq.Context()
+    server, client = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    if kind == "curve":
+        server_public, server_secret = zmq.curve_keypair()
+        server.curve_server, server.curve_secretkey, server.curve_publickey = True, server_secret, server_public
+        client.curve_publickey, client.curve_secretkey = zmq.curve_keypair()
+        client.curve_serverkey = server_public
+    if kind == "ipc":
+        path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
+        server.bind(path)
+    else:
+        path = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
+    client.connect(path)
+
+    def echo() -> None:
+        for _ in range(n):
+            server.send_multipart(server.recv_multipart())
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        client.send(msgpack.packb({"type": "x", "p": payload}))
+        msgpack.unpackb(client.recv())
+        times.append(time.perf_counter() - start)
+    thread.join(5)
+    client.close(0)
+    server.close(0)
+    ctx.term()
+    return times
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)

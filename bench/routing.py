@@ -18,8 +18,8 @@ from shared.cli.stack import ROOT
 from shared.config.schema import LyraConfig, load_config
 from shared.models.base import LoadContext, load_model
 from shared.routing.decider import RouteDecider, config_labels
-from shared.routing.evaluation import evaluate, load_labelled
 from shared.wire.messages import ChatTurn
+from tests.routing_evaluation import evaluate, load_labelled
 
 HELD_OUT = ROOT / "tests" / "data" / "routing_heldout.toml"
 

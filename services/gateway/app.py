@@ -88,7 +88,7 @@ async def health(gw: Gateway, request: Request) -> Response:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    message = f"no route {request.method} {request.url.path}; see README \"HTTP gateway\" for the endpoints"
+    message = f"no route {request.method} {request.url.path}; see docs/gateway.md for the endpoints"
     return _error_response(GatewayError(status, message, code="not_found" if status == 404 else "bad_method"))
 
 

@@ -157,7 +157,7 @@ def engine_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
         checks.append(Check("info", f"engine {entry.name}",
                             f"graphs; a {model.config.model_type} model, which the fused engine "
                             f"decodes on Lyra's kernels{triton}: 0.55-0.60 s against 0.90-1.03 s for 128 tokens "
-                            "at 8B on an H200, first load about 15 s longer (README, Decoding)",
+                            "at 8B on an H200, first load about 15 s longer (docs/decode-engine.md)",
                             f'engine = "auto" (the default) or "fused" in [{section}]'))
     return checks
 

@@ -37,7 +37,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(str, Enum):  # noqa: UP042 (StrEnum would change what str() and f-strings of a code print)
     """Every error a process can put on the wire; each comes with a sentence a person can act on."""
 
     bad_message = "bad_message"  # not msgpack, not a map, or fields fail validation

@@ -468,46 +468,6 @@ async def recv_async(endpoint: Endpoint, most: int = 256) -> list[Received]:
     return [_received(frames, endpoint.max_bytes) for frames in batch]
 
 
-def raw_roundtrip_benchmark(n: int, payload: bytes, kind: str = "ipc") -> list[float]:
-    """Round-trip latencies (seconds) of a bare DEALER<->ROUTER echo, for bench comparisons: over ipc, tcp on
-    loopback, or tcp with CurveZMQ (`kind` = "ipc", "tcp" or "curve"; Curve without a ZAP handler here)."""
-    import tempfile
-    import threading
-    import time
-
-    ctx = zmq.Context()
-    server, client = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    if kind == "curve":
-        server_public, server_secret = zmq.curve_keypair()
-        server.curve_server, server.curve_secretkey, server.curve_publickey = True, server_secret, server_public
-        client.curve_publickey, client.curve_secretkey = zmq.curve_keypair()
-        client.curve_serverkey = server_public
-    if kind == "ipc":
-        path = f"ipc://{tempfile.mkdtemp(prefix='lyra-raw-')}/echo.sock"
-        server.bind(path)
-    else:
-        path = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
-    client.connect(path)
-
-    def echo() -> None:
-        for _ in range(n):
-            server.send_multipart(server.recv_multipart())
-
-    thread = threading.Thread(target=echo, daemon=True)
-    thread.start()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        client.send(msgpack.packb({"type": "x", "p": payload}))
-        msgpack.unpackb(client.recv())
-        times.append(time.perf_counter() - start)
-    thread.join(5)
-    client.close(0)
-    server.close(0)
-    ctx.term()
-    return times
-
-
 # ---------------------------------------------------------------- in-process hand-off between threads
 
 

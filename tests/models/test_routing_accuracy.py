@@ -11,7 +11,7 @@ import pytest
 from shared.config.schema import load_config
 from shared.models.base import LoadContext, load_model
 from shared.routing.decider import RouteDecider
-from shared.routing.evaluation import Evaluation, evaluate, load_labelled
+from tests.routing_evaluation import Evaluation, evaluate, load_labelled
 from tests.stackproc import ROOT
 
 pytestmark = [
