@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -31,8 +32,13 @@ def test_an_installed_package_finds_the_files_in_its_data_directory(tmp_path, mo
 
 
 def test_the_wheel_carries_every_config_and_supervisord_conf(tmp_path):
+    source = tmp_path / "source"  # a copy: building leaves build/ and *.egg-info beside the sources
+    for name in ("shared", "services", "configs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "supervisord.conf"):
+        shutil.copy(ROOT / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     data = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]
