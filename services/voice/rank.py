@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.distributed.rank_runner import follow, join
     from shared.distributed.tensor_parallel import load_voice_rank
-    from shared.planning.shares import cap_this_process
+    from shared.runtime.gpu_share import cap_this_process
     from shared.runtime.process import persistent_compile_cache, physical_gpus
 
     persistent_compile_cache()

@@ -25,7 +25,7 @@ def run_worker(worker_class: type[Worker], argv: list[str] | None = None) -> int
     context = LoadContext(service=service, physical_gpus=physical_gpus(config, service), config=config)
     log.info("starting %s (pid %d, GPUs %s, config %s)", service, os.getpid(),
              context.physical_gpus or "none", config.source)
-    from shared.planning.shares import cap_this_process
+    from shared.runtime.gpu_share import cap_this_process
 
     cap_this_process(config, service, context.physical_gpus)
     return ServiceLoop(worker_class(context), config).run()
