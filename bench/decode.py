@@ -115,8 +115,8 @@ def in_process(folder: Path, tokens: int, max_context: int) -> dict:
 
     def engine_ids(n: int) -> list[int]:
         with torch.inference_mode():
-            runner = engine._runner()
-            batches = engine._token_batches(runner, {"input_ids": ids}, Sampling(n), cancel)
+            runner = engine.ready_runner()
+            batches = engine.token_batches(runner, {"input_ids": ids}, Sampling(n), cancel)
             return [t for batch in batches for t in batch]
 
     def engine_text(n: int) -> str:
@@ -181,7 +181,7 @@ def swap_cycles(loaded, engine, ids, tokens: int, weights: int, cycles: int = 3)
         loaded.prepare()
         prepared = time.perf_counter() - t0
         with torch.inference_mode():
-            next(engine._token_batches(engine._runner(), {"input_ids": ids}, Sampling(tokens), threading.Event()))
+            next(engine.token_batches(engine.ready_runner(), {"input_ids": ids}, Sampling(tokens), threading.Event()))
         rows.append({"copy_s": round(moved, 3), "ready_s": round(prepared, 3),
                      "first_token_s": round(time.perf_counter() - t0, 3)})
         print("swap in", engine.describe(), rows[-1], flush=True)

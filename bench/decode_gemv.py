@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     if not gemv.prepare(device, torch.bfloat16):
-        raise SystemExit(f"the kernel failed its trial: {gemv._trial(device, torch.bfloat16)}")
+        raise SystemExit(f"the kernel failed its trial: {gemv.trial(device, torch.bfloat16)}")
     tiles = [gemv.Tiling(*values) for values in itertools.product(*GRID.values())] if not args.quick else []
     rows, best = [], {}
     for name, (n, k) in SHAPES.items():

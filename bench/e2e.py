@@ -52,7 +52,7 @@ def shape_only_folder(folder: Path, tiny: bool) -> Path:
 
     if not (folder / "config.json").exists():
         if tiny:
-            LlamaConfig(**tiny_models._common(tiny_models.build_tokenizer())).save_pretrained(folder)
+            LlamaConfig(**tiny_models.common_settings(tiny_models.build_tokenizer())).save_pretrained(folder)
             tiny_models.build_tokenizer().save_pretrained(folder)
         else:
             build_config(get_architecture(VOICE_SHAPE).components[0]).save_pretrained(folder)

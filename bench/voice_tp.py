@@ -54,7 +54,7 @@ def model_config(shape: str) -> Any:
 
         from tests.models import tiny
 
-        return LlamaConfig(**tiny._common(tiny.build_tokenizer()))
+        return LlamaConfig(**tiny.common_settings(tiny.build_tokenizer()))
     from shared.planning.architectures import build_config, get_architecture
 
     return build_config(get_architecture(SHAPES[shape]).components[0])
@@ -87,7 +87,7 @@ def decode(engine: Any, prompt: Any, count: int) -> list[int]:
     from shared.engine.decode import Sampling
 
     with torch.inference_mode():
-        batches = engine._token_batches(engine._runner(), {"input_ids": prompt}, Sampling(count), threading.Event())
+        batches = engine.token_batches(engine.ready_runner(), {"input_ids": prompt}, Sampling(count), threading.Event())
         return [token for batch in batches for token in batch]
 
 
@@ -241,7 +241,7 @@ def tensor_rank(rank: int, world: int, store_path: str, shape: str, device: str,
     engine = engine_for(model, max_context, wrap=(lambda runner: LeadRunner(runner, group)) if rank == 0 else None)
     started = time.perf_counter()
     with torch.inference_mode():
-        engine._runner()  # every rank captures its graph together
+        engine.ready_runner()  # every rank captures its graph together
     prepared = round(time.perf_counter() - started, 1)
     if rank != 0:
         follow(engine.runner, group)

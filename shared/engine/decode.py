@@ -225,7 +225,7 @@ class DecodeEngine:
             return self._auto_step()
         if self.wanted == "fused" and not self.fallback:
             try:
-                return self._fused_step()
+                return self.fused_step()
             except ValueError as exc:
                 self.fallback = f"fused step unsupported: {exc}"
                 logger.warning("%s: %s; decoding with the compiled engine", self.name, self.fallback)
@@ -266,7 +266,7 @@ class DecodeEngine:
             return False
         return True
 
-    def _fused_step(self) -> Any:
+    def fused_step(self) -> Any:
         if self.fused is None:
             self.fused = FusedStep(self.model, self.max_context)
         else:
@@ -290,7 +290,7 @@ class DecodeEngine:
         """Build the runner (cache, graph) now rather than on the first request; returns seconds taken."""
         started = time.perf_counter()
         with self.lock, torch.inference_mode():
-            self._runner()
+            self.ready_runner()
         return time.perf_counter() - started
 
     def release(self) -> None:
@@ -302,7 +302,7 @@ class DecodeEngine:
             if self.fused is not None:
                 self.fused.unbind()
 
-    def _runner(self) -> DynamicRunner | StaticRunner:
+    def ready_runner(self) -> DynamicRunner | StaticRunner:
         runner = self.runner
         if isinstance(runner, StaticRunner) and runner.fingerprint != weights_fingerprint(self.model):
             runner.release()  # the weights moved (a swap in from the host cache): re-capture
@@ -361,13 +361,13 @@ class DecodeEngine:
     def stream(self, inputs: dict[str, Any], sampling: Sampling, cancel: threading.Event) -> Iterator[str]:
         """Yield the reply's text in pieces, a batch of tokens at a time; raises Cancelled."""
         with self.lock, torch.inference_mode():
-            runner = self._runner()
+            runner = self.ready_runner()
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             text = IncrementalText(self.tokenizer, sampling.stop)
             prompt = int(inputs["input_ids"].shape[1])
             self.last_usage = (prompt, 0, "stop")
-            for ids in self._token_batches(runner, inputs, sampling, cancel):
+            for ids in self.token_batches(runner, inputs, sampling, cancel):
                 piece = text.push(ids)
                 made = len(text.ids)
                 self.last_usage = (prompt, made, "length" if made >= sampling.max_new_tokens else "stop")
@@ -382,7 +382,7 @@ class DecodeEngine:
             if cancel.is_set():  # a cancel that came as the reply ended still ends the call as cancelled
                 raise Cancelled(f"model {self.name!r}: cancelled")
 
-    def _token_batches(self, runner: DynamicRunner | StaticRunner, inputs: dict[str, Any], sampling: Sampling,
+    def token_batches(self, runner: DynamicRunner | StaticRunner, inputs: dict[str, Any], sampling: Sampling,
                        cancel: threading.Event) -> Iterator[list[int]]:
         """Token ids in batches of BATCH, ending at EOS (excluded) or max_new_tokens."""
         total = sampling.max_new_tokens

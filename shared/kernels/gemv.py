@@ -80,7 +80,7 @@ def prepare(device: torch.device, dtype: torch.dtype) -> bool:
     key = (device, dtype)
     if key in _tried:
         return _tried[key]
-    reason = "Triton is not installed" if importlib.util.find_spec("triton") is None else _trial(device, dtype)
+    reason = "Triton is not installed" if importlib.util.find_spec("triton") is None else trial(device, dtype)
     _tried[key] = not reason
     if reason and device.type == "cuda":
         logger.warning("decode product kernels not used on %s (%s): %s; the step keeps torch's operations",
@@ -88,7 +88,7 @@ def prepare(device: torch.device, dtype: torch.dtype) -> bool:
     return not reason
 
 
-def _trial(device: torch.device, dtype: torch.dtype) -> str:
+def trial(device: torch.device, dtype: torch.dtype) -> str:
     """"" if each kernel equals its torch reference on small, ragged shapes."""
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -145,8 +145,8 @@ def tune(weights: list[torch.Tensor], gated: bool = False) -> Tiling | None:
         return TILING
     from shared.planning.disk_cache import cached
 
-    return cached(tuning_key(weights, gated), lambda: _fastest(weights, gated),
-                  encode=_encode, decode=_decode, folder="tuning")
+    return cached(tuning_key(weights, gated), lambda: fastest_tiling(weights, gated),
+                  encode=encode_tiling, decode=decode_tiling, folder="tuning")
 
 
 def tuning_key(weights: list[torch.Tensor], gated: bool) -> str:
@@ -162,16 +162,16 @@ def tuning_key(weights: list[torch.Tensor], gated: bool) -> str:
             f"{len(weights)} x {tuple(first.shape)} stride {first.stride(0)}|gated {gated}")
 
 
-def _encode(tile: Tiling | None) -> dict[str, int] | None:
+def encode_tiling(tile: Tiling | None) -> dict[str, int] | None:
     return None if tile is None else {"rows": tile.rows, "columns": tile.columns, "warps": tile.warps,
                                       "stages": tile.stages}
 
 
-def _decode(data: dict[str, int] | None) -> Tiling | None:
+def decode_tiling(data: dict[str, int] | None) -> Tiling | None:
     return None if data is None else Tiling(**data)
 
 
-def _fastest(weights: list[torch.Tensor], gated: bool) -> Tiling | None:
+def fastest_tiling(weights: list[torch.Tensor], gated: bool) -> Tiling | None:
     """`tune`'s measurement, uncached."""
     first = weights[0]
     x = torch.randn(1, first.shape[1], dtype=first.dtype, device=first.device)

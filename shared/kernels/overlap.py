@@ -46,7 +46,7 @@ def enabled(device: torch.device) -> bool:
         elif not _triton_has_it():
             reason = "this Triton has no gdc_wait"
         else:
-            reason = _trial(device)
+            reason = trial(device)
         if reason and torch.cuda.get_device_capability(device)[0] >= 9:
             logger.warning("programmatic dependent launch not used on %s: %s", device, reason)
         _verdicts[device] = not reason
@@ -67,7 +67,7 @@ def _triton_has_it() -> bool:
     return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
 
 
-def _trial(device: torch.device) -> str:
+def trial(device: torch.device) -> str:
     """"" if two chained kernels launched this way give the right sums, eagerly and from a replayed graph."""
     import triton
     import triton.language as tl

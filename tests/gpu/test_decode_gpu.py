@@ -41,8 +41,8 @@ def engine_ids(model: hf_causal.HfCausalModel, ids: torch.Tensor) -> list[int]:
     engine = model.decode_engine(model.tokenizer)
     engine.eos = set()
     with torch.inference_mode():
-        runner = engine._runner()
-        batches = engine._token_batches(runner, {"input_ids": ids}, decode.Sampling(NEW), threading.Event())
+        runner = engine.ready_runner()
+        batches = engine.token_batches(runner, {"input_ids": ids}, decode.Sampling(NEW), threading.Event())
         return [token for batch in batches for token in batch]
 
 
@@ -195,4 +195,4 @@ def test_dependent_launch_is_tried_and_used_where_the_gpu_has_it(monkeypatch: py
     assert overlap.enabled(torch.device("cuda")) == hopper
     assert overlap.options(torch.device("cuda")) == ({"launch_pdl": True} if hopper else {})
     if hopper:
-        assert overlap._trial(torch.device("cuda")) == ""
+        assert overlap.trial(torch.device("cuda")) == ""

@@ -28,7 +28,7 @@ SEED = 5
 
 
 def config_of(kind: type) -> object:
-    return kind(**tiny._common(tiny.build_tokenizer()))
+    return kind(**tiny.common_settings(tiny.build_tokenizer()))
 
 
 def rank_model(kind: type, shard: Shard, reduce: object = None) -> torch.nn.Module:
@@ -91,7 +91,7 @@ def test_other_architectures_are_named_and_keep_the_general_step(kind: type, rea
     assert any(reason in problem for problem in problems(model))
     engine = DecodeEngine(model, tiny.build_tokenizer(), "voice", "fused", CONTEXT)
     with pytest.raises(ValueError, match=reason):
-        engine._fused_step()
+        engine.fused_step()
 
 
 def test_quantized_projections_are_named_and_left_as_they_are() -> None:
@@ -104,7 +104,7 @@ def test_quantized_projections_are_named_and_left_as_they_are() -> None:
     assert any("quantized projections (torch.uint8" in problem for problem in problems(model))
     engine = DecodeEngine(model, tiny.build_tokenizer(), "voice", "fused", CONTEXT)
     with pytest.raises(ValueError, match="quantized"):
-        engine._fused_step()
+        engine.fused_step()
     assert attention.q_proj.weight.data_ptr() == packed.data_ptr()  # never stacked with k and v
     attention.q_proj.weight = torch.nn.Parameter(torch.zeros(attention.o_proj.weight.shape, dtype=torch.float8_e4m3fn),
                                                  requires_grad=False)  # float, but scaled beside the weight
@@ -124,12 +124,12 @@ def test_the_step_is_compiled_only_where_it_does_not_run_on_lyras_kernels(monkey
         step.products = on_kernels[0]  # as on a GPU with the kernels, or after a swap laid q/k/v apart
 
     monkeypatch.setattr(FusedStep, "bind", bind_as)
-    compiled = engine._fused_step()
+    compiled = engine.fused_step()
     assert compiled is engine.compiled and compiled != engine.fused.__call__
     on_kernels[0] = True
-    assert engine._fused_step() == engine.fused.__call__  # kernel launches: nothing for inductor to fuse
+    assert engine.fused_step() == engine.fused.__call__  # kernel launches: nothing for inductor to fuse
     on_kernels[0] = False
-    assert engine._fused_step() is compiled  # compiled once, whenever the kernels are off
+    assert engine.fused_step() is compiled  # compiled once, whenever the kernels are off
 
 
 def test_mlp_biases_are_named() -> None:

@@ -40,7 +40,7 @@ def prefill_logits(model: hf_causal.HfCausalModel) -> torch.Tensor:
     ids = torch.tensor([model._prompt_ids([{"role": "user", "content": PROMPTS[0]}])])
     engine = model.decode_engine(model.tokenizer)
     with torch.inference_mode():
-        return engine._runner().prefill({"input_ids": ids}).clone()
+        return engine.ready_runner().prefill({"input_ids": ids}).clone()
 
 
 def load_rank(rank: int, store_path: str, checkpoint: str) -> tuple:
@@ -133,7 +133,7 @@ def test_random_weights_need_no_weight_files_and_are_the_seeded_model(tmp_path: 
 
     from shared.distributed.tensor_parallel import build_rank_model, load_rank, random_rank_weights
 
-    config = LlamaConfig(**tiny._common(tiny.build_tokenizer()))
+    config = LlamaConfig(**tiny.common_settings(tiny.build_tokenizer()))
     config.save_pretrained(tmp_path)
     shard = Shard(1, WORLD)
     with pytest.raises(TensorParallelError, match="no safetensors"):
@@ -172,7 +172,7 @@ def test_the_lm_head_is_split_by_vocabulary_rows_and_gathered_whole() -> None:
 
     from shared.distributed.tensor_parallel import build_rank_model, gather_logits, random_rank_weights, splits_head
 
-    config = LlamaConfig(**{**tiny._common(tiny.build_tokenizer()), "vocab_size": 421})
+    config = LlamaConfig(**{**tiny.common_settings(tiny.build_tokenizer()), "vocab_size": 421})
     whole = build_rank_model(config, torch.float32, "sdpa", Shard(0, 1), torch.device("cpu"), lambda t: t)
     random_rank_weights(whole, Shard(0, 1))
     hidden = torch.randn(1, 3, config.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -57,7 +57,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _common(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+def common_settings(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {
         "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": MAX_POSITIONS,
@@ -68,7 +68,7 @@ def _common(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 def build_model(architecture: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> torch.nn.Module:
     """A tiny randomly initialised model of `architecture`, identical for the same seed."""
-    common = _common(tokenizer)
+    common = common_settings(tokenizer)
     torch.manual_seed(seed)
     if architecture == "llama":
         return LlamaForCausalLM(LlamaConfig(**common))

@@ -22,8 +22,8 @@ def test_a_tuned_tiling_is_kept_on_disk_and_reused(tmp_path: Path, monkeypatch: 
             measured.append(pick)
             return pick
 
-        first = cached(f"{key}|{pick}", measure, gemv._encode, gemv._decode, folder="tuning")
-        again = cached(f"{key}|{pick}", lambda: gemv.TILING, gemv._encode, gemv._decode, folder="tuning")
+        first = cached(f"{key}|{pick}", measure, gemv.encode_tiling, gemv.decode_tiling, folder="tuning")
+        again = cached(f"{key}|{pick}", lambda: gemv.TILING, gemv.encode_tiling, gemv.decode_tiling, folder="tuning")
         assert first == again == pick  # the second load reads the first's pick, it does not measure
     assert measured == [gemv.CANDIDATES[3], None]
     assert len(list((tmp_path / "lyra" / "tuning").glob("*.json"))) == 2
@@ -46,10 +46,10 @@ def test_a_plain_product_may_go_to_cublas_and_a_gated_one_never(monkeypatch: pyt
         return 0.0 if tile is None else 1.0  # cuBLAS would win
 
     monkeypatch.setattr(gemv, "_replayed", replayed)
-    assert gemv._fastest([torch.zeros(8, 4)], gated=False) is None
+    assert gemv.fastest_tiling([torch.zeros(8, 4)], gated=False) is None
     assert None in timed
     timed.clear()
-    assert gemv._fastest([torch.zeros(8, 4)], gated=True) == gemv.CANDIDATES[0]  # cuBLAS cannot apply silu
+    assert gemv.fastest_tiling([torch.zeros(8, 4)], gated=True) == gemv.CANDIDATES[0]  # cuBLAS cannot apply silu
     assert None not in timed and len(timed) == len(gemv.CANDIDATES)
 
 
