@@ -3,7 +3,7 @@
 import logging
 
 from services.coordinator.server import run
-from shared.client.stack_record import taken
+from shared.rundir.stack_record import taken
 from shared.runtime.process import config_from_args
 from shared.wire.names import COORDINATOR
 

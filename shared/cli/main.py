@@ -13,7 +13,8 @@ from pathlib import Path
 
 from shared.cli import stack
 from shared.cli.render import VoiceText, print_summary, render_status, save_image
-from shared.client import Client, LyraError, find_stack, leftovers, stack_record
+from shared.client import Client, LyraError, find_stack
+from shared.rundir import leftovers, stack_record
 from shared.config.paths import ProjectFileMissing, default_config
 from shared.config.schema import ConfigError, LyraConfig, load_config
 from shared.config.units import GB, format_gb

@@ -1,7 +1,7 @@
 """Starting and stopping the whole stack under supervisord (`lyra up` / `lyra down`).
 
 One stack per run directory: its sockets, logs, secret, record and supervisord's control files all live
-there (see `shared.client.stack_record`), so two stacks with two run directories run side by side.
+there (see `shared.rundir.stack_record`), so two stacks with two run directories run side by side.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.cli import ports
-from shared.client import Client, LyraError, leftovers, stack_record
+from shared.client import Client, LyraError
 from shared.config.paths import project_file
 from shared.config.schema import ConfigError, LyraConfig, load_config
 from shared.config.secrets import MissingApiKey, gateway_key
+from shared.rundir import leftovers, ports, stack_record
 from shared.wire import transport
 from shared.wire.messages import StatusReply
 from shared.wire.names import COORDINATOR, GATEWAY, PROGRAMS, WORKER_SERVICES

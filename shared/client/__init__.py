@@ -17,7 +17,6 @@ Both clients drive the same sans-I/O `RequestSession` (session.py), which decide
 outstanding request. errors.py holds the typed errors, discovery.py finds the stack and its credentials.
 """
 
-from shared.client import stack_record
 from shared.client.aio import IDLE, AsyncClient
 from shared.client.discovery import find_stack
 from shared.client.errors import (
@@ -39,6 +38,7 @@ from shared.client.errors import (
 from shared.client.request import build_request, pil_image
 from shared.client.session import DEFAULT_TIMEOUT_S, RequestSession
 from shared.client.sync import Client
+from shared.rundir import stack_record
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "ERRORS", "IDLE", "AsyncClient", "BadImageError", "BusyError", "CancelledError", "Client",

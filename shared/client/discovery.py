@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.client import stack_record
 from shared.client.errors import LyraError, StackNotFoundError, UnauthorizedError
+from shared.rundir import stack_record
 from shared.wire import keys, transport
 from shared.wire.messages import ErrorCode
 

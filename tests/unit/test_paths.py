@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.client import stack_record
 from shared.config import paths
 from shared.config.schema import parse_config
+from shared.rundir import stack_record
 
 XDG = ("XDG_CACHE_HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR")
 

@@ -19,8 +19,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from shared.client import leftovers
 from shared.config.paths import default_run_dir, state_dir
+from shared.rundir import leftovers
 
 RECORD = "stack.json"
 SUPERVISORD_PID = "supervisord.pid"
