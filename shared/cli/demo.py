@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from shared.cli import stack
+from shared.cli.live_status import LiveStatus, progress_printer
 from shared.cli.render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError
 from shared.config.paths import default_config
@@ -72,6 +73,14 @@ def _within(words: list[str], pair: tuple[str, ...], span: int) -> bool:
     return any(starts[j + 2] - starts[j] <= span for j in range(len(starts) - 2))
 
 
+def is_terminal(stream: TextIO) -> bool:
+    """Whether `stream` is a terminal (a live status is drawn there; never into a pipe or a file)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _scores(done: DoneEvent) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in sorted(done.scores.items(), key=lambda kv: -kv[1]))
 
@@ -86,13 +95,16 @@ def converse(client: Client, script: tuple[tuple[str, bool], ...], image_dir: Pa
         done = None
         answer = VoiceText()
         saved = []
-        for event in client.stream(prompt, image=sample_picture() if attach else None):
-            if isinstance(event, (TokenEvent, StageRestartedEvent)):
-                print(answer.feed(event), end="", file=out, flush=True)
-            elif isinstance(event, ImageEvent):
-                saved.append(save_image(event, str(image_dir)))  # shown on its own line after the answer
-            elif isinstance(event, DoneEvent):
-                done = event
+        # On a terminal, "lyra> routing -> philosopher (0.91) -> thinking  8.2s" until the answer streams.
+        with LiveStatus(out if is_terminal(out) else None, prefix="lyra> ") as live:
+            for event in client.stream(prompt, image=sample_picture() if attach else None):
+                live.feed(event)
+                if isinstance(event, (TokenEvent, StageRestartedEvent)):
+                    print(answer.feed(event), end="", file=out, flush=True)
+                elif isinstance(event, ImageEvent):
+                    saved.append(save_image(event, str(image_dir)))  # shown on its own line after the answer
+                elif isinstance(event, DoneEvent):
+                    done = event
         assert done is not None
         for path in saved:
             print(f"\n  image saved: {path}", end="", file=out)
@@ -115,7 +127,8 @@ def run_demo(config_path: str | None, timeout_s: float, image_dir: str = "lyra-d
     print(f"Lyra Runtime demo on {Path(config.source).name}: starting the stack (first start loads the models)...",
           flush=True)
     began = time.monotonic()
-    stack.up(config, timeout_s, lambda line: print(f"  {line}", flush=True))  # stops what it started on failure
+    with LiveStatus(sys.stdout if is_terminal(sys.stdout) else None) as live:  # stops what it started on failure
+        stack.up(config, timeout_s, progress_printer(live))
     try:
         print(f"stack up in {time.monotonic() - began:.1f}s", flush=True)
         with Client(config.client_endpoint(), timeout_s=timeout_s) as client:

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 from shared.cli import stack
+from shared.cli.live_status import LiveStatus, progress_printer, terminal_stream
 from shared.cli.render import VoiceText, print_summary, render_status, save_image
 from shared.client import Client, LyraError, find_stack
-from shared.rundir import leftovers, stack_record
 from shared.config.paths import ProjectFileMissing, default_config
 from shared.config.schema import ConfigError, LyraConfig, load_config
 from shared.config.units import GB, format_gb
+from shared.rundir import leftovers, stack_record
 from shared.wire.messages import (
     DoneEvent,
     ImageEvent,
@@ -58,7 +59,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("lyra: this config does not fit its GPUs (above); fix it or pass --force", file=sys.stderr)
             return 2
     print(f"starting Lyra Runtime with {config.source} (run directory {config.run_dir()})", flush=True)
-    status = stack.up(config, args.timeout, lambda line: print(f"  {line}", flush=True))
+    with LiveStatus(terminal_stream()) as live:  # on a terminal: one line with the elapsed seconds
+        status = stack.up(config, args.timeout, progress_printer(live))
     print(render_status(status))
     url = stack.gateway_url(config.run_dir())
     print(f"OpenAI-compatible API: {url}" if url else "no HTTP API: [gateway] enabled = false in this config")
@@ -171,14 +173,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     image = read_input(args.image, "image") if args.image else None
     done = None
     answer = VoiceText()
-    with Client(endpoint_of(args), timeout_s=args.timeout) as client:
+    # A live status line on a terminal (not with -v, whose raw stage lines would break it; not with --json).
+    live = LiveStatus(None if args.verbose or args.no_status else terminal_stream())
+    with Client(endpoint_of(args), timeout_s=args.timeout) as client, live:
         for event in client.stream(text, image=image, specialist=args.specialist, **options):
+            live.feed(event)
             if args.json:
                 done = event if isinstance(event, DoneEvent) else done
                 continue
             if isinstance(event, (TokenEvent, StageRestartedEvent)):
                 print(answer.feed(event), end="", flush=True)
                 if isinstance(event, StageRestartedEvent) and event.stage != "voice":
+                    live.finish()
                     print(f"[{event.service} restarted during {event.stage}: running it again]", file=sys.stderr)
             elif isinstance(event, RouteEvent) and args.verbose:
                 print(f"[route -> {event.specialist}]", file=sys.stderr)
@@ -314,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--endpoint")
     p.add_argument("--run-dir", help=RUN_DIR_HELP)
-    p.add_argument("-v", "--verbose", action="store_true", help="show stages on stderr")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print each stage's start and end and the route as plain lines on stderr (no live status)")
+    p.add_argument("--no-status", action="store_true",
+                   help="no live status line on a terminal (it is never drawn into a pipe)")
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("plan", help="per-GPU memory plan of a config, computed from the checkpoints; exit 1 if it "
                                      "cannot run")

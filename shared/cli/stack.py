@@ -294,7 +294,9 @@ def wait_ready(endpoint: str, timeout_s: float, progress: Callable[[str], None],
                 waiting = [s.service for s in status.services if s.state not in ("up", "busy")]
                 if not waiting:
                     return status
-                line = f"waiting for {', '.join(waiting)} to register"
+                ready = len(status.services) - len(waiting)
+                line = (f"loading {', '.join(waiting)}: waiting for {'it' if len(waiting) == 1 else 'them'} "
+                        f"to register ({ready} of {len(status.services)} services up)")
             except LyraError:
                 line = "waiting for the coordinator"
             if line != last:
