@@ -30,7 +30,7 @@ def _artist(gw: Gateway, model: str | None) -> str:
 
 
 async def generate_image(gw: Gateway, request: Request) -> Response:
-    """The route handler: the artist's picture and, as `revised_prompt`, what the voice said about it."""
+    """The route handler: the artist's picture and, as `revised_prompt`, the prompt the artist drew it from."""
     started = time.perf_counter()
     req: ImageGenerationRequest = parse(ImageGenerationRequest, await read_json(request, gw.max_body_bytes))
     if req.n not in (None, 1):
@@ -61,7 +61,7 @@ async def generate_image(gw: Gateway, request: Request) -> Response:
     gw.count("images", "ok", artist)
     return JSONResponse({
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(done.image.data).decode(), "revised_prompt": done.answer}],
+        "data": [{"b64_json": base64.b64encode(done.image.data).decode(), "revised_prompt": done.image.prompt or req.prompt}],
         "lyra": {"request_id": done.parent_id, "specialist": done.specialist, "timings": done.timings,
                  "mime": done.image.mime, "width": done.image.width, "height": done.image.height},
     })

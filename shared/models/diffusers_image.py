@@ -213,7 +213,7 @@ class DiffusersImageModel(LoadedModel):
                                 callback_on_step_end=check_cancel, output_type="pil").images[0]
         logger.info("%s: drew %dx%d in %d steps (seed %d) in %.2f s", self.entry.name, request.width,
                     request.height, request.steps, request.seed, time.perf_counter() - started)
-        return png_payload(picture)
+        return png_payload(picture, request.prompt)
 
     def _sequence_length(self) -> int:
         limit = getattr(self.pipe.tokenizer_2, "model_max_length", 512)
@@ -247,8 +247,9 @@ def describe(request: ImageRequest) -> str:
     return f"I drew: {prompt} ({request.width}x{request.height}, {request.steps} steps, seed {request.seed})"
 
 
-def png_payload(picture: Any) -> ImagePayload:
-    """A PIL image as PNG bytes with its size."""
+def png_payload(picture: Any, prompt: str | None = None) -> ImagePayload:
+    """A PIL image as PNG bytes with its size and the prompt it was drawn from."""
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    return ImagePayload(data=buffer.getvalue(), mime="image/png", width=picture.width, height=picture.height)
+    return ImagePayload(data=buffer.getvalue(), mime="image/png", width=picture.width, height=picture.height,
+                        prompt=prompt)

@@ -148,7 +148,7 @@ def _png(seed_text: str, size: int = 16) -> ImagePayload:
     rgb = tuple(hashlib.sha256(seed_text.encode()).digest()[:3])
     buf = io.BytesIO()
     Image.new("RGB", (size, size), rgb).save(buf, format="PNG")
-    return ImagePayload(data=buf.getvalue(), mime="image/png", width=size, height=size)
+    return ImagePayload(data=buf.getvalue(), mime="image/png", width=size, height=size, prompt=seed_text)
 
 
 def load(entry: ModelEntry, context: LoadContext) -> FakeModel:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from shared.wire.names import WorkerName
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 4  # 1.1: image error codes, estimates in registration, tickets
+SCHEMA_MINOR = 5  # 1.1: image error codes, estimates in registration, tickets
 # 1.2: stage_restarted and progress events, the coordinator's instance id on client events, keepalive_s on
 #      accepted, the stack secret on registration and client requests, coordinator_restarted/unauthorized,
 #      stop strings in generation options, token usage on the voice's reply and the done event, swap records
@@ -26,6 +26,7 @@ SCHEMA_MINOR = 4  # 1.1: image error codes, estimates in registration, tickets
 # 1.3: `truncated` on the specialist's and voice's replies and on the done event (a prompt cut to max_context),
 #      `events` ("all" | "answer") on chat requests, the route's kind, fallback and evidence
 # 1.4: the fields naming a service are typed as the worker names (shared/wire/names.py) they always carried
+# 1.5: `prompt` on an image payload: the text an artist drew it from
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 Stage = Literal["route", "load", "specialist", "voice"]  # a request's stages, in order
@@ -157,6 +158,7 @@ class ImagePayload(Frozen):
     mime: str = "image/png"
     width: int | None = None
     height: int | None = None
+    prompt: str | None = None  # the text prompt it was drawn from, when an artist drew it
 
 
 # ---------------------------------------------------------------- client <-> coordinator

@@ -111,6 +111,8 @@ def test_image_out_from_the_artist(served) -> None:
     result = _client(gateway).images.generate(prompt="a green field", size="16x16", response_format="b64_json")
     picture = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
     assert picture.size == (16, 16) and picture.format == "PNG"
+    # The prompt the artist drew from (the fake artist's is its echo of the turn), not the voice's words about it.
+    assert "a green field" in result.data[0].revised_prompt and "[voice]" not in result.data[0].revised_prompt
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         _client(gateway).images.generate(prompt="two of them", n=2)
 
