@@ -86,8 +86,7 @@ DESCRIPTIONS: dict[str, str] = {
     "`openai` (an OpenAI-compatible server, see `remote`).",
     "ModelEntry.path": "Where the weights are.",
     "ModelEntry.dtype": "Weight and compute dtype; `auto` is bfloat16 on a GPU and float32 on the CPU.",
-    "ModelEntry.quantization": "Quantize the weights at load with bitsandbytes: `int8` (LLM.int8) or `4bit` (NF4); "
-    "needs a CUDA GPU; see quantization.md.",
+    "ModelEntry.quantization": "Quantize the weights at load; see quantization.md.",
     "ModelEntry.attn_implementation": "transformers' attention for prefill: `auto` picks FlashAttention 2 when "
     "`flash-attn` is installed, else PyTorch SDPA.",
     "ModelEntry.max_context": "Tokens of context: the KV cache the engine allocates and the plan counts; a longer "

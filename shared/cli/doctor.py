@@ -78,7 +78,7 @@ def attention_checks(has_cuda: bool) -> list[Check]:
                     "available" if flash and has_cuda else "unavailable (needs CUDA and flash-attn)",
                     "" if flash else "pip install flash-attn --no-build-isolation (CUDA machines)")]
     bnb = _installed("bitsandbytes")
-    checks.append(Check("pass" if bnb and has_cuda else "info", "quantization int8/4bit",
+    checks.append(Check("pass" if bnb and has_cuda else "info", "quantization bnb-int8/bnb-nf4",
                         "bitsandbytes ready" if bnb and has_cuda else "unavailable (needs CUDA and bitsandbytes)",
                         "" if bnb else "pip install bitsandbytes"))
     return checks

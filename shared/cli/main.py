@@ -225,7 +225,7 @@ def weight_cache_report(config, plan) -> dict:
     """The host weight cache's size and which specialists' weights it can hold at once."""
     weights = {p.name: p.estimate.weights for p in plan.placements if p.role == "specialist"}
     size = int(config.weight_cache.size_gb * GB)
-    quantized = sorted(n for n, e in config.specialists.items() if e.quantization == "int8")  # 4-bit is cached
+    quantized = sorted(n for n, e in config.specialists.items() if e.quantization == "bnb-int8")  # others are cached
     cacheable = {n: b for n, b in weights.items() if n not in quantized}
     return {"size_bytes": size, "pinned": config.weight_cache.pin, "specialist_weight_bytes": weights,
             "holds_all": size > 0 and sum(cacheable.values()) <= size,
@@ -241,7 +241,7 @@ def render_weight_cache(cache: dict) -> str:
     verdict = "holds every cacheable specialist at once" if cache["holds_all"] else "evicts least recently used"
     extra = f"; too large to cache: {', '.join(cache['too_large'])}" if cache["too_large"] else ""
     if cache["not_cached_quantized"]:
-        extra += f"; int8, so reloaded on every swap: {', '.join(cache['not_cached_quantized'])}"
+        extra += f"; bitsandbytes int8, so reloaded on every swap: {', '.join(cache['not_cached_quantized'])}"
     return (f"\nhost weight cache: {format_gb(cache['size_bytes'])} "
             f"({'pinned' if cache['pinned'] else 'pageable'}) of host RAM, {verdict}{extra}\n"
             f"  specialist weights (GB): {held}")

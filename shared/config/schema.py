@@ -187,6 +187,10 @@ class RemoteSettings(Section):
         return value.rstrip("/")
 
 
+LYRA_FORMS = ("int8", "int4")  # quantized on load by Lyra, decoded by its kernels (shared.engine.quantized_linear)
+BNB_FORMS = ("bnb-int8", "bnb-nf4")  # quantized on load by bitsandbytes
+
+
 class ModelEntry(Section):
     """One model: where its weights are, how to load it, how to prompt it."""
 
@@ -197,7 +201,11 @@ class ModelEntry(Section):
     gguf_file: str = ""  # file name inside `path` for GGUF checkpoints
     embedded: Literal["", "smollm2", "tiny-flux", "tiny-llava"] = ""  # a checkpoint shipped or generated locally
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: Literal["none", "int8", "4bit"] = "none"
+    # Lyra's own forms, for transformers text models and a vision-language model's language model, decoded by Lyra's
+    # kernels (in a CUDA graph on one GPU): "int8" (a scale per row) or "int4" (a scale and a zero point per 128
+    # weights of a row). bitsandbytes' forms, which need a CUDA GPU and are the only ones for image models:
+    # "bnb-int8" (LLM.int8) or "bnb-nf4" (NF4). "4bit" is refused with the name to write instead.
+    quantization: Literal["none", "int8", "int4", "bnb-int8", "bnb-nf4"] = "none"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "auto"] = "auto"
     max_context: int = Field(default=4096, ge=16)
     device_map: str | dict[str, int | str] = ""  # "" = whole model on the service's first device
@@ -244,12 +252,24 @@ class ModelEntry(Section):
                              "all_reduce = \"peer\" or \"auto\"")
         return data
 
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _renamed_forms(cls, value: Any) -> Any:
+        if value == "4bit":
+            raise ValueError("quantization = \"4bit\" is now spelled \"bnb-nf4\" (bitsandbytes NF4, as before) or "
+                             "\"int4\" (Lyra's kernels, group 128)")
+        return value
+
     @model_validator(mode="after")
     def _needs_weights(self) -> ModelEntry:
         if self.random_weights and (self.backend != "transformers" or self.parallel != "tensor"):
             raise ValueError(f"model {self.name!r}: random_weights = true is for tensor-parallel voices "
                              "(backend = \"transformers\", parallel = \"tensor\"): a benchmark of shapes too large "
                              "for the disk")
+        if self.quantization in LYRA_FORMS and (self.backend == "diffusers" or self.kind == "image_generation"):
+            raise ValueError(f"model {self.name!r}: quantization = {self.quantization!r} is Lyra's form for "
+                             "transformers text models; an image model quantizes through bitsandbytes: write "
+                             "\"bnb-int8\" or \"bnb-nf4\"")
         if self.backend == "openai":
             if not (self.remote.base_url and self.remote.model):
                 raise ValueError(f"model {self.name!r} uses backend 'openai' but sets no remote.base_url or "

@@ -53,8 +53,7 @@ def measure_link(source: int, target: int) -> PeerLink:
 def recommend(link: PeerLink | None, quantization: str) -> tuple[str, str]:
     """("tensor" | "pipeline", why) for a voice over these GPUs."""
     if quantization != "none":
-        return "pipeline", (f"a {quantization} voice cannot be split into tensor ranks "
-                            "(bitsandbytes packs whole matrices)")
+        return "pipeline", f"a {quantization} voice cannot be split into tensor ranks (quantized ranks are not offered)"
     if link is None:
         return "pipeline", "the voice has fewer than two GPUs"
     if link.peer_access and link.gb_per_s >= TENSOR_MIN_GB_S:

@@ -382,8 +382,8 @@ def rank_problems(entry: Any, world: int, has_cuda: bool) -> list[str]:
         problems.append(f"parallel = \"tensor\" needs at least 2 ranks (the service has {world}); give the voice "
                         "two GPUs, or set ranks = 2 on the CPU")
     if entry.quantization != "none":
-        problems.append(f"quantization = {entry.quantization!r} cannot be split into tensor-parallel shards "
-                        "(bitsandbytes packs whole matrices); use parallel = \"pipeline\" for a quantized voice")
+        problems.append(f"quantization = {entry.quantization!r} is not offered for tensor ranks (quantized ranks are "
+                        "separate work); use parallel = \"pipeline\" for a quantized voice")
     if entry.gguf_file or entry.embedded:
         problems.append("tensor parallelism loads safetensors checkpoints only (not GGUF or embedded models)")
     if entry.device_map or entry.max_memory:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.engine.quantized_linear import QuantizedLinear
 from shared.kernels import decode_attention, gemv
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ def problems(model: Any) -> list[str]:
         found.append(f"decoder layers lack {', '.join(missing)}")
         return found
     modules = dict(layer.named_modules())
-    weights = [getattr(modules[name], "weight", None) for name in needed[:7]]
-    packed = sorted({"no weight tensor" if weight is None else str(weight.dtype) for weight in weights
-                     if weight is None or weight.dtype not in FLOAT_WEIGHTS})
-    if packed:  # bitsandbytes packs 4-bit and int8 weights; float8 and GPTQ/AWQ keep scales beside them
+    projections = [modules[name] for name in needed[:7]]
+    lyra = {f"Lyra {module.form}" for module in projections if isinstance(module, QuantizedLinear)}
+    weights = [getattr(module, "weight", None) for module in projections if not isinstance(module, QuantizedLinear)]
+    packed = sorted(lyra | {"no weight tensor" if weight is None else str(weight.dtype) for weight in weights
+                            if weight is None or weight.dtype not in FLOAT_WEIGHTS})
+    if packed:  # Lyra and bitsandbytes pack int4 and int8 weights; float8 and GPTQ/AWQ keep scales beside them
         found.append(f"quantized projections ({', '.join(packed)}); the step multiplies float16, bfloat16 or "
                      "float32 weights")
     return found

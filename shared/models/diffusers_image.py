@@ -97,7 +97,7 @@ def _quantization(entry: ModelEntry, gpus: list[int], dtype: torch.dtype) -> dic
                            "pip install bitsandbytes")
     from diffusers import PipelineQuantizationConfig
 
-    eight = entry.quantization == "int8"
+    eight = entry.quantization == "bnb-int8"
     kwargs: dict[str, Any] = {"load_in_8bit": True} if eight else {
         "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
     return {"quantization_config": PipelineQuantizationConfig(

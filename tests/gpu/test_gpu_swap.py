@@ -56,8 +56,8 @@ def test_cuda_cache_swaps_match_fresh_loads_and_free_memory(checkpoints: dict[st
     assert torch.cuda.memory_allocated() > 0
 
 
-@pytest.mark.parametrize("quantization", ["4bit", "int8"])
-def test_quantized_models_are_cached_in_quantized_form(checkpoints: dict[str, Path], quantization: str) -> None:  # noqa: F811
+@pytest.mark.parametrize("quantization", ["bnb-nf4", "bnb-int8"])
+def test_bitsandbytes_models_are_cached_in_quantized_form(checkpoints: dict[str, Path], quantization: str) -> None:  # noqa: F811
     import importlib.util
 
     import torch
@@ -87,7 +87,7 @@ def test_quantized_models_are_cached_in_quantized_form(checkpoints: dict[str, Pa
     layer_types = {type(m).__name__ for m in model.torch_modules()["model"].modules()}
     assert layer_types & {"Linear4bit", "Linear8bitLt"}  # really quantized
     assert run(cached, "pragmatist", None).text == expected
-    if quantization == "int8":  # not cacheable: reloads from the checkpoint, still correct
+    if quantization == "bnb-int8":  # not cacheable: reloads from the checkpoint, still correct
         assert not cached.cache.holds("pragmatist")
         swap_to(cached, "artist")
         swap_to(cached, "pragmatist")

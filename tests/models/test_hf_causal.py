@@ -190,8 +190,8 @@ def test_flash_attention_without_the_package_names_the_fix(tiny_checkpoints: dic
         hf_causal.load(entry, tiny.cpu_context())
 
 
-@pytest.mark.parametrize("quantization", ["int8", "4bit"])
-def test_quantization_without_a_gpu_is_refused(quantization: str, tiny_checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("quantization", ["bnb-int8", "bnb-nf4"])
+def test_bitsandbytes_without_a_gpu_is_refused(quantization: str, tiny_checkpoints: dict[str, Path]) -> None:
     entry = tiny.entry("q", tiny_checkpoints["llama"], quantization=quantization)
     with pytest.raises(BackendError, match="CUDA GPU"):
         hf_causal.load(entry, tiny.cpu_context())

@@ -164,15 +164,17 @@ def test_flux_bad_path_is_a_backend_error(tmp_path: Path) -> None:
 
 
 def test_flux_refuses_what_it_cannot_honour(flux_dir: Path) -> None:
-    for wrong in ({"device_map": "auto"}, {"kind": "causal_lm"}, {"quantization": "int8"}):
+    for wrong in ({"device_map": "auto"}, {"kind": "causal_lm"}):
         fields = {"name": "artist", "kind": "image_generation", "backend": "diffusers", "path": str(flux_dir)}
         entry = ModelEntry(**{**fields, **wrong})
         with pytest.raises(BackendError, match="artist"):
             load_model(entry, cpu_context())
     quantized = ModelEntry(name="artist", kind="image_generation", backend="diffusers", path=str(flux_dir),
-                           quantization="4bit")
+                           quantization="bnb-nf4")
     with pytest.raises(BackendError, match="needs a CUDA GPU"):
         load_model(quantized, cpu_context())
+    with pytest.raises(ValueError, match="an image model quantizes through bitsandbytes"):  # Lyra's: text models
+        ModelEntry(name="artist", kind="image_generation", backend="diffusers", path=str(flux_dir), quantization="int8")
 
 
 def test_image_settings_come_from_the_entry_table() -> None:

@@ -63,3 +63,13 @@ def test_auth_none_is_refused_on_tcp_endpoints_loopback_included(tmp_path) -> No
     assert "runtime.auth" in str(err.value) and "stack secret" in str(err.value)
     assert parse_config(fake_config(tmp_path, runtime__auth="none")).runtime.auth == "none"  # ipc: allowed
     assert parse_config(fake_config(tmp_path)).runtime.stage_retries == 1
+
+
+def test_the_old_4bit_spelling_is_refused_with_one_line_naming_both_forms(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(fake_config(tmp_path, specialists__pragmatist__quantization="4bit"), source="my.toml")
+    assert str(err.value) == ('my.toml: specialists.pragmatist.quantization: Value error, quantization = "4bit" is now '
+                              'spelled "bnb-nf4" (bitsandbytes NF4, as before) or "int4" (Lyra\'s kernels, group 128)')
+    for form in ("none", "int8", "int4", "bnb-int8", "bnb-nf4"):
+        config = parse_config(fake_config(tmp_path, specialists__pragmatist__quantization=form))
+        assert config.specialists["pragmatist"].quantization == form

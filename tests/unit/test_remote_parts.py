@@ -168,7 +168,7 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
     assert checks["engine pragmatist"].fix == 'engine = "fused" in [specialists.pragmatist]'
     assert "a qwen2 model" in checks["engine voice"].detail and checks["engine voice"].fix.endswith("[voice]")
     assert engine_checks(config, has_cuda=False) == []  # on the CPU every engine decodes the same way
-    for refused in (model("llama", quantization="4bit"), model("fp8"), model("gelu"),
+    for refused in (model("llama", quantization="int4"), model("fp8"), model("gelu"),
                     {**model("llama"), "path": "org/not-in-the-local-cache"}):
         config = parse_config(fake_config(tmp_path, specialists__pragmatist=refused))
         assert engine_checks(config, has_cuda=True) == []  # what the fused step would refuse, or cannot read

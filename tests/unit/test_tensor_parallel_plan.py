@@ -103,6 +103,6 @@ def test_doctor_recommends_tensor_ranks_only_over_a_fast_peer_link() -> None:
     assert recommend(PeerLink(0, 1, True, 8.0), "none") == (
         "pipeline", "GPUs 0 and 1: only 8 GB/s; tensor ranks would wait on every all-reduce")
     assert recommend(PeerLink(0, 1, False, 40.0), "none")[0] == "pipeline"
-    assert recommend(PeerLink(0, 1, True, 370.0), "4bit")[0] == "pipeline"
+    assert recommend(PeerLink(0, 1, True, 370.0), "int4")[0] == "pipeline"
     status, _, detail, _ = voice_parallel_check(config("llama-3-8b", "tensor"), has_cuda=False)
     assert status == "info" and "not measured" in detail
