@@ -1,7 +1,10 @@
 """A model's linear layers in a weight-only quantized form (int8, int4), decoded through Lyra's product kernels.
 
 `quantize_linears(model, form)` replaces each `nn.Linear` of the decoder layers by a `QuantizedLinear`
-holding its weight as `shared.kernels.quant_gemv` packs it; embeddings and the head stay as they are. A
+holding its weight as `shared.kernels.quant_gemv` packs it; embeddings and the head stay as they are.
+`quantize_layer` does one layer, freeing each 16-bit weight as soon as it is packed, so a loader can quantize a
+model layer by layer on its GPU (shared.models.quantized_load). Weights are rounded a few rows at a time
+(`CHUNK_ELEMENTS`), so the float32 scratch stays small whatever the matrix: the plan counts it. A
 decode step multiplies one row by each weight: that row goes through the kernel, which reads the packed
 bytes (a CUDA graph captures it like any op). A prompt of many rows goes through one dequantized copy of
 the weight at a time (prefill is once per turn, and a matrix product there reads the weight once for all
@@ -15,6 +18,8 @@ from typing import Any
 import torch
 
 from shared.kernels import devices, quant_gemv
+from shared.planning import device_split
+from shared.planning.device_split import QUANTIZE_CHUNK_ELEMENTS as CHUNK_ELEMENTS  # the plan counts its scratch
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -53,28 +58,62 @@ class QuantizedLinear(torch.nn.Module):
 
 def quantize_linears(model: Any, form: str, group: int = quant_gemv.GROUP) -> int:
     """Replace every nn.Linear inside the decoder layers of `model` by its `form` in place; returns how many."""
+    _check_form(form)
+    return sum(quantize_layer(layer, form, group) for layer in decoder_layers(model))
+
+
+def quantize_layer(layer: torch.nn.Module, form: str, group: int = quant_gemv.GROUP) -> int:
+    """Replace every nn.Linear inside one decoder layer by its `form`, on the layer's device; returns how many.
+
+    Each 16-bit weight is released as soon as its packed form exists, so the layer never needs more than its
+    own 16-bit bytes and the rounding's scratch beside what it ends as.
+    """
+    _check_form(form)
+    names = [name for name, module in layer.named_modules() if type(module) is torch.nn.Linear]
+    with torch.no_grad():
+        for name in names:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            linear = getattr(parent, attribute)
+            try:
+                packed = quantize_weight(linear.weight.detach(), form, group)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}; int8 has no such limit") from None
+            bias = linear.bias.detach() if linear.bias is not None else None
+            setattr(parent, attribute, QuantizedLinear(packed, bias))
+            del linear  # the last reference to the 16-bit weight
+    return len(names)
+
+
+def quantize_weight(weight: torch.Tensor, form: str, group: int = quant_gemv.GROUP) -> quant_gemv.QuantizedWeight:
+    """`quant_gemv`'s rounding of a [out, in] weight, CHUNK_ELEMENTS at a time (rows are rounded independently,
+    so the result is the same as in one go)."""
+    rows, columns = weight.shape
+    step = max(1, CHUNK_ELEMENTS // columns)
+    first = _quantize_rows(weight[:step], form, group)
+    if rows <= step:
+        return first
+    packed = first.packed.new_empty((rows, *first.packed.shape[1:]))
+    scales = first.scales.new_empty((rows, *first.scales.shape[1:]))
+    zeros = None if first.zeros is None else first.zeros.new_empty((rows, *first.zeros.shape[1:]))
+    for start in range(0, rows, step):
+        part = first if start == 0 else _quantize_rows(weight[start:start + step], form, group)
+        packed[start:start + step] = part.packed
+        scales[start:start + step] = part.scales
+        if zeros is not None:
+            zeros[start:start + step] = part.zeros
+    return quant_gemv.QuantizedWeight(form, packed, scales, zeros, first.group, columns)
+
+
+def _check_form(form: str) -> None:
     if form not in quant_gemv.FORMS:
         raise ValueError(f"quantized form {form!r}: expected one of {', '.join(quant_gemv.FORMS)}")
-    layers = decoder_layers(model)
-    count = 0
-    for layer in layers:
-        for name, module in list(layer.named_modules()):
-            if type(module) is not torch.nn.Linear:
-                continue
-            weight = module.weight.detach()
-            packed = quant_gemv.quantize_int8(weight) if form == "int8" else quant_gemv.quantize_int4(weight, group)
-            bias = module.bias.detach() if module.bias is not None else None
-            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-            setattr(parent, name.rpartition(".")[2], QuantizedLinear(packed, bias))
-            del weight, module
-            count += 1
-    return count
+
+
+def _quantize_rows(weight: torch.Tensor, form: str, group: int) -> quant_gemv.QuantizedWeight:
+    return quant_gemv.quantize_int8(weight) if form == "int8" else quant_gemv.quantize_int4(weight, group)
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The decoder layers of a transformers causal LM (model.model.layers, or the text model's of a VLM)."""
-    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder layers found to quantize")
-    return layers
+    return device_split.decoder_layer_stack(model)[1]

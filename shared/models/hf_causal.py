@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.config.schema import GenerationDefaults, ModelEntry
+from shared.config.schema import BNB_FORMS, LYRA_FORMS, GenerationDefaults, ModelEntry
 from shared.engine.cancel import Cancelled
 from shared.engine.decode import DecodeEngine, Sampling, cache_keyword, output_cache
 from shared.engine.endings import finish_sentence
@@ -25,6 +25,7 @@ from shared.engine.prefix_cache import PrefixCache
 from shared.models import hf_checks, memory
 from shared.models.base import BackendError, LoadContext, LoadedModel, generation_settings, render_template
 from shared.models.hf_checks import check_entry
+from shared.models.quantized_load import load_quantized
 from shared.models.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.planning import device_split, placement
 from shared.wire.messages import ChatTurn, GenerationOptions, MemoryReading, RouteLabel
@@ -57,7 +58,11 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
         if kwargs["device_map"] in placement.STRATEGIES and not gguf_file:
             kwargs["device_map"] = _strategy_map(entry, source, kwargs, context.physical_gpus)
         tokenizer = AutoTokenizer.from_pretrained(source, **file_args)
-        model = AutoModelForCausalLM.from_pretrained(source, **file_args, **kwargs)
+        if entry.quantization in LYRA_FORMS:  # layer by layer on the GPUs: the peak the plan promises
+            model = load_quantized(AutoModelForCausalLM, source, entry.quantization, kwargs.pop("device_map"),
+                                   **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **file_args, **kwargs)
     except placement.PlacementError as exc:
         raise BackendError(f"model {entry.name!r}: {exc}") from exc
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
@@ -88,13 +93,18 @@ def _model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
     }
     if kwargs["device_map"] in placement.STRATEGIES and entry.max_memory:
         kwargs["max_memory"] = placement.resolve_max_memory(entry.max_memory, gpu_count)
-    if entry.quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if entry.quantization == "int8" else
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    if entry.quantization in BNB_FORMS:
+        kwargs["quantization_config"] = bitsandbytes_config(entry.quantization, dtype)
     return kwargs
+
+
+def bitsandbytes_config(quantization: str, dtype: torch.dtype) -> Any:
+    """transformers' BitsAndBytesConfig for "bnb-int8" (LLM.int8) or "bnb-nf4" (NF4 computing in `dtype`)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def _strategy_map(entry: ModelEntry, source: str, kwargs: dict[str, Any],

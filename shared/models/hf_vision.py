@@ -23,9 +23,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from shared.config.schema import ModelEntry
+from shared.config.schema import BNB_FORMS, LYRA_FORMS, ModelEntry
 from shared.models.base import BackendError, LoadContext, LoadedModel, SpecialistOutput
-from shared.models.hf_causal import TransformersModel, raise_if_cancelled, sampling_for
+from shared.models.hf_causal import TransformersModel, bitsandbytes_config, raise_if_cancelled, sampling_for
+from shared.models.quantized_load import load_quantized
 from shared.models.torch_common import pinned_gpus, release_memory, torch_dtype
 from shared.planning import placement
 from shared.wire.messages import ChatTurn, GenerationOptions
@@ -45,7 +46,11 @@ def load(entry: ModelEntry, context: LoadContext) -> LoadedModel:
     try:
         kwargs = model_kwargs(entry, len(pinned_gpus(entry, context)))
         processor = AutoProcessor.from_pretrained(entry.path)
-        model = LlavaNextForConditionalGeneration.from_pretrained(entry.path, **kwargs)
+        if entry.quantization in LYRA_FORMS:  # the language model's decoder layers, one at a time on the GPU
+            model = load_quantized(LlavaNextForConditionalGeneration, entry.path, entry.quantization,
+                                   kwargs.pop("device_map"), **kwargs)
+        else:
+            model = LlavaNextForConditionalGeneration.from_pretrained(entry.path, **kwargs)
     except placement.PlacementError as exc:
         raise BackendError(f"model {entry.name!r}: {exc}") from exc
     except (OSError, ValueError, ImportError, RuntimeError, TypeError) as exc:
@@ -67,14 +72,13 @@ def model_kwargs(entry: ModelEntry, gpu_count: int) -> dict[str, Any]:
     }
     if kwargs["device_map"] in placement.STRATEGIES and entry.max_memory:
         kwargs["max_memory"] = placement.resolve_max_memory(entry.max_memory, gpu_count)
-    if entry.quantization != "none":
+    if entry.quantization in BNB_FORMS:
         if not gpu_count:
             raise ValueError(f"quantization = {entry.quantization!r} needs a CUDA GPU and this service has none")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if entry.quantization == "int8" else
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+        kwargs["quantization_config"] = bitsandbytes_config(entry.quantization, dtype)
+    if entry.quantization in LYRA_FORMS and kwargs["device_map"] in placement.STRATEGIES:
+        raise ValueError(f"quantization = {entry.quantization!r} places whole layers by an explicit map: set "
+                         "device_map = \"\" (one GPU) or a table of layers for a vision-language model")
     return kwargs
 
 

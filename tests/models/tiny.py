@@ -95,6 +95,17 @@ def build_checkpoint(architecture: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_wide_llama(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama whose projections all take a multiple of 128 inputs (Lyra's int4 rounds groups of 128), saved
+    into `folder` with its tokenizer; returns `folder`."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**common_settings(tokenizer), "hidden_size": 128, "intermediate_size": 256})
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def entry(name: str, path: Path | str, **overrides: Any) -> ModelEntry:
     """A transformers ModelEntry for a tiny checkpoint (CPU-friendly defaults, greedy, short replies)."""
     fields: dict[str, Any] = {
