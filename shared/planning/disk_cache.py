@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1  # bump when the stored fields change
+FORMAT = 2  # bump when the stored fields change
 # The planning code the key includes (relative to the `shared` package): a change to any is a miss.
 _CODE = ("inventory.py", "architectures.py", "disk_cache.py", "layout.py", "device_split.py")
 _PACKAGES = ("transformers", "accelerate")

@@ -2,19 +2,28 @@
 
 All sizes are bytes; reports use GB = 10**9 bytes (shared.config.units; accelerate's "47GB" in max_memory).
 
-    total = weights + kv_cache + recurrent_state + activations + overhead
+    total = weights + max(kv_cache + recurrent_state + activations, load_transient) + overhead
 
 weights (from a `ParameterInventory`, see shared.planning.inventory):
     quantization "none":  elements x dtype bytes (float32 4, float16/bfloat16 2; "auto" = as stored,
                           bfloat16 for an architecture or a parameter count, float32 for GGUF, which
                           transformers dequantizes)
-    "int8" (bitsandbytes LLM.int8): Linear weights 1 byte each + one fp32 scale per output row;
+    "int8" (Lyra's):      the nn.Linear weights inside the decoder layers 1 byte each + one scale per output
+                          row in the compute dtype; everything else (embeddings, lm_head, norms, biases) in
+                          the compute dtype
+    "int4" (Lyra's):      the same weights 0.5 byte each + one scale and one zero point per 128 weights of a
+                          row in the compute dtype (0.53125 byte a weight in 16 bits); the rest as for int8
+    "bnb-int8" (bitsandbytes LLM.int8): Linear weights 1 byte each + one fp32 scale per output row;
                           everything else (embeddings, lm_head, norms, biases, convs) in the compute dtype
-    "4bit" (bitsandbytes NF4, blocksize 64, no double quantization, the transformers defaults):
+    "bnb-nf4" (bitsandbytes NF4, blocksize 64, no double quantization, the transformers defaults):
                           Linear weights 0.5 byte + one fp32 absmax per 64 = 0.5625 byte each; the rest
                           in the compute dtype.
     Only plain nn.Linear is quantized: transformers 5 keeps fused 3-D MoE expert tensors (Jamba's
     experts) unquantized (bitsandbytes-foundation/bitsandbytes#1849), so they stay 16-bit here too.
+load_transient (Lyra's int8/int4 only): the loader quantizes one decoder layer at a time on its GPU, so while
+    it loads a GPU holds, beside its quantized weights, one layer's Linear weights in the compute dtype and
+    the rounding's scratch (QUANTIZE_SCRATCH_BYTES). The KV cache and the decode engine's buffers are made
+    after the load, so the peak is the larger of the two.
 kv_cache  = 2 (K and V) x sum over attention layers of kv_heads x head_dim x min(context, window) x
             bytes, at batch 1, in the compute dtype (2 bytes; 4 for float32).
 recurrent_state = Mamba layers x d_inner x (d_state + d_conv) x bytes (fixed, independent of context).
@@ -44,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from shared.config.schema import LyraConfig, ModelEntry
 from shared.config.units import GB, MiB, format_gb, parse_size
 from shared.planning.architectures import get_architecture
+from shared.planning.device_split import LYRA_FORMS, QUANTIZE_SCRATCH_BYTES, lyra_bytes
 from shared.planning.inventory import ModelShape, ParameterInventory, architecture_shape, inventory_for
 from shared.wire.names import WORKER_SERVICES
 
@@ -76,11 +86,18 @@ class MemoryEstimate:
     layers: int  # split granularity for multi-GPU placement
     notes: tuple[str, ...] = ()
     attention_indices: tuple[int, ...] = ()  # decoder layers that keep a KV cache (placement puts it with them)
+    load_transient: int = 0  # beside the weights while a quantizing load runs, on every GPU holding layers
+
+    @property
+    def load_excess(self) -> int:
+        """What the load's peak needs beyond the KV cache, state and activations made after it (0 = nothing)."""
+        return load_excess(self, self.kv_cache, self.recurrent_state)
 
     @property
     def total(self) -> int:
-        """Everything the model needs on its GPUs together."""
-        return self.weights + self.kv_cache + self.recurrent_state + self.activations + self.overhead
+        """Everything the model needs on its GPUs together, at the larger of its load's and its serving's peak."""
+        return self.weights + self.kv_cache + self.recurrent_state + self.activations + self.load_excess + \
+            self.overhead
 
 
 @dataclass(frozen=True)
@@ -107,10 +124,14 @@ def weight_bytes(inventory: ParameterInventory, element_bytes: float, quantizati
         if dtype == "auto" and inventory.stored_bytes and inventory.source != "gguf":
             return inventory.stored_bytes
         return math.ceil(inventory.total_elements * element_bytes)
+    if quantization in LYRA_FORMS:
+        layers = inventory.layer_linear_elements
+        packed = lyra_bytes(quantization, layers, inventory.layer_linear_rows, element_bytes)
+        return math.ceil(packed + (inventory.total_elements - layers) * element_bytes)
     rest = inventory.other_elements * element_bytes
-    if quantization == "int8":
+    if quantization == "bnb-int8":
         linear = inventory.linear_elements * INT8_BYTES_PER_WEIGHT + inventory.linear_rows * INT8_SCALE_BYTES_PER_ROW
-    elif quantization == "4bit":
+    elif quantization == "bnb-nf4":
         linear = inventory.linear_elements * NF4_BYTES_PER_WEIGHT
     else:
         raise ValueError(f"unknown quantization {quantization!r}")
@@ -124,6 +145,16 @@ def offloaded_weight_bytes(inventory: ParameterInventory, element_bytes: float, 
     return max(weight_bytes(replace(inventory, linear_elements=linear, linear_rows=rows, other_elements=other,
                                     stored_bytes=0), element_bytes, quantization, dtype)
                for _, linear, rows, other in inventory.components)
+
+
+def load_transient_bytes(inventory: ParameterInventory, element_bytes: float, quantization: str) -> int:
+    """One decoder layer's Linear weights in the compute dtype and the rounding's scratch, for a Lyra form."""
+    if quantization not in LYRA_FORMS:
+        return 0
+    largest = inventory.largest_layer_linear_elements
+    if not largest and inventory.shape is not None:  # counted without layers: an equal share
+        largest = inventory.layer_linear_elements // max(inventory.shape.num_layers, 1)
+    return math.ceil(largest * element_bytes) + QUANTIZE_SCRATCH_BYTES
 
 
 def kv_cache_bytes(shape: ModelShape | None, context: int, element_bytes: int) -> int:
@@ -212,6 +243,7 @@ def estimate_model(entry: ModelEntry) -> MemoryEstimate:
         context=entry.max_context, layers=shape.num_layers if shape and text_model else UNITS_WITHOUT_LAYERS,
         notes=_notes(entry, inventory, text_model),
         attention_indices=shape.attention_indices if shape and text_model else (),
+        load_transient=load_transient_bytes(inventory, element, entry.quantization),
     )
 
 
@@ -223,12 +255,18 @@ def _notes(entry: ModelEntry, inventory: ParameterInventory, text_model: bool) -
                      "holds the largest one")
     if text_model and inventory.shape is None:
         notes.append("model shape unknown: KV cache and activations not estimated (set `architecture`)")
-    if entry.quantization != "none" and inventory.other_elements > 0.5 * inventory.total_elements:
-        notes.append(
-            f"{inventory.other_elements / 1e9:.1f}B of {inventory.total_elements / 1e9:.1f}B parameters are not "
-            "nn.Linear weights (embeddings, norms, fused MoE experts) and stay 16-bit: bitsandbytes quantizes "
-            "nn.Linear only (bitsandbytes-foundation/bitsandbytes#1849)"
-        )
+    lyra = entry.quantization in LYRA_FORMS
+    kept = inventory.total_elements - inventory.layer_linear_elements if lyra else inventory.other_elements
+    if entry.quantization != "none" and kept > 0.5 * inventory.total_elements:
+        rule = ("Lyra's int8/int4 quantize the nn.Linear weights of the decoder layers only" if lyra else
+                "bitsandbytes quantizes nn.Linear only (bitsandbytes-foundation/bitsandbytes#1849)")
+        notes.append(f"{kept / 1e9:.1f}B of {inventory.total_elements / 1e9:.1f}B parameters are not nn.Linear "
+                     f"weights (embeddings, norms, fused MoE experts) and stay 16-bit: {rule}")
+    if lyra:
+        element = compute_element_bytes(entry, inventory)
+        transient = format_gb(load_transient_bytes(inventory, element, entry.quantization))
+        notes.append(f"quantized on load one decoder layer at a time: {transient} (one layer's Linear weights "
+                     "unquantized, and the rounding's scratch) beside the quantized weights, before the KV cache")
     if entry.architecture and get_architecture(entry.architecture).notes:
         notes.append(get_architecture(entry.architecture).notes)
     return tuple(notes)
@@ -250,6 +288,11 @@ def _dtype_label(entry: ModelEntry, inventory: ParameterInventory, element: floa
 
 
 # ----------------------------------------------------------------------------- placement
+
+
+def load_excess(estimate: MemoryEstimate, kv: float, state: float) -> int:
+    """What a quantizing load holds on a GPU beyond the KV cache, state and activations made there after it."""
+    return max(0, round(estimate.load_transient - kv - state) - estimate.activations)
 
 
 def cuda_context_bytes(config: LyraConfig) -> dict[int, int]:
@@ -284,14 +327,14 @@ def split_across_gpus(estimate: MemoryEstimate, gpus: list[int], device_map: str
     elif not device_map:
         counts, spilled_units = [units] + [0] * (len(gpus) - 1), 0
     else:
-        caps = _caps(gpus, max_memory, default_caps, estimate.quantization != "none")
+        caps = _caps(gpus, max_memory, default_caps, estimate.quantization.startswith("bnb-"))
         counts, spilled_units = _auto_units(device_map, estimate.weights / units, units, caps)
     return _materialise(estimate, gpus, counts, spilled_units, units)
 
 
 def _caps(gpus: list[int], max_memory: dict[str, str], default_caps: dict[int, int] | None,
           quantized: bool) -> list[float]:
-    """Weight bytes each relative GPU may take."""
+    """Weight bytes each relative GPU may take (bitsandbytes' quantizers keep 0.9 of each)."""
     if max_memory:
         caps = [float(parse_size(max_memory[str(i)])) if str(i) in max_memory else 0.0 for i in range(len(gpus))]
     else:
@@ -357,7 +400,9 @@ def _materialise(estimate: MemoryEstimate, gpus: list[int], counts: list[int], s
     per_gpu: dict[int, int] = {}
     for physical, count in zip(gpus, counts, strict=True):
         if count:
-            per_gpu[physical] = round(proportional * count / units) + estimate.activations
+            kv, state = estimate.kv_cache * count / units, estimate.recurrent_state * count / units
+            per_gpu[physical] = round(proportional * count / units) + estimate.activations + \
+                load_excess(estimate, kv, state)
     spilled = round(estimate.weights * spilled_units / units)
     notes = (f"{format_gb(spilled)} of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
     return GpuSplit(per_gpu, spilled, notes)

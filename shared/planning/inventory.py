@@ -2,13 +2,16 @@
 
 A `ParameterInventory` counts a model's elements in two groups, because quantization treats them
 differently: weights of plain `nn.Linear` layers (what bitsandbytes replaces) and everything else
-(embeddings, the output head, norms, biases, convolutions, fused 3-D MoE expert tensors). It also carries
-the model's shape for the KV cache. Sources, most exact first:
+(embeddings, the output head, norms, biases, convolutions, fused 3-D MoE expert tensors). Lyra's int8/int4
+replace a narrower set, the `nn.Linear` weights inside the decoder layers, counted apart with the largest
+layer's share (a quantizing load holds one layer in 16 bits at a time). It also carries the model's shape
+for the KV cache. Sources, most exact first:
 
 - safetensors headers: the 8-byte header length and the JSON header of each file, nothing else; a
   sharded checkpoint through its `*.safetensors.index.json`; a diffusers pipeline as the sum of its
   component folders. Without module types, a tensor counts as Linear if it is a 2-D `*.weight` outside
-  embeddings, the output head and norms.
+  embeddings, the output head and norms; it is inside the decoder layers if its name has `layers.<i>.`
+  (`blk.<i>.` in GGUF).
 - GGUF metadata (`gguf.GGUFReader`): tensor names and element counts, the shape from `<arch>.*` keys.
 - a known architecture (`shared.planning.architectures`) instantiated on the meta device: exact module types.
 - a bare parameter count: 90% assumed Linear (typical of decoder LLMs; embeddings and norms the rest).
@@ -38,6 +41,7 @@ SAFETENSORS_BYTES = {
 }
 ASSUMED_LINEAR_FRACTION = 0.9  # for a bare parameter count only
 _NOT_LINEAR = re.compile(r"embed|lm_head|\bwte\b|\bwpe\b|(^|[./])shared\.|token_embd|norm|(^|[./])output\.weight$")
+_LAYER = re.compile(r"(?:^|[./])(?:layers|blk)\.(\d+)\.")
 _NO_ATTENTION = "no_attention"  # a DeciLM block without attention (no KV cache)
 _RECURRENT_TYPES = {"linear_attention", "mamba"}
 
@@ -74,6 +78,10 @@ class ParameterInventory:
     detail: str = ""
     # A pipeline's components: (name, linear, rows, other) each, counted like the totals; () for one model
     components: tuple[tuple[str, int, int, int], ...] = ()
+    # Lyra's int8/int4: the nn.Linear weights inside the decoder layers, their rows, and the most one layer holds
+    layer_linear_elements: int = 0
+    layer_linear_rows: int = 0
+    largest_layer_linear_elements: int = 0
 
     @property
     def total_elements(self) -> int:
@@ -175,6 +183,20 @@ def _counts(tensors: list[tuple[str, tuple[int, ...]]], rows_axis: int,
     return linear, rows, other
 
 
+def _layer_counts(tensors: list[tuple[str, tuple[int, ...]]], rows_axis: int) -> dict[str, int]:
+    """Lyra's counts (the Linear weights inside decoder layers, their rows, the largest layer's), by name."""
+    per_layer: dict[str, int] = {}
+    rows = 0
+    for name, shape in tensors:
+        layer = _LAYER.search(name)
+        if layer and len(shape) == 2 and name.endswith(".weight") and not _NOT_LINEAR.search(name):
+            key = f"{name[:layer.start()]}|{layer[1]}"
+            per_layer[key] = per_layer.get(key, 0) + math.prod(shape)
+            rows += shape[rows_axis]
+    return {"layer_linear_elements": sum(per_layer.values()), "layer_linear_rows": rows,
+            "largest_layer_linear_elements": max(per_layer.values(), default=0)}
+
+
 def inventory_from_safetensors(directory: Path) -> ParameterInventory:
     """Inventory of a local checkpoint folder (single, sharded, or a diffusers pipeline)."""
     tensors: list[tuple[str, tuple[int, ...]]] = []
@@ -198,7 +220,8 @@ def inventory_from_safetensors(directory: Path) -> ParameterInventory:
 
         shape = shape_from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
     return ParameterInventory("safetensors headers", linear, rows, other, stored, stored / (linear + other),
-                              shape, detail=", ".join(files), components=components)
+                              shape, detail=", ".join(files), components=components,
+                              **({} if pipeline else _layer_counts(tensors, 0)))
 
 
 def _kept_by_pipeline(directory: Path) -> Callable[[str], bool]:
@@ -278,17 +301,18 @@ def _read_gguf(path: str) -> ParameterInventory:
     linear, rows, other = _counts(tensors, rows_axis=-1)  # GGUF lists dimensions innermost first
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     return ParameterInventory("gguf", linear, rows, other, stored, 4.0, _gguf_shape(reader, tensors),
-                              detail=f"{file.name}, {format_gb(stored, 2)} quantized on disk")
+                              detail=f"{file.name}, {format_gb(stored, 2)} quantized on disk",
+                              **_layer_counts(tensors, -1))
 
 
 # ----------------------------------------------------------------------------- meta device / count
 
 
 def _module_counts(module: Any, library: str = "transformers", quantizable: bool = True) -> tuple[int, int, int]:
-    """(quantizable elements, their rows, other elements) of a meta-device model, by the loader's rules."""
+    """(quantizable elements, their rows, other elements) of a meta-device model, by bitsandbytes' rules."""
     from shared.planning.device_split import quantized_weights
 
-    quantized = quantized_weights(module, "4bit", library) if quantizable else set()
+    quantized = quantized_weights(module, "bnb-nf4", library) if quantizable else set()
     linear = rows = other = 0
     for name, param in module.named_parameters():  # tied weights are listed once
         if name in quantized:
@@ -296,6 +320,20 @@ def _module_counts(module: Any, library: str = "transformers", quantizable: bool
         else:
             other += param.numel()
     return linear, rows, other
+
+
+def _lyra_counts(module: Any) -> dict[str, int]:
+    """Lyra's counts of a meta-device model: the weights `shared.engine.quantized_linear` converts, by its rule."""
+    from shared.planning.device_split import lyra_quantized_weights
+
+    try:
+        by_layer = lyra_quantized_weights(module)
+    except ValueError:  # no decoder layers: nothing Lyra's forms quantize
+        return {}
+    shapes = dict(module.named_parameters())
+    sizes = [sum(shapes[name].numel() for name in names) for names in by_layer.values()]
+    return {"layer_linear_elements": sum(sizes), "largest_layer_linear_elements": max(sizes, default=0),
+            "layer_linear_rows": sum(shapes[name].shape[0] for names in by_layer.values() for name in names)}
 
 
 @lru_cache(maxsize=32)
@@ -311,16 +349,20 @@ def _count_architecture(spec: Any) -> ParameterInventory:
     parts = []
     pipeline = any(c.library == "diffusers" for c in spec.components)
     counted = []
+    lyra: dict[str, int] = {}
     for component in spec.components:
         quantizable = not pipeline or component.name in QUANTIZED_COMPONENTS  # as the diffusers backend does
-        c_linear, c_rows, c_other = _module_counts(build_on_meta(component), component.library, quantizable)
+        model = build_on_meta(component)
+        c_linear, c_rows, c_other = _module_counts(model, component.library, quantizable)
+        if not pipeline and not lyra:  # the model the transformers backends load: its decoder layers
+            lyra = _lyra_counts(model)
         linear, rows, other = linear + c_linear, rows + c_rows, other + c_other
         counted.append((component.name, c_linear, c_rows, c_other))
         parts.append(f"{component.name} {(c_linear + c_other) / 1e9:.2f}B")
     element = 4.0 if spec.torch_dtype == "float32" else 2.0
     return ParameterInventory("meta-device architecture", linear, rows, other, 0, element,
                               architecture_shape(spec.name), detail=f"{spec.name}: " + ", ".join(parts),
-                              components=tuple(counted) if pipeline else ())
+                              components=tuple(counted) if pipeline else (), **lyra)
 
 
 def inventory_from_config(folder: Path) -> ParameterInventory:
@@ -334,7 +376,8 @@ def inventory_from_config(folder: Path) -> ParameterInventory:
     model = meta_model_from_checkpoint(AutoModelForCausalLM, str(folder), torch.bfloat16, local_files_only=True)
     linear, rows, other = _module_counts(model)
     return ParameterInventory("meta-device config.json", linear, rows, other, 0, 2.0,
-                              shape_from_config(model.config), detail=f"{folder.name}/config.json, random weights")
+                              shape_from_config(model.config), detail=f"{folder.name}/config.json, random weights",
+                              **_lyra_counts(model))
 
 
 def inventory_from_parameter_count(parameters_b: float, shape: ModelShape | None = None) -> ParameterInventory:
@@ -342,8 +385,11 @@ def inventory_from_parameter_count(parameters_b: float, shape: ModelShape | None
     total = int(parameters_b * 1e9)
     linear = int(total * ASSUMED_LINEAR_FRACTION)
     rows = int(math.sqrt(linear)) if linear else 0  # square-ish matrices: negligible either way
+    largest = linear // shape.num_layers if shape else 0
     return ParameterInventory("parameter count", linear, rows, total - linear, 0, 2.0, shape,
-                              detail=f"{parameters_b}B parameters, {ASSUMED_LINEAR_FRACTION:.0%} assumed Linear")
+                              detail=f"{parameters_b}B parameters, {ASSUMED_LINEAR_FRACTION:.0%} assumed Linear",
+                              layer_linear_elements=linear, layer_linear_rows=rows,
+                              largest_layer_linear_elements=largest)
 
 
 # ----------------------------------------------------------------------------- which source
@@ -397,22 +443,27 @@ def _as_loaded(entry: ModelEntry, location: Path, found: ParameterInventory) -> 
     """
     if entry.kind == "image_generation" or entry.backend != "transformers":
         return found
-    if (location / "config.json").is_file() and entry.kind == "causal_lm":
+    if (location / "config.json").is_file() and entry.kind in ("causal_lm", "vision_language"):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         from shared.planning.device_split import meta_model_from_checkpoint
 
-        model = meta_model_from_checkpoint(AutoModelForCausalLM, str(location), torch.bfloat16, local_files_only=True)
-        linear, rows, _ = _module_counts(model)
+        causal = entry.kind == "causal_lm"
+        model = meta_model_from_checkpoint(AutoModelForCausalLM if causal else AutoModelForImageTextToText,
+                                           str(location), torch.bfloat16, local_files_only=True)
+        linear, rows, _ = _module_counts(model) if causal else (found.linear_elements, found.linear_rows, 0)
+        lyra = _lyra_counts(model)  # a vision-language model's: its language model's decoder layers
     elif entry.architecture:
         loaded = inventory_from_architecture(entry.architecture)
         linear, rows = loaded.linear_elements, loaded.linear_rows
+        lyra = {"layer_linear_elements": loaded.layer_linear_elements, "layer_linear_rows": loaded.layer_linear_rows,
+                "largest_layer_linear_elements": loaded.largest_layer_linear_elements}
     else:
         return found
     linear = min(linear, found.total_elements)
     return replace(found, linear_elements=linear, linear_rows=rows, other_elements=found.total_elements - linear,
-                   detail=f"{found.detail}; quantizable weights counted on the model transformers loads")
+                   detail=f"{found.detail}; quantizable weights counted on the model transformers loads", **lyra)
 
 
 def inventory_for(entry: ModelEntry) -> ParameterInventory:

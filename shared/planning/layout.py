@@ -6,7 +6,8 @@ expansion, and "auto"/"balanced"/"balanced_low_0"/"sequential" are computed by
 `shared.planning.device_split.infer_device_map`, the call the transformers backend loads with. Each
 parameter then costs its loaded size (quantized or not, `shared.planning.device_split.memory_bytes`); the
 KV cache follows the attention layers, the Mamba state the other layers, fragmentation each GPU's own
-bytes, and the activation working set is needed on every GPU holding layers. Models without a buildable
+bytes, and the activation working set (or, where larger, a quantizing load's one 16-bit layer) is needed on
+every GPU holding layers. Models without a buildable
 shape (a bare parameter count, a declared size) keep the uniform per-layer split of
 `shared.planning.estimate.split_across_gpus`.
 """
@@ -21,7 +22,7 @@ from shared.config.schema import ModelEntry
 from shared.config.units import format_gb, parse_size
 from shared.planning import device_split, disk_cache
 from shared.planning.architectures import build_on_meta, get_architecture
-from shared.planning.estimate import FRAGMENTATION, GpuSplit, MemoryEstimate, split_across_gpus
+from shared.planning.estimate import FRAGMENTATION, GpuSplit, MemoryEstimate, load_excess, split_across_gpus
 from shared.planning.inventory import locate_checkpoint
 from shared.planning.placement import STRATEGIES, resolve_device_map
 from shared.planning.rank_shares import voice_split
@@ -79,7 +80,8 @@ def _split(estimate: MemoryEstimate, gpus: list[int], sizes: dict[str, float],
         weight_bytes[gpus[device]] = round(weights)
         kv = estimate.kv_cache * _share(layers, attention, device)
         state = estimate.recurrent_state * _share(layers, set(layers) - attention, device)
-        per_gpu[gpus[device]] = round(weights + kv + state + FRAGMENTATION * (weights + kv)) + estimate.activations
+        per_gpu[gpus[device]] = round(weights + kv + state + FRAGMENTATION * (weights + kv)) + estimate.activations + \
+            load_excess(estimate, kv, state)
     notes = (f"{format_gb(spilled)} of weights do not fit max_memory on GPUs {gpus}",) if spilled else ()
     return GpuSplit(per_gpu, round(spilled), notes, weight_bytes)
 

@@ -3,7 +3,7 @@
 Per physical GPU the persistent baseline is the router's share, the voice's share and one CUDA context
 per worker process pinned to that GPU. Each specialist is checked alone on top of that baseline (the
 specialist host keeps one resident at a time). For every specialist that does not fit, candidate changes
-(quantize a model to int8 or 4-bit, halve a context, move a service to another GPU, rebalance the voice's
+(quantize a model to int8 or int4, halve a context, move a service to another GPU, rebalance the voice's
 split) are combined cheapest first, and each one offered is verified by rebuilding the changed
 configuration through `parse_config` and re-running the same arithmetic. No GPU and no weights needed.
 """
@@ -25,7 +25,7 @@ from shared.planning.estimate import (
     estimate_model,
 )
 from shared.planning.layout import place_model
-from shared.planning.search import Alternative, search_alternatives
+from shared.planning.search import Alternative, quantization_forms, search_alternatives
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE, WORKER_SERVICES
 
 SERVICE_OF_ROLE = {"router": ROUTER, "voice": VOICE, "specialist": SPECIALIST_HOST}
@@ -301,10 +301,11 @@ def make_plan(config: LyraConfig) -> Plan:
 def _why_nothing_helps(config: LyraConfig, specialist: str) -> tuple[str, ...]:
     """What the specialist needs at its smallest, for a verdict no alternative could fix."""
     entry = config.specialists[specialist]
-    smallest = estimate_cached(entry.model_copy(update={"quantization": "4bit"}))
+    form = (quantization_forms(entry) or ("none",))[-1]
+    smallest = estimate_cached(entry.model_copy(update={"quantization": form}))
     budgets = ", ".join(format_gb(int(g.budget_gb * GB)) for g in config.gpus)
     notes = tuple(f"{specialist}: {note}" for note in smallest.notes if "stay 16-bit" in note)
-    needs = f"{specialist}: even in 4-bit it needs {format_gb(smallest.total)} by itself (GPU budgets: {budgets})"
+    needs = f"{specialist}: even in {form} it needs {format_gb(smallest.total)} by itself (GPU budgets: {budgets})"
     return (needs, *notes)
 
 
@@ -335,16 +336,17 @@ def _gpu_rows(plan: Plan) -> list[str]:
 
 
 def _model_rows(plan: Plan) -> list[str]:
-    rows = [f"{'model':<13}{'role':<11}{'source':<26}{'dtype':<16}{'quant':<6}{'ctx':>7}{'params':>8}"
+    rows = [f"{'model':<13}{'role':<11}{'source':<26}{'dtype':<16}{'quant':<9}{'ctx':>7}{'params':>8}"
             f"{'weights':>9}{'kv':>6}{'act':>6}{'other':>7}{'total':>8}  per GPU"]
     for p in plan.placements:
         e = p.estimate
         per_gpu = ", ".join(f"{gpu}: {_num(size)}" for gpu, size in sorted(p.split.per_gpu.items()))
         spill = f", spilled {_num(p.split.spilled)}" if p.split.spilled else ""
         context = "-" if e.kv_cache == 0 and e.layers == UNITS_WITHOUT_LAYERS else str(e.context)
-        rows.append(f"{p.name:<13}{p.role:<11}{e.source:<26}{e.dtype:<16}{e.quantization:<6}{context:>7}"
+        rows.append(f"{p.name:<13}{p.role:<11}{e.source:<26}{e.dtype:<16}{e.quantization:<9}{context:>7}"
                     f"{e.parameters / 1e9:>7.1f}B{_num(e.weights):>9}{_num(e.kv_cache):>6}{_num(e.activations):>6}"
-                    f"{_num(e.recurrent_state + e.overhead):>7}{_num(e.total):>8}  {_where(e, per_gpu)}{spill}")
+                    f"{_num(e.recurrent_state + e.load_excess + e.overhead):>7}{_num(e.total):>8}  "
+                    f"{_where(e, per_gpu)}{spill}")
     return rows
 
 

@@ -1,6 +1,7 @@
 """Alternatives for a specialist that does not fit: small sets of config changes, cheapest first.
 
-Changes considered: quantize the router, the voice or the specialist (int8 costs 1, 4-bit 2), halve or
+Changes considered: quantize the router, the voice or the specialist (int8 costs 1, 4-bit 2: Lyra's int8 and
+int4 for a transformers text model, bitsandbytes' for an image model; none for a GGUF checkpoint), halve or
 quarter the voice's or the specialist's context (1 per halving), move the router or the specialist host
 to another single GPU (1), and rebalance the voice (1): `device_map = "sequential"` with a max_memory
 that fills the GPUs it does not share with the specialist host first. Combinations are tried in order of
@@ -14,11 +15,11 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.config.schema import LyraConfig, ServicePlacement
+from shared.config.schema import BNB_FORMS, LYRA_FORMS, LyraConfig, ModelEntry, ServicePlacement
 from shared.config.units import format_gb
 from shared.wire.names import ROUTER, SPECIALIST_HOST, VOICE
 
-QUANT_LEVEL = {"none": 0, "int8": 1, "4bit": 2}
+QUANT_LEVEL = {"none": 0, "int8": 1, "bnb-int8": 1, "int4": 2, "bnb-nf4": 2}
 MAX_EVALUATIONS = 4000
 MIN_CONTEXT = 512
 
@@ -76,13 +77,20 @@ class Alternative:
         return "; ".join(change.describe() for change in self.changes) + f"  (headroom {room})"
 
 
+def quantization_forms(entry: ModelEntry) -> tuple[str, ...]:
+    """The quantized forms `entry` could load in, lightest last: Lyra's for text models, bitsandbytes' for images."""
+    if entry.gguf_file or entry.embedded or entry.backend == "openai":
+        return ()  # a GGUF checkpoint is dequantized on load and not quantized again; a remote one is not ours
+    return BNB_FORMS if entry.kind == "image_generation" or entry.backend == "diffusers" else LYRA_FORMS
+
+
 def _entry_dimensions(config: LyraConfig, specialist: str) -> list[list[Change | None]]:
     spec = config.specialists[specialist]
     dims: list[list[Change | None]] = []
     for target, entry in (("router", config.router), ("voice", config.voice), (specialist, spec)):
         level = QUANT_LEVEL[entry.quantization]
-        dims.append([None] + [Change(target, "quantization", q, lvl - level)
-                              for q, lvl in QUANT_LEVEL.items() if lvl > level])
+        dims.append([None] + [Change(target, "quantization", q, QUANT_LEVEL[q] - level)
+                              for q in quantization_forms(entry) if QUANT_LEVEL[q] > level])
     for target, entry, service in (("voice", config.voice, VOICE), (specialist, spec, SPECIALIST_HOST)):
         if len(config.gpus_of(service)) > 1 and entry.device_map != "sequential" and entry.kind != "image_generation":
             dims.append([None, Change(target, "device_map", "sequential", 1)])

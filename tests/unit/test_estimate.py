@@ -74,10 +74,15 @@ def test_quantized_arithmetic_on_a_real_checkpoint(tiny_llama_dir: tuple[Path, t
     linear = [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head]
     linear_elements, rows = sum(w.numel() for w in linear), sum(w.shape[0] for w in linear)
     other = _state_bytes(model)[0] - linear_elements
-    int8 = estimate_model(_entry(folder, quantization="int8", dtype="bfloat16")).weights
-    nf4 = estimate_model(_entry(folder, quantization="4bit", dtype="bfloat16")).weights
+    int8 = estimate_model(_entry(folder, quantization="bnb-int8", dtype="bfloat16")).weights
+    nf4 = estimate_model(_entry(folder, quantization="bnb-nf4", dtype="bfloat16")).weights
     assert int8 == linear_elements + 4 * rows + 2 * other
     assert nf4 == math.ceil(linear_elements * 0.5625 + 2 * other)  # 4 bits + an fp32 absmax per 64 weights
+    # Lyra's: a bf16 scale per row (int8), a bf16 scale and zero point per 128 weights of a row (int4)
+    lyra8 = estimate_model(_entry(folder, quantization="int8", dtype="bfloat16")).weights
+    lyra4 = estimate_model(_entry(folder, quantization="int4", dtype="bfloat16")).weights
+    assert lyra8 == linear_elements + 2 * rows + 2 * other
+    assert lyra4 == math.ceil(linear_elements / 2 + 2 * 2 * linear_elements / 128 + 2 * other)
 
 
 def test_diffusers_pipeline_sums_its_component_folders(tmp_path: Path) -> None:
@@ -153,8 +158,13 @@ def test_architecture_estimates_from_the_published_numbers() -> None:
     assert voice.source == "meta-device architecture"
     assert voice.weights == pytest.approx(141.1 * GB, rel=0.01)  # the design doc's "~141 GB"
     assert voice.kv_cache == 2 * 80 * 8 * 128 * 8192 * 2
-    nf4 = estimate_model(_entry(architecture="llama-3-70b", quantization="4bit"))
+    nf4 = estimate_model(_entry(architecture="llama-3-70b", quantization="bnb-nf4"))
     assert 38 * GB < nf4.weights < 45 * GB  # 0.5625 B per Linear weight + 16-bit embeddings and head
+    int4 = estimate_model(_entry(architecture="llama-3-70b", quantization="int4"))
+    assert int4.weights < nf4.weights  # 0.53125 B per Linear weight of the decoder layers
+    # the loader holds one 16-bit layer beside the quantized ones: q, k, v, o, gate, up, down of one layer
+    layer = 8192 * (8192 + 1024 + 1024 + 8192) + 3 * 8192 * 28672
+    assert int4.load_transient == 2 * layer + 16 * 2**22
 
 
 def test_sliding_window_and_mamba_state() -> None:
@@ -168,7 +178,7 @@ def test_sliding_window_and_mamba_state() -> None:
 def test_fused_moe_experts_stay_16_bit_under_bitsandbytes() -> None:
     inventory = inventory_from_architecture("jamba-v0.1")
     assert inventory.other_elements > 40e9  # the 3-D expert tensors are not nn.Linear
-    jamba = estimate_model(_entry(architecture="jamba-v0.1", quantization="4bit"))
+    jamba = estimate_model(_entry(architecture="jamba-v0.1", quantization="bnb-nf4"))
     assert jamba.weights > 80 * GB and any("#1849" in note for note in jamba.notes)
 
 
@@ -244,4 +254,4 @@ def test_cpu_offload_keeps_only_the_largest_pipeline_component_on_the_gpu() -> N
     assert offloaded.activations == whole.activations  # the working set still runs on the GPU
     assert any("cpu_offload" in note for note in offloaded.notes)
     # int8: the largest component is the quantized transformer (about 1 byte a weight)
-    assert 11.5e9 < estimate_model(flux(True, "int8")).weights < 12.5e9
+    assert 11.5e9 < estimate_model(flux(True, "bnb-int8")).weights < 12.5e9

@@ -57,10 +57,10 @@ def test_fp16_alternatives_are_verified_and_jamba_has_none(fp16_plan: Plan) -> N
             changed, _ = apply_changes(config, alternative.changes, voice_rebalance)
             replanned = {v.specialist: v for v in assess(reparse(changed)).verdicts}
             assert replanned[name].fits, alternative.describe()
-            assert any(c.target == "voice" and c.value == "4bit" for c in alternative.changes)
+            assert any(c.target == "voice" and c.value == "int4" for c in alternative.changes)
     philosopher = verdicts["philosopher"]
     assert philosopher.alternatives == ()
-    assert any("#1849" in reason for reason in philosopher.reasons)
+    assert any("fused MoE experts) and stay 16-bit" in reason for reason in philosopher.reasons)
 
 
 @pytest.mark.parametrize("name", ["a6000x2", "h100x1"])
@@ -78,7 +78,7 @@ def test_a6000x2_voice_spans_both_gpus() -> None:
     plan = make_plan(load_config(CONFIGS / "a6000x2.toml"))
     voice = next(p for p in plan.placements if p.role == "voice")
     assert set(voice.split.per_gpu) == {0, 1} and voice.split.spilled == 0
-    assert voice.estimate.quantization == "4bit"
+    assert voice.estimate.quantization == "int4"
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -142,3 +142,14 @@ def test_process_shares_never_overlap_and_leave_each_neighbour_its_plan() -> Non
             assert share >= own  # a process always gets at least its own plan (the config fits)
             others = sum(p.get(gpu.index, 0) for s, p in planned.items() if s != service)
             assert share + others + gpu.contexts <= gpu.budget
+
+
+def test_alternatives_offer_lyra_forms_to_text_models_and_bitsandbytes_to_images() -> None:
+    from shared.config.schema import ModelEntry
+    from shared.planning.search import quantization_forms
+
+    assert quantization_forms(ModelEntry(backend="transformers", path="x")) == ("int8", "int4")
+    assert quantization_forms(ModelEntry(kind="vision_language", backend="transformers", path="x")) == ("int8", "int4")
+    assert quantization_forms(ModelEntry(kind="image_generation", backend="diffusers", path="x")) == ("bnb-int8",
+                                                                                                        "bnb-nf4")
+    assert quantization_forms(ModelEntry(backend="transformers", path="x", gguf_file="m.gguf")) == ()

@@ -20,7 +20,7 @@ def config(**voice: object) -> dict:
     return {"gpus": [{"index": 0, "budget_gb": 80}, {"index": 1, "budget_gb": 80}],
             "services": {"voice": {"gpus": [0, 1]}, "specialist_host": {"gpus": [1]}},
             "router": {}, "specialists": {"a": {}},
-            "voice": {"backend": "transformers", "path": "x", "architecture": "llama-3-70b", "quantization": "4bit",
+            "voice": {"backend": "transformers", "path": "x", "architecture": "llama-3-70b", "quantization": "bnb-nf4",
                       "dtype": "bfloat16", **voice}}
 
 

@@ -44,7 +44,7 @@ def _accelerate_reference(architecture: str, quantization: str, strategy: str,
     model = build_on_meta(get_architecture(architecture).components[0]).to(torch.bfloat16)
     head = model.get_output_embeddings()
     linear = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head}
-    quantized = linear if quantization == "4bit" else set()
+    quantized = linear if quantization == "bnb-nf4" else set()
     dtype = CustomDtype.INT4 if quantized else torch.bfloat16
     special = {n: torch.bfloat16 for n, _ in model.named_parameters() if n not in quantized}
     no_split = list(model._no_split_modules)
@@ -88,8 +88,8 @@ def _balanced(model: torch.nn.Module, max_memory: dict[int, int], no_split: list
 
 
 @pytest.mark.parametrize(("architecture", "quantization", "strategy", "max_memory"), [
-    ("llama-3-70b", "4bit", "sequential", {"0": "36GB", "1": "48GB"}),  # the shipped a6000x2 voice
-    ("llama-3-70b", "4bit", "auto", {"0": "37.5GB", "1": "48GB"}),
+    ("llama-3-70b", "bnb-nf4", "sequential", {"0": "36GB", "1": "48GB"}),  # the a6000x2 voice in bitsandbytes
+    ("llama-3-70b", "bnb-nf4", "auto", {"0": "37.5GB", "1": "48GB"}),
     ("llama-3-8b", "none", "auto", {"0": "140GB", "1": "140GB"}),  # the measured 2 x H200 split
 ])
 def test_strategy_splits_match_accelerate_within_2_percent(architecture: str, quantization: str, strategy: str,
@@ -106,7 +106,7 @@ def test_strategy_splits_match_accelerate_within_2_percent(architecture: str, qu
 def test_the_readme_range_map_puts_40_layers_on_each_gpu() -> None:
     readme = {"model.layers.0-39": 0, "model.layers.40-79": 1, "model.embed_tokens": 0, "model.norm": 1,
               "lm_head": 1}
-    entry = _voice("llama-3-70b", "4bit", readme, {})
+    entry = _voice("llama-3-70b", "bnb-nf4", readme, {})
     estimate = estimate_cached(entry)
     split = place_model(entry, estimate, [0, 1])
     assert sum(split.weights.values()) == pytest.approx(estimate.weights, abs=2)
@@ -143,7 +143,7 @@ def test_a_pipeline_folder_applies_the_same_rule_by_component(tmp_path: Path) ->
         (tmp_path / folder / "config.json").write_text(json.dumps({key: cls if library == "diffusers" else [cls]}))
     (tmp_path / "model_index.json").write_text(json.dumps({k: list(v) for k, v in classes.items()}))
     entry = parse_config({"router": {}, "voice": {}, "specialists": {"artist": {
-        "kind": "image_generation", "backend": "diffusers", "path": str(tmp_path), "quantization": "int8"}}})
+        "kind": "image_generation", "backend": "diffusers", "path": str(tmp_path), "quantization": "bnb-int8"}}})
     estimate = estimate_model(entry.specialists["artist"])
     quantized = 8 * 8 + 16 * 8  # transformer + T5 wi_0; T5 wo and CLIP stay 16-bit
     assert estimate.weights == quantized + 4 * (8 + 16) + 2 * (8 * 16 + 32 * 8)
@@ -179,7 +179,7 @@ def test_jamba_gets_one_verdict_from_hub_style_headers_and_from_the_architecture
     build_config(component).to_json_file(tmp_path / "config.json")
 
     def plan(source: dict) -> object:
-        philosopher = {"backend": "transformers", "quantization": "4bit", "dtype": "bfloat16", **source}
+        philosopher = {"backend": "transformers", "quantization": "bnb-nf4", "dtype": "bfloat16", **source}
         raw = {"gpus": [{"index": 0, "budget_gb": 80}], "services": {"specialist_host": {"gpus": [0]}},
                "router": {}, "voice": {}, "specialists": {"philosopher": philosopher}}
         return make_plan(parse_config(raw))
@@ -196,3 +196,21 @@ def test_jamba_gets_one_verdict_from_hub_style_headers_and_from_the_architecture
 @pytest.mark.parametrize(("name", "fits"), [("a6000x2", True), ("h100x1", True), ("a6000x2-fp16", False)])
 def test_every_shipped_config_keeps_its_documented_verdict(name: str, fits: bool) -> None:
     assert assess(load_config(CONFIGS / f"{name}.toml")).ok is fits  # verdicts only; alternatives in test_plan
+
+
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_lyra_forms_size_every_tensor_as_the_estimate_counts_the_whole(form: str) -> None:
+    from shared.planning.device_split import memory_bytes, quantized_weights
+    from shared.planning.layout import loader_model
+
+    entry = _voice("llama-3-8b", form, "sequential", {})
+    model = loader_model(entry)
+    sizes = memory_bytes(model, form, 2, quantized_weights(model, form))
+    assert sum(sizes.values()) == pytest.approx(estimate_cached(entry).weights, abs=1)
+    assert sizes["lm_head.weight"] == sizes["model.embed_tokens.weight"] == 128256 * 4096 * 2  # the head stays 16-bit
+
+
+def test_a_lyra_split_takes_max_memory_as_given_where_bitsandbytes_keeps_nine_tenths() -> None:
+    entry = _voice("llama-3-70b", "int4", "sequential", {"0": "35.5GB", "1": "48GB"})  # the shipped a6000x2 voice
+    split = place_model(entry, estimate_cached(entry), [0, 1])
+    assert 0.9 * 35.5 * GB < split.weights[0] <= 35.5 * GB
