@@ -61,7 +61,8 @@ async def generate_image(gw: Gateway, request: Request) -> Response:
     gw.count("images", "ok", artist)
     return JSONResponse({
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(done.image.data).decode(), "revised_prompt": done.image.prompt or req.prompt}],
+        "data": [{"b64_json": base64.b64encode(done.image.data).decode(),
+                  "revised_prompt": done.image.prompt or req.prompt}],
         "lyra": {"request_id": done.parent_id, "specialist": done.specialist, "timings": done.timings,
                  "mime": done.image.mime, "width": done.image.width, "height": done.image.height},
     })

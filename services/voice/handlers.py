@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from services.voice import ranks
 from services.voice.notes import unreadable
+from shared.engine.echoes import EchoFilter
 from shared.models.base import LoadContext, truncation
 from shared.runtime.worker_loop import Handler, ResidentModelWorker
 from shared.wire.messages import (
@@ -103,9 +104,18 @@ class VoiceWorker(ResidentModelWorker):
         """Stream the answer token by token, then the whole text."""
         assert self.model is not None
         pieces = []
-        for piece in self.model.generate(compose_voice_prompt(self.entry.system_prompt, msg), msg.options, cancel):
+        echoes = EchoFilter()  # a small voice restates its instructions and tacks on pleasantries
+        for made in self.model.generate(compose_voice_prompt(self.entry.system_prompt, msg), msg.options, cancel):
+            piece = echoes.feed(made)
+            if piece:
+                pieces.append(piece)
+                yield TokenEvent(parent_id=msg.id, text=piece, stage="voice")
+        piece = echoes.finish()
+        if piece:
             pieces.append(piece)
             yield TokenEvent(parent_id=msg.id, text=piece, stage="voice")
+        if echoes.dropped:
+            logger.info("%s: left out of the answer (instructions echoed, filler): %s", msg.id, echoes.dropped)
         counted = self.model.last_usage()
         usage = TokenUsage(prompt_tokens=counted[0], completion_tokens=counted[1], finish_reason=counted[2]) \
             if counted else None

@@ -15,6 +15,7 @@ from shared.cli.render import VoiceText, route_note, save_image
 from shared.client import Client, LyraError
 from shared.config.paths import default_config
 from shared.config.schema import load_config
+from shared.engine.echoes import instruction_echoes, trailing_filler
 from shared.wire.messages import DoneEvent, ImageEvent, StageRestartedEvent, TokenEvent
 
 FENCE = re.compile(r"^[ \t]*```", re.MULTILINE)
@@ -49,7 +50,7 @@ def sample_picture() -> bytes:
 
 def answer_problems(answer: str) -> list[str]:
     """What makes an answer look broken: cut off mid-sentence or at a list number, a code fence left open,
-    a line said twice, a phrase looping."""
+    a line said twice, a phrase looping, the voice's instructions echoed, filler after the answer."""
     problems = []
     text = answer.strip()
     if text and (not re.search(r"([.!?:;]|```)[\"')\]*_\s]*$", text) or LIST_NUMBER_LAST.search(text)):
@@ -64,6 +65,8 @@ def answer_problems(answer: str) -> list[str]:
     pairs = Counter(tuple(words[i:i + 2]) for i in range(len(words) - 1))
     problems += [f"looping: {' '.join(pair)!r} x{n}" for pair, n in pairs.items() if n > 2 and len(set(pair)) > 1
                  and _within(words, pair, 12)]
+    problems += [f"instructions echoed: {sentence[:60]!r}" for sentence in instruction_echoes(text)]
+    problems += [f"filler at the end: {sentence[:60]!r}" for sentence in trailing_filler(text)]
     return problems
 
 
