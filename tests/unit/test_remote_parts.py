@@ -141,7 +141,7 @@ def test_lyra_up_leaves_a_service_another_host_runs_to_that_host(tmp_path: Path)
         "true", "false", "true")
 
 
-def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_one(tmp_path: Path) -> None:
+def test_doctor_says_what_auto_picks_and_points_models_left_on_graphs_to_the_fused_engine(tmp_path: Path) -> None:
     import json
 
     from shared.cli.doctor import engine_checks
@@ -162,10 +162,11 @@ def test_doctor_points_llama_family_models_on_the_default_engine_to_the_fused_on
 
     config = parse_config(fake_config(
         tmp_path, specialists__pragmatist=model("llama"), specialists__philosopher=model("gemma"),
-        specialists__coder=model("qwen", engine="fused"), voice={**model("qwen"), "system_prompt": "x"}))
+        specialists__coder=model("qwen", engine="fused"),
+        voice={**model("qwen", engine="graphs"), "system_prompt": "x"}))
     checks = {check.name: check for check in engine_checks(config, has_cuda=True)}
     assert set(checks) == {"engine pragmatist", "engine voice"}  # gemma: not a fused family; coder: fused already
-    assert checks["engine pragmatist"].fix == 'engine = "fused" in [specialists.pragmatist]'
+    assert checks["engine pragmatist"].detail.startswith("auto: a llama model")  # the default picks fused itself
     assert "a qwen2 model" in checks["engine voice"].detail and checks["engine voice"].fix.endswith("[voice]")
     assert engine_checks(config, has_cuda=False) == []  # on the CPU every engine decodes the same way
     for refused in (model("llama", quantization="int4"), model("fp8"), model("gelu"),
