@@ -7,6 +7,7 @@ one `ConfigError` that names the file and the offending field.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -307,6 +308,20 @@ class RouterSettings(Section):
     # A turn whose best combined score is below min_confidence goes to `fallback` (0 = never).
     min_confidence: float = Field(default=0.0, ge=0.0, le=1.0)
     fallback: str = ""
+    # The router gives a turn to an image-generation specialist only when its text matches this regular
+    # expression (case-insensitive), else to the best of the others: SmolLM2-135M sent "Summarise this in one
+    # sentence: ..." and "What's a good name for my cat?" to the artist. "" = no such rule (other languages).
+    picture_request: str = (r"\b(draw|paint|sketch|illustrat|picture|image|photo|portrait|drawing|painting|render"
+                            r"|poster|logo|cartoon|doodle|artwork|wallpaper|icon|depict|visuali[sz]e)")
+
+    @field_validator("picture_request")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return pattern
 
 
 class GatewaySettings(Section):

@@ -101,6 +101,11 @@ class RouteDecider:
         scores = scoring.combine(label_scores, example_scores, routing.example_weight)
         fallback = routing.fallback if routing.fallback in scores else ""
         chosen, fell_back = scoring.decide(scores, routing.min_confidence, fallback)
+        draws = {name for name, entry in self.config.specialists.items() if entry.kind == "image_generation"}
+        asked = scoring.unless_unasked_picture(scores, chosen, text, draws, routing.picture_request)
+        if asked != chosen:
+            log.info("routed to %s, not %s: the turn asks for no picture (routing.picture_request)", asked, chosen)
+            chosen = asked
         evidence = RouteEvidence(label_scores=label_scores, example_scores=example_scores, nearest=nearest,
                                  best=max(scores, key=scores.__getitem__), min_confidence=routing.min_confidence)
         return chosen, scores, fell_back, evidence

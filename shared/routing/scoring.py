@@ -7,6 +7,7 @@ tested without a model. `RouteDecider` in `shared.routing.decider` feeds it from
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,3 +98,12 @@ def decide(scores: dict[str, float], min_confidence: float, fallback: str) -> tu
     if fallback and scores[best] < min_confidence:
         return fallback, True
     return best, False
+
+
+def unless_unasked_picture(scores: dict[str, float], chosen: str, text: str, draws: set[str],
+                           picture_request: str) -> str:
+    """`chosen`, unless it draws pictures and `text` asks for none: then the best-scoring other specialist."""
+    if chosen not in draws or not picture_request or re.search(picture_request, text, re.IGNORECASE):
+        return chosen
+    others = {name: score for name, score in scores.items() if name not in draws}
+    return max(others, key=others.__getitem__) if others else chosen

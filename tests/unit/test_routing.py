@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.cli.render import route_note
-from shared.config.schema import ConfigError, load_config, parse_config
+from shared.config.schema import ConfigError, RouterSettings, load_config, parse_config
 from shared.models.base import BackendError, LoadContext, load_model
 from shared.routing import scoring
 from shared.routing.decider import RouteDecider, config_labels
@@ -182,3 +182,16 @@ def test_a_router_that_cannot_score_at_startup_computes_the_prior_on_the_first_t
     model.classify = original
     chosen, _, _, _ = decider.decide(turn("meaning of life"), config_labels(config), threading.Event())
     assert chosen == "philosopher" and len(decider.priors) == 1
+
+
+def test_the_artist_is_passed_over_when_the_turn_asks_for_no_picture() -> None:
+    unless_unasked_picture = scoring.unless_unasked_picture
+    pattern = RouterSettings().picture_request
+    scores = {"artist": 0.83, "pragmatist": 0.1, "philosopher": 0.07}
+    for text in ("Summarise this in one sentence: the meeting moved.", "What's a good name for my cat?",
+                 "Rewrite this to sound friendlier."):
+        assert unless_unasked_picture(scores, "artist", text, {"artist"}, pattern) == "pragmatist"
+    for text in ("Draw a picture of my cat.", "Paint me a rainy street.", "Make an image of a fox.",
+                 "Illustrate a knight fighting a dragon.", "I want a sketch of an owl."):
+        assert unless_unasked_picture(scores, "artist", text, {"artist"}, pattern) == "artist"
+    assert unless_unasked_picture(scores, "artist", "Summarise this.", {"artist"}, "") == "artist"  # rule off
