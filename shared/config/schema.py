@@ -68,6 +68,10 @@ class RuntimeSettings(Section):
     # endpoint; with Curve the keys replace the stack secret on that socket (a remote host never sees the file).
     curve: bool = False
     keys_dir: str = ""  # default: $XDG_CONFIG_HOME/lyra/keys (~/.config/lyra/keys); mode 0700, files 0600
+    # Threads torch uses in each model process (router, specialist host, voice) for work on the CPU; 0 = torch's
+    # default, one per core. The embedded default sets 1: its processes share the cores, and two-thread ops wait
+    # at a barrier for a core another process holds (docs/benchmarks.md, "The embedded default on the CPU").
+    cpu_threads: int = Field(default=0, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _heartbeat_order(self) -> RuntimeSettings:

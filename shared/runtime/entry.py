@@ -28,4 +28,9 @@ def run_worker(worker_class: type[Worker], argv: list[str] | None = None) -> int
     from shared.runtime.gpu_share import cap_this_process
 
     cap_this_process(config, service, context.physical_gpus)
+    if config.runtime.cpu_threads:  # before the model loads: its first ops size torch's thread pool
+        import torch
+
+        torch.set_num_threads(config.runtime.cpu_threads)
+        log.info("%s: torch uses %d CPU thread(s) (runtime.cpu_threads)", service, config.runtime.cpu_threads)
     return ServiceLoop(worker_class(context), config).run()
