@@ -97,9 +97,14 @@ def model_checks(config: LyraConfig, has_cuda: bool) -> list[Check]:
             problems = check_entry(entry, has_cuda, config.gpus_of(service))
         if entry.backend == "diffusers" and not _installed("diffusers"):
             problems = ["diffusers is not installed: pip install diffusers"]
-        elif entry.backend == "diffusers" and entry.quantization != "none" and not (
-                has_cuda and _installed("bitsandbytes")):
-            problems = [f"quantization = {entry.quantization!r} needs a CUDA GPU and bitsandbytes"]
+        elif entry.backend == "diffusers" and entry.quantization != "none" and not has_cuda:
+            from shared.models.hf_checks import no_gpu_reason
+
+            problems = [f"quantization = {entry.quantization!r} runs through bitsandbytes on a CUDA GPU and "
+                        f"{no_gpu_reason(config.gpus_of(service))}; run it on a CUDA machine or set "
+                        "quantization = \"none\""]
+        elif entry.backend == "diffusers" and entry.quantization != "none" and not _installed("bitsandbytes"):
+            problems = [f"quantization = {entry.quantization!r} needs bitsandbytes: pip install bitsandbytes"]
         if entry.backend == "openai":
             problems = _remote_key_problems(entry)
         ready = f"remote at {entry.remote.base_url} (its worker checks GET /v1/models at load)" \

@@ -28,7 +28,7 @@ def check_entry(entry: ModelEntry, has_cuda: bool, assigned_gpus: list[int] | No
     `assigned_gpus`, the GPUs the config gives the model's service, words a missing GPU as the machine's lack
     (`lyra doctor` on a CPU box) rather than the service's (a worker pinned to no GPU).
     """
-    problems = _source_problems(entry) + _hardware_problems(entry, has_cuda, _no_gpu(assigned_gpus))
+    problems = _source_problems(entry) + _hardware_problems(entry, has_cuda, no_gpu_reason(assigned_gpus))
     try:
         # GPUs the config assigns on a machine without any: the machine's lack is the problem said above
         placement.resolve_device_map(entry.device_map, _ANY_GPU if has_cuda or assigned_gpus else 0)
@@ -60,7 +60,7 @@ def _source_problems(entry: ModelEntry) -> list[str]:
     return problems
 
 
-def _no_gpu(assigned_gpus: list[int] | None) -> str:
+def no_gpu_reason(assigned_gpus: list[int] | None) -> str:
     """Why there is no CUDA GPU to load on, in words."""
     if assigned_gpus:
         return (f"the config assigns this service GPU{'s' if len(assigned_gpus) > 1 else ''} "
