@@ -47,3 +47,9 @@ def test_a_sentence_of_substance_streams_as_it_is_made_not_at_its_end() -> None:
     assert echoes.feed(" the nuts. I hope") == " the nuts."  # "I hope" may begin filler: held
     assert echoes.feed(" this helps.") == ""
     assert echoes.finish() == ""
+
+
+def test_the_voice_saying_what_its_notes_state_is_no_echo() -> None:
+    said = "The perception specialist's answer could not be read. Nothing is known about what it found."
+    assert filtered(said, 5) == said
+    assert not answer_problems(said)
