@@ -92,3 +92,20 @@ def test_the_demo_draws_its_status_after_the_prompt_on_a_terminal_and_not_in_a_f
     converse(ScriptedClient(), (("How do I fix a flat tyre?", False),), tmp_path, piped)
     assert "\r" not in piped.getvalue() and "\x1b" not in piped.getvalue()
     assert "lyra> Lift the car." in piped.getvalue().splitlines()
+
+
+def test_a_stack_start_shows_one_line_on_a_terminal_and_a_line_per_change_in_a_pipe(capsys) -> None:
+    from shared.cli.live_status import progress_printer
+
+    term = FakeTerminal()
+    live = LiveStatus(term, clock=FakeClock(), width=200)
+    show = progress_printer(live)
+    show("loading router, voice: waiting for them to register (1 of 3 services up)")
+    show("loading router: waiting for it to register (2 of 3 services up)")
+    live.close()
+    assert term.getvalue().split(CLEAR)[1:] == [
+        "loading router, voice: waiting for them to register (1 of 3 services up)  0.0s",
+        "loading router: waiting for it to register (2 of 3 services up)  0.0s", ""]
+    printed = progress_printer(LiveStatus(None))
+    printed("loading router: waiting for it to register (2 of 3 services up)")
+    assert capsys.readouterr().out == "  loading router: waiting for it to register (2 of 3 services up)\n"
