@@ -220,3 +220,64 @@ def _make_kernels() -> dict[str, Any]:
         tl.store(out + rows, tl.sum(sums, 1).to(out.dtype.element_ty), mask=inside)
 
     return {"int8": int8_product, "int4": int4_product}
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int) -> QuantizedWeight:
+    """An int4 QuantizedWeight from integer codes q [out, in] in 0..15 and a scale and zero per row and group.
+
+    The one packer of the int4 layout for weights quantized elsewhere (a clipping search, an AWQ or GPTQ
+    checkpoint). Zero points are stored as floats, so any value is kept exactly (GPTQ v1's reach 16).
+    """
+    rows, columns = q.shape
+    if columns % group or group % 8:
+        raise ValueError(f"int4: {columns} input columns are not a whole number of groups of {group}")
+    if scales.shape != (rows, columns // group) or zeros.shape != scales.shape:
+        raise ValueError(f"int4: scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)} for codes "
+                         f"{tuple(q.shape)} in groups of {group}: expected {(rows, columns // group)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("int4: codes outside 0..15")
+    planes = q.to(torch.int64).reshape(rows, columns // group, 8, group // 8)  # [rows, groups, nibble k, word j]
+    shifts = (torch.arange(8, dtype=torch.int64, device=q.device) * 4).view(1, 1, 8, 1)
+    packed = (planes << shifts).sum(dim=2)  # each nibble in its own bits: a sum is an or
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).view(rows, columns // 8)
+    return QuantizedWeight("int4", packed.contiguous(), scales.contiguous(), zeros.contiguous(), group, columns)
+
+
+CLIP_RATIOS = tuple(1 - 0.025 * step for step in range(9))  # 1.0 (the group's own min or max) down to 0.8
+
+
+def quantize_int4_clipped(weight: torch.Tensor, group: int = GROUP, ratios: tuple[float, ...] = CLIP_RATIOS,
+                          rows_at_once: int = 1024) -> QuantizedWeight:
+    """Int4 whose range [a * min, b * max] per row and group is the (a, b) of `ratios` x `ratios` of least weight MSE.
+
+    Calibration-free: clipping a group's extreme weights on either side buys a finer grid for all the others,
+    and the squared error of the group's own weights decides. The zero point is kept as the float -lo / scale
+    (the int4 form stores zeros as floats), so the 16 levels span exactly the chosen range; rounding it to an
+    integer as `quantize_int4` does shifts the grid, and with clipping that costs more than it saves. Scales and
+    zeros are measured as they will be stored (the weight's dtype). `rows_at_once` bounds the scratch memory.
+    """
+    rows, columns = weight.shape
+    if columns % group or group % 8:
+        raise ValueError(f"int4: {columns} input columns are not a whole number of groups of {group}")
+    codes, scales, zeros = [], [], []
+    for first in range(0, rows, rows_at_once):
+        wide = weight[first:first + rows_at_once].float().view(-1, columns // group, group)
+        low, high = wide.amin(dim=2), wide.amax(dim=2)
+        best = torch.full_like(low, float("inf"))
+        best_scales, best_zeros = torch.ones_like(low), torch.zeros_like(low)
+        for low_ratio in ratios:
+            for high_ratio in ratios:
+                span = (high * high_ratio - low * low_ratio).clamp(min=1e-8)
+                scale = (span / 15).to(weight.dtype).float()
+                zero = (-low * low_ratio / scale).to(weight.dtype).float()
+                q = (torch.round(wide / scale[..., None] + zero[..., None])).clamp(0, 15)
+                error = ((q - zero[..., None]) * scale[..., None] - wide).square().sum(dim=2)
+                better = error < best
+                best = torch.where(better, error, best)
+                best_scales = torch.where(better, scale, best_scales)
+                best_zeros = torch.where(better, zero, best_zeros)
+        q = torch.round(wide / best_scales[..., None] + best_zeros[..., None]).clamp(0, 15).to(torch.int32)
+        codes.append(q.view(-1, columns))
+        scales.append(best_scales.to(weight.dtype))
+        zeros.append(best_zeros.to(weight.dtype))
+    return pack_int4(torch.cat(codes), torch.cat(scales), torch.cat(zeros), group)
