@@ -165,8 +165,8 @@ def swap_cycles(loaded, engine, ids, tokens: int, weights: int, cycles: int = 3)
     """Swap out and in through the host weight cache, then time until the first batch of tokens."""
     import torch
 
+    from services.specialist_host.weight_cache import HostWeightCache
     from shared.engine.decode import Sampling
-    from shared.models.weight_cache import HostWeightCache
 
     cache = HostWeightCache(int(weights * 1.2))
     copy, _ = cache.admit("a", loaded.torch_modules())

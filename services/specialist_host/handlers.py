@@ -46,7 +46,7 @@ class SpecialistHost(Worker):
         settings = context.config.weight_cache
         self.cache = None
         if settings.size_gb > 0 and any(e.backend != "fake" for e in self.entries.values()):
-            from shared.models.weight_cache import HostWeightCache
+            from services.specialist_host.weight_cache import HostWeightCache
 
             self.cache = HostWeightCache(int(settings.size_gb * GB), settings.pin)
 

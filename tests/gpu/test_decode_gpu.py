@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.specialist_host.weight_cache import HostWeightCache
 from shared.engine import decode
 from shared.models import hf_causal
-from shared.models.weight_cache import HostWeightCache
 from shared.wire.messages import ChatTurn, GenerationOptions
 from tests.gpu.memory import settle
 from tests.models import tiny

@@ -166,7 +166,7 @@ def test_two_ranks_with_the_fused_step_decode_as_one_process() -> None:
 
 
 def test_the_step_follows_the_weights_through_the_host_cache() -> None:
-    from shared.models.weight_cache import HostWeightCache
+    from services.specialist_host.weight_cache import HostWeightCache
 
     model = rank_model(LlamaConfig, Shard(0, 1))
     expected = greedy(model)[0]

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from shared.models.weight_cache import HostWeightCache, pack  # noqa: E402
+from services.specialist_host.weight_cache import HostWeightCache, pack  # noqa: E402
 
 
 def tied_model(seed: int) -> nn.Module:
