@@ -157,3 +157,9 @@ def _meta_model(architecture: str, config_dir: str, dtype: str) -> torch.nn.Modu
                                                        local_files_only=True)
     return build_on_meta(get_architecture(architecture).components[0]).to(getattr(torch, dtype))
 
+
+
+def forget_memoised() -> None:
+    """Forget the layouts, sizes and meta models this process memoised (the on-disk planning cache stays)."""
+    for memo in (_strategy_layout, _sizes, _meta_model):
+        memo.cache_clear()

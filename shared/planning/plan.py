@@ -365,3 +365,9 @@ def _verdict_rows(v: Verdict) -> list[str]:
         if not v.alternatives:
             rows.append("    no alternative found among quantization, shorter contexts and moves")
     return rows
+
+
+def forget_memoised() -> None:
+    """Forget the estimates and splits this process memoised (the on-disk planning cache stays)."""
+    for memo in (_estimate, _split_cached):
+        memo.cache_clear()

@@ -65,9 +65,9 @@ def test_the_shipped_two_gpu_plan_is_the_same_from_the_cache(cache_home: Path,
     from shared.planning import inventory, layout, plan
 
     def forget() -> None:  # this process's own caches (earlier tests filled them before the cache home moved)
-        for cached in (inventory_from_architecture, layout._sizes, layout._strategy_layout, layout._meta_model,
-                       plan._estimate, plan._split_cached):
-            cached.cache_clear()
+        inventory_from_architecture.cache_clear()
+        layout.forget_memoised()
+        plan.forget_memoised()
 
     config = load_config(ROOT / "configs" / "a6000x2.toml")
     forget()
