@@ -1,6 +1,6 @@
 """What Lyra's weight-only forms cost in quality: perplexity and top-1 agreement of SmolLM2-135M on a fixed text.
 
-    python bench/quant_quality.py [--out bench/results/cpu_quant_quality.json] [--forms float,int8,...]
+    python bench/quant_quality.py [--out bench/results/cpu_quant_quality.json] [--forms float,int8,...] [--threads 1]
 
 The embedded default's weights (`shared.models.embedded`: the SmolLM2-135M-Instruct GGUF converted once to a
 float32 safetensors copy), loaded with transformers in float32 on the CPU. Each form replaces every nn.Linear
@@ -167,6 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--forms", default=",".join(FORMS))
+    # One thread by default: on the shared 2-core VM two threads wait at every op for a core another job holds.
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     import torch
     import transformers
@@ -176,6 +178,7 @@ def main() -> None:
     from shared.models.embedded import materialise
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     path = materialise(ModelEntry(name="smollm2", backend="transformers", embedded="smollm2")).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = torch.tensor(tokenizer(TEXT.read_text(encoding="ascii"))["input_ids"])
