@@ -7,29 +7,15 @@ import copy
 import pytest
 import torch
 
-from shared.engine.decode import StaticRunner
 from shared.engine.quantized_linear import QuantizedLinear, decoder_layers, quantize_linears
 from shared.kernels import quant_gemv
 from tests.models import tiny
-from tests.models.test_fused_decode import CONTEXT, PROMPT
+from tests.models.test_fused_decode import greedy
 
 pytestmark = pytest.mark.models
 
 
 STEPS = 3  # each step runs every kernel under the interpreter: a few seconds each
-
-
-def greedy(model: torch.nn.Module) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens after a prefill of PROMPT (many rows: dequantized copies), and the last step's logits."""
-    with torch.inference_mode():
-        runner = StaticRunner(model, CONTEXT, graphs=False)
-        logits = runner.prefill({"input_ids": torch.tensor([PROMPT])})
-        tokens = []
-        for _ in range(STEPS):
-            token = logits.argmax(-1)
-            tokens.append(int(token))
-            logits = runner.step(token)
-        return tokens, logits.clone()
 
 
 def dequantized_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -53,8 +39,8 @@ def test_a_quantized_llama_decodes_as_its_dequantized_twin(form: str) -> None:
     linears = sum(isinstance(m, torch.nn.Linear) for layer in decoder_layers(model) for m in layer.modules())
     assert quantize_linears(model, form, group=32) == linears > 0
     assert isinstance(model.lm_head, torch.nn.Linear)  # the head stays as it was
-    tokens, logits = greedy(model)  # one row a step: the kernel (under the interpreter here)
-    twin_tokens, twin_logits = greedy(dequantized_twin(model))
+    tokens, logits = greedy(model, steps=STEPS)  # one row a step: the kernel (under the interpreter here)
+    twin_tokens, twin_logits = greedy(dequantized_twin(model), steps=STEPS)
     assert tokens == twin_tokens
     torch.testing.assert_close(logits, twin_logits, atol=1e-4, rtol=1e-4)
 

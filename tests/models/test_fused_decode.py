@@ -38,13 +38,13 @@ def rank_model(kind: type, shard: Shard, reduce: object = None) -> torch.nn.Modu
     return model
 
 
-def greedy(model: torch.nn.Module, step: object = None) -> tuple[list[int], torch.Tensor]:
+def greedy(model: torch.nn.Module, step: object = None, steps: int = STEPS) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens after a prefill of PROMPT, and the last step's logits."""
     with torch.inference_mode():
         runner = StaticRunner(model, CONTEXT, graphs=False, step_function=step)
         logits = runner.prefill({"input_ids": torch.tensor([PROMPT])})
         tokens = []
-        for _ in range(STEPS):
+        for _ in range(steps):
             token = logits.argmax(-1)
             tokens.append(int(token))
             logits = runner.step(token)
